@@ -1,0 +1,237 @@
+"""Defaults for every stage and validation that turns bad values into one clear sentence.
+
+A config is an `ml_collections.ConfigDict`; experiment files in `sweeps/` start from `default()` and
+override what they need. `validate` runs before any work and raises `ConfigError` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A value a user set is wrong; the message names the key and how to fix it."""
+
+
+LENGTH_KEYS = ("tokens", "tokens_per_param", "epochs", "steps", "wall_time_s")
+REPLAY_METHODS = ("none", "kl", "ntp", "kl_downstream", "replace")
+REPLAY_SOURCES = ("real", "self")
+SCHEDULES = ("constant", "cosine", "wsd")
+NUM_RESERVED_IDS = 10
+
+
+def default() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "pretrain"  # pretrain | finetune
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      d_model=256, n_layers=6, head_dim=64, seq_len=256, vocab_size=4096, mlp_ratio=4,
+      rope_base=10_000.0, norm_eps=1e-6,
+      compute_dtype="auto",  # auto: float32 on CPU, bfloat16 on GPU/TPU
+      remat=False,
+      param_count="paper",  # which count `stop.tokens_per_param` uses: paper (12LD²+DV) or true (12LD²+2DV)
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      path="",  # a token-file directory (train.bin, valid.bin, meta.json) made by `jaxreplay data tokenize`
+      dataset_id=-1,  # id written into the first token of every row; -1 takes it from the data's metadata
+      mix_path="",  # optional second dataset mixed into each batch (capacity experiments)
+      mix_fraction=0.0,  # fraction of each batch's rows taken from mix_path
+      prefetch=2,
+      num_workers=0,
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-3, warmup_tokens=10_000_000, schedule="constant", decay_fraction=0.2,  # wsd: final fraction decays
+      b1=0.9, b2=0.999,
+      b1_half_life_tokens=0.0, b2_half_life_tokens=0.0,  # > 0 replaces b1/b2: β = 0.5^(tokens_per_step / t½)
+      eps=1e-8, weight_decay=0.02, grad_clip=0.0,
+      batch_size=256,  # global sequences per optimizer step
+  ))
+
+  c.stop = ml_collections.ConfigDict(dict(
+      tokens=0, tokens_per_param=0.0, epochs=0.0, steps=0, wall_time_s=0.0,  # exactly one length criterion
+      target_loss=0.0,  # stop once the eval loss on the training data reaches this (0: off)
+      early_stop_evals=0,  # stop after this many evals without a new best (0: off)
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      every_tokens=10_000_000, tokens=1_000_000, batch_size=64,
+      at_start=True,
+  ))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=1000, every_minutes=10.0, keep_last=2, keep_every_steps=0, async_save=True,
+  ))
+
+  c.log = ml_collections.ConfigDict(dict(
+      every_steps=10, progress=True, tensorboard=False, wandb=False, wandb_project="jaxreplay",
+  ))
+
+  # data=-1 takes every device not used by fsdp and tensor.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  c.init = ml_collections.ConfigDict(dict(
+      **{"from": ""},  # workdir of a finished run whose exported weights start this run (finetuning)
+  ))
+
+  c.replay = ml_collections.ConfigDict(dict(
+      method="none", source="self", coeff=1.0,
+      batch_size=0,  # replay rows per step; 0 = the downstream batch size
+      buffer=16,  # self-generated: batches sampled per refill
+      temperature=1.0, top_k=0, top_p=1.0,
+      dataset_id=-1,  # prompt id for self-generated replay; -1 = the pretraining data's id
+      cache_dir="",  # share self-generated samples across runs of a sweep
+      path="",  # real replay data; empty = the pretraining run's data
+  ))
+
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0))  # rank 0 = full finetuning
+  return c
+
+
+def _positive(c, key: str, allow_zero: bool = False):
+  node = c
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  value = node[leaf]
+  bad = value < 0 if allow_zero else value <= 0
+  if bad:
+    need = "≥ 0" if allow_zero else "> 0"
+    raise ConfigError(f"config.{key}={value!r} is invalid: it must be {need}.")
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every value a user can set; returns the config unchanged."""
+  if c.stage not in ("pretrain", "finetune"):
+    raise ConfigError(f"config.stage={c.stage!r} is invalid: use 'pretrain' or 'finetune'.")
+  for key in ("model.d_model", "model.n_layers", "model.head_dim", "model.seq_len", "model.vocab_size",
+              "model.mlp_ratio", "model.rope_base", "model.norm_eps", "optim.batch_size", "eval.batch_size",
+              "eval.every_tokens", "eval.tokens", "checkpoint.every_steps", "checkpoint.keep_last",
+              "log.every_steps"):
+    _positive(c, key)
+  for key in ("optim.lr", "optim.warmup_tokens", "optim.weight_decay", "optim.eps", "optim.grad_clip",
+              "optim.b1_half_life_tokens", "optim.b2_half_life_tokens", "stop.target_loss",
+              "stop.early_stop_evals", "checkpoint.every_minutes", "checkpoint.keep_every_steps",
+              "data.mix_fraction", "replay.coeff", "replay.batch_size", "lora.rank", "replay.top_k",
+              *(f"stop.{k}" for k in LENGTH_KEYS)):
+    _positive(c, key, allow_zero=True)
+  m = c.model
+  if m.d_model % m.head_dim:
+    raise ConfigError(f"config.model.d_model={m.d_model} is not divisible by config.model.head_dim={m.head_dim}: "
+                      "choose a d_model that is a multiple of head_dim.")
+  if m.head_dim % 2:
+    raise ConfigError(f"config.model.head_dim={m.head_dim} must be even for rotary embeddings.")
+  if m.vocab_size <= NUM_RESERVED_IDS:
+    raise ConfigError(f"config.model.vocab_size={m.vocab_size} must exceed the {NUM_RESERVED_IDS} reserved ids.")
+  if m.compute_dtype not in ("auto", "float32", "bfloat16"):
+    raise ConfigError(f"config.model.compute_dtype={m.compute_dtype!r}: use 'auto', 'float32' or 'bfloat16'.")
+  if m.param_count not in ("paper", "true"):
+    raise ConfigError(f"config.model.param_count={m.param_count!r}: use 'paper' or 'true'.")
+  o = c.optim
+  for b in ("b1", "b2"):
+    if not 0.0 <= o[b] < 1.0:
+      raise ConfigError(f"config.optim.{b}={o[b]} must lie in [0, 1).")
+  if o.schedule not in SCHEDULES:
+    raise ConfigError(f"config.optim.schedule={o.schedule!r}: use one of {', '.join(SCHEDULES)}.")
+  if not 0.0 < o.decay_fraction <= 1.0:
+    raise ConfigError(f"config.optim.decay_fraction={o.decay_fraction} must lie in (0, 1].")
+  lengths = [k for k in LENGTH_KEYS if c.stop[k]]
+  if len(lengths) > 1:
+    raise ConfigError("Two training-length criteria are set (" + ", ".join(f"config.stop.{k}" for k in lengths)
+                      + "): keep exactly one and set the others to 0.")
+  if not lengths and not c.stop.target_loss and not c.stop.early_stop_evals:
+    raise ConfigError("No stopping criterion is set: set one of " + ", ".join(f"config.stop.{k}" for k in LENGTH_KEYS)
+                      + " (or stop.target_loss / stop.early_stop_evals).")
+  if not 0.0 <= c.data.mix_fraction < 1.0:
+    raise ConfigError(f"config.data.mix_fraction={c.data.mix_fraction} must lie in [0, 1).")
+  if c.data.mix_fraction and not c.data.mix_path:
+    raise ConfigError("config.data.mix_fraction > 0 needs config.data.mix_path: name the dataset to mix in.")
+  for key in ("data.dataset_id", "replay.dataset_id"):
+    node, leaf = key.split(".")
+    v = c[node][leaf]
+    if v != -1 and not 0 <= v < NUM_RESERVED_IDS:
+      raise ConfigError(f"config.{key}={v} is outside the tokenizer's reserved ids 0–{NUM_RESERVED_IDS - 1}: "
+                        f"use one of them, or -1 to take it from the data's metadata.")
+  mesh = c.mesh
+  for axis in ("data", "fsdp", "tensor"):
+    if mesh[axis] == 0 or mesh[axis] < -1:
+      raise ConfigError(f"config.mesh.{axis}={mesh[axis]} must be a positive device count or -1.")
+  if m.n_layers and (m.d_model // m.head_dim) % max(mesh.tensor, 1):
+    raise ConfigError(f"config.mesh.tensor={mesh.tensor} does not divide the {m.d_model // m.head_dim} heads: "
+                      "choose a tensor size that divides d_model / head_dim.")
+  r = c.replay
+  if r.method not in REPLAY_METHODS:
+    raise ConfigError(f"config.replay.method={r.method!r}: use one of {', '.join(REPLAY_METHODS)}.")
+  if r.source not in REPLAY_SOURCES:
+    raise ConfigError(f"config.replay.source={r.source!r}: use 'real' or 'self'.")
+  if r.method == "replace" and not 0.0 < r.coeff < 1.0:
+    raise ConfigError(f"config.replay.coeff={r.coeff} is the fraction of rows replaced for method 'replace': "
+                      "it must lie in (0, 1).")
+  if r.temperature < 0:
+    raise ConfigError(f"config.replay.temperature={r.temperature} must be ≥ 0 (0 = greedy).")
+  if not 0.0 < r.top_p <= 1.0:
+    raise ConfigError(f"config.replay.top_p={r.top_p} must lie in (0, 1].")
+  _positive(c, "replay.buffer")
+  needs_pretrained = r.method != "none" or c.lora.rank > 0
+  if needs_pretrained and not c.init["from"]:
+    raise ConfigError(f"config.replay.method={r.method!r} / config.lora.rank={c.lora.rank} needs a pretrained run "
+                      "to start from: set config.init.from to its workdir.")
+  if c.stage == "finetune" and not c.init["from"]:
+    raise ConfigError("config.stage='finetune' needs config.init.from: set it to the pretraining run's workdir.")
+  return c
+
+
+def compute_dtype_name(c: ml_collections.ConfigDict, platform: str) -> str:
+  if c.model.compute_dtype != "auto":
+    return c.model.compute_dtype
+  return "float32" if platform == "cpu" else "bfloat16"
+
+
+def tokens_per_step(c: ml_collections.ConfigDict) -> int:
+  return c.optim.batch_size * c.model.seq_len
+
+
+def to_json(c: ml_collections.ConfigDict) -> str:
+  return json.dumps(c.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json_file(path: str) -> ml_collections.ConfigDict:
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def write(c: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes the resolved config atomically as workdir/config.json."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(to_json(c))
+  os.replace(tmp, path)
+  return path
+
+
+def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict,
+                ignore=("log", "checkpoint", "data.num_workers", "data.prefetch")) -> list[str]:
+  """Dotted keys whose values differ (ignoring keys that do not change the numbers)."""
+  fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
+  keys = sorted(set(fa) | set(fb))
+  return [k for k in keys if fa.get(k) != fb.get(k)
+          and not any(k == i or k.startswith(i + ".") for i in ignore)
+          and not (isinstance(fa.get(k), float) and isinstance(fb.get(k), float) and math.isclose(fa[k], fb[k]))]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
