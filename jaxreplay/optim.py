@@ -1,0 +1,234 @@
+"""Batch-size-aware AdamW and learning-rate schedules.
+
+Adam's decays can be given as half-lives in tokens, β = 0.5^(n / t½) with n = tokens per optimizer step, so
+that changing the batch size keeps the averaging horizon fixed (Marek et al. 2025). Small batches push β₂
+towards 1, where float32 cannot resolve 1−β₂ (β₂ even rounds to 1.0 once t½/n ≳ 2.4e7). Every decay here is
+therefore derived on the host in float64 and, when float32 would lose precision, the moments are updated
+with 1−β and bias-corrected with −expm1(k·log β) instead of optax's β and 1−β^k.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jaxreplay import config as config_lib
+
+_LN_HALF = math.log(0.5)
+# Below this 1−β, float32's spacing near 1 (2^-24) resolves 1−β worse than 1e-4 relative, so optax's
+# arithmetic (which rounds β and β^k to float32) is replaced by `scale_by_adam_accurate`.
+MIN_ONE_MINUS_BETA_F32 = 2.0**-24 * 1e4
+
+
+# ----------------------------------------------------------------------------------------------- decays
+
+def _check_halflife(t_half_tokens: float) -> float:
+  t = float(t_half_tokens)
+  if not (math.isfinite(t) and t > 0):
+    raise ValueError(f"half-life t_half_tokens={t_half_tokens!r} is invalid: it must be a finite number of "
+                     "tokens > 0.")
+  return t
+
+
+def _check_tokens(tokens_per_step: float, name: str = "tokens_per_step") -> float:
+  n = float(tokens_per_step)
+  if not (math.isfinite(n) and n > 0):
+    raise ValueError(f"{name}={tokens_per_step!r} is invalid: it must be a number of tokens > 0 "
+                     "(global batch size × sequence length).")
+  return n
+
+
+def _check_decay(beta: float, allow_one: bool = False) -> float:
+  b = float(beta)
+  ok = 0.0 <= b <= 1.0 if allow_one else 0.0 <= b < 1.0
+  if not ok:
+    raise ValueError(f"decay beta={beta!r} is invalid: it must lie in [0, {'1]' if allow_one else '1)'}.")
+  return b
+
+
+def halflife_to_decay(t_half_tokens: float, tokens_per_step: float) -> float:
+  """β = 0.5^(n/t): the per-step decay whose EMA forgets half its weight after t½ tokens (float64)."""
+  t, n = _check_halflife(t_half_tokens), _check_tokens(tokens_per_step)
+  return 0.5 ** (n / t)
+
+
+def halflife_to_one_minus_decay(t_half_tokens: float, tokens_per_step: float) -> float:
+  """1−β = −expm1(n·ln½/t), exact in float64 even when β itself is 1 to many digits."""
+  t, n = _check_halflife(t_half_tokens), _check_tokens(tokens_per_step)
+  return -math.expm1(n * _LN_HALF / t)
+
+
+def decay_to_halflife(beta: float, tokens_per_step: float) -> float:
+  """t½ = n·ln½/ln β in tokens (β=0 → 0, β=1 → inf), for logging what a directly given β means."""
+  b, n = _check_decay(beta, allow_one=True), _check_tokens(tokens_per_step)
+  if b == 0.0:
+    return 0.0
+  if b == 1.0:
+    return math.inf
+  return n * _LN_HALF / math.log(b)
+
+
+def rescale_decay(beta: float, old_tokens_per_step: float, new_tokens_per_step: float) -> float:
+  """β at a new batch with the same half-life: β^(n_new/n_old) (the paper's Eq. 2)."""
+  b = _check_decay(beta)
+  old = _check_tokens(old_tokens_per_step, "old_tokens_per_step")
+  new = _check_tokens(new_tokens_per_step, "new_tokens_per_step")
+  return b ** (new / old)
+
+
+def _decay_pair(c: ml_collections.ConfigDict, which: str) -> tuple[float, float]:
+  """(β, 1−β) for b1 or b2 from the config, both float64; a half-life > 0 wins over the direct value."""
+  t_half = c.optim[f"{which}_half_life_tokens"]
+  if t_half > 0:
+    n = config_lib.tokens_per_step(c)
+    return halflife_to_decay(t_half, n), halflife_to_one_minus_decay(t_half, n)
+  try:
+    b = _check_decay(c.optim[which])
+  except ValueError:
+    raise config_lib.ConfigError(f"config.optim.{which}={c.optim[which]} must lie in [0, 1) "
+                                 f"(or set config.optim.{which}_half_life_tokens > 0).") from None
+  return b, 1.0 - b
+
+
+def resolved_betas(c: ml_collections.ConfigDict) -> tuple[float, float]:
+  """The (β₁, β₂) this config trains with, as Python floats (log them: they depend on the batch size)."""
+  return _decay_pair(c, "b1")[0], _decay_pair(c, "b2")[0]
+
+
+# ------------------------------------------------------------------------------------------------- adam
+
+def scale_by_adam_accurate(b1: float, b2: float, eps: float = 1e-8, *,
+                           one_minus_b1: Optional[float] = None, one_minus_b2: Optional[float] = None,
+                           mu_dtype=None) -> optax.GradientTransformation:
+  """Adam's scaling with decays that stay accurate as β → 1.
+
+  For β ≥ ½ the moments move by m += (1−β)(g − m) with 1−β from the host (float64, then one float32
+  rounding of a small number, relative error ~6e-8), and bias correction is 1−β^k = −expm1(k·log β). State is
+  `optax.ScaleByAdamState`, so checkpoints are interchangeable with `optax.scale_by_adam`.
+  """
+  omb1 = 1.0 - _check_decay(b1) if one_minus_b1 is None else float(one_minus_b1)
+  omb2 = 1.0 - _check_decay(b2) if one_minus_b2 is None else float(one_minus_b2)
+  for name, omb in (("one_minus_b1", omb1), ("one_minus_b2", omb2)):
+    if not 0.0 < omb <= 1.0:
+      raise ValueError(f"{name}={omb!r} is invalid: 1−β must lie in (0, 1].")
+  log_b1, log_b2 = _log_decay(omb1), _log_decay(omb2)
+  ema1, ema2 = _ema(omb1), _ema(omb2)
+  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+
+  def init_fn(params):
+    mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params)
+    nu = jax.tree.map(jnp.zeros_like, params)
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = jax.tree.map(lambda g, m: ema1(m, g), updates, state.mu)
+    nu = jax.tree.map(lambda g, v: ema2(v, g * g), updates, state.nu)
+    count = optax.safe_increment(state.count)
+    k = count.astype(jnp.float32)
+    bc1, bc2 = -jnp.expm1(k * log_b1), -jnp.expm1(k * log_b2)  # β = 0 gives log β = -inf and 1−β^k = 1
+    updates = jax.tree.map(
+        lambda m, v: (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps), mu, nu)
+    mu = jax.tree.map(lambda m: m if mu_dtype is None else m.astype(mu_dtype), mu)
+    nu = jax.tree.map(lambda v, old: v.astype(old.dtype), nu, state.nu)
+    return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _ema(one_minus_beta: float):
+  """x ← βx + (1−β)y in the form float32 keeps accurate: for β ≥ ½ the decay is carried by 1−β alone
+  (float32 β would round it), for β < ½ by β (so β = 0 gives y exactly, with no cancellation)."""
+  if one_minus_beta <= 0.5:
+    return lambda x, y: x + one_minus_beta * (y - x)
+  beta = 1.0 - one_minus_beta
+  return lambda x, y: one_minus_beta * y + beta * x
+
+
+def _log_decay(one_minus_beta: float) -> float:
+  return math.log1p(-one_minus_beta) if one_minus_beta < 1.0 else -math.inf
+
+
+def make_optimizer(c: ml_collections.ConfigDict, total_steps: Optional[int]) -> optax.GradientTransformation:
+  """AdamW (optax.adamw semantics: weight decay × LR) with optional global-norm clipping.
+
+  When float32 represents both decays well (1−β ≥ MIN_ONE_MINUS_BETA_F32) this is exactly optax's
+  scale_by_adam, so directly given betas reproduce optax.adamw bit for bit; otherwise the accurate variant.
+  """
+  o = c.optim
+  (b1, omb1), (b2, omb2) = _decay_pair(c, "b1"), _decay_pair(c, "b2")
+  if min(omb1, omb2) >= MIN_ONE_MINUS_BETA_F32:
+    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=o.eps)
+  else:
+    adam = scale_by_adam_accurate(b1, b2, o.eps, one_minus_b1=omb1, one_minus_b2=omb2)
+  parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+  parts += [adam, optax.add_decayed_weights(o.weight_decay),
+            optax.scale_by_learning_rate(lr_schedule(c, total_steps))]
+  return optax.chain(*parts)
+
+
+# -------------------------------------------------------------------------------------------- schedules
+
+def warmup_steps(c: ml_collections.ConfigDict) -> int:
+  """Warmup in steps: warmup_tokens / tokens_per_step rounded, at least 1 step unless warmup_tokens is 0."""
+  tokens = c.optim.warmup_tokens
+  if tokens <= 0:
+    return 0
+  return max(1, int(round(tokens / config_lib.tokens_per_step(c))))
+
+
+def lr_schedule(c: ml_collections.ConfigDict, total_steps: Optional[int]) -> optax.Schedule:
+  """Linear warmup from 0 (in tokens), then constant, cosine to 0 at total_steps, or warmup-stable-decay.
+
+  wsd decays linearly to 0 over the final decay_fraction of total_steps. total_steps=None (open-ended
+  runs: target loss, early stopping, wall time) only works with the constant schedule.
+  """
+  o = c.optim
+  peak, kind, warm = float(o.lr), o.schedule, warmup_steps(c)
+  if kind not in config_lib.SCHEDULES:
+    raise config_lib.ConfigError(f"config.optim.schedule={kind!r}: use one of {', '.join(config_lib.SCHEDULES)}.")
+  if kind != "constant":
+    if total_steps is None:
+      raise config_lib.ConfigError(
+          f"config.optim.schedule={kind!r} decays to 0 at the last step, but this run has no fixed length: "
+          "set one of config.stop.tokens/tokens_per_param/epochs/steps, or use schedule 'constant'.")
+    total = int(total_steps)
+    if total < 1:
+      raise ValueError(f"total_steps={total_steps!r} is invalid: a run needs at least 1 step.")
+    decay_steps = max(1, int(round(o.decay_fraction * total))) if kind == "wsd" else total - warm
+    if total - decay_steps < warm or decay_steps < 1:
+      raise config_lib.ConfigError(
+          f"config.optim.warmup_tokens={o.warmup_tokens} is {warm} steps, which leaves no room for the "
+          f"{kind} decay in a run of {total} steps: lower warmup_tokens"
+          + (" or config.optim.decay_fraction." if kind == "wsd" else " or train for longer."))
+    decay_start = total - decay_steps
+
+  def schedule(step):
+    s = jnp.asarray(step, jnp.float32)
+    scale = jnp.minimum(s / warm, 1.0) if warm else jnp.ones_like(s)
+    if kind == "cosine":
+      frac = jnp.clip((s - decay_start) / decay_steps, 0.0, 1.0)
+      scale = scale * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    elif kind == "wsd":
+      scale = scale * (1.0 - jnp.clip((s - decay_start) / decay_steps, 0.0, 1.0))
+    return peak * scale
+
+  return schedule
+
+
+def describe(c: ml_collections.ConfigDict) -> dict:
+  """The realized decays, their half-lives in tokens and the warmup, for the run's log."""
+  n = config_lib.tokens_per_step(c)
+  b1, b2 = resolved_betas(c)
+  return dict(b1=b1, b2=b2, b1_half_life_tokens=decay_to_halflife(b1, n),
+              b2_half_life_tokens=decay_to_halflife(b2, n), tokens_per_step=n, warmup_steps=warmup_steps(c))
+
+
+__all__ = ["halflife_to_decay", "halflife_to_one_minus_decay", "decay_to_halflife", "rescale_decay",
+           "resolved_betas", "scale_by_adam_accurate", "make_optimizer", "warmup_steps", "lr_schedule",
+           "describe", "MIN_ONE_MINUS_BETA_F32"]
