@@ -1,0 +1,51 @@
+"""Next-token loss, KL to the frozen pretrained model, and the finetuning objective with its regularizers.
+
+Every per-position quantity is averaged over the T-1 positions that have a target (the last position of a
+row predicts nothing), in fp32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def token_nll(logits_BTV, tokens_BT):
+  """Negative log-likelihood of each next token: [B, T-1]."""
+  logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+
+
+def next_token_loss(logits_BTV, tokens_BT, mask_BT=None):
+  """Mean next-token cross-entropy; `mask_BT` (on targets, i.e. positions 1..T-1) weights positions."""
+  nll_BT = token_nll(logits_BTV, tokens_BT)
+  if mask_BT is None:
+    return nll_BT.mean()
+  w_BT = mask_BT[:, 1:].astype(jnp.float32)
+  return (nll_BT * w_BT).sum() / jnp.maximum(w_BT.sum(), 1.0)
+
+
+def kl_per_position(teacher_logits_BTV, student_logits_BTV):
+  """KL(teacher ‖ student) summed over the vocabulary at each predicting position: [B, T-1]."""
+  logp_t = jax.nn.log_softmax(teacher_logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
+  logp_s = jax.nn.log_softmax(student_logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), axis=-1)
+
+
+def kl_loss(teacher_logits_BTV, student_logits_BTV):
+  """KL(π_pre ‖ π_θ) per position, mean over positions that have a target."""
+  return kl_per_position(jax.lax.stop_gradient(teacher_logits_BTV), student_logits_BTV).mean()
+
+
+def second_half_mean(values_BT):
+  """Mean over the second half of the positions: how well the model uses long context."""
+  half = values_BT.shape[1] // 2
+  return values_BT[:, half:].mean()
+
+
+def replace_rows(batch_BT, replay_BT, fraction: float):
+  """Overwrites the first floor(fraction·B) rows of the downstream batch with replay rows; B is unchanged."""
+  n = int(fraction * batch_BT.shape[0])
+  if n == 0:
+    return batch_BT
+  return batch_BT.at[:n].set(replay_BT[:n].astype(batch_BT.dtype))

@@ -1,0 +1,102 @@
+"""Device mesh, partition rules for parameters and batches, and placing host data on the mesh.
+
+Axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer state sharded) and
+`tensor` (attention heads and MLP width split across devices). Batches are split over data × fsdp.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+class MeshError(ValueError):
+  """The requested mesh does not fit the devices."""
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """Builds the (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
+  devices = jax.devices() if devices is None else devices
+  n = len(devices)
+  sizes = {a: int(mesh_cfg[a]) for a in AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise MeshError(f"Only one mesh axis may be -1, got {', '.join('config.mesh.' + a for a in free)}: "
+                    "give the others explicit sizes.")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if n % fixed:
+      raise MeshError(f"config.mesh fixes {fixed} devices per replica but {n} devices are present: "
+                      f"choose sizes whose product divides {n}.")
+    sizes[free[0]] = n // fixed
+  if math.prod(sizes.values()) != n:
+    raise MeshError(f"config.mesh data×fsdp×tensor = {math.prod(sizes.values())} but {n} devices are present: "
+                    "make the product equal the device count (or set one axis to -1).")
+  shape = tuple(sizes[a] for a in AXES)
+  # Auto axes: XLA's partitioner propagates shardings from the parameters and batch we place explicitly.
+  auto = (jax.sharding.AxisType.Auto,) * len(AXES)
+  return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+
+
+# Rules for the transformer's parameters, keyed by leaf name; dims in the order of the unstacked weight.
+# Leading stacked-layer dims are replicated. A dim that the axis size does not divide stays replicated.
+_RULES = {
+    "embed": ("tensor", "fsdp"),  # [V, D]
+    "unembed": ("fsdp", "tensor"),  # [D, V]
+    "qkv": ("fsdp", None, "tensor", None),  # [D, 3, N, H]
+    "out": ("tensor", None, "fsdp"),  # [N, H, D]
+    "up": ("fsdp", "tensor"),  # [D, F]
+    "down": ("tensor", "fsdp"),  # [F, D]
+    "lora_a": (),
+    "lora_b": (),
+}
+
+
+def _leaf_name(path) -> str:
+  for entry in reversed(path):
+    name = getattr(entry, "key", None) or getattr(entry, "name", None)
+    if isinstance(name, str):
+      return name
+  return ""
+
+
+def param_spec(path, shape, mesh: Mesh) -> P:
+  rule = _RULES.get(_leaf_name(path), ())
+  rule = (None,) * (len(shape) - len(rule)) + tuple(rule) if len(rule) <= len(shape) else (None,) * len(shape)
+  spec = []
+  for dim, axis in zip(shape, rule):
+    spec.append(axis if axis is not None and dim % mesh.shape[axis] == 0 and mesh.shape[axis] > 1 else None)
+  return P(*spec)
+
+
+def param_shardings(params_shapes, mesh: Mesh):
+  """NamedShardings for a pytree of parameters (or anything shaped like them, e.g. Adam moments)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, param_spec(path, x.shape, mesh)) if hasattr(x, "shape") and x.ndim
+      else NamedSharding(mesh, P()), params_shapes)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def put_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
+  """Assembles each process's rows into one global array sharded over the batch axes."""
+  sharding = batch_sharding(mesh, local_batch.ndim)
+  if jax.process_count() == 1:
+    return jax.device_put(local_batch, sharding)
+  return jax.make_array_from_process_local_data(sharding, local_batch)

@@ -1,0 +1,97 @@
+"""The jitted functions of a stage: state initialisation, the train step and the eval step.
+
+Pure functions over pytrees. `make_train_step` builds one step for a configuration; the stage jits it once
+with explicit shardings and donated state, so nothing recompiles inside a run.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxreplay import losses
+from jaxreplay import model as model_lib
+
+
+def init_state(model_cfg, optimizer, key, trainable_fn: Callable | None = None):
+  """{params, opt_state, step}; `trainable_fn` maps fresh params to what is trained (LoRA adapters)."""
+  params = model_lib.init_params(model_cfg, key)
+  if trainable_fn is not None:
+    params = trainable_fn(params)
+  return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+
+def make_objective(model_cfg, replay_cfg, merge_fn: Callable | None = None):
+  """loss(trainable, frozen, batch, replay) -> (loss, aux) for the finetuning method in `replay_cfg`.
+
+  `merge_fn(trainable, frozen)` gives the model's parameters (identity for full finetuning, base + low-rank
+  update for LoRA). The frozen model runs only for methods that need its predictions, never differentiated.
+  """
+  method = replay_cfg.method if replay_cfg is not None else "none"
+  coeff = float(replay_cfg.coeff) if replay_cfg is not None else 0.0
+  merge = merge_fn or (lambda trainable, frozen: trainable)
+
+  def objective(trainable, frozen, batch_BT, replay_BT):
+    params = merge(trainable, frozen)
+    aux = {}
+    if method == "replace":
+      batch_BT = losses.replace_rows(batch_BT, replay_BT, coeff)
+    if method in ("kl", "ntp"):
+      # One forward pass over downstream and replay rows together: bigger matmuls, one weight read.
+      B = batch_BT.shape[0]
+      both_logits = model_lib.logits(model_cfg, params, jnp.concatenate([batch_BT, replay_BT], axis=0))
+      logits_BTV, replay_logits = both_logits[:B], both_logits[B:]
+    else:
+      logits_BTV = model_lib.logits(model_cfg, params, batch_BT)
+    ntp = losses.next_token_loss(logits_BTV, batch_BT)
+    aux["train_ntp"] = ntp
+    loss = ntp
+    if method == "kl":
+      teacher = model_lib.logits(model_cfg, frozen, replay_BT)
+      reg = losses.kl_loss(teacher, replay_logits)
+    elif method == "ntp":
+      reg = losses.next_token_loss(replay_logits, replay_BT)
+    elif method == "kl_downstream":
+      reg = losses.kl_loss(model_lib.logits(model_cfg, frozen, batch_BT), logits_BTV)
+    else:
+      reg = None
+    if reg is not None:
+      aux["train_reg"] = reg
+      loss = ntp + coeff * reg
+    aux["train_loss"] = loss
+    return loss, aux
+
+  return objective
+
+
+def make_train_step(objective, optimizer, lr_schedule):
+  def train_step(state, frozen, batch_BT, replay_BT):
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    (_, aux), grads = grad_fn(state["params"], frozen, batch_BT, replay_BT)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    aux["grad_norm"] = optax.global_norm(grads)
+    aux["lr"] = lr_schedule(state["step"])
+    return dict(params=params, opt_state=opt_state, step=state["step"] + 1), aux
+
+  return train_step
+
+
+def make_eval_step(model_cfg, with_kl: bool):
+  """Sums over one batch: nll, second-half nll, position count, and KL to the frozen model if asked."""
+
+  def eval_step(params, frozen, batch_BT):
+    logits_BTV = model_lib.logits(model_cfg, params, batch_BT)
+    nll_BT = losses.token_nll(logits_BTV, batch_BT)
+    half = nll_BT.shape[1] // 2
+    out = dict(nll=nll_BT.sum(), nll_h2=nll_BT[:, half:].sum(),
+               count=jnp.asarray(nll_BT.size, jnp.float32), count_h2=jnp.asarray(nll_BT[:, half:].size, jnp.float32))
+    if with_kl:
+      kl_BT = losses.kl_per_position(model_lib.logits(model_cfg, frozen, batch_BT), logits_BTV)
+      out["kl"] = kl_BT.sum()
+    return out
+
+  return eval_step
