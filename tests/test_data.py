@@ -75,7 +75,8 @@ def test_tokenizer_reserved_ids_round_trip_and_hash(tok_path, tmp_path):
 
 @needs_corpora
 def test_write_token_dir_splits_whole_documents(tok_path, tmp_path):
-  docs = [(f"doc{i}", f"Document {i}: " + " ".join(lines("en_bible_kjv.txt.xz", 40)[i:i + 3])) for i in range(30)]
+  verses = lines("en_bible_kjv.txt.xz", 40)
+  docs = [(f"doc{i}", f"Document {i}: " + " ".join(verses[i:i + 3])) for i in range(30)]
   out = str(tmp_path / "td")
   meta = write_token_dir(out, iter(docs), tok_path, dataset_id=3, name="demo", sources=["x"],
                          is_valid=tokenfile.every_kth(0.2), chunk_docs=7, progress=False)

@@ -99,14 +99,14 @@ def download_deb(package: str, cache_dir: str, timeout: float = 300) -> str:
                       "run on Debian/Ubuntu or use the ready-made text in shared/data/corpora.")
   os.makedirs(cache_dir, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-    def download():
-      return subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True,
-                            timeout=timeout)
+    def apt(*args):  # fail fast when the registry is unreachable instead of retrying for minutes
+      return subprocess.run(["apt-get", "-o", "Acquire::Retries=0", "-o", "Acquire::http::Timeout=20", *args],
+                            cwd=tmp, capture_output=True, text=True, timeout=timeout)
     try:
-      r = download()
-      if r.returncode and hasattr(os, "geteuid") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "update"], capture_output=True, timeout=timeout)
-        r = download()
+      r = apt("download", package)
+      if r.returncode and hasattr(os, "geteuid") and os.geteuid() == 0 and "Unable to locate" in r.stderr:
+        apt("update")  # a fresh machine has no package lists yet
+        r = apt("download", package)
     except subprocess.TimeoutExpired:
       raise DataError(f"`apt-get download {package}` took longer than {timeout:.0f} s: check the network "
                       "to the Debian registry.") from None
