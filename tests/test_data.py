@@ -311,6 +311,17 @@ def test_shared_bible_text_splits_into_parallel_books():
   assert sum(not v for _, vs in es for v in vs) == 18
 
 
+@needs_corpora
+def test_bible_falls_back_to_shared_text_when_apt_fails(monkeypatch):
+  def no_registry(package, cache_dir, timeout=300):
+    raise DataError(f"`apt-get download {package}` failed (offline)")
+  monkeypatch.setattr(corpora, "download_deb", no_registry)
+  books, source = corpora.bible_books("es", "/nonexistent")
+  assert source == "file:es_bible_rv1909.txt.xz" and books[0][0] == "Genesis"
+  with pytest.raises(DataError, match="offline"):
+    corpora.bible_books("es", "/nonexistent", source="debian")
+
+
 @pytest.mark.network
 def test_debian_bible_pair_is_verse_parallel(tmp_path_factory):
   cache = str(tmp_path_factory.mktemp("debs"))

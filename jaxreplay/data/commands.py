@@ -24,7 +24,7 @@ from jaxreplay.config import NUM_RESERVED_IDS
 from . import corpora
 from .errors import DataError
 from .tokenfile import META_FILE, every_kth, read_meta, write_token_dir
-from .tokenizer import TOKENIZER_FILE, tokenizer_hash, train_tokenizer
+from .tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_hash, train_tokenizer
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxreplay")
 LINES_PER_GROUP = 100  # line-per-document files: validation takes whole blocks of consecutive lines
@@ -80,6 +80,7 @@ def cmd_tokenize(inputs: list[str], tokenizer: str, out_dir: str, dataset_id: in
   """Tokenizes the inputs into a token directory; whole documents (or line blocks) go to validation."""
   if not 0 <= dataset_id < NUM_RESERVED_IDS:
     raise DataError(f"dataset_id={dataset_id} must be one of the reserved ids 0–{NUM_RESERVED_IDS - 1}.")
+  load_tokenizer(tokenizer)  # a bad tokenizer fails before any corpus is fetched
   docs, sources, group = documents(inputs, mode, limit=limit)
   return write_token_dir(out_dir, docs, tokenizer, dataset_id=dataset_id, name=name, sources=sources,
                          is_valid=every_kth(valid_fraction, group), progress=progress)
