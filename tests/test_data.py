@@ -205,9 +205,7 @@ def test_processes_get_disjoint_slices_of_the_global_batch(seq_dir, tmp_path, mi
 
 def test_mixing_fraction_is_exact(seq_dir, tmp_path):
   mix_dir = make_token_dir(tmp_path / "mix", np.arange(20000, 20000 + 8000), dataset_id=1)
-  for fraction, want in ((0.25, 10), (0.1, 4), (0.01, 0), (0.99, 40 - 0)):
-    if want == 40:
-      continue  # the main dataset must keep rows; see the error test below
+  for fraction, want in ((0.25, 10), (0.1, 4), (0.01, 0), (0.51, 20)):
     tb = TrainBatches(seq_dir, 8, 40, seed=5, mix=(mix_dir, fraction, -1))
     assert tb.mix_rows == want
     for step in range(5):
@@ -220,6 +218,8 @@ def test_mixing_fraction_is_exact(seq_dir, tmp_path):
   assert [(h.batch(3)[:, 0] == 7).sum() for h in halves] == [5, 5]  # spread evenly over processes
   with pytest.raises(DataError, match=r"\[0, 1\)"):
     TrainBatches(seq_dir, 8, 40, seed=5, mix=(mix_dir, 1.0, -1))
+  with pytest.raises(DataError, match="leaves no row"):
+    TrainBatches(seq_dir, 8, 40, seed=5, mix=(mix_dir, 0.99, -1))
 
 
 def test_loader_errors(seq_dir):

@@ -100,6 +100,9 @@ class TrainBatches:
         self.mix = _Stream(mtd, seq_len, seed, 1, _dataset_id(mtd, mix_id))
         self._need_rows(self.mix, self.mix_rows, mtd.path)
     self.main_rows = global_batch - self.mix_rows
+    if self.main_rows < 1:
+      raise DataError(f"Mixing {fraction} of a batch of {global_batch} rows leaves no row for {main.path}: "
+                      "lower config.data.mix_fraction.")
     self._need_rows(self.main, self.main_rows, main.path)
     r = np.arange(global_batch)
     is_mix = ((r + 1) * self.mix_rows) // global_batch > (r * self.mix_rows) // global_batch

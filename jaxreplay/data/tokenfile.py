@@ -73,7 +73,8 @@ def write_token_dir(out_dir: str, documents: Iterable, tokenizer_path: str, *, d
         split = "valid" if is_valid(n_docs) else "train"
         if split == "valid":
           valid_docs += 1
-          valid_names.append(doc_name if doc_name is not None else n_docs)
+          if len(valid_names) < 1000:  # enough to see which documents; bounded for huge corpora
+            valid_names.append(doc_name if doc_name is not None else n_docs)
         texts.append(text)
         splits.append(split)
         n_docs += 1
@@ -97,7 +98,7 @@ def write_token_dir(out_dir: str, documents: Iterable, tokenizer_path: str, *, d
               dataset_id=int(dataset_id), name=name or os.path.basename(out_dir.rstrip("/")),
               train_tokens=counts["train"], valid_tokens=counts["valid"], documents=n_docs,
               sources=list(sources or []), eos_id=eos,
-              valid_documents=dict(count=valid_docs, names=valid_names[:1000]))
+              valid_documents=dict(count=valid_docs, names=valid_names))
   with open(os.path.join(tmp, META_FILE), "w") as f:
     json.dump(meta, f, indent=2)
   shutil.rmtree(out_dir, ignore_errors=True)
