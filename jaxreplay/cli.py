@@ -1,0 +1,117 @@
+"""`jaxreplay SUBCOMMAND ...`: thin wrappers over the library.
+
+  jaxreplay pretrain --config=sweeps/quickstart.py:pretrain --config.model.d_model=256 --workdir=DIR
+  jaxreplay finetune --config=sweeps/quickstart.py:finetune --config.init.from=DIR --workdir=DIR2
+  jaxreplay data default|tokenizer|tokenize ...
+  jaxreplay quickstart --workdir=runs/quickstart
+
+Errors a user can cause end in one sentence on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+USAGE = """usage: jaxreplay COMMAND [flags]
+
+commands:
+  pretrain     train a model from scratch:  --config=FILE.py[:ARG] [--config.KEY=VALUE ...] --workdir=DIR
+  finetune     train from a finished run:   same flags; --config.init.from=PRETRAIN_WORKDIR
+  data         make tokenizers and token files (jaxreplay data --help)
+  sweep        run a grid of runs (jaxreplay sweep --help)
+  report       tables and plots from a results table
+  quickstart   pretrain on English, finetune on Spanish with and without self-generated replay
+"""
+
+COMMANDS = ("pretrain", "finetune", "data", "sweep", "report", "quickstart")
+
+
+def _user_errors():
+  from jaxreplay.config import ConfigError
+  from jaxreplay.checkpoint import CheckpointError
+  from jaxreplay.data.errors import DataError
+  from jaxreplay.sharding import MeshError
+  from jaxreplay.train import TrainingError
+  return (ConfigError, CheckpointError, DataError, MeshError, TrainingError)
+
+
+def _fail(message: str):
+  print(f"jaxreplay: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _train_main(stage: str):
+  flags.DEFINE_string("workdir", None, "Directory for this run's checkpoints, metrics and exported weights.")
+  config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. sweeps/quickstart.py:pretrain.",
+                                  lock_config=True)
+
+  def main(argv):
+    if len(argv) > 1:
+      _fail(f"unexpected arguments {argv[1:]}: pass settings as --config.KEY=VALUE.")
+    FLAGS = flags.FLAGS
+    if FLAGS.workdir is None:
+      _fail("--workdir is required: name the directory this run writes to.")
+    if FLAGS.config is None:
+      _fail("--config is required, e.g. --config=sweeps/quickstart.py:pretrain.")
+    c = FLAGS.config
+    c.unlock()
+    c.stage = stage
+    from jaxreplay import train
+    from jaxreplay.data import resolve_path
+    try:
+      c.data.path = resolve_path(c.data.path)
+      if c.data.mix_path:
+        c.data.mix_path = resolve_path(c.data.mix_path)
+      result = train.run(c, FLAGS.workdir)
+    except _user_errors() as e:
+      _fail(str(e))
+    print({k: v for k, v in result.items() if isinstance(v, (int, float, str))})
+
+  return main
+
+
+def _parse_config_errors(argv):
+  """absl reports a bad --config.KEY as a long trace; turn the common cases into one sentence."""
+  for arg in argv:
+    if arg.startswith("--config=") and ":" not in arg.split("=", 1)[1]:
+      path = arg.split("=", 1)[1]
+      if not os.path.exists(path):
+        _fail(f"--config file {path!r} does not exist: give the path to an experiment file in sweeps/.")
+
+
+def main(argv=None):
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(USAGE)
+    return 0
+  command = argv[1]
+  if command not in COMMANDS:
+    _fail(f"unknown command {command!r}: use one of {', '.join(COMMANDS)}.")
+  rest = [f"jaxreplay {command}"] + argv[2:]
+  if command in ("pretrain", "finetune"):
+    _parse_config_errors(rest)
+    try:
+      app.run(_train_main(command), argv=rest)
+    except flags.Error as e:
+      _fail(f"{e}: check the spelling of the --config key against jaxreplay/config.py.")
+  elif command == "data":
+    from jaxreplay.data import commands
+    return commands.main(rest)
+  elif command == "sweep":
+    from jaxreplay import sweeps
+    return sweeps.main(rest)
+  elif command == "report":
+    from jaxreplay import report
+    return report.main(rest)
+  elif command == "quickstart":
+    from jaxreplay import quickstart
+    return quickstart.main(rest)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
