@@ -36,7 +36,9 @@ def cache_dir_default() -> str:
 
 def documents(inputs: list[str], mode: str = "lines", cache_dir: str | None = None,
               limit: int | None = None) -> tuple[Iterable, list[str], int]:
-  """(documents, source descriptions, documents per validation group) for a list of inputs."""
+  """(documents, source descriptions, documents per validation group) for a list of inputs (or one)."""
+  if isinstance(inputs, str):
+    inputs = [inputs]
   if not inputs:
     raise DataError("No input given: name text files, bible-en / bible-es, or hf:DATASET.")
   cache_dir = cache_dir or cache_dir_default()
