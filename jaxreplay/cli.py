@@ -58,7 +58,6 @@ def _train_main(stage: str):
     if FLAGS.config is None:
       _fail("--config is required, e.g. --config=sweeps/quickstart.py:pretrain.")
     c = FLAGS.config
-    c.unlock()
     c.stage = stage
     from jaxreplay import train
     from jaxreplay.data import resolve_path

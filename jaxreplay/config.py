@@ -91,6 +91,7 @@ def default() -> ml_collections.ConfigDict:
   ))
 
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0))  # rank 0 = full finetuning
+  c.lock()  # a misspelled key is an error, never a silently new setting
   return c
 
 

@@ -73,7 +73,7 @@ def make_train_step(objective, optimizer, lr_schedule):
     (_, aux), grads = grad_fn(state["params"], frozen, batch_BT, replay_BT)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    aux["grad_norm"] = optax.global_norm(grads)
+    aux["grad_norm"] = optax.tree.norm(grads)
     aux["lr"] = lr_schedule(state["step"])
     return dict(params=params, opt_state=opt_state, step=state["step"] + 1), aux
 

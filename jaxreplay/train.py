@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 
 import jax
@@ -21,6 +20,7 @@ from jaxreplay import config as config_lib
 from jaxreplay import metrics as metrics_lib
 from jaxreplay import model as model_lib
 from jaxreplay import optim
+from jaxreplay import preemption as preemption_lib
 from jaxreplay import sharding
 from jaxreplay import steps
 from jaxreplay.data import loader, tokenfile
@@ -136,28 +136,6 @@ def _eval(stage, eval_fn, params, frozen) -> dict:
   return out
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so the current step is checkpointed before exit."""
-
-  def __init__(self):
-    self.requested = False
-    self._old = None
-
-  def __enter__(self):
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._old = None
-    return self
-
-  def _handle(self, *_):
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
-
-
 def run(c, workdir: str) -> dict:
   """Runs (or resumes, or returns the result of) one stage; returns the final metrics."""
   if is_finished(workdir):
@@ -165,6 +143,7 @@ def run(c, workdir: str) -> dict:
     with open(os.path.join(workdir, DONE_FILE)) as f:
       return json.load(f)
   stage = Stage(c, workdir)
+  ckpt_lib.check_writable(workdir)  # before anything is written
   if jax.process_index() == 0:
     config_lib.write(c, workdir)
   from jaxreplay import replay as replay_lib  # finetuning pieces; imported here to keep pretraining light
@@ -228,7 +207,7 @@ def run(c, workdir: str) -> dict:
     last_eval = evaluate(0)
     writer.write(0, dict(tokens=0, **last_eval))
 
-  with _Preemption() as preemption:
+  with preemption_lib.Preemption() as preemption:
     batch_iter = stage.batches.iterate(start_step)
     throughput.reset()
     while True:
@@ -262,7 +241,7 @@ def run(c, workdir: str) -> dict:
         writer.write(step, dict(tokens=step * stage.tokens_per_step, elapsed_s=extra["elapsed_s"], **row))
       if replay is not None:
         extra["replay"] = replay.state()
-      if preemption.requested:
+      if preemption.reached(step):  # SIGTERM, agreed on by every host
         checkpointer.save(step, state, extra, force=True)
         checkpointer.close()
         bar.close()
@@ -278,7 +257,7 @@ def run(c, workdir: str) -> dict:
   final_params = merged(state["params"], frozen)
   result = dict(step=step, tokens=step * stage.tokens_per_step, stop_reason=stop_reason,
                 elapsed_s=extra["elapsed_s"], params_paper=stage.counts["paper"], params_true=stage.counts["true"],
-                **last_eval)
+                train_step_compiles=train_step._cache_size(), **last_eval)
   if frozen is not None:
     from jaxreplay import evaluate as evaluate_lib
     result.update(evaluate_lib.forgetting_metrics(c, final_params, frozen, result))

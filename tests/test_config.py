@@ -1,0 +1,86 @@
+import pytest
+
+from jaxreplay import config as config_lib
+from jaxreplay.config import ConfigError
+
+
+def valid():
+  c = config_lib.default()
+  c.stop.tokens = 1000
+  return c
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("model.d_model", 0, "config.model.d_model=0 is invalid"),
+    ("model.d_model", 100, "not divisible by config.model.head_dim"),
+    ("optim.batch_size", -4, "config.optim.batch_size=-4"),
+    ("optim.b2", 1.0, r"config.optim.b2=1.0 must lie in \[0, 1\)"),
+    ("optim.schedule", "linear", "config.optim.schedule='linear'"),
+    ("replay.method", "ewc", "config.replay.method='ewc'"),
+    ("data.dataset_id", 12, "outside the tokenizer's reserved ids"),
+    ("replay.top_p", 0.0, "config.replay.top_p"),
+    ("mesh.tensor", 3, "does not divide the 4 heads"),
+    ("data.mix_fraction", 0.5, "needs config.data.mix_path"),
+])
+def test_bad_values_name_key_and_fix(key, value, match):
+  c = valid()
+  node, leaf = key.split(".")
+  c[node][leaf] = value
+  with pytest.raises(ConfigError, match=match):
+    config_lib.validate(c)
+
+
+def test_odd_head_dim():
+  c = valid()
+  c.model.update(d_model=240, head_dim=15)
+  with pytest.raises(ConfigError, match="must be even"):
+    config_lib.validate(c)
+
+
+def test_two_length_criteria_and_none():
+  c = valid()
+  c.stop.epochs = 2.0
+  with pytest.raises(ConfigError, match="Two training-length criteria.*config.stop.tokens, config.stop.epochs"):
+    config_lib.validate(c)
+  c = config_lib.default()
+  with pytest.raises(ConfigError, match="No stopping criterion"):
+    config_lib.validate(c)
+  c.stop.update(epochs=10.0, target_loss=2.9)  # a length plus a target is how the paper finetunes
+  config_lib.validate(c)
+
+
+def test_replay_needs_a_pretrained_run():
+  c = valid()
+  c.replay.method = "kl"
+  with pytest.raises(ConfigError, match="config.init.from"):
+    config_lib.validate(c)
+  c.init["from"] = "/some/run"
+  config_lib.validate(c)
+  c.replay.update(method="replace", coeff=1.5)
+  with pytest.raises(ConfigError, match="fraction of rows replaced"):
+    config_lib.validate(c)
+
+
+def test_unknown_key_is_rejected():
+  c = valid()
+  with pytest.raises(AttributeError):
+    c.model.d_modle = 3  # ConfigDict is locked: a typo never silently creates a key
+  c.lock()
+
+
+def test_differences_and_json_round_trip(tmp_path):
+  a = valid()
+  config_lib.write(a, str(tmp_path))
+  b = config_lib.from_json_file(str(tmp_path / "config.json"))
+  assert config_lib.differences(a, b) == []
+  b.optim.lr = 0.5
+  b.log.every_steps = 7  # logging does not change the numbers
+  assert config_lib.differences(a, b) == ["optim.lr"]
+
+
+def test_dtype_per_platform():
+  c = valid()
+  assert config_lib.compute_dtype_name(c, "cpu") == "float32"
+  assert config_lib.compute_dtype_name(c, "gpu") == "bfloat16"
+  c.model.compute_dtype = "float32"
+  assert config_lib.compute_dtype_name(c, "tpu") == "float32"

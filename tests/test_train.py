@@ -1,0 +1,100 @@
+"""End-to-end training stages on tiny models and tiny learnable token files."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxreplay import config as config_lib
+from jaxreplay import metrics, train
+from jaxreplay.data import DataError
+
+from helpers import tiny_config, token_dir
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data")
+  return dict(a=token_dir(root / "a", dataset_id=0, seed=0, step=3),
+              b=token_dir(root / "b", dataset_id=1, seed=1, step=5))
+
+
+@pytest.fixture(scope="module")
+def pretrained(data, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("runs") / "pre")
+  result = train.run(tiny_config(data["a"], steps=60), workdir)
+  return workdir, result
+
+
+def test_pretraining_learns_logs_and_exports(pretrained):
+  workdir, result = pretrained
+  rows = metrics.read_metrics(workdir)
+  evals = [r["valid_ntp"] for r in rows if "valid_ntp" in r and not r.get("final")]
+  assert evals[0] > np.log(64) - 0.5  # starts near uniform
+  assert result["valid_ntp"] < evals[0] - 1.0  # and learns the Markov structure
+  assert result["step"] == 60 and result["tokens"] == 60 * 8 * 16
+  assert result["train_step_compiles"] == 1
+  assert {"tokens_per_s", "mfu", "lr", "train_loss", "valid_ntp_h2"} <= set().union(*rows)
+  for f in ("config.json", "final.json", "export/info.json", "export/config.json"):
+    assert os.path.exists(os.path.join(workdir, f)), f
+  # A finished run returns its result without training again.
+  again = train.run(tiny_config(rows and config_lib.from_json_file(os.path.join(workdir, "config.json")).data.path,
+                                steps=60), workdir)
+  assert again["valid_ntp"] == result["valid_ntp"]
+
+
+def test_workdir_with_other_config_is_refused(pretrained, data):
+  workdir, _ = pretrained
+  before = sorted(os.listdir(workdir))
+  c = tiny_config(data["a"], steps=60)
+  c.optim.lr = 0.5
+  with pytest.raises(config_lib.ConfigError, match="holds a run with a different config .*optim.lr"):
+    train.run(c, workdir)
+  assert sorted(os.listdir(workdir)) == before
+
+
+def test_stop_by_tokens_per_param_and_epochs(data, tmp_path):
+  c = tiny_config(data["a"], epochs=0.5)
+  stage = train.Stage(config_lib.validate(c), str(tmp_path / "e"))
+  assert stage.total_steps == round(0.5 * stage.batches.tokens_per_epoch / (8 * 16))
+  c = tiny_config(data["a"], tokens_per_param=0.1)
+  stage = train.Stage(c, str(tmp_path / "t"))
+  assert stage.total_steps == round(0.1 * stage.counts["paper"] / (8 * 16))
+
+
+def test_target_loss_stops_early(data, tmp_path):
+  c = tiny_config(data["a"], steps=200)
+  c.stop.target_loss = 3.6
+  result = train.run(c, str(tmp_path / "target"))
+  assert result["stop_reason"] == "target_loss"
+  assert result["valid_ntp"] <= 3.6 and result["step"] < 200
+
+
+def test_bad_data_is_one_clear_error(data, tmp_path):
+  c = tiny_config(data["a"])
+  c.model.vocab_size = 40  # the file holds ids up to 63
+  with pytest.raises(DataError, match="vocab"):
+    train.run(c, str(tmp_path / "v"))
+  small = token_dir(tmp_path / "small", train_tokens=100, valid_tokens=2000)
+  with pytest.raises(DataError):
+    train.run(tiny_config(small), str(tmp_path / "s"))
+  with pytest.raises(DataError):
+    train.run(tiny_config(str(tmp_path / "missing")), str(tmp_path / "m"))
+
+
+def test_finetune_with_real_kl_replay_forgets_less(pretrained, data, tmp_path):
+  pre, pre_result = pretrained
+  out = {}
+  for method in ("none", "kl"):
+    c = tiny_config(data["b"], steps=40)
+    c.stage = "finetune"
+    c.init["from"] = pre
+    c.replay.update(method=method, source="real", coeff=3.0)
+    out[method] = train.run(c, str(tmp_path / method))
+  none, kl = out["none"], out["kl"]
+  assert none["prev_ntp"] > pre_result["valid_ntp"] + 0.3  # plain finetuning forgets
+  assert kl["prev_ntp_delta"] < 0.5 * none["prev_ntp_delta"]
+  assert kl["prev_kl"] < none["prev_kl"]
+  assert 0 <= none["compute_multiplier"] <= kl["compute_multiplier"] <= 1
+  assert none["drift_ratio"] > 0
+  assert kl["train_step_compiles"] == 1
