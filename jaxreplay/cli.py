@@ -88,6 +88,8 @@ def main(argv=None):
     print(USAGE)
     return 0
   command = argv[1]
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; users watch the progress bar
   if command not in COMMANDS:
     _fail(f"unknown command {command!r}: use one of {', '.join(COMMANDS)}.")
   rest = [f"jaxreplay {command}"] + argv[2:]
