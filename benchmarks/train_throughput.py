@@ -35,7 +35,7 @@ def bench(size: str, num_steps: int, dtype: str, peak: float) -> dict:
   c.stop.steps = 10_000
   mesh = sharding.make_mesh(c.mesh)
   cfg = model_lib.ModelConfig.from_config(c.model, config_lib.compute_dtype_name(c, jax.default_backend())
-                                          if dtype == "auto" else dtype)
+                                          if dtype == "auto" else dtype, jax.default_backend())
   opt = optim.make_optimizer(c, c.stop.steps)
   init = lambda k: steps.init_state(cfg, opt, k)
   abstract = jax.eval_shape(init, jax.random.key(0))

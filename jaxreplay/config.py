@@ -34,6 +34,7 @@ def default() -> ml_collections.ConfigDict:
       rope_base=10_000.0, norm_eps=1e-6,
       compute_dtype="auto",  # auto: float32 on CPU, bfloat16 on GPU/TPU
       remat=False,
+      scan_unroll=0,  # layers per scan step; 0 = auto (unrolled on CPU, scanned elsewhere)
       param_count="paper",  # which count `stop.tokens_per_param` uses: paper (12LD²+DV) or true (12LD²+2DV)
   ))
 

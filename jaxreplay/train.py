@@ -58,7 +58,7 @@ class Stage:
     self.c, self.workdir = c, workdir
     self.mesh = sharding.make_mesh(c.mesh)
     dtype = config_lib.compute_dtype_name(c, jax.default_backend())
-    self.model_cfg = model_lib.ModelConfig.from_config(c.model, dtype)
+    self.model_cfg = model_lib.ModelConfig.from_config(c.model, dtype, jax.default_backend())
     self.counts = model_lib.param_counts(self.model_cfg)
     self.prev = None  # the pretraining run a finetuning run starts from
     if c.init["from"]:
@@ -72,7 +72,11 @@ class Stage:
     if B % (div * pc) and B % div:
       raise config_lib.ConfigError(f"config.optim.batch_size={B} is not divisible by the {div} data-parallel "
                                    "devices: choose a multiple of mesh.data × mesh.fsdp.")
-    data = tokenfile.open_token_dir(c.data.path, M.vocab_size, T)
+    prev_hash = None
+    if self.prev is not None:  # downstream data must share the pretrained model's tokenizer
+      prev_hash = tokenfile.read_meta(self.prev.data.path)["tokenizer_hash"]
+    data = tokenfile.open_token_dir(c.data.path, M.vocab_size, T, tokenizer_hash=prev_hash)
+    self.data = data
     self.dataset_id = c.data.dataset_id if c.data.dataset_id >= 0 else int(data.meta["dataset_id"])
     mix = None
     if c.data.mix_fraction:
@@ -146,6 +150,9 @@ def run(c, workdir: str) -> dict:
   ckpt_lib.check_writable(workdir)  # before anything is written
   if jax.process_index() == 0:
     config_lib.write(c, workdir)
+    tokenizer = os.path.join(c.data.path, "tokenizer.json")
+    if os.path.exists(tokenizer):  # every run carries the tokenizer that reads its samples
+      shutil.copyfile(tokenizer, os.path.join(workdir, "tokenizer.json"))
   from jaxreplay import replay as replay_lib  # finetuning pieces; imported here to keep pretraining light
 
   mesh, model_cfg = stage.mesh, stage.model_cfg
