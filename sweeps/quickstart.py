@@ -34,3 +34,27 @@ def get_config(arg: str = "pretrain"):
   else:
     raise ValueError(f"unknown quickstart config {arg!r}: use pretrain, finetune or finetune_kl")
   return c
+
+
+def get_sweep(arg: str = ""):
+  """`jaxreplay sweep sweeps/quickstart.py --workdir=runs/qs`: pretrain, then finetune without and with
+  self-generated KL replay. `:small` shrinks the vocabulary and lengths to run in a few minutes."""
+  from jaxreplay import sweeps
+  pre, ft = get_config("pretrain"), get_config("finetune")
+  if arg == "small":
+    for c in (pre, ft):
+      c.model.update(d_model=64, n_layers=2, head_dim=32, seq_len=64, vocab_size=1024)
+      c.optim.batch_size = 16
+      c.eval.update(every_tokens=100_000, tokens=32_768, batch_size=16)
+    pre.data.path, ft.data.path = "default:en:1024", "default:es:1024"
+    pre.stop.tokens, ft.stop.tokens = 500_000, 200_000
+    ft.optim.warmup_tokens = 10_000
+  elif arg:
+    raise ValueError(f"unknown quickstart sweep {arg!r}: use no argument or 'small'")
+  s = sweeps.Sweep("quickstart: English pretraining, Spanish finetuning with and without self-generated KL replay")
+  s.stage("pretrain", pre)
+  s.stage("finetune", ft, after="pretrain", grid=[
+      {"replay.method": "none"},
+      {"replay.method": "kl", "replay.source": "self", "replay.coeff": 1.0, "replay.batch_size": 16 if arg else 32,
+       "replay.buffer": 8}])
+  return s
