@@ -10,10 +10,20 @@ import jax
 import jax.numpy as jnp
 
 
+def _next_tokens(tokens_BT):
+  """Targets aligned with every position; the last column is a dummy that callers drop."""
+  return jnp.concatenate([tokens_BT[:, 1:], tokens_BT[:, :1]], axis=1)
+
+
 def token_nll(logits_BTV, tokens_BT):
-  """Negative log-likelihood of each next token: [B, T-1]."""
-  logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+  """Negative log-likelihood of each next token: [B, T-1].
+
+  Computed as logsumexp − target logit over all T positions, dropping the last afterwards: slicing the
+  [B, T, V] logits first would copy them, and log_softmax would materialise a second [B, T, V] array.
+  """
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  target_BT = jnp.take_along_axis(logits_BTV, _next_tokens(tokens_BT)[..., None], axis=-1)[..., 0]
+  return (jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT)[:, :-1]
 
 
 def next_token_loss(logits_BTV, tokens_BT, mask_BT=None):
@@ -27,9 +37,9 @@ def next_token_loss(logits_BTV, tokens_BT, mask_BT=None):
 
 def kl_per_position(teacher_logits_BTV, student_logits_BTV):
   """KL(teacher ‖ student) summed over the vocabulary at each predicting position: [B, T-1]."""
-  logp_t = jax.nn.log_softmax(teacher_logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
-  logp_s = jax.nn.log_softmax(student_logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
-  return jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), axis=-1)
+  logp_t = jax.nn.log_softmax(teacher_logits_BTV.astype(jnp.float32), axis=-1)
+  logp_s = jax.nn.log_softmax(student_logits_BTV.astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), axis=-1)[:, :-1]
 
 
 def kl_loss(teacher_logits_BTV, student_logits_BTV):
