@@ -140,8 +140,11 @@ def _eval(stage, eval_fn, params, frozen) -> dict:
   return out
 
 
-def run(c, workdir: str) -> dict:
-  """Runs (or resumes, or returns the result of) one stage; returns the final metrics."""
+def run(c, workdir: str, evaluators=()) -> dict:
+  """Runs (or resumes, or returns the result of) one stage; returns the final metrics.
+
+  `evaluators`: callables params -> {name: value}, run at every evaluation alongside the losses.
+  """
   if is_finished(workdir):
     check_workdir(c, workdir)
     with open(os.path.join(workdir, DONE_FILE)) as f:
@@ -187,7 +190,6 @@ def run(c, workdir: str) -> dict:
   if restored is not None:
     state, extra = restored
   start_step = int(jax.device_get(state["step"]))
-  init_norm_ref = None
 
   replay = replay_lib.make_source(c, stage, frozen, extra.get("replay"))
   objective = steps.make_objective(model_cfg, c.replay if stage.prev is not None else None, merge_fn)
@@ -206,7 +208,11 @@ def run(c, workdir: str) -> dict:
              desc=os.path.basename(os.path.abspath(workdir)), unit="step", dynamic_ncols=True)
 
   def evaluate(step) -> dict:
-    return _eval(stage, eval_fn, merged(state["params"], frozen), frozen)
+    params = merged(state["params"], frozen)
+    out = _eval(stage, eval_fn, params, frozen)
+    for evaluator in evaluators:  # task-specific metrics, e.g. the toy tasks' answer accuracy
+      out.update(evaluator(params))
+    return out
 
   stop_reason, step, wall_start = None, start_step, time.monotonic() - extra["elapsed_s"]
   last_eval = {}
