@@ -1,0 +1,100 @@
+"""Sampled tokens/s of `jaxreplay.sampling` at the issue's two shapes; prints one JSON object.
+
+Each shape runs in its own subprocess so that its peak memory (process max RSS) is its own. Compile time is
+measured apart from the timed runs; a run samples every position after the one-token prompt (T-1 tokens per
+row), as self-generated replay does. Targets are 2× the paper's code measured on this machine.
+
+  python benchmarks/sampling_throughput.py [--repeats=3] [--only=0|1]
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+SHAPES = [
+    dict(d_model=128, n_layers=4, seq_len=128, batch=32, paper_tokens_per_s=6_500, target_tokens_per_s=13_000),
+    dict(d_model=256, n_layers=6, seq_len=256, batch=16, paper_tokens_per_s=800, target_tokens_per_s=1_600),
+]
+VOCAB = 4096
+
+
+def measure(shape: dict, repeats: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from jaxreplay import config as config_lib
+  from jaxreplay import model as model_lib
+  from jaxreplay import sampling
+  from jaxreplay import sharding
+
+  c = config_lib.default()
+  c.model.update(d_model=shape["d_model"], n_layers=shape["n_layers"], seq_len=shape["seq_len"], vocab_size=VOCAB)
+  dtype = config_lib.compute_dtype_name(c, jax.default_backend())
+  cfg = model_lib.ModelConfig.from_config(c.model, dtype)
+  mesh = sharding.make_mesh(c.mesh)
+  abstract = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  params = jax.jit(lambda: model_lib.init_params(cfg, jax.random.key(0)),
+                   out_shardings=sharding.param_shardings(abstract, mesh))()
+  B, T = shape["batch"], shape["seq_len"]
+  sc = sampling.SamplingConfig(temperature=1.0)
+  prompt = sharding.put_batch(jax.device_get(sampling.id_prompt(0, B)), mesh)
+  fn = sampling.make_sampler(cfg, sc, B, 1, T, mesh)
+
+  t0 = time.perf_counter()
+  u = fn.uniforms(jax.random.key(0))
+  compiled = fn.program.lower(params, prompt, u).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  jax.block_until_ready(compiled(params, prompt, fn.uniforms(jax.random.key(1))))  # warm-up run
+
+  times = []
+  for i in range(repeats):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(params, prompt, fn.uniforms(jax.random.key(2 + i))))
+    times.append(time.perf_counter() - t0)
+  assert out.shape == (B, T)
+  tokens = B * (T - 1)
+  best = min(times)
+  rate = tokens / best
+  result = dict(
+      shape=dict(d_model=cfg.d_model, n_layers=cfg.n_layers, seq_len=T, batch=B, vocab_size=VOCAB,
+                 compute_dtype=dtype),
+      platform=jax.default_backend(), devices=len(jax.devices()),
+      tokens_per_run=tokens, seconds_per_run=[round(t, 4) for t in times],
+      tokens_per_s=round(rate), tokens_per_s_median=round(tokens / sorted(times)[len(times) // 2]),
+      compile_s=round(compile_s, 3),
+      paper_tokens_per_s=shape["paper_tokens_per_s"], target_tokens_per_s=shape["target_tokens_per_s"],
+      meets_target=bool(rate >= shape["target_tokens_per_s"]),
+      peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+  )
+  if mem is not None:
+    result["program_memory_mib"] = dict(
+        arguments=round(mem.argument_size_in_bytes / 2**20, 2), outputs=round(mem.output_size_in_bytes / 2**20, 2),
+        temporaries=round(mem.temp_size_in_bytes / 2**20, 2))
+  return result
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--only", type=int, default=-1, help="measure one shape in this process")
+  args = parser.parse_args()
+  if args.only >= 0:
+    print(json.dumps(measure(SHAPES[args.only], args.repeats)))
+    return
+  results = []
+  for i in range(len(SHAPES)):
+    out = subprocess.run([sys.executable, __file__, f"--only={i}", f"--repeats={args.repeats}"],
+                         capture_output=True, text=True, env=dict(os.environ))
+    if out.returncode:
+      sys.exit(f"shape {i} failed:\n{out.stderr[-3000:]}")
+    results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+  print(json.dumps(dict(benchmark="sampling_throughput", results=results,
+                        all_meet_target=all(r["meets_target"] for r in results)), indent=2))
+
+
+if __name__ == "__main__":
+  main()

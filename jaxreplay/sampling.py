@@ -1,0 +1,310 @@
+"""On-device autoregressive sampling with a preallocated KV cache.
+
+One compiled program per (model, batch, prompt length, length, sampling settings, mesh): the prompt is
+prefilled in one forward pass, then a loop over positions inside the same program decodes one token per row
+per step, so nothing returns to the host until the whole batch is done.
+
+Tokens are drawn by inversion: one uniform number per row per step, located in the cumulative sum of the
+(unnormalised) probabilities. That is exact, and much cheaper on a CPU than Gumbel noise over the whole
+vocabulary. The uniforms for all positions are drawn up front from the key (`uniforms`), so the samples depend
+only on the key, never on how the batch is sharded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxreplay import model as model_lib
+from jaxreplay import sharding
+
+
+class SamplingError(ValueError):
+  """Sampling arguments that cannot work; the message names the value and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  temperature: float = 1.0  # 0 = greedy
+  top_k: int = 0  # 0 = the whole vocabulary
+  top_p: float = 1.0  # 1 = no nucleus truncation
+  eos_id: int = -1  # -1 = never stop; otherwise rows that emitted it emit pad_id afterwards
+  pad_id: int = 0
+
+  def check(self, vocab_size: int):
+    if self.temperature < 0:
+      raise SamplingError(f"temperature={self.temperature} must be ≥ 0 (0 = greedy).")
+    if not 0 <= self.top_k:
+      raise SamplingError(f"top_k={self.top_k} must be ≥ 0 (0 = no top-k truncation).")
+    if not 0.0 < self.top_p <= 1.0:
+      raise SamplingError(f"top_p={self.top_p} must lie in (0, 1].")
+    for name in ("eos_id", "pad_id"):
+      v = getattr(self, name)
+      if not (v == -1 and name == "eos_id") and not 0 <= v < vocab_size:
+        raise SamplingError(f"{name}={v} is not a token id of the {vocab_size}-token vocabulary.")
+
+
+def uniforms(key, length: int, batch_size: int) -> np.ndarray:
+  """u [T, B] in [0, 1): the number that chooses row b's token at position t.
+
+  Drawn on the host by numpy's Philox generator seeded with the key's bits: a pure function of the key (so of
+  no mesh or process layout), and no random-number code to compile into the decode program, where it is slow
+  to compile on CPU.
+  """
+  bits = np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key)
+  seed = [int(b) for b in bits.astype(np.uint64).ravel()]
+  return np.random.Generator(np.random.Philox(key=seed[:2] if len(seed) >= 2 else seed)).random(
+      (length, batch_size), dtype=np.float32)
+
+
+def _first_positive(p_BK):
+  return jnp.argmax(p_BK > 0, axis=-1).astype(jnp.int32)
+
+
+def _last_positive(p_BK):
+  return p_BK.shape[-1] - 1 - jnp.argmax(p_BK[:, ::-1] > 0, axis=-1).astype(jnp.int32)
+
+
+def _search(p_BK, target_B):
+  """Index i with cumsum[i-1] ≤ target < cumsum[i], clamped onto entries with positive mass."""
+  cdf_BK = jnp.cumsum(p_BK, axis=-1)
+  idx_B = jnp.sum(cdf_BK <= target_B[:, None], axis=-1, dtype=jnp.int32)
+  return jnp.clip(idx_B, _first_positive(p_BK), _last_positive(p_BK))
+
+
+def _inverse_cdf(logits_BK, u_B):
+  """A draw from softmax(logits_BK) given one uniform per row; never an entry of zero probability.
+
+  Two levels keep it O(K): find the block of ~√K entries whose cumulative mass crosses u·total, then the entry
+  inside that block. (A cumulative sum over the whole vocabulary costs more than the draw itself on a CPU.)
+  """
+  B, K = logits_BK.shape
+  p_BK = jnp.exp(logits_BK - jnp.max(logits_BK, axis=-1, keepdims=True))
+  blk = 1 << max(0, (K.bit_length() - 1) // 2)
+  G = -(-K // blk)
+  if G * blk != K:
+    p_BK = jnp.pad(p_BK, ((0, 0), (0, G * blk - K)))
+  p_BGb = p_BK.reshape(B, G, blk)
+  mass_BG = jnp.sum(p_BGb, axis=-1)
+  target_B = u_B * jnp.sum(mass_BG, axis=-1)
+  g_B = _search(mass_BG, target_B)
+  before_B = jnp.sum(jnp.where(jnp.arange(G) < g_B[:, None], mass_BG, 0.0), axis=-1)
+  block_Bb = jnp.take_along_axis(p_BGb, g_B[:, None, None], axis=1)[:, 0]
+  return g_B * blk + _search(block_Bb, target_B - before_B)
+
+
+def sample_from_logits(u_B, logits_BV, sc: SamplingConfig):
+  """One token per row from fp32 logits [B, V] under temperature, top-k and top-p; `u_B` are the uniforms."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  if sc.temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV / sc.temperature
+  V = logits_BV.shape[-1]
+  if (sc.top_k == 0 or sc.top_k >= V) and sc.top_p >= 1.0:
+    return _inverse_cdf(logits_BV, u_B)
+  # Truncation works on the candidates sorted by decreasing probability.
+  if 0 < sc.top_k < V:
+    vals_BK, idx_BK = jax.lax.top_k(logits_BV, sc.top_k)
+  else:
+    iota_BV = jnp.broadcast_to(jnp.arange(V, dtype=jnp.int32), logits_BV.shape)
+    neg_BV, idx_BK = jax.lax.sort_key_val(-logits_BV, iota_BV, dimension=-1)
+    vals_BK = -neg_BV
+  if sc.top_p < 1.0:
+    # Keep the smallest prefix whose mass reaches top_p: entry i stays if the mass before it is < top_p.
+    probs_BK = jax.nn.softmax(vals_BK, axis=-1)
+    before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
+    vals_BK = jnp.where(before_BK < sc.top_p, vals_BK, -jnp.inf)
+  choice_B = _inverse_cdf(vals_BK, u_B)
+  return jnp.take_along_axis(idx_BK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _batch_spec(mesh, ndim: int, batch_dim: int = 0):
+  spec = [P.UNCONSTRAINED] * ndim
+  spec[batch_dim] = sharding.BATCH_AXES
+  return NamedSharding(mesh, P(*spec))
+
+
+def decode_weights(cfg: model_lib.ModelConfig, params) -> dict:
+  """Per-layer matrices in the compute dtype, sliced and reshaped once per sampling call, not once per token."""
+  D, NH, dt = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.dtype
+  b = params["blocks"]
+  layers = [dict(qkv=b["qkv"][l].reshape(D, 3 * NH).astype(dt), out=b["out"][l].reshape(NH, D).astype(dt),
+                 up=b["up"][l].astype(dt), down=b["down"][l].astype(dt)) for l in range(cfg.n_layers)]
+  return dict(embed=params["embed"], unembed=params["unembed"].astype(dt), layers=layers)
+
+
+def decode_step(cfg: model_lib.ModelConfig, w: dict, cache: dict, token_B, pos, span: int):
+  """Logits [B, V] for one new token per row at position `pos`, and the cache with its key/value written.
+
+  The same computation as `model.Transformer` for a single query, arranged for decoding: layers unrolled, the
+  cache (per layer k, v [S, B, N, H]) updated in place, and attention as a multiply-reduce over the first
+  `span` cache entries (a static bound ≥ pos) plus the token itself, instead of a batched matrix-vector
+  product, which XLA's CPU backend runs slowly.
+  """
+  N, H, eps, dt = cfg.n_heads, cfg.head_dim, cfg.norm_eps, cfg.dtype
+  B = token_B.shape[0]
+  x_BD = jnp.take(w["embed"], token_B, axis=0).astype(dt)
+  mask_S = (jnp.arange(span) < pos)[:, None, None]  # entries written by earlier tokens
+  # Every row is at the same position: one rotation for all rows, heads and layers (model.rope's arithmetic).
+  freq_h = cfg.rope_base ** (-jnp.arange(0, H // 2, dtype=jnp.float32) * 2.0 / H)
+  angle_h = jnp.asarray(pos).astype(jnp.float32) * freq_h
+  sin_h, cos_h = jnp.sin(angle_h), jnp.cos(angle_h)
+
+  def norm_rope(x_B2NH):  # QK-norm and RoPE on q and k together
+    x_B2NH = model_lib.rms_norm(x_B2NH, eps)
+    x1, x2 = jnp.split(x_B2NH.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos_h - x2 * sin_h, x2 * cos_h + x1 * sin_h], axis=-1).astype(dt)
+
+  new_k, new_v = [], []
+  for l, lw in enumerate(w["layers"]):
+    h_BD = model_lib.rms_norm(x_BD, eps)
+    qkv_B3NH = (h_BD @ lw["qkv"]).reshape(B, 3, N, H)
+    qk_B2NH = norm_rope(qkv_B3NH[:, :2])
+    q_BNH, k_BNH = qk_B2NH[:, 0], qk_B2NH[:, 1]
+    v_BNH = qkv_B3NH[:, 2]
+    # Attend to the cached entries before pos and to the token's own key/value, then write those into the cache.
+    kc_SBNH, vc_SBNH = cache["k"][l], cache["v"][l]
+    q32_BNH = q_BNH.astype(jnp.float32) * (H ** -0.5)
+    old_SBN = jnp.sum(q32_BNH * kc_SBNH[:span].astype(jnp.float32), axis=-1)
+    old_SBN = jnp.where(mask_S, old_SBN, -jnp.inf)
+    new_BN = jnp.sum(q32_BNH * k_BNH.astype(jnp.float32), axis=-1)
+    top_BN = jnp.maximum(jnp.max(old_SBN, axis=0), new_BN)
+    e_old_SBN = jnp.exp(old_SBN - top_BN)
+    e_new_BN = jnp.exp(new_BN - top_BN)
+    attn_BNH = (jnp.sum(e_old_SBN[..., None] * vc_SBNH[:span].astype(jnp.float32), axis=0)
+                + e_new_BN[..., None] * v_BNH.astype(jnp.float32))
+    attn_BNH = (attn_BNH / (jnp.sum(e_old_SBN, axis=0) + e_new_BN)[..., None]).astype(dt)
+    # XLA updates a loop-carried buffer in place only if the value written provably comes after every read
+    # of the old buffer; a zero that depends on the attention output (x·0 is not folded for floats) says so.
+    after_reads = 0.0 * attn_BNH[:1, :1, :1].astype(kc_SBNH.dtype)
+    new_k.append(jax.lax.dynamic_update_slice(kc_SBNH, (k_BNH.astype(kc_SBNH.dtype) + after_reads)[None],
+                                              (pos, 0, 0, 0)))
+    new_v.append(jax.lax.dynamic_update_slice(vc_SBNH, (v_BNH.astype(vc_SBNH.dtype) + after_reads)[None],
+                                              (pos, 0, 0, 0)))
+    x_BD = x_BD + attn_BNH.reshape(B, N * H) @ lw["out"]
+    h_BD = model_lib.rms_norm(x_BD, eps)
+    x_BD = x_BD + jax.nn.gelu(h_BD @ lw["up"]) @ lw["down"]
+  h_BD = model_lib.rms_norm(x_BD, eps)
+  logits_BV = jnp.dot(h_BD, w["unembed"], preferred_element_type=jnp.float32)
+  return logits_BV, dict(k=new_k, v=new_v)
+
+
+def _chunks(start: int, stop: int, n: int):
+  """Position ranges [a, b) covering [start, stop); positions in [a, b) attend to at most b cache entries."""
+  edges = sorted({start, stop, *(start + (stop - start) * i // n for i in range(1, n))})
+  return list(zip(edges[:-1], edges[1:]))
+
+
+@functools.lru_cache(maxsize=32)
+def make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: int, prompt_len: int, length: int,
+                 mesh=None, chunks: int | None = None):
+  """A `Sampler`: sampler(params, prompt_BP, key) -> tokens [B, length] int32, the first P being the prompt.
+
+  Decoding runs as `chunks` loops over consecutive position ranges, each attending only to the cache entries
+  its last position can see: shapes stay static and the average cache read drops to ~(chunks+1)/(2·chunks).
+  """
+  sc.check(cfg.vocab_size)
+  B, Pl, T = batch_size, prompt_len, length
+  if chunks is None:  # each range is one more loop to compile: worth it only for long rows
+    chunks = max(1, min(4, (T - Pl) // 32))
+  if not 1 <= Pl <= T:
+    raise SamplingError(f"The prompt length {Pl} must lie in [1, length={T}]: give at least one prompt token "
+                        "(a dataset id or BOS) and a length no shorter than the prompt.")
+  if mesh is not None and B % sharding.batch_divisor(mesh):
+    raise SamplingError(f"The sampling batch of {B} rows is not divisible by the {sharding.batch_divisor(mesh)} "
+                        "data-parallel devices: choose a multiple of mesh.data × mesh.fsdp.")
+  stop = sc.eos_id >= 0
+  N, H = cfg.n_heads, cfg.head_dim
+
+  def constrain(x, batch_dim=0):
+    return x if mesh is None else jax.lax.with_sharding_constraint(x, _batch_spec(mesh, x.ndim, batch_dim))
+
+  def run(params, prompt_BP, u_TB):
+    prompt_BP = constrain(prompt_BP.astype(jnp.int32))
+    tokens_BT = constrain(jnp.full((B, T), sc.pad_id, jnp.int32))
+    tokens_BT = jax.lax.dynamic_update_slice(tokens_BT, prompt_BP, (0, 0))
+    if Pl == T:
+      return tokens_BT
+    # Prefill: the whole prompt in one forward pass; its keys/values start the decode cache.
+    logits_BPV, pre = model_lib.apply(cfg, params, prompt_BP, cache=model_lib.init_cache(cfg, B, Pl), cache_index=0)
+    cache = {}
+    for name in ("k", "v"):
+      empty = constrain(jnp.zeros((T, B, N, H), cfg.dtype), batch_dim=1)
+      cache[name] = [jax.lax.dynamic_update_slice(empty, pre[name][l].transpose(1, 0, 2, 3).astype(cfg.dtype),
+                                                  (0, 0, 0, 0)) for l in range(cfg.n_layers)]
+    token_B = sample_from_logits(u_TB[Pl], logits_BPV[:, -1], sc)
+    tokens_BT = tokens_BT.at[:, Pl].set(token_B)
+    done_B = token_B == sc.eos_id if stop else jnp.zeros((B,), bool)
+    w = decode_weights(cfg, params)
+
+    def body(pos, carry, span):
+      tokens_BT, cache, token_B, done_B = carry
+      # The token at pos-1 goes into the cache at pos-1; its logits choose the token at pos.
+      logits_BV, cache = decode_step(cfg, w, cache, token_B, pos - 1, span)
+      new_B = sample_from_logits(u_TB[pos], logits_BV, sc)
+      if stop:
+        new_B = jnp.where(done_B, sc.pad_id, new_B)
+        done_B = done_B | (new_B == sc.eos_id)
+      tokens_BT = jax.lax.dynamic_update_slice(tokens_BT, new_B[:, None], (0, pos))
+      return tokens_BT, cache, new_B, done_B
+
+    carry = (tokens_BT, cache, token_B, done_B)
+    for a, b in _chunks(Pl + 1, T, chunks):
+      span = max(1, b - 2)  # the range's last step decodes the token at b-2, which attends to entries 0..b-3
+      if stop:
+        def cond(c, b=b):
+          return (c[0] < b) & ~jnp.all(c[1][3])
+        def step(c, span=span):
+          return c[0] + 1, body(c[0], c[1], span)
+        carry = jax.lax.while_loop(cond, step, (jnp.int32(a), carry))[1]
+      else:
+        carry = jax.lax.fori_loop(a, b, functools.partial(body, span=span), carry)
+    return carry[0]
+
+  out_sh = sharding.batch_sharding(mesh) if mesh is not None else None
+  u_sh = NamedSharding(mesh, P(None, sharding.BATCH_AXES)) if mesh is not None else None
+  return Sampler(program=jax.jit(run, out_shardings=out_sh), length=T, batch_size=B, u_sharding=u_sh)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """`sampler(params, prompt_BP, key)` -> tokens [B, T]: the uniforms for every position are drawn from the key
+  (`uniforms(key)` -> u [T, B]) and the compiled `program(params, prompt_BP, u_TB)` does the whole decode."""
+  program: Callable
+  length: int
+  batch_size: int
+  u_sharding: NamedSharding | None
+
+  def uniforms(self, key) -> jax.Array:
+    u_TB = uniforms(key, self.length, self.batch_size)
+    if self.u_sharding is None:
+      return jnp.asarray(u_TB)
+    return jax.make_array_from_callback(u_TB.shape, self.u_sharding, lambda idx: u_TB[idx])
+
+  def __call__(self, params, prompt_BP, key):
+    return self.program(params, prompt_BP, self.uniforms(key))
+
+
+def sample(cfg: model_lib.ModelConfig, params, prompt_BP, key, length: int | None = None,
+           sc: SamplingConfig = SamplingConfig(), mesh=None):
+  """Samples rows of `length` tokens (default cfg.seq_len) continuing `prompt_BP` (same length for every row).
+
+  `prompt_BP` may be a host array or a global array; with a mesh the rows are sharded over its batch axes and
+  `params` should already be placed by `sharding.param_shardings`.
+  """
+  B, Pl = prompt_BP.shape
+  fn = make_sampler(cfg, sc, B, Pl, length or cfg.seq_len, mesh)
+  if mesh is not None and not isinstance(prompt_BP, jax.Array):
+    prompt_BP = sharding.put_batch(prompt_BP, mesh)
+  return fn(params, prompt_BP, key)
+
+
+def id_prompt(dataset_id: int, batch_size: int):
+  """The replay prompt: every row starts from the dataset-id token alone."""
+  return jnp.full((batch_size, 1), dataset_id, jnp.int32)

@@ -1,0 +1,102 @@
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from jaxreplay import config as config_lib
+from jaxreplay import lora
+from jaxreplay import model as M
+from jaxreplay import sharding
+from jaxreplay import steps
+
+TINY = M.ModelConfig(d_model=32, n_layers=2, head_dim=8, seq_len=16, vocab_size=40)
+
+
+def lora_cfg(rank=4, alpha=0.0):
+  return ml_collections.ConfigDict(dict(rank=rank, alpha=alpha))
+
+
+@pytest.fixture(scope="module")
+def frozen():
+  return jax.jit(M.init_params, static_argnums=0)(TINY, jax.random.key(0))
+
+
+def test_merged_equals_frozen_at_init_and_embeddings_untouched(frozen):
+  trainable_fn, merge_fn = lora.parameterization(lora_cfg(), jax.random.key(1))
+  adapters = jax.jit(trainable_fn)(frozen)
+  merged = jax.jit(merge_fn)(adapters, frozen)
+  for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(frozen)):
+    np.testing.assert_array_equal(a, b)
+  assert set(adapters["blocks"]) == {"qkv", "out", "up", "down"}
+  assert "embed" not in adapters and "unembed" not in adapters
+
+
+def test_adapter_shapes_init_and_count(frozen):
+  r = 4
+  adapters = jax.jit(lora.init_adapters, static_argnums=1)(frozen, r, jax.random.key(1))
+  D, F, L = TINY.d_model, TINY.d_mlp, TINY.n_layers
+  NH = TINY.n_heads * TINY.head_dim
+  fans = dict(qkv=(D, 3 * NH), out=(NH, D), up=(D, F), down=(F, D))
+  for name, (fi, fo) in fans.items():
+    assert adapters["blocks"][name]["lora_a"].shape == (L, fi, r)
+    assert adapters["blocks"][name]["lora_b"].shape == (L, r, fo)
+    assert not np.any(adapters["blocks"][name]["lora_b"])
+  big = lora.init_adapters(dict(blocks=dict(up=jnp.zeros((2, 256, 1024)))), 64, jax.random.key(2))
+  assert np.std(big["blocks"]["up"]["lora_a"]) == pytest.approx(256 ** -0.5, rel=0.03)
+  # r · Σ(fan_in + fan_out) per layer, by hand for D=32, N·H=32, F=128: (32+96)+(32+32)+(32+128)+(128+32) = 512.
+  assert lora.count(adapters) == L * r * 512 == lora.expected_count(TINY, r)
+
+
+def test_scale_and_merge_formula(frozen):
+  assert lora.scale(lora_cfg(4, 0.0)) == 1.0
+  assert lora.scale(lora_cfg(4, 8.0)) == 2.0
+  adapters = lora.init_adapters(frozen, 3, jax.random.key(1))
+  adapters = jax.tree.map(lambda x: x + 0.1, adapters)  # non-zero B
+  merged = jax.jit(lora.merge, static_argnums=2)(adapters, frozen, 2.0)
+  qkv = adapters["blocks"]["qkv"]
+  want = frozen["blocks"]["qkv"][1] + 2.0 * (qkv["lora_a"][1] @ qkv["lora_b"][1]).reshape(frozen["blocks"]["qkv"][1].shape)
+  np.testing.assert_allclose(merged["blocks"]["qkv"][1], want, rtol=1e-5, atol=1e-6)
+  out = adapters["blocks"]["out"]
+  want = frozen["blocks"]["out"][0] + 2.0 * (out["lora_a"][0] @ out["lora_b"][0]).reshape(frozen["blocks"]["out"][0].shape)
+  np.testing.assert_allclose(merged["blocks"]["out"][0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_flows_only_to_adapters(frozen):
+  trainable_fn, merge_fn = lora.parameterization(lora_cfg(), jax.random.key(1))
+  adapters = trainable_fn(frozen)
+  tokens = jax.random.randint(jax.random.key(3), (4, 16), 0, 40)
+  objective = steps.make_objective(TINY, None, merge_fn)
+  grads = jax.jit(jax.grad(lambda a, f: objective(a, f, tokens, None)[0], argnums=(0, 1)))(adapters, frozen)
+  g_adapters, g_frozen = grads
+  assert all(not np.any(g) for g in jax.tree.leaves(g_frozen))  # the pretrained weights get nothing
+  for name, g in g_adapters["blocks"].items():
+    assert np.any(g["lora_b"]), name  # B receives gradient through A
+    assert not np.any(g["lora_a"]), name  # ...and A none while B = 0
+
+
+def test_a_few_steps_reduce_the_loss(frozen):
+  trainable_fn, merge_fn = lora.parameterization(lora_cfg(rank=8), jax.random.key(1))
+  optimizer = optax.adam(1e-2)
+  state = jax.jit(lambda k: steps.init_state(TINY, optimizer, k, trainable_fn))(jax.random.key(0))
+  objective = steps.make_objective(TINY, None, merge_fn)
+  step = jax.jit(steps.make_train_step(objective, optimizer, lambda s: 1e-2))
+  tokens = jax.random.randint(jax.random.key(4), (8, 16), 0, 40)
+  losses = []
+  for _ in range(15):
+    state, aux = step(state, frozen, tokens, None)
+    losses.append(float(aux["train_loss"]))
+  assert losses[-1] < losses[0] - 0.3, losses
+  merged = jax.jit(merge_fn)(state["params"], frozen)
+  np.testing.assert_array_equal(merged["embed"], frozen["embed"])
+  assert not np.allclose(merged["blocks"]["up"], frozen["blocks"]["up"])
+
+
+def test_adapters_are_replicated_and_rank_zero_is_refused(frozen):
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+  adapters = lora.init_adapters(frozen, 2, jax.random.key(1))
+  specs = sharding.param_shardings(adapters, mesh)
+  assert all(all(d is None for d in s.spec) for s in jax.tree.leaves(specs))
+  with pytest.raises(config_lib.ConfigError, match="lora.rank"):
+    lora.parameterization(lora_cfg(rank=0), jax.random.key(0))

@@ -1,0 +1,219 @@
+"""The KV-cache sampler against a naive sampler, greedy decoding, and exactly known distributions."""
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxreplay import model as M
+from jaxreplay import sampling as S
+
+TINY = M.ModelConfig(d_model=32, n_layers=2, head_dim=8, seq_len=12, vocab_size=50)
+
+
+def np_params(cfg, seed, scale=1.0):
+  """Random parameters of the model's shapes, made on the host (no compilation)."""
+  shapes = jax.eval_shape(lambda k: M.init_params(cfg, k), jax.random.key(0))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: (scale * rng.normal(size=s.shape) / math.sqrt(s.shape[-2] if s.ndim > 1 else 1))
+                      .astype(np.float32), shapes)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return np_params(TINY, 0, scale=2.0)  # a peaky model: sampled rows differ clearly from each other
+
+
+@pytest.fixture(scope="module")
+def full_logits():
+  return jax.jit(lambda p, t: M.logits(TINY, p, t))
+
+
+def naive_sample(full_logits, params, prompt, u_TB, sc):
+  """A full forward pass over the whole row for every new token; the same uniforms as the sampler."""
+  B, Pl = prompt.shape
+  T = u_TB.shape[0]
+  pick = jax.jit(lambda u, lg: S.sample_from_logits(u, lg, sc))
+  tokens = np.full((B, T), sc.pad_id, np.int32)
+  tokens[:, :Pl] = prompt
+  done = np.zeros(B, bool)
+  for pos in range(Pl, T):
+    logits = full_logits(params, jnp.asarray(tokens))[:, pos - 1]  # causal: later (pad) tokens do not matter
+    tok = np.asarray(pick(u_TB[pos], logits))
+    if sc.eos_id >= 0:
+      tok = np.where(done, sc.pad_id, tok)
+      done |= tok == sc.eos_id
+    tokens[:, pos] = tok
+  return tokens
+
+
+def test_decode_step_matches_full_forward(params, full_logits):
+  toks = np.asarray(jax.random.randint(jax.random.key(1), (4, 12), 0, 50))
+  full = full_logits(params, toks)
+  w = S.decode_weights(TINY, params)
+  cache = {n: [jnp.zeros((12, 4, TINY.n_heads, TINY.head_dim))] * TINY.n_layers for n in ("k", "v")}
+  step = jax.jit(lambda c, t, p: S.decode_step(TINY, w, c, t, p, 12))
+  outs = []
+  for t in range(12):
+    lg, cache = step(cache, toks[:, t], t)
+    outs.append(lg)
+  np.testing.assert_allclose(np.stack(outs, 1), full, atol=3e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sc,chunks", [(S.SamplingConfig(temperature=1.0), 1),
+                                       (S.SamplingConfig(temperature=0.7, top_k=5), 3)])
+def test_cached_sampling_equals_naive_sampling(params, full_logits, sc, chunks):
+  prompt = np.asarray(jax.random.randint(jax.random.key(2), (4, 3), 0, 50), np.int32)  # any 3-token prefix
+  sampler = S.make_sampler(TINY, sc, 4, 3, 12, chunks=chunks)
+  key = jax.random.key(7)
+  got = np.asarray(sampler(params, prompt, key))
+  want = naive_sample(full_logits, params, prompt, sampler.uniforms(key), sc)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got[:, :3], prompt)
+  assert len({tuple(r) for r in got[:, 3:]}) > 1  # rows differ: each has its own uniforms
+  np.testing.assert_array_equal(np.asarray(sampler(params, prompt, key)), got)  # deterministic for a key
+  assert not np.array_equal(np.asarray(sampler(params, prompt, jax.random.key(8))), got)
+
+
+def test_temperature_to_zero_is_greedy(params, full_logits):
+  prompt = np.full((4, 1), 3, np.int32)
+  greedy = np.asarray(S.make_sampler(TINY, S.SamplingConfig(temperature=0.0), 4, 1, 12)(params, prompt, jax.random.key(0)))
+  cold = np.asarray(S.make_sampler(TINY, S.SamplingConfig(temperature=1e-4), 4, 1, 12)(params, prompt, jax.random.key(5)))
+  tokens = np.zeros((4, 12), np.int32)
+  tokens[:, 0] = 3
+  for pos in range(1, 12):  # greedy by hand: argmax of a full forward pass
+    tokens[:, pos] = np.argmax(full_logits(params, jnp.asarray(tokens))[:, pos - 1], -1)
+  np.testing.assert_array_equal(greedy, tokens)
+  np.testing.assert_array_equal(cold, tokens)
+
+
+def test_eos_stops_rows_and_pads_the_rest(params, full_logits):
+  prompt = np.full((8, 1), 4, np.int32)
+  free = np.asarray(S.make_sampler(TINY, S.SamplingConfig(), 8, 1, 12)(params, prompt, jax.random.key(3)))
+  eos = int(np.bincount(free[:, 1:].ravel(), minlength=50).argmax())  # a token that occurs: some rows stop
+  sc = S.SamplingConfig(eos_id=eos, pad_id=0)
+  stopped = np.asarray(S.make_sampler(TINY, sc, 8, 1, 12)(params, prompt, jax.random.key(3)))
+  n_stopped = 0
+  for row_free, row in zip(free, stopped):
+    hits = np.flatnonzero(row_free[1:] == eos)
+    if len(hits) == 0:
+      np.testing.assert_array_equal(row, row_free)
+      continue
+    end = hits[0] + 2  # through the first EOS
+    np.testing.assert_array_equal(row[:end], row_free[:end])
+    assert np.all(row[end:] == 0)
+    n_stopped += 1
+  assert n_stopped >= 1
+
+
+# --- Exactly known distributions ------------------------------------------------------------------------------
+# With every block weight zero, attention and MLP add nothing: logits = rms_norm(embed[prev]) @ unembed, so each
+# token depends only on the previous one, through a transition matrix computed here in float64.
+V = 8
+MARKOV = M.ModelConfig(d_model=16, n_layers=1, head_dim=8, seq_len=3, vocab_size=V)
+
+
+def markov_params():
+  p = np_params(MARKOV, 1)
+  p["blocks"] = jax.tree.map(np.zeros_like, p["blocks"])
+  p["unembed"] = p["unembed"] * 1.5
+  return p
+
+
+def transition_logits(p):
+  e = p["embed"].astype(np.float64)
+  h = e / np.sqrt(np.mean(e * e, -1, keepdims=True) + MARKOV.norm_eps)
+  return h @ p["unembed"].astype(np.float64)
+
+
+def softmax(x):
+  z = np.exp(x - x.max(-1, keepdims=True))
+  return z / z.sum(-1, keepdims=True)
+
+
+def chi2_critical(df, z=4.265):  # upper 1e-5 quantile (Wilson–Hilferty): a false failure once in 100,000 runs
+  return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def check_frequencies(samples, probs):
+  counts = np.bincount(samples, minlength=len(probs))
+  support = probs > 0
+  assert np.all(counts[~support] == 0), (counts, probs)
+  if support.sum() == 1:
+    return
+  n = len(samples)
+  stat = np.sum((counts[support] - n * probs[support]) ** 2 / (n * probs[support]))
+  assert stat < chi2_critical(int(support.sum()) - 1), (stat, counts, n * probs)
+
+
+def truncated(logits, top_k=0, top_p=1.0):
+  order = np.argsort(-logits)
+  keep = np.zeros_like(logits, bool)
+  keep[order[:top_k or len(logits)]] = True
+  if top_p < 1:
+    p = softmax(np.where(keep, logits, -np.inf))[order]
+    before = np.cumsum(p) - p
+    keep[order[before >= top_p]] = False
+  return softmax(np.where(keep, logits, -np.inf))
+
+
+@pytest.mark.parametrize("sc", [S.SamplingConfig(temperature=1.0), S.SamplingConfig(temperature=0.6),
+                                S.SamplingConfig(top_k=3), S.SamplingConfig(top_p=0.6)])
+def test_empirical_frequencies_match_the_exact_distribution(sc):
+  p = markov_params()
+  logits = transition_logits(p) / sc.temperature
+  B, first = 6000, 2
+  out = np.asarray(S.make_sampler(MARKOV, sc, B, 1, 3)(p, np.full((B, 1), first, np.int32), jax.random.key(11)))
+  dist = np.stack([truncated(lg, sc.top_k, sc.top_p) for lg in logits])
+  check_frequencies(out[:, 1], dist[first])
+  if sc.top_k:
+    assert (dist > 0).sum(-1).max() == sc.top_k
+  if sc.top_p < 1:
+    assert (dist[first] > 0).sum() < V
+  # The second token given the first: the rows of the transition matrix, for the commonest first tokens.
+  for prev in np.argsort(-np.bincount(out[:, 1], minlength=V))[:2]:
+    check_frequencies(out[out[:, 1] == prev, 2], dist[prev])
+
+
+def test_bad_arguments_are_refused():
+  with pytest.raises(S.SamplingError, match="prompt length"):
+    S.make_sampler(TINY, S.SamplingConfig(), 2, 13, 12)
+  with pytest.raises(S.SamplingError, match="top_p"):
+    S.make_sampler(TINY, S.SamplingConfig(top_p=0.0), 2, 1, 12)
+  with pytest.raises(S.SamplingError, match="eos_id"):
+    S.make_sampler(TINY, S.SamplingConfig(eos_id=50), 2, 1, 12)
+
+
+SHARDED = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    import ml_collections
+    sys.path.insert(0, "tests")
+    from test_sampling import TINY, np_params
+    from jaxreplay import sampling as S, sharding
+    out = {}
+    for name, mesh_cfg in (("one", None), ("four", dict(data=2, fsdp=2, tensor=1))):
+      mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_cfg or dict(data=1, fsdp=1, tensor=1)),
+                                jax.devices()[:1] if mesh_cfg is None else None)
+      p = np_params(TINY, 0, 2.0)
+      p = jax.device_put(p, sharding.param_shardings(p, mesh))
+      toks = S.sample(TINY, p, np.full((8, 1), 5, np.int32), jax.random.key(4), sc=S.SamplingConfig(), mesh=mesh)
+      out[name] = dict(tokens=np.asarray(toks).tolist(), spec=str(toks.sharding.spec))
+    print(json.dumps(out))
+""")
+
+
+def test_sharded_over_the_data_axes_gives_the_same_samples():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  res = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = json.loads(res.stdout.strip().splitlines()[-1])
+  assert out["four"]["tokens"] == out["one"]["tokens"]
+  assert "data" in out["four"]["spec"] and "fsdp" in out["four"]["spec"]
