@@ -56,6 +56,18 @@ _RULES = {
     "lora_a": (),
     "lora_b": (),
 }
+# Hugging Face-named leaves of jaxreplay/llama.py (Llama/Qwen); norms and biases' model dims stay replicated.
+_LLAMA_RULES = {
+    "q_proj": ("fsdp", "tensor", None),  # [D, N, H]
+    "k_proj": ("fsdp", "tensor", None),  # [D, K, H]
+    "v_proj": ("fsdp", "tensor", None),  # [D, K, H]
+    "o_proj": ("tensor", None, "fsdp"),  # [N, H, D]
+    "gate_proj": ("fsdp", "tensor"),  # [D, F]
+    "up_proj": ("fsdp", "tensor"),  # [D, F]
+    "down_proj": ("tensor", "fsdp"),  # [F, D]
+    "q_bias": ("tensor", None), "k_bias": ("tensor", None), "v_bias": ("tensor", None),  # [N or K, H]
+}
+_RULES.update(_LLAMA_RULES)
 
 
 def _leaf_name(path) -> str:
