@@ -6,6 +6,8 @@ row predicts nothing), in fp32.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -55,7 +57,7 @@ def second_half_mean(values_BT):
 
 def replace_rows(batch_BT, replay_BT, fraction: float):
   """Overwrites the first floor(fraction·B) rows of the downstream batch with replay rows; B is unchanged."""
-  n = int(fraction * batch_BT.shape[0])
+  n = math.floor(round(fraction * batch_BT.shape[0], 9))  # round first: 0.29 · 100 is 28.999999999999996
   if n == 0:
     return batch_BT
   return batch_BT.at[:n].set(replay_BT[:n].astype(batch_BT.dtype))

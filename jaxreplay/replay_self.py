@@ -1,0 +1,251 @@
+"""Self-generated replay: rows sampled from the frozen pretrained model, prompted only by the dataset-id token.
+
+A refill samples `buffer` batches at once; each row is used once, in order. Refill r is drawn with a key derived
+from (seed, r) alone, so the rows for step s are a pure function of the config and the checkpoint: a resumed
+run regenerates exactly the rows an uninterrupted one used.
+
+With `replay.cache_dir` the refills are stored on disk under a directory named by a fingerprint of everything
+that determines them (the checkpoint's export and weights, the model, the sampling settings, seed, row length,
+batch rows, buffer). Every run of a sweep that starts from the same checkpoint with the same settings then
+reads the samples instead of drawing them again. `fingerprint.json` in that directory is compared on every
+use; a cache made by another checkpoint or other settings is an error, never reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import time
+import uuid
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxreplay import checkpoint as ckpt_lib
+from jaxreplay import config as config_lib
+from jaxreplay import sampling
+from jaxreplay import sharding
+
+FORMAT = 1
+_KEY_TAG = 0x5E1F  # separates the replay key stream from every other use of the seed
+FINGERPRINT = "fingerprint.json"
+
+
+def _dataset_id(c, stage) -> int:
+  dataset_id = c.replay.dataset_id if c.replay.dataset_id >= 0 else getattr(stage, "prev_dataset_id", -1)
+  if not 0 <= dataset_id < config_lib.NUM_RESERVED_IDS:
+    raise config_lib.ConfigError(
+        f"The self-generated replay prompt id {dataset_id} (config.replay.dataset_id, or the pretraining data's "
+        f"dataset_id when that is -1) is outside the tokenizer's reserved ids 0–{config_lib.NUM_RESERVED_IDS - 1}: "
+        "set config.replay.dataset_id to the id the model was pretrained with.")
+  return int(dataset_id)
+
+
+def refill_key(seed: int, refill: int):
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _KEY_TAG), refill)
+
+
+def _sha256_file(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def checkpoint_fingerprint(init_from: str, frozen) -> dict:
+  """What identifies the weights samples come from: the export's info and config, and checksums of the weights
+  themselves (integer sums, the same on any mesh)."""
+  info = ckpt_lib.exported_info(init_from)
+  arrays = ckpt_lib.integrity_record(frozen)["arrays"]
+  return dict(info=info, config_sha256=_sha256_file(os.path.join(init_from, "export", "config.json")),
+              params_sha256=hashlib.sha256(json.dumps(arrays, sort_keys=True).encode()).hexdigest())
+
+
+def _differences(a, b, prefix="") -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+  return [] if a == b else [prefix.rstrip(".")]
+
+
+class DiskCache:
+  """Refills stored as .npy files (int32 [buffer·rows, T], in sampling order) in one fingerprinted directory."""
+
+  def __init__(self, cache_dir: str, fingerprint: dict):
+    self.fingerprint = fingerprint
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:24]
+    if os.path.exists(os.path.join(cache_dir, FINGERPRINT)):  # pointed at one cache rather than the cache root
+      self.directory = cache_dir
+    else:
+      self.directory = os.path.join(cache_dir, digest)
+    if jax.process_index() == 0:
+      os.makedirs(self.directory, exist_ok=True)
+      if not os.path.exists(os.path.join(self.directory, FINGERPRINT)):
+        _atomic_write(os.path.join(self.directory, FINGERPRINT),
+                      json.dumps(fingerprint, indent=2, sort_keys=True).encode())
+    self.verify()
+
+  def verify(self):
+    path = os.path.join(self.directory, FINGERPRINT)
+    for _ in range(50):  # another process may be about to write it
+      if os.path.exists(path):
+        break
+      time.sleep(0.1)
+    try:
+      with open(path) as f:
+        stored = json.load(f)
+    except (OSError, ValueError) as e:
+      raise config_lib.ConfigError(f"The replay cache {self.directory} has no readable {FINGERPRINT} ({e}): "
+                                   "delete that directory so that it is sampled again.") from None
+    diff = _differences(stored, self.fingerprint)
+    if diff:
+      raise config_lib.ConfigError(
+          f"The replay cache {self.directory} was made by another checkpoint or other sampling settings "
+          f"({', '.join(diff[:4])} differ{'s' if len(diff) == 1 else ''}): point config.replay.cache_dir at the "
+          "cache root (or another directory) so that a fresh cache is made; it is never reused.")
+
+  def path(self, refill: int) -> str:
+    return os.path.join(self.directory, f"refill_{refill:06d}.npy")
+
+  @contextlib.contextmanager
+  def lock(self, refill: int):
+    """Held while one process samples a refill, so concurrent runs of a sweep wait and read it instead."""
+    with open(os.path.join(self.directory, f"refill_{refill:06d}.lock"), "a") as f:
+      fcntl.flock(f, fcntl.LOCK_EX)
+      try:
+        yield
+      finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+  def read(self, refill: int, shape, vocab_size: int) -> np.ndarray | None:
+    path = self.path(refill)
+    if not os.path.exists(path):
+      return None
+    try:
+      tokens = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise config_lib.ConfigError(f"The cached replay samples {path} cannot be read ({e}): delete the file "
+                                   "so that it is sampled again.") from None
+    if tokens.shape != tuple(shape) or tokens.dtype != np.int32 or tokens.min() < 0 or tokens.max() >= vocab_size:
+      raise config_lib.ConfigError(f"The cached replay samples {path} hold {tokens.dtype} {tokens.shape} tokens, "
+                                   f"not int32 {tuple(shape)} ids below {vocab_size}: delete the file so that it "
+                                   "is sampled again.")
+    return tokens
+
+  def write(self, refill: int, tokens: np.ndarray):
+    """Written whole under a temporary name, then renamed: readers never see a partial file, and two runs that
+    write the same refill write the same bytes."""
+    out = io.BytesIO()
+    np.lib.format.write_array(out, np.ascontiguousarray(tokens, np.int32), allow_pickle=False)
+    _atomic_write(self.path(refill), out.getvalue())
+
+
+def _atomic_write(path: str, data: bytes):
+  tmp = f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _agree(flag: bool) -> bool:
+  """Process 0's answer on every process, so that all of them run the same (collective) programs."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+class SelfGeneratedReplay:
+  """Replay rows sampled from the frozen pretrained model; `next(step)` -> [rows, T] int32 on the mesh."""
+
+  def __init__(self, c, stage, frozen, state: dict | None):
+    if frozen is None:
+      raise config_lib.ConfigError("Self-generated replay samples from a pretrained model: set config.init.from "
+                                   "to the workdir of a finished pretraining run.")
+    self.mesh = stage.mesh
+    self.model_cfg = stage.model_cfg
+    self.frozen = frozen
+    self.seed = int(c.seed)
+    self.rows = int(c.replay.batch_size or c.optim.batch_size)
+    self.buffer = int(c.replay.buffer)
+    self.T = int(c.model.seq_len)
+    self.dataset_id = _dataset_id(c, stage)
+    div = sharding.batch_divisor(self.mesh)
+    if self.rows % div:
+      raise config_lib.ConfigError(f"config.replay.batch_size={self.rows} replay rows are not divisible by the "
+                                   f"{div} data-parallel devices: choose a multiple of mesh.data × mesh.fsdp.")
+    self.sc = sampling.SamplingConfig(temperature=float(c.replay.temperature), top_k=int(c.replay.top_k),
+                                      top_p=float(c.replay.top_p))
+    self.sampler = sampling.make_sampler(self.model_cfg, self.sc, self.buffer * self.rows, 1, self.T, self.mesh)
+    self.position = int((state or {}).get("position", 0))
+    self.cache = None
+    if c.replay.cache_dir:
+      self.cache = DiskCache(c.replay.cache_dir, self.fingerprint(c))
+    self._buffer_sh = NamedSharding(self.mesh, P(None, sharding.BATCH_AXES, None))
+    self._arrange = jax.jit(lambda x: x.reshape(self.buffer, self.rows, self.T), out_shardings=self._buffer_sh)
+    self._take = jax.jit(lambda buf, j: buf[j], out_shardings=sharding.batch_sharding(self.mesh))
+    self._refill, self._tokens = None, None
+    self.sampled_refills = 0  # refills this process drew itself (the rest came from the disk cache)
+
+  def fingerprint(self, c) -> dict:
+    m = self.model_cfg
+    return dict(
+        format=FORMAT,
+        checkpoint=checkpoint_fingerprint(c.init["from"], self.frozen),
+        model=dict(d_model=m.d_model, n_layers=m.n_layers, head_dim=m.head_dim, vocab_size=m.vocab_size,
+                   mlp_ratio=m.mlp_ratio, rope_base=m.rope_base, norm_eps=m.norm_eps,
+                   compute_dtype=jnp.dtype(m.dtype).name),
+        sampling=dict(temperature=self.sc.temperature, top_k=self.sc.top_k, top_p=self.sc.top_p,
+                      dataset_id=self.dataset_id, eos_id=-1),
+        seed=self.seed, seq_len=self.T, rows=self.rows, buffer=self.buffer, platform=jax.default_backend())
+
+  def _sample(self, refill: int) -> jax.Array:
+    prompt = np.full((self.buffer * self.rows, 1), self.dataset_id, np.int32)
+    prompt = jax.make_array_from_callback(prompt.shape, sharding.batch_sharding(self.mesh), lambda i: prompt[i])
+    self.sampled_refills += 1
+    return self.sampler(self.frozen, prompt, refill_key(self.seed, refill))
+
+  def _from_host(self, tokens: np.ndarray) -> jax.Array:
+    tokens = tokens.reshape(self.buffer, self.rows, self.T)
+    return jax.make_array_from_callback(tokens.shape, self._buffer_sh, lambda i: tokens[i])
+
+  def _load(self, refill: int) -> jax.Array:
+    """Refill r as [buffer, rows, T] on the mesh: from the disk cache, or sampled (and then cached)."""
+    if self.cache is None:
+      return self._arrange(self._sample(refill))
+    shape = (self.buffer * self.rows, self.T)
+    V = self.model_cfg.vocab_size
+    cached = self.cache.read(refill, shape, V) if jax.process_index() == 0 else None
+    if _agree(cached is not None):
+      return self._from_host(cached if cached is not None else self.cache.read(refill, shape, V))
+    lock = self.cache.lock(refill) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+      # Another run may have written it while this one waited for the lock.
+      cached = self.cache.read(refill, shape, V) if jax.process_index() == 0 else None
+      if _agree(cached is not None):
+        return self._from_host(cached if cached is not None else self.cache.read(refill, shape, V))
+      tokens = self._sample(refill)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        host = np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
+      else:
+        host = np.asarray(tokens)
+      if jax.process_index() == 0:
+        self.cache.write(refill, host)
+    return self._arrange(tokens)
+
+  def next(self, step: int) -> jax.Array:
+    """The replay rows for optimizer step `step`: row block step mod buffer of refill step // buffer."""
+    refill, j = divmod(int(step), self.buffer)
+    if refill != self._refill:
+      self._tokens, self._refill = self._load(refill), refill
+    self.position = int(step) + 1
+    return self._take(self._tokens, j)
+
+  def state(self) -> dict:
+    return dict(position=self.position)
