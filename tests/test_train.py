@@ -35,7 +35,7 @@ def test_pretraining_learns_logs_and_exports(pretrained):
   assert result["step"] == 60 and result["tokens"] == 60 * 8 * 16
   assert result["train_step_compiles"] == 1
   assert {"tokens_per_s", "mfu", "lr", "train_loss", "valid_ntp_h2"} <= set().union(*rows)
-  for f in ("config.json", "final.json", "export/info.json", "export/config.json"):
+  for f in ("config.json", "final.json", "tokenizer.json", "export/info.json", "export/config.json"):
     assert os.path.exists(os.path.join(workdir, f)), f
   # A finished run returns its result without training again.
   again = train.run(tiny_config(rows and config_lib.from_json_file(os.path.join(workdir, "config.json")).data.path,
