@@ -96,7 +96,7 @@ def _describe_change(old_runs: list[dict], runs: list[Run]) -> str:
   removed = [n for n in old if n not in new]
   changed = [n for n in new if n in old and json.dumps(old[n], sort_keys=True, default=str)
              != json.dumps(new[n], sort_keys=True, default=str)]
-  parts = [f"{len(x)} runs {w}, e.g. {x[0]!r}" for x, w in ((added, "added"), (removed, "removed"),
+  parts = [f"{len(x)} run{'s' * (len(x) != 1)} {w}, e.g. {x[0]!r}" for x, w in ((added, "added"), (removed, "removed"),
                                                            (changed, "changed")) if x]
   return "; ".join(parts) or "same runs, different order"
 
@@ -250,6 +250,31 @@ def worker(workdir: str, name: str) -> int:
     claim.close()
 
 
+class RunFailed(RuntimeError):
+  """A run's worker process failed; the message ends with its last error line."""
+
+
+def train_in_subprocess(workdir: str, name: str, cwd: str, *parents) -> dict:
+  """Trains one run in a worker process and waits for it; for engines that place tasks (launch/ray_sweep.py).
+
+  `parents` are the parents' results: an engine that passes them runs the parents first. A run claimed by
+  another process is waited for.
+  """
+  env = dict(os.environ)
+  env.update(compile_cache_env(workdir, env))
+  while True:
+    r = subprocess.run([sys.executable, "-m", "jaxreplay.runner", "worker", "--workdir", workdir, "--run", name],
+                       cwd=cwd, env=env, capture_output=True, text=True)
+    if r.returncode == EXIT_CLAIMED and not is_finished(workdir, name):
+      time.sleep(2.0)
+      continue
+    if r.returncode not in (0, EXIT_CLAIMED):
+      raise RunFailed(f"run {name} failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()[-1500:]}")
+    break
+  with open(os.path.join(run_dir(workdir, name), "final.json")) as f:
+    return dict(name=name, **json.load(f))
+
+
 # ----------------------------------------------------------------------------------------------- the loop
 
 def select(runs: list[Run], only: str | None) -> list[Run]:
@@ -286,6 +311,7 @@ class LocalRunner:
     d = run_dir(self.workdir, run.name)
     os.makedirs(d, exist_ok=True)
     env = dict(os.environ, JAXREPLAY_LOCK_FD=str(claim.fd), JAXREPLAY_PARENT_PID=str(os.getpid()))
+    env.update(compile_cache_env(self.workdir, env))
     log = open(os.path.join(d, "worker.log"), "ab")
     proc = subprocess.Popen([sys.executable, "-m", "jaxreplay.runner", "worker", "--workdir", self.workdir,
                              "--run", run.name], env=env, pass_fds=(claim.fd,), stdout=log,
@@ -370,6 +396,14 @@ class LocalRunner:
     return out
 
 
+def compile_cache_env(workdir: str, env) -> dict:
+  """Runs of a sweep share shapes, so they share compiled steps: a persistent XLA cache in the workdir."""
+  if env.get("JAX_COMPILATION_CACHE_DIR"):
+    return {}
+  return dict(JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "jax_cache"),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+
+
 def _tail(path: str, n: int = 300) -> str:
   try:
     with open(path, "rb") as f:
@@ -422,7 +456,7 @@ def multihost_loop(workdir: str, runs: list[Run], fp: str, poll_s: float = 1.0) 
       if lead:
         decide.claim.close()
     if lead:
-      print(f"done   {name}", flush=True)
+      print(f"done   {name} ({jax.process_count()} processes)", flush=True)
   return 0
 
 
@@ -509,6 +543,7 @@ def main(argv: list[str]) -> int:
       import jax
       kw = {k: v for k, v in dict(coordinator_address=a.coordinator, num_processes=a.num_processes,
                                   process_id=a.process_id).items() if v is not None}
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; no effect on TPU/GPU
       jax.distributed.initialize(**kw)
       return multihost_loop(workdir, runs, fp)
     return LocalRunner(workdir, runs, fp, a.jobs).loop()

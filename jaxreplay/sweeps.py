@@ -169,6 +169,11 @@ def label(overrides: dict, abbrev: dict | None = None) -> str:
 
 def _apply(base: ml_collections.ConfigDict, overrides: dict, stage: str, run: str) -> ml_collections.ConfigDict:
   c = copy.deepcopy(base)
+  lengths = [k for k in overrides if k.startswith("stop.") and k[5:] in config_lib.LENGTH_KEYS]
+  if lengths:  # a grid over one length criterion replaces the base's (e.g. stop.tokens → stop.tokens_per_param)
+    for k in config_lib.LENGTH_KEYS:
+      if f"stop.{k}" not in lengths:
+        c.stop[k] = type(c.stop[k])(0)
   for key, value in overrides.items():
     node, parts = c, key.split(".")
     for p in parts[:-1]:

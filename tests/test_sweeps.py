@@ -1,0 +1,257 @@
+"""Sweep definitions, the paper's sweep files, and the local runner with real worker processes."""
+import glob
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from jaxreplay import config as config_lib
+from jaxreplay import runner, sweeps
+from jaxreplay.sweeps import SweepError
+
+from helpers import tiny_config, token_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER_FILES = sorted(f for f in glob.glob(os.path.join(ROOT, "sweeps", "*.py"))
+                     if not os.path.basename(f).startswith("_"))
+
+
+def base(**stop):
+  return tiny_config("/nonexistent", **stop)
+
+
+# ------------------------------------------------------------------------------------------------ definitions
+
+def test_grids_names_and_dependencies():
+  g = sweeps.product({"model.d_model": [32, 64]}, sweeps.zip_({"optim.lr": [1e-3, 3e-4], "seed": [1, 2]}))
+  assert len(g) == 4 and g[1] == {"model.d_model": 32, "optim.lr": 3e-4, "seed": 2}
+  assert sweeps.chain({"seed": [1]}, [{"seed": 2}]) == [{"seed": 1}, {"seed": 2}]
+  s = sweeps.Sweep()
+  pre = s.stage("pretrain", base(), sweeps.product({"model.d_model": [32, 64]}, {"stop.tokens_per_param": [20.0]}))
+  s.stage("finetune", base(), {"replay.coeff": [0.1, 10.0], "replay.method": ["kl"]}, after=pre)
+  runs = sweeps.expand(s)
+  names = [r.name for r in runs]
+  assert names[:2] == ["pretrain/d=32,tpp=20", "pretrain/d=64,tpp=20"]
+  assert "finetune/pretrain/d=64,tpp=20/coeff=10,method=kl" in names and len(runs) == 6
+  child = next(r for r in runs if r.parent == "pretrain/d=32,tpp=20")
+  assert child.config["init"]["from"] == "pretrain/d=32,tpp=20" and child.config["stage"] == "finetune"
+  assert child.config["model"]["d_model"] == 32 or child.config["model"]["d_model"] == base().model.d_model
+  assert [r.name for r in sweeps.expand(s)] == names  # deterministic
+  assert sweeps.fingerprint(sweeps.expand(s)) == sweeps.fingerprint(runs)
+  # Matching parents: each arm continues its own chain; a selected parent by its overrides.
+  s2 = sweeps.Sweep()
+  a = s2.stage("a", base())
+  b = s2.stage("b", base(), {"replay.method": ["none", "kl"]}, after=a)
+  s2.stage("c", base(), {"replay.method": ["none", "kl"]}, after=b, match=("replay.method",))
+  s2.stage("d", base(), after=(b, {"replay.method": "kl"}))
+  names = [r.name for r in sweeps.expand(s2)]
+  assert names == ["a", "b/a/method=none", "b/a/method=kl", "c/b/a/method=none/method=none",
+                   "c/b/a/method=kl/method=kl", "d/b/a/method=kl"]
+
+
+def test_long_labels_get_a_hash_and_are_safe_paths():
+  long = {"data.path": "/some/very/long/path/" + "x" * 120}
+  lab = sweeps.label(long)
+  assert len(lab) <= sweeps.MAX_LABEL and "~" in lab and "/" not in lab
+  assert lab != sweeps.label({"data.path": "/some/very/long/path/" + "y" * 120})
+  assert sweeps.format_value(1e-7) == "1e-7" and sweeps.format_value(31.6) == "31.6"
+  assert sweeps.format_value(17000.0) == "17000" and sweeps.format_value(True) == "true"
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda s: s.stage("p", base(), {"model.d_modl": [1]}), "Grid key 'model.d_modl' of stage 'p' is not a config"),
+    (lambda s: s.stage("p", base(), {"optim": [1]}), "Grid key 'optim' .* is not a config key"),
+    (lambda s: s.stage("f", base(), after="nope"), "starts from stage 'nope', which is not defined"),
+    (lambda s: s.stage("f", base(), after=["pretrain/x"]), "starts from 'pretrain/x', which the sweep does not define"),
+    (lambda s: s.stage("p", base(), {"seed": [1, 1]}), "both named 'p/seed=1'"),
+    (lambda s: s.stage("p", base(), {"optim.lr": ["fast"]}), "wrong type"),
+    (lambda s: s.stage("p", base(), {"optim.lr": 0.1}), r"needs a list of values"),
+])
+def test_bad_definitions_are_one_clear_error(make, match):
+  s = sweeps.Sweep()
+  with pytest.raises(SweepError, match=match):
+    make(s)
+    sweeps.expand(s)
+
+
+def test_cycles_and_invalid_configs_are_refused():
+  runs = {n: sweeps.Run(n, "s", p, {}, {}) for n, p in [("a", "c"), ("b", "a"), ("c", "b"), ("d", None)]}
+  with pytest.raises(SweepError, match="cycle"):
+    sweeps._toposort(runs)
+  s = sweeps.Sweep()
+  s.stage("p", base(), {"optim.lr": [-1.0]})
+  with pytest.raises(config_lib.ConfigError, match=r"Run 'p/lr=-1': config.optim.lr=-1.0 is invalid"):
+    sweeps.expand(s)
+
+
+@pytest.mark.parametrize("path", PAPER_FILES, ids=os.path.basename)
+@pytest.mark.parametrize("variant", ["", "small"])
+def test_paper_sweep_files_expand_and_validate(path, variant):
+  runs = sweeps.expand(sweeps.load(path + (":" + variant if variant else "")))  # validates every run
+  assert runs and len({r.name for r in runs}) == len(runs)
+  if variant == "small":
+    for r in runs:
+      assert r.config["model"]["d_model"] <= 64, r.name
+      assert r.config["data"]["path"].startswith("default:") or "toy" in path
+
+
+def test_paper_grids_have_the_papers_sizes():
+  count = lambda f, stage: sum(r.stage == stage for r in sweeps.expand(sweeps.load(f"{ROOT}/sweeps/{f}.py")))
+  assert count("grid_2d", "pretrain") == 169 and count("grid_2d", "finetune") == 338
+  assert count("capacity", "pretrain") == 13 and count("capacity", "finetune") == 13
+  assert count("learning_rate", "finetune") == 6 * 7 * 2
+  assert count("high_lr", "finetune") == 17 + 8
+  assert count("method_comparison", "finetune") == 6
+  assert count("model_size", "finetune") == 50 and count("pretrain_length", "finetune") == 49
+
+
+# ------------------------------------------------------------------------------------------------ the runner
+
+def write_sweep(path, data_a, data_b, steps=20, n_pre=2, ckpt_every=10):
+  """A sweep file of tiny real runs: n_pre pretraining runs, one finetuning run after each. It imports no JAX
+  (the runner process stays light); the config is tests/helpers.tiny_config with one layer."""
+  path.write_text(textwrap.dedent(f"""
+      from jaxreplay import config, sweeps
+
+      def tiny(data, steps):
+        c = config.default()
+        c.model.update(d_model=32, n_layers=1, head_dim=16, seq_len=16, vocab_size=64)
+        c.data.path = data
+        c.optim.update(batch_size=8, lr=1e-2, warmup_tokens=256)
+        c.eval.update(every_tokens=128 * 10, tokens=1024, batch_size=8)
+        c.checkpoint.update(every_steps={ckpt_every}, every_minutes=0.0, async_save=False)
+        c.log.update(every_steps=5, progress=False)
+        c.stop.steps = steps
+        return c
+
+      def get_sweep(arg=""):
+        s = sweeps.Sweep()
+        s.stage("pretrain", tiny({data_a!r}, {steps}), {{"seed": list(range({n_pre}))}})
+        s.stage("finetune", tiny({data_b!r}, 10), after="pretrain")
+        return s
+      """))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data")
+  return token_dir(root / "a", dataset_id=0, seed=0, step=3), token_dir(root / "b", dataset_id=1, seed=1, step=5)
+
+
+def rows(workdir):
+  db = sqlite3.connect(os.path.join(workdir, "results.sqlite"))
+  out = {n: json.loads(m) for n, m in db.execute("SELECT name, metrics FROM results")}
+  attempts = db.execute("SELECT name, pid, started, ended, status FROM attempts ORDER BY id").fetchall()
+  db.close()
+  return out, attempts
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compile_cache(tmp_path_factory):
+  """Workers of every test share compiled steps (the runner gives each sweep its own cache otherwise)."""
+  old = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+  yield
+  if old is None:
+    del os.environ["JAX_COMPILATION_CACHE_DIR"]
+  else:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = old
+
+
+def cli(*args, **kw):
+  return subprocess.run([sys.executable, "-m", "jaxreplay.cli", "sweep", *args], capture_output=True, text=True,
+                        cwd=ROOT, env=dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5"), **kw)
+
+
+def test_cli_errors_before_anything_runs(tmp_path, data):
+  bad = tmp_path / "bad.py"
+  bad.write_text("from jaxreplay import sweeps, config\n"
+                 "def get_sweep(arg=''):\n  s = sweeps.Sweep()\n  s.stage('p', config.default(), {'optim.lrr': [1]})\n"
+                 "  return s\n")
+  r = cli(str(bad), f"--workdir={tmp_path}/w")
+  assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+  assert "Grid key 'optim.lrr' of stage 'p' is not a config key" in r.stderr
+  assert not os.path.exists(tmp_path / "w")
+  # A workdir made by another definition is refused, whatever the flags.
+  one = write_sweep(tmp_path / "one.py", *data)
+  two = write_sweep(tmp_path / "two.py", *data, n_pre=3)
+  runner.prepare(one, str(tmp_path / "w2"))
+  for extra in ([], ["--dry-run"]):
+    r = cli(two, f"--workdir={tmp_path}/w2", *extra)
+    assert r.returncode == 2 and "holds results of a different sweep definition (2 runs added" in r.stderr, r.stderr
+  r = cli(one, f"--workdir={tmp_path}/w2", "--dry-run", "--only=seed=1")
+  assert r.returncode == 0 and r.stdout.split("\n")[1:3] == ["  pretrain/seed=1", "  finetune/pretrain/seed=1"]
+
+
+def test_runner_runs_in_order_skips_finished_and_records(tmp_path, data):
+  spec = write_sweep(tmp_path / "s.py", *data, steps=10, n_pre=1)
+  w = str(tmp_path / "w")
+  r = cli(spec, f"--workdir={w}", "--jobs=2")
+  assert r.returncode == 0, r.stdout + r.stderr
+  results, attempts = rows(w)
+  assert sorted(results) == ["finetune/pretrain/seed=0", "pretrain/seed=0"]
+  assert [a[4] for a in attempts] == ["done", "done"] and attempts[1][2] >= attempts[0][3]  # in order
+  assert results["finetune/pretrain/seed=0"]["step"] == 10 and "prev_ntp" in results["finetune/pretrain/seed=0"]
+  ft_cfg = config_lib.from_json_file(os.path.join(runner.run_dir(w, "finetune/pretrain/seed=0"), "config.json"))
+  assert ft_cfg.init["from"] == runner.run_dir(w, "pretrain/seed=0")
+  # Nothing left to do: a second start trains nothing; a lost table is rebuilt from the runs' final.json.
+  os.remove(os.path.join(w, "results.sqlite"))
+  r = cli(spec, f"--workdir={w}")
+  assert r.returncode == 0 and "start" not in r.stdout and "2/2 runs finished" in r.stdout
+  assert set(rows(w)[0]) == set(results)
+  status = cli(spec, f"--workdir={w}", "--status").stdout
+  assert status.count("  done  ") == 2 and "2 done of 2 runs" in status
+
+
+def _wait_for(cond, timeout=120, what=""):
+  end = time.time() + timeout
+  while time.time() < end:
+    if cond():
+      return
+    time.sleep(0.2)
+  raise AssertionError(f"timed out waiting for {what}")
+
+
+def _no_overlap(attempts):
+  by = {}
+  for name, pid, start, end, status in attempts:
+    by.setdefault(name, []).append((start, end or float("inf")))
+  for name, spans in by.items():
+    spans.sort()
+    for (s1, e1), (s2, _) in zip(spans, spans[1:]):
+      assert s2 >= e1, f"two processes trained {name} at once"
+
+
+@pytest.mark.slow
+def test_killed_runner_resumes_and_two_runners_share_the_work(tmp_path, data):
+  spec = write_sweep(tmp_path / "s.py", *data, steps=150, n_pre=2, ckpt_every=5)
+  w = str(tmp_path / "w")
+  args = [sys.executable, "-m", "jaxreplay.cli", "sweep", spec, f"--workdir={w}"]
+  p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  ckpts = os.path.join(runner.run_dir(w, "pretrain/seed=0"), "checkpoints")
+  _wait_for(lambda: os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)), what="a checkpoint")
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  # The worker dies with its runner (SIGTERM → checkpoint), which releases its claim.
+  _wait_for(lambda: not runner.is_locked(w, "pretrain/seed=0"), timeout=60, what="the claim to be released")
+  assert not runner.is_finished(w, "pretrain/seed=0")
+  # Two runners at once finish the grid; no run trains twice at the same time, each finishes once.
+  procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+  outs = [q.communicate(timeout=600)[0].decode() for q in procs]
+  assert all(q.returncode == 0 for q in procs), outs
+  results, attempts = rows(w)
+  assert len(results) == 4
+  _no_overlap(attempts)
+  done = [a[0] for a in attempts if a[4] == "done"]
+  assert sorted(done) == sorted(results)  # every run finished exactly once
+  started = [line.split()[2] for out in outs for line in out.splitlines() if " start " in line]
+  assert len(started) == len(set(started)) == 4, outs  # the two runners never start the same run
+  metrics = [json.loads(l) for l in open(os.path.join(runner.run_dir(w, "pretrain/seed=0"), "metrics.jsonl"))]
+  assert results["pretrain/seed=0"]["step"] == 150 and metrics[-1]["final"]
