@@ -1,0 +1,204 @@
+"""Chat-format finetuning data: prompt/response JSON lines → the tokenizer's chat template → packed rows.
+
+Each example is rendered with the tokenizer's own chat template and tokenized piece by piece at the turn
+boundaries: the text up to each assistant turn (with the generation prompt, exactly what the model sees when
+it answers) and the assistant turn itself (its text and end-of-turn token). The loss mask is True on the
+assistant pieces only. Examples are packed greedily into rows of T tokens without splitting one across
+rows; each carries its own segment id (1, 2, ...; 0 = padding), so attention stays within an example and
+positions restart at 0 in each (see `llama.py`). Data order is a pure function of the step.
+
+Also the text source of *real* replay: plain documents ({"text": ...} lines), each BOS + text + EOS, packed
+contiguously and cut into T-token rows, as pretraining data is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+
+class ChatDataError(ValueError):
+  """Bad chat data or template; the message names the file/line and the fix."""
+
+
+def load_tokenizer(directory: str):
+  from transformers import AutoTokenizer
+  tok = AutoTokenizer.from_pretrained(directory)
+  if not getattr(tok, "chat_template", None):
+    raise ChatDataError(f"The tokenizer in {directory} has no chat_template: use an instruct model's tokenizer "
+                        "(its tokenizer_config.json carries the template).")
+  return tok
+
+
+def read_jsonl(path: str, prompt_key: str = "prompt", response_key: str = "response",
+               prompt_template: str = "{prompt}", system: str = "") -> list[list[dict]]:
+  """Conversations (lists of {role, content}) from JSON lines with prompt/response fields or a `messages` list."""
+  if not os.path.exists(path):
+    raise ChatDataError(f"Chat data file {path!r} does not exist: give a JSON-lines file with "
+                        f"{prompt_key!r}/{response_key!r} fields (or 'messages').")
+  out = []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ChatDataError(f"{path}:{n} is not valid JSON ({e.msg}): write one JSON object per line.") from None
+      if "messages" in row:
+        msgs = list(row["messages"])
+      elif prompt_key in row and response_key in row:
+        msgs = [dict(role="user", content=prompt_template.format(prompt=row[prompt_key])),
+                dict(role="assistant", content=row[response_key])]
+      else:
+        raise ChatDataError(f"{path}:{n} has neither {prompt_key!r}+{response_key!r} nor 'messages': fix the line "
+                            "or set the data's prompt_key/response_key.")
+      if system and msgs[0].get("role") != "system":
+        msgs.insert(0, dict(role="system", content=system))
+      out.append(msgs)
+  if not out:
+    raise ChatDataError(f"Chat data file {path!r} holds no examples.")
+  return out
+
+
+def _render(tokenizer, messages, generation_prompt: bool) -> str:
+  return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+  return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+  """(token ids, mask) of a rendered conversation; mask True exactly on the assistant turns' tokens."""
+  pieces, prev = [], ""
+  for j, m in enumerate(messages):
+    if m.get("role") != "assistant":
+      continue
+    before = _render(tokenizer, messages[:j], True)
+    upto = _render(tokenizer, messages[:j + 1], False)
+    if not before.startswith(prev) or not upto.startswith(before):
+      raise ChatDataError("The tokenizer's chat template does not render conversations as growing prefixes (turn "
+                          f"{j}): masks cannot be placed; use a template without per-turn rewriting.")
+    pieces += [(before[len(prev):], False), (upto[len(before):], True)]
+    prev = upto
+  if not pieces:
+    raise ChatDataError("A conversation has no assistant turn: every example needs a response to train on.")
+  ids, mask = [], []
+  for text, is_assistant in pieces:
+    piece = _ids(tokenizer, text)
+    ids += piece
+    mask += [is_assistant] * len(piece)
+  return ids, mask
+
+
+def encode_prompt_completion(tokenizer, messages: list[dict], completion: str) -> tuple[list[int], int]:
+  """(ids, start): the prompt rendered up to the assistant's turn, then `completion`; ids[start:] is the completion."""
+  prompt = _ids(tokenizer, _render(tokenizer, messages, True))
+  return prompt + _ids(tokenizer, completion), len(prompt)
+
+
+@dataclasses.dataclass
+class Packed:
+  tokens: np.ndarray  # [N, T] int32
+  mask: np.ndarray  # [N, T] bool: the token is a training target
+  segments: np.ndarray  # [N, T] int32: example id within the row, 0 = padding
+  stats: dict
+
+  def __len__(self):
+    return self.tokens.shape[0]
+
+
+def pack(encoded, seq_len: int, pad_id: int, long: str = "truncate") -> Packed:
+  """Greedy packing in order: an example goes into the current row if it fits, else starts a new one."""
+  if long not in ("truncate", "drop"):
+    raise ChatDataError(f"long={long!r}: use 'truncate' or 'drop' for examples longer than seq_len.")
+  rows, row = [], []
+  truncated = dropped = 0
+  for ids, mask in encoded:
+    if len(ids) > seq_len:
+      if long == "drop":
+        dropped += 1
+        continue
+      ids, mask = ids[:seq_len], mask[:seq_len]
+      truncated += 1
+    if sum(len(x[0]) for x in row) + len(ids) > seq_len:
+      rows.append(row)
+      row = []
+    row.append((ids, mask))
+  if row:
+    rows.append(row)
+  if not rows:
+    raise ChatDataError(f"No example fits in seq_len={seq_len} (all {dropped} dropped): raise seq_len or use "
+                        "long='truncate'.")
+  N = len(rows)
+  tokens = np.full((N, seq_len), pad_id, np.int32)
+  masks = np.zeros((N, seq_len), bool)
+  segments = np.zeros((N, seq_len), np.int32)
+  for r, row in enumerate(rows):
+    at = 0
+    for s, (ids, mask) in enumerate(row, 1):
+      tokens[r, at:at + len(ids)] = ids
+      masks[r, at:at + len(ids)] = mask
+      segments[r, at:at + len(ids)] = s
+      at += len(ids)
+  stats = dict(rows=N, examples=sum(len(r) for r in rows), truncated=truncated, dropped=dropped,
+               target_tokens=int(masks.sum()), fill=float((segments > 0).mean()))
+  return Packed(tokens, masks, segments, stats)
+
+
+def pack_documents(token_lists, seq_len: int) -> np.ndarray:
+  """Documents concatenated and cut into [N, T] rows (the remainder is dropped), as pretraining data."""
+  flat = np.fromiter((t for doc in token_lists for t in doc), np.int32)
+  n = len(flat) // seq_len
+  if n == 0:
+    raise ChatDataError(f"The replay text holds {len(flat)} tokens, fewer than one row of seq_len={seq_len}.")
+  return flat[:n * seq_len].reshape(n, seq_len)
+
+
+def read_text_jsonl(path: str, tokenizer, text_key: str = "text", limit_tokens: int = 0) -> list[list[int]]:
+  """Documents of a {"text": ...} JSON-lines file as BOS + text + EOS token lists."""
+  if not os.path.exists(path):
+    raise ChatDataError(f"Replay text file {path!r} does not exist: give a JSON-lines file with a {text_key!r} field.")
+  bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+  eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+  docs, total = [], 0
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        text = json.loads(line)[text_key]
+      except (json.JSONDecodeError, KeyError, TypeError):
+        raise ChatDataError(f"{path}:{n} is not a JSON object with a {text_key!r} field.") from None
+      docs.append(bos + _ids(tokenizer, text) + eos)
+      total += len(docs[-1])
+      if limit_tokens and total >= limit_tokens:
+        break
+  return docs
+
+
+class Batches:
+  """Rows of a [N, ...] array set in a per-epoch shuffled order; batch(step) is a pure function of the step."""
+
+  def __init__(self, arrays: dict, batch_size: int, seed: int):
+    self.arrays = arrays
+    self.n = len(next(iter(arrays.values())))
+    self.batch_size, self.seed = batch_size, seed
+    self._perms = {}
+
+  def _perm(self, epoch: int):
+    if epoch not in self._perms:
+      self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+    return self._perms[epoch]
+
+  def indices(self, step: int) -> np.ndarray:
+    i = step * self.batch_size + np.arange(self.batch_size)
+    return np.array([self._perm(e)[w] for e, w in zip(i // self.n, i % self.n)])
+
+  def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
+    idx = np.array_split(self.indices(step), process_count)[process_index]
+    return {k: v[idx] for k, v in self.arrays.items()}

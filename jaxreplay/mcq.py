@@ -1,0 +1,126 @@
+"""Multiple-choice evaluation by log-probability (MMLU, ARC-Challenge, CommonsenseQA style), chat-formatted.
+
+Each question becomes one user turn (the prompt below, as in the paper's evaluation), rendered with the
+tokenizer's chat template up to the assistant's turn; each choice X is scored by the summed log-probability
+of the completion "ANSWER: X". Scores are renormalised over the choices (a softmax over the summed
+log-probabilities); the prediction is the best-scoring choice.
+
+Benchmark files are JSON lines: {"question": str, "choices": [str, ...], "answer": index or letter}.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxreplay import chat_data, llama, losses
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+TEMPLATE = ("Answer the following multiple choice question. The entire content of your response should be of the "
+            "following format: 'ANSWER: $LETTER' (without quotes) where LETTER is one of {letters}.\n\n"
+            "{question}\n\n{choices}")
+COMPLETION = "ANSWER: {letter}"
+
+
+class MCQError(ValueError):
+  """A benchmark file that cannot be read; the message names the file and line."""
+
+
+def read_benchmark(path: str, limit: int = 0, seed: int | None = None) -> list[dict]:
+  """Items {question, choices, answer: int}; with `seed`, shuffled before taking the first `limit`."""
+  if not os.path.exists(path):
+    raise MCQError(f"Benchmark file {path!r} does not exist: give a JSON-lines file of "
+                   "{question, choices, answer} objects.")
+  items = []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        q, choices, ans = row["question"], list(row["choices"]), row["answer"]
+      except (json.JSONDecodeError, KeyError, TypeError):
+        raise MCQError(f"{path}:{n} is not a JSON object with question, choices and answer.") from None
+      if isinstance(ans, str):
+        ans = LETTERS.find(ans.strip().upper()) if len(ans.strip()) == 1 else -1
+      if not 2 <= len(choices) <= len(LETTERS) or not isinstance(ans, int) or not 0 <= ans < len(choices):
+        raise MCQError(f"{path}:{n}: answer {row['answer']!r} does not name one of its {len(choices)} choices "
+                       "(give an index from 0 or a letter).")
+      items.append(dict(question=q, choices=choices, answer=ans))
+  if seed is not None:
+    order = np.random.default_rng(seed).permutation(len(items))
+    items = [items[i] for i in order]
+  return items[:limit] if limit else items
+
+
+def prompt_messages(item: dict, system: str = "") -> list[dict]:
+  letters = LETTERS[:len(item["choices"])]
+  text = TEMPLATE.format(letters=", ".join(letters), question=item["question"],
+                         choices="\n".join(f"{l}) {c}" for l, c in zip(letters, item["choices"])))
+  return ([dict(role="system", content=system)] if system else []) + [dict(role="user", content=text)]
+
+
+def encode(tokenizer, items: list[dict], system: str = ""):
+  """Rows (ids, start) for every (item, choice), and each item's number of choices."""
+  rows = []
+  for item in items:
+    msgs = prompt_messages(item, system)
+    for letter in LETTERS[:len(item["choices"])]:
+      rows.append(chat_data.encode_prompt_completion(tokenizer, msgs, COMPLETION.format(letter=letter)))
+  return rows, [len(it["choices"]) for it in items]
+
+
+@functools.lru_cache(maxsize=8)
+def _scorer(cfg: llama.LlamaConfig):
+  def score(params, tokens_BT, mask_BT):
+    nll_BT = losses.token_nll(llama.logits(cfg, params, tokens_BT), tokens_BT)
+    return -(nll_BT * mask_BT[:, 1:]).sum(axis=1)
+  return jax.jit(score)
+
+
+def completion_logprobs(cfg, params, rows, pad_id: int, batch_size: int = 16, mesh=None) -> np.ndarray:
+  """Summed log-probability of each row's completion (tokens ids[start:]), batched at one padded length."""
+  from jaxreplay import sharding
+  longest = max(len(ids) for ids, _ in rows)
+  T = -(-longest // 32) * 32  # one compilation for most benchmarks
+  if mesh is not None:
+    div = sharding.batch_divisor(mesh)
+    batch_size = -(-batch_size // div) * div
+  n_batches = -(-len(rows) // batch_size)
+  tokens = np.full((n_batches * batch_size, T), pad_id, np.int32)
+  mask = np.zeros((n_batches * batch_size, T), np.float32)
+  for r, (ids, start) in enumerate(rows):
+    tokens[r, :len(ids)] = ids
+    mask[r, start:len(ids)] = 1.0
+  score = _scorer(cfg)
+  out = []
+  for b in range(n_batches):
+    sl = slice(b * batch_size, (b + 1) * batch_size)
+    tb, mb = tokens[sl], mask[sl]
+    if mesh is not None:
+      tb, mb = sharding.put_batch(tb, mesh), sharding.put_batch(mb, mesh)
+    out.append(np.asarray(jax.device_get(score(params, tb, mb))))
+  return np.concatenate(out)[:len(rows)]
+
+
+def evaluate(cfg, params, tokenizer, items: list[dict], batch_size: int = 16, mesh=None, system: str = "") -> dict:
+  """accuracy, mean renormalised probability of the right answer, and the item count."""
+  rows, n_choices = encode(tokenizer, items, system)
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else max(cfg.pad_id, 0)
+  scores = completion_logprobs(cfg, params, rows, pad, batch_size, mesh)
+  correct, prob = [], []
+  at = 0
+  for item, k in zip(items, n_choices):
+    s = scores[at:at + k]
+    at += k
+    p = np.exp(s - s.max())
+    p /= p.sum()
+    correct.append(int(np.argmax(s)) == item["answer"])
+    prob.append(float(p[item["answer"]]))
+  return dict(accuracy=float(np.mean(correct)), correct_prob=float(np.mean(prob)), n=len(items),
+              scores=scores)

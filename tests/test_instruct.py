@@ -1,0 +1,211 @@
+"""Instruct finetuning path on a tiny random Llama made here: chat masks, MCQ scoring, an end-to-end run."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the instruct tests build their tiny Llama with torch")
+transformers = pytest.importorskip("transformers", reason="the instruct tests need transformers (chat templates)")
+
+from jaxreplay import chat_data, hf_import, instruct, llama, mcq  # noqa: E402
+
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+            "<|pad|>"]
+# Llama-3's chat template (without the date header of 3.1+).
+TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+            "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CORPUS = ["module counter(input clk, output reg [3:0] q); always @(posedge clk) q <= q + 1; endmodule",
+          "Write the following Verilog program. A four bit counter.", "The quick brown fox jumps over the lazy dog.",
+          "Answer the following multiple choice question. ANSWER: A B C D"] * 20
+
+
+def make_tokenizer(directory):
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=290, special_tokens=SPECIALS,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(CORPUS, trainer)
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                              eos_token="<|eot_id|>", pad_token="<|pad|>")
+  fast.chat_template = TEMPLATE
+  fast.save_pretrained(directory)
+  return fast
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("tiny_llama"))
+  tok = make_tokenizer(directory)
+  cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=300, max_position_embeddings=256,
+                                 tie_word_embeddings=True, rope_theta=500000.0, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                 rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                   high_freq_factor=4.0, original_max_position_embeddings=32))
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(cfg)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if not name.endswith("norm.weight"):
+        p.normal_(0.0, 0.1)
+  model.eval().save_pretrained(directory, safe_serialization=True)
+  return directory, model, chat_data.load_tokenizer(directory)
+
+
+def test_chat_mask_covers_exactly_the_assistant_tokens(checkpoint):
+  _, _, tok = checkpoint
+  msgs = [dict(role="user", content="A four bit counter."), dict(role="assistant", content="module counter; endmodule")]
+  ids, mask = chat_data.encode_chat(tok, msgs)
+  assert tok.decode(ids) == tok.apply_chat_template(msgs, tokenize=False)
+  assert ids[0] == tok.bos_token_id
+  assistant = [i for i, m in zip(ids, mask) if m]
+  assert tok.decode(assistant) == "module counter; endmodule<|eot_id|>"
+  first = mask.index(True)
+  assert tok.decode(ids[:first]).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+  assert all(mask[first:]) and not any(mask[:first])
+  # Two assistant turns: both masked, the user turn between them not.
+  msgs2 = msgs + [dict(role="user", content="again"), dict(role="assistant", content="ok")]
+  ids2, mask2 = chat_data.encode_chat(tok, msgs2)
+  assert tok.decode([i for i, m in zip(ids2, mask2) if m]) == "module counter; endmodule<|eot_id|>ok<|eot_id|>"
+
+
+def test_packing_keeps_examples_whole_with_segments():
+  enc = [([1, 2, 3], [False, True, True]), ([4, 5], [False, True]), ([6] * 9, [True] * 9), ([7] * 12, [True] * 12)]
+  p = chat_data.pack(enc, 8, pad_id=0)
+  assert p.tokens.tolist()[0] == [1, 2, 3, 4, 5, 0, 0, 0]
+  assert p.segments.tolist()[0] == [1, 1, 1, 2, 2, 0, 0, 0]
+  assert p.mask.tolist()[0] == [False, True, True, False, True, False, False, False]
+  assert p.stats["truncated"] == 2 and len(p) == 3
+  assert chat_data.pack(enc, 8, 0, long="drop").stats["dropped"] == 2
+  b = chat_data.Batches(dict(x=np.arange(5)), 2, seed=0)
+  seen = np.concatenate([b.batch(s)["x"] for s in range(5)])
+  assert sorted(seen[:5].tolist()) == list(range(5)) and sorted(seen[5:].tolist()) == list(range(5))
+  assert (b.batch(3)["x"] == chat_data.Batches(dict(x=np.arange(5)), 2, seed=0).batch(3)["x"]).all()
+
+
+def _torch_score(model, ids, start):
+  with torch.no_grad():
+    logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+  return sum(logp[t - 1, ids[t]] for t in range(start, len(ids)))
+
+
+def test_mcq_scores_match_torch_and_accuracy_follows_them(checkpoint, tmp_path):
+  directory, model, tok = checkpoint
+  items = [dict(question="Which is a counter?", choices=["module", "fox", "dog", "clk"], answer=0),
+           dict(question="Pick one.", choices=["A B", "lazy"], answer="B"),
+           dict(question="The quick brown?", choices=["fox", "dog", "q"], answer=2)]
+  path = tmp_path / "bench.jsonl"
+  path.write_text("\n".join(json.dumps(x) for x in items))
+  read = mcq.read_benchmark(str(path))
+  assert [x["answer"] for x in read] == [0, 1, 2]
+  cfg, params, _ = hf_import.load(directory, seq_len=128)
+  rows, n_choices = mcq.encode(tok, read)
+  assert n_choices == [4, 2, 3]
+  assert tok.decode(rows[1][0][rows[1][1]:]) == "ANSWER: B"
+  res = mcq.evaluate(cfg, params, tok, read, batch_size=4)
+  ref = np.array([_torch_score(model, ids, start) for ids, start in rows])
+  np.testing.assert_allclose(res["scores"], ref, atol=2e-3)
+  # Answer keys set from the torch scores: all right with the best choice, all wrong with the worst.
+  best, worst, at = [], [], 0
+  for k in n_choices:
+    best.append(int(np.argmax(ref[at:at + k])))
+    worst.append(int(np.argmin(ref[at:at + k])))
+    at += k
+  as_best = [dict(x, answer=b) for x, b in zip(read, best)]
+  assert mcq.evaluate(cfg, params, tok, as_best, batch_size=4)["accuracy"] == 1.0
+  assert mcq.evaluate(cfg, params, tok, [dict(x, answer=w) for x, w in zip(read, worst)])["accuracy"] == 0.0
+  with pytest.raises(mcq.MCQError, match="does not name one of"):
+    path.write_text(json.dumps(dict(question="q", choices=["a", "b"], answer="E")))
+    mcq.read_benchmark(str(path))
+
+
+def _write_data(tmp_path):
+  rng = np.random.default_rng(0)
+  words = "clk reset counter adder mux wire reg input output assign always".split()
+  with open(tmp_path / "chat.jsonl", "w") as f:
+    for i in range(24):
+      desc = " ".join(rng.choice(words, 4))
+      f.write(json.dumps(dict(prompt=desc, response=f"module m{i}; {desc} endmodule")) + "\n")
+  with open(tmp_path / "text.jsonl", "w") as f:
+    for i in range(30):
+      f.write(json.dumps(dict(text="The quick brown fox jumps over the lazy dog. " * 3)) + "\n")
+  with open(tmp_path / "bench.jsonl", "w") as f:
+    f.write(json.dumps(dict(question="Which is Verilog?", choices=["module", "fox"], answer=0)) + "\n")
+    f.write(json.dumps(dict(question="Which animal?", choices=["wire", "fox", "reg"], answer=1)) + "\n")
+
+
+def tiny_config(directory, tmp_path, **replay):
+  c = instruct.default()
+  c.model.update(path=directory, seq_len=64)
+  c.data.update(train=str(tmp_path / "chat.jsonl"), valid_fraction=0.25,
+                prompt_template="Write the following Verilog program. {prompt}")
+  c.optim.update(lr=3e-3, warmup_tokens=64, batch_size=4)
+  c.stop.update(epochs=0.0, steps=6)
+  c.eval.update(every_steps=3, batch_size=4, replay_rows=4, mcq=f"toy:{tmp_path / 'bench.jsonl'}")
+  c.replay.update(batch_size=2, buffer=4, **replay)
+  c.checkpoint.update(every_steps=3, every_minutes=0.0, async_save=False)
+  c.log.update(every_steps=1, progress=False)
+  c.export.hf = False
+  return c
+
+
+def test_end_to_end_kl_self_replay_finetune(checkpoint, tmp_path):
+  directory, _, tok = checkpoint
+  _write_data(tmp_path)
+  c = tiny_config(directory, tmp_path, method="kl", source="self", coeff=1.0)
+  c.export.hf = True
+  result = instruct.run(c, str(tmp_path / "run"))
+  rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  first = next(r for r in rows if r["step"] == 1)
+  assert abs(first["train_reg"]) < 1e-5  # the trained copy starts equal to the frozen model
+  assert rows[0]["step"] == 0 and abs(rows[0]["replay_kl"]) < 1e-5 and "mcq_toy" in rows[0]
+  assert result["step"] == 6 and result["train_step_compiles"] == 1
+  assert result["valid_ntp"] < rows[0]["valid_ntp"]  # it learned the downstream data
+  assert result["replay_kl"] > 0 and "mcq_mean" in result
+  stats = json.load(open(tmp_path / "run" / "data_stats.json"))
+  assert stats["train"]["examples"] == 18 and stats["valid"]["examples"] == 6
+  # The exported Hugging Face checkpoint loads back and differs from the original.
+  cfg, again, _ = hf_import.load(str(tmp_path / "run" / "hf"), seq_len=64)
+  _, orig, _ = hf_import.load(directory, seq_len=64)
+  assert float(abs(again["embed"] - orig["embed"]).max()) > 0
+  assert instruct.run(c, str(tmp_path / "run")) == json.load(open(tmp_path / "run" / "final.json"))
+
+
+def test_self_replay_rows_start_from_bos_and_run_full_length(checkpoint):
+  directory, _, tok = checkpoint
+  cfg, params, _ = hf_import.load(directory, seq_len=32)
+  c = instruct.default()
+  c.replay.update(batch_size=2, buffer=4)
+  from jaxreplay import sharding
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  src = instruct.SelfReplay(cfg, params, c, mesh, tok.bos_token_id, jax.random.key(0))
+  a, b, c2 = (np.asarray(src.next(s)) for s in range(3))
+  assert a.shape == (2, 32) and (a[:, 0] == tok.bos_token_id).all()
+  assert not (a == b).all() and (np.asarray(src.rows(0))[2:] == b).all()
+  assert (np.asarray(src.next(2)) == c2).all()  # a pure function of the step
+  assert (a[:, 1:] != tok.pad_token_id).mean() > 0.9  # sampled to the end (no EOS stop)
+
+
+def test_bad_configs_fail_with_one_sentence(checkpoint, tmp_path):
+  directory, _, _ = checkpoint
+  _write_data(tmp_path)
+  c = tiny_config(directory, tmp_path, method="kl", source="real")
+  with pytest.raises(instruct.config_lib.ConfigError, match="replay.path"):
+    instruct.validate(c)
+  c = tiny_config(directory, tmp_path, method="kl", source="self")
+  c.replay.buffer = 3
+  with pytest.raises(instruct.config_lib.ConfigError, match="multiple of"):
+    instruct.validate(c)
+  c = tiny_config(directory, tmp_path)
+  c.eval.mcq = "nocolon"
+  with pytest.raises(instruct.config_lib.ConfigError, match="NAME:PATH"):
+    instruct.validate(c)
+  with pytest.raises(chat_data.ChatDataError, match="neither"):
+    (tmp_path / "bad.jsonl").write_text(json.dumps(dict(q="x")))
+    chat_data.read_jsonl(str(tmp_path / "bad.jsonl"))
