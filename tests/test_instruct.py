@@ -10,51 +10,13 @@ import pytest
 torch = pytest.importorskip("torch", reason="the instruct tests build their tiny Llama with torch")
 transformers = pytest.importorskip("transformers", reason="the instruct tests need transformers (chat templates)")
 
-from jaxreplay import chat_data, hf_import, instruct, llama, mcq  # noqa: E402
-
-SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-            "<|pad|>"]
-# Llama-3's chat template (without the date header of 3.1+).
-TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-            "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-CORPUS = ["module counter(input clk, output reg [3:0] q); always @(posedge clk) q <= q + 1; endmodule",
-          "Write the following Verilog program. A four bit counter.", "The quick brown fox jumps over the lazy dog.",
-          "Answer the following multiple choice question. ANSWER: A B C D"] * 20
-
-
-def make_tokenizer(directory):
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=290, special_tokens=SPECIALS,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(CORPUS, trainer)
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
-                                              eos_token="<|eot_id|>", pad_token="<|pad|>")
-  fast.chat_template = TEMPLATE
-  fast.save_pretrained(directory)
-  return fast
+from jaxreplay import chat_data, hf_import, instruct, mcq, tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("tiny_llama"))
-  tok = make_tokenizer(directory)
-  cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=300, max_position_embeddings=256,
-                                 tie_word_embeddings=True, rope_theta=500000.0, bos_token_id=tok.bos_token_id,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                 rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                   high_freq_factor=4.0, original_max_position_embeddings=32))
-  torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(cfg)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if not name.endswith("norm.weight"):
-        p.normal_(0.0, 0.1)
-  model.eval().save_pretrained(directory, safe_serialization=True)
+  model = tiny_llama.make_checkpoint(directory)
   return directory, model, chat_data.load_tokenizer(directory)
 
 
@@ -126,18 +88,7 @@ def test_mcq_scores_match_torch_and_accuracy_follows_them(checkpoint, tmp_path):
 
 
 def _write_data(tmp_path):
-  rng = np.random.default_rng(0)
-  words = "clk reset counter adder mux wire reg input output assign always".split()
-  with open(tmp_path / "chat.jsonl", "w") as f:
-    for i in range(24):
-      desc = " ".join(rng.choice(words, 4))
-      f.write(json.dumps(dict(prompt=desc, response=f"module m{i}; {desc} endmodule")) + "\n")
-  with open(tmp_path / "text.jsonl", "w") as f:
-    for i in range(30):
-      f.write(json.dumps(dict(text="The quick brown fox jumps over the lazy dog. " * 3)) + "\n")
-  with open(tmp_path / "bench.jsonl", "w") as f:
-    f.write(json.dumps(dict(question="Which is Verilog?", choices=["module", "fox"], answer=0)) + "\n")
-    f.write(json.dumps(dict(question="Which animal?", choices=["wire", "fox", "reg"], answer=1)) + "\n")
+  tiny_llama.write_data(str(tmp_path))
 
 
 def tiny_config(directory, tmp_path, **replay):
@@ -146,10 +97,10 @@ def tiny_config(directory, tmp_path, **replay):
   c.data.update(train=str(tmp_path / "chat.jsonl"), valid_fraction=0.25,
                 prompt_template="Write the following Verilog program. {prompt}")
   c.optim.update(lr=3e-3, warmup_tokens=64, batch_size=4)
-  c.stop.update(epochs=0.0, steps=6)
-  c.eval.update(every_steps=3, batch_size=4, replay_rows=4, mcq=f"toy:{tmp_path / 'bench.jsonl'}")
+  c.stop.update(epochs=0.0, steps=4)
+  c.eval.update(every_steps=4, batch_size=4, replay_rows=4, mcq=f"toy:{tmp_path / 'bench.jsonl'}")
   c.replay.update(batch_size=2, buffer=4, **replay)
-  c.checkpoint.update(every_steps=3, every_minutes=0.0, async_save=False)
+  c.checkpoint.update(every_steps=100, every_minutes=0.0, async_save=False)
   c.log.update(every_steps=1, progress=False)
   c.export.hf = False
   return c
@@ -165,7 +116,7 @@ def test_end_to_end_kl_self_replay_finetune(checkpoint, tmp_path):
   first = next(r for r in rows if r["step"] == 1)
   assert abs(first["train_reg"]) < 1e-5  # the trained copy starts equal to the frozen model
   assert rows[0]["step"] == 0 and abs(rows[0]["replay_kl"]) < 1e-5 and "mcq_toy" in rows[0]
-  assert result["step"] == 6 and result["train_step_compiles"] == 1
+  assert result["step"] == 4 and result["train_step_compiles"] == 1
   assert result["valid_ntp"] < rows[0]["valid_ntp"]  # it learned the downstream data
   assert result["replay_kl"] > 0 and "mcq_mean" in result
   stats = json.load(open(tmp_path / "run" / "data_stats.json"))
@@ -209,3 +160,17 @@ def test_bad_configs_fail_with_one_sentence(checkpoint, tmp_path):
   with pytest.raises(chat_data.ChatDataError, match="neither"):
     (tmp_path / "bad.jsonl").write_text(json.dumps(dict(q="x")))
     chat_data.read_jsonl(str(tmp_path / "bad.jsonl"))
+
+
+def test_dataset_converters_follow_the_paper_filters():
+  from jaxreplay import instruct_data as idata
+  meta = "{'description': 'A four bit counter with reset.', 'rank': '12', 'compile_status': 'No error!'}"
+  assert idata.pyranet_example(dict(description=meta, code="module c; endmodule")) == dict(
+      prompt="A four bit counter with reset.", response="module c; endmodule")
+  assert idata.pyranet_example(dict(description=meta.replace("No error!", "Dependency issues"), code="module c; endmodule")) is None
+  assert idata.pyranet_example(dict(description=meta.replace("A four bit counter with reset.", "short"),
+                                    code="module c; endmodule")) is None
+  assert idata.pyranet_example(dict(description=meta, code="wire x;")) is None
+  arc = dict(question="q", choices=dict(label=["1", "2", "3"], text=["a", "b", "c"]), answerKey="2")
+  assert idata.mcq_item(arc, "keyed") == dict(question="q", choices=["a", "b", "c"], answer=1)
+  assert idata.mcq_item(dict(question="q", choices=["a", "b"], answer=1), "mmlu")["answer"] == 1
