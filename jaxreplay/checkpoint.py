@@ -128,17 +128,17 @@ def _checksums(leaves):
   """Two uint32 sums per array (plain and position-weighted); integer sums are exact in any order,
   so a checkpoint restored onto another mesh or device count gives the same numbers."""
   out = []
-  for x in leaves:
+  for x in leaves:  # scalars: replicated on every host whatever the inputs' shardings
     w = _words(x)
-    out.append(jnp.stack([w.sum(dtype=jnp.uint32), (w * (2 * _flat_index(w.shape) + 1)).sum(dtype=jnp.uint32)]))
-  return jnp.stack(out) if out else jnp.zeros((0, 2), jnp.uint32)
+    out.append((w.sum(dtype=jnp.uint32), (w * (2 * _flat_index(w.shape) + 1)).sum(dtype=jnp.uint32)))
+  return out
 
 
 def integrity_record(state) -> dict:
   flat = _flat(state)
-  sums = _host_value(_checksums(list(flat.values())))
+  sums = _checksums(list(flat.values()))
   return dict(version=INTEGRITY_VERSION,
-              arrays={k: [int(a), int(b)] for k, (a, b) in zip(flat, sums.tolist())})
+              arrays={k: [int(_host_value(a)), int(_host_value(b))] for k, (a, b) in zip(flat, sums)})
 
 
 def _integrity_problem(state, record) -> str | None:
@@ -326,7 +326,8 @@ class Checkpointer:
 
 # ---------------------------------------------------------------- export
 
-def _tokenizer_reference(config_dict: dict) -> dict:
+def _tokenizer_reference(workdir: str, config_dict: dict) -> dict:
+  """Which tokenizer reads this model's ids: the hash recorded with its data, and where a copy lies."""
   path = (config_dict.get("data") or {}).get("path") or ""
   meta_path = os.path.join(path, "meta.json")
   ref = dict(data_path=path)
@@ -334,9 +335,10 @@ def _tokenizer_reference(config_dict: dict) -> dict:
     with open(meta_path) as f:
       meta = json.load(f)
     ref.update(tokenizer_hash=meta.get("tokenizer_hash"), vocab_size=meta.get("vocab_size"))
-    tok = os.path.join(path, "tokenizer.json")
-    if os.path.exists(tok):
-      ref["tokenizer_path"] = tok
+  for tok in (os.path.join(workdir, "tokenizer.json"), os.path.join(path, "tokenizer.json")):
+    if path and os.path.exists(tok):
+      ref["tokenizer_path"] = os.path.abspath(tok)
+      break
   return ref
 
 
@@ -356,7 +358,7 @@ def export(workdir: str, params, config_dict: dict, info: dict):
   ckptr.wait_until_finished()
   ckptr.close()
   if jax.process_index() == 0:
-    info = dict(info, tokenizer=_tokenizer_reference(config_dict))
+    info = dict(info, tokenizer=_tokenizer_reference(workdir, config_dict))
     for name, obj in (("config.json", config_dict), ("info.json", info)):
       tmp = os.path.join(directory, name + ".tmp")
       with open(tmp, "w") as f:
