@@ -1,192 +1,30 @@
-"""Runs a sweep on one machine (or one multi-host slice): claims runs, runs them in dependency order, records.
+"""Runs a sweep on one machine (or one multi-host slice): claims runs, trains them in dependency order.
 
-Workdir layout:
-  DIR/sweep.json        the expanded sweep and its fingerprint (a different definition is refused)
-  DIR/results.sqlite    one row per finished run (SQLite, WAL); rebuilt from final.json files if lost
-  DIR/locks/*.lock      one per run; a worker holds an flock on it while the run trains
-  DIR/runs/NAME/        the run's workdir (checkpoints, metrics, final.json); NAME is e.g. pretrain/d=256
-
-A run is finished when its final.json exists (train.run writes it last, atomically). Each run trains in
-its own process (`python -m jaxreplay.runner worker ...`) that holds the run's lock: the lock dies with
-the process, so a killed runner's claims are released, and two runners never train the same run at once.
-Workers get SIGTERM when their runner dies (train.run then checkpoints and exits), so a restart resumes.
+Each run trains in its own process (`python -m jaxreplay.runner worker ...`) that holds the run's flock
+claim (see sweepdir.py): the lock dies with the process, so a killed runner's claims are released, and two
+runners never train the same run at once. Workers get SIGTERM when their runner dies (train.run then
+checkpoints and exits), so starting the runner again resumes every interrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import ctypes
-import fcntl
-import fnmatch
-import hashlib
 import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
 
-import ml_collections
-
 from jaxreplay import config as config_lib
-from jaxreplay import sweeps
-from jaxreplay.sweeps import Run, SweepError
+from jaxreplay.sweepdir import (Claim, SweepError, connect, dry_run, is_finished, is_locked, levels,  # noqa: F401 (re-exported)
+                                load_runs, prepare, record, resolved_config, run_dir, select, status, sync)
+from jaxreplay.sweeps import Run
 
-SWEEP_FILE = "sweep.json"
-DB_FILE = "results.sqlite"
 EXIT_CLAIMED, EXIT_WAITING = 3, 4
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS results (name TEXT PRIMARY KEY, stage TEXT, parent TEXT, overrides TEXT, config TEXT,
-  metrics TEXT, started REAL, finished REAL, host TEXT, fingerprint TEXT);
-CREATE TABLE IF NOT EXISTS attempts (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT, host TEXT, pid INTEGER,
-  started REAL, ended REAL, status TEXT, message TEXT);
-"""
 
-
-# ----------------------------------------------------------------------------------------------- workdir state
-
-def run_dir(workdir: str, name: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "runs", *name.split("/"))
-
-
-def lock_path(workdir: str, name: str) -> str:
-  safe = name.replace("/", "__")[:80]
-  return os.path.join(workdir, "locks", f"{safe}.{hashlib.sha1(name.encode()).hexdigest()[:8]}.lock")
-
-
-def connect(workdir: str) -> sqlite3.Connection:
-  db = sqlite3.connect(os.path.join(workdir, DB_FILE), timeout=120, isolation_level=None)
-  db.execute("PRAGMA journal_mode=WAL")
-  db.execute("PRAGMA synchronous=NORMAL")
-  db.executescript(SCHEMA)
-  return db
-
-
-def prepare(spec: str, workdir: str, write: bool = True) -> tuple[list[Run], str]:
-  """Loads, expands and validates the sweep; checks (and records) that the workdir holds this sweep."""
-  runs = sweeps.expand(sweeps.load(spec))
-  fp = sweeps.fingerprint(runs)
-  path = os.path.join(workdir, SWEEP_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old["fingerprint"] != fp:
-      raise SweepError(f"The workdir {workdir} holds results of a different sweep definition "
-                       f"({_describe_change(old['runs'], runs)}; it was made from {old.get('spec')!r}): use a new "
-                       "--workdir, or restore the definition that made it.")
-  elif write:
-    os.makedirs(os.path.join(workdir, "locks"), exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump(dict(fingerprint=fp, spec=spec, created=time.time(), runs=[r.to_json() for r in runs]), f, indent=1)
-    os.replace(tmp, path)
-  if write:
-    os.makedirs(os.path.join(workdir, "locks"), exist_ok=True)
-    connect(workdir).close()
-  return runs, fp
-
-
-def _describe_change(old_runs: list[dict], runs: list[Run]) -> str:
-  old = {r["name"]: r for r in old_runs}
-  new = {r.name: r.to_json() for r in runs}
-  added = [n for n in new if n not in old]
-  removed = [n for n in old if n not in new]
-  changed = [n for n in new if n in old and json.dumps(old[n], sort_keys=True, default=str)
-             != json.dumps(new[n], sort_keys=True, default=str)]
-  parts = [f"{len(x)} run{'s' * (len(x) != 1)} {w}, e.g. {x[0]!r}" for x, w in ((added, "added"), (removed, "removed"),
-                                                           (changed, "changed")) if x]
-  return "; ".join(parts) or "same runs, different order"
-
-
-def load_runs(workdir: str) -> tuple[list[Run], str]:
-  path = os.path.join(workdir, SWEEP_FILE)
-  if not os.path.exists(path):
-    raise SweepError(f"{workdir} holds no {SWEEP_FILE}: start the sweep with `jaxreplay sweep FILE --workdir=...`.")
-  with open(path) as f:
-    data = json.load(f)
-  return [Run(**r) for r in data["runs"]], data["fingerprint"]
-
-
-def resolved_config(workdir: str, run: Run) -> ml_collections.ConfigDict:
-  """The run's config with init.from pointing at the parent's workdir and data paths resolved."""
-  from jaxreplay.data import resolve_path
-  c = ml_collections.ConfigDict(copy.deepcopy(run.config))
-  if run.parent:
-    c.init["from"] = run_dir(workdir, run.parent)
-  c.data.path = resolve_path(c.data.path)
-  if c.data.mix_path:
-    c.data.mix_path = resolve_path(c.data.mix_path)
-  if c.replay.path:
-    c.replay.path = resolve_path(c.replay.path)
-  c.lock()
-  return c
-
-
-def is_finished(workdir: str, name: str) -> bool:
-  return os.path.exists(os.path.join(run_dir(workdir, name), "final.json"))
-
-
-def record(db, workdir: str, run: Run, fp: str, started: float | None = None):
-  """Adds the finished run's row (once; a second call changes nothing)."""
-  d = run_dir(workdir, run.name)
-  with open(os.path.join(d, "final.json")) as f:
-    metrics = json.load(f)
-  cfg_path = os.path.join(d, "config.json")
-  cfg = open(cfg_path).read() if os.path.exists(cfg_path) else json.dumps(run.config)
-  db.execute("INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?)",
-             (run.name, run.stage, run.parent, json.dumps(run.overrides, sort_keys=True, default=str), cfg,
-              json.dumps(metrics, sort_keys=True), started, os.path.getmtime(os.path.join(d, "final.json")),
-              socket.gethostname(), fp))
-
-
-def sync(db, workdir: str, runs: list[Run], fp: str) -> set[str]:
-  """Names of finished runs; adds rows for any finished run the table misses (a worker killed in between)."""
-  rows = {n for (n,) in db.execute("SELECT name FROM results")}
-  done = set()
-  for run in runs:
-    if run.name in rows:
-      done.add(run.name)
-    elif is_finished(workdir, run.name):
-      record(db, workdir, run, fp)
-      done.add(run.name)
-  return done
-
-
-class Claim:
-  """An exclusive flock on a run's lock file; released when closed or when every holder process dies."""
-
-  def __init__(self, workdir: str, name: str, fd: int | None = None):
-    self.fd = fd
-    if fd is None:
-      path = lock_path(workdir, name)
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-      try:
-        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
-        os.close(self.fd)
-        self.fd = None
-
-  def __bool__(self):
-    return self.fd is not None
-
-  def close(self):
-    if self.fd is not None:
-      os.close(self.fd)
-      self.fd = None
-
-
-def is_locked(workdir: str, name: str) -> bool:
-  claim = Claim(workdir, name)
-  held = not claim
-  claim.close()
-  return held
-
-
-# ----------------------------------------------------------------------------------------------- one run
 
 def _die_with_parent(parent_pid: int):
   """SIGTERM this worker when the runner that started it dies (Linux), so its claim ends with a checkpoint."""
@@ -221,7 +59,7 @@ def worker(workdir: str, name: str) -> int:
   if os.environ.get("JAXREPLAY_PARENT_PID"):
     _die_with_parent(int(os.environ["JAXREPLAY_PARENT_PID"]))
   inherited = os.environ.get("JAXREPLAY_LOCK_FD")
-  claim = Claim(workdir, name, int(inherited) if inherited else None)
+  claim = Claim(workdir, name, int(inherited) if inherited else None, wait_s=2.0)
   if not claim:
     print(f"run {name} is being trained by another process; skipping it", file=sys.stderr)
     return EXIT_CLAIMED
@@ -276,25 +114,6 @@ def train_in_subprocess(workdir: str, name: str, cwd: str, *parents) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- the loop
-
-def select(runs: list[Run], only: str | None) -> list[Run]:
-  """Runs whose name matches ONLY (a glob, or a substring), with every run they start from."""
-  if not only:
-    return runs
-  pats = [p for p in only.split(",") if p]
-  hit = lambda n: any(fnmatch.fnmatchcase(n, p) if any(ch in p for ch in "*?[") else p in n for p in pats)
-  by_name = {r.name: r for r in runs}
-  keep = set()
-  for r in runs:
-    if hit(r.name):
-      n = r.name
-      while n and n not in keep:
-        keep.add(n)
-        n = by_name[n].parent
-  if not keep:
-    raise SweepError(f"--only={only!r} matches no run: see the names with --dry-run.")
-  return [r for r in runs if r.name in keep]
-
 
 class LocalRunner:
   def __init__(self, workdir: str, runs: list[Run], fp: str, jobs: int = 1, poll_s: float = 0.5, quiet=False):
@@ -460,55 +279,6 @@ def multihost_loop(workdir: str, runs: list[Run], fp: str, poll_s: float = 1.0) 
   return 0
 
 
-# ----------------------------------------------------------------------------------------------- reporting
-
-def status(workdir: str, runs: list[Run]) -> str:
-  rows = {}
-  path = os.path.join(workdir, DB_FILE)
-  if os.path.exists(path):
-    db = connect(workdir)
-    rows = {n: json.loads(m) for n, m in db.execute("SELECT name, metrics FROM results")}
-    failed = {n: msg for n, st, msg in db.execute(
-        "SELECT name, status, message FROM attempts WHERE id IN (SELECT MAX(id) FROM attempts GROUP BY name)")
-              if st == "failed"}
-    db.close()
-  else:
-    failed = {}
-  lines, counts = [], {}
-  width = max([len(r.name) for r in runs] + [4])
-  lines.append(f"{'run':<{width}}  {'state':<8}  {'stop':<11}  {'valid_ntp':>9}  {'prev_ntp':>9}  {'tokens':>12}")
-  for r in runs:
-    m = rows.get(r.name)
-    if m is None and is_finished(workdir, r.name):
-      with open(os.path.join(run_dir(workdir, r.name), "final.json")) as f:
-        m = json.load(f)
-    if m is not None:
-      state = "done"
-    elif os.path.isdir(os.path.join(workdir, "locks")) and is_locked(workdir, r.name):
-      state = "running"
-    elif r.name in failed:
-      state = "failed"
-    elif os.path.isdir(os.path.join(run_dir(workdir, r.name), "checkpoints")):
-      state = "partial"
-    else:
-      state = "pending"
-    counts[state] = counts.get(state, 0) + 1
-    m = m or {}
-    num = lambda k: f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "-"
-    lines.append(f"{r.name:<{width}}  {state:<8}  {str(m.get('stop_reason', '-')):<11}  {num('valid_ntp'):>9}  "
-                 f"{num('prev_ntp'):>9}  {m.get('tokens', '-'):>12}")
-  lines.append(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" of {len(runs)} runs")
-  return "\n".join(lines)
-
-
-def dry_run(workdir: str, runs: list[Run]) -> str:
-  lines = [f"{len(runs)} runs (in dependency order):"]
-  for r in runs:
-    state = " [done]" if is_finished(workdir, r.name) else ""
-    lines.append(f"  {r.name}{state}")
-  return "\n".join(lines)
-
-
 def main(argv: list[str]) -> int:
   from jaxreplay import cli
   prog = argv[0] if argv else "jaxreplay sweep"
@@ -563,17 +333,6 @@ def _worker_main(argv: list[str]) -> int:
     runs, _ = load_runs(a.workdir)
     name = levels(runs)[a.level][a.index]
   return worker(os.path.abspath(a.workdir), name)
-
-
-def levels(runs: list[Run]) -> list[list[str]]:
-  """Run names grouped by depth (0: runs that start from nothing; k: runs whose parent is at depth k-1)."""
-  depth = {}
-  for r in runs:
-    depth[r.name] = depth[r.parent] + 1 if r.parent else 0
-  out = [[] for _ in range(max(depth.values()) + 1)] if depth else []
-  for r in runs:
-    out[depth[r.name]].append(r.name)
-  return out
 
 
 if __name__ == "__main__":

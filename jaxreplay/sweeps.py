@@ -20,7 +20,6 @@ them is `jaxreplay/runner.py`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import itertools
@@ -168,7 +167,7 @@ def label(overrides: dict, abbrev: dict | None = None) -> str:
 
 
 def _apply(base: ml_collections.ConfigDict, overrides: dict, stage: str, run: str) -> ml_collections.ConfigDict:
-  c = copy.deepcopy(base)
+  c = ml_collections.ConfigDict(base.to_dict())  # a deep copy (deepcopy of a ConfigDict is slow)
   lengths = [k for k in overrides if k.startswith("stop.") and k[5:] in config_lib.LENGTH_KEYS]
   if lengths:  # a grid over one length criterion replaces the base's (e.g. stop.tokens → stop.tokens_per_param)
     for k in config_lib.LENGTH_KEYS:
@@ -197,6 +196,7 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
   if not sweep.stages:
     raise SweepError("The sweep defines no stages: add one with sweep.stage(...).")
   runs: dict[str, Run] = {}
+  configs = {}
   by_stage: dict[str, list[str]] = {}
   pending = []
   for st in sweep.stages:
@@ -220,6 +220,7 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
         if parent:
           c.stage = "finetune"
         run = Run(name, st.name, parent, overrides, c.to_dict())
+        configs[name] = c
         pending.append(run)
         runs[name] = run
         names.append((name, overrides))
@@ -228,9 +229,8 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
   _check_prefixes(ordered)
   if validate:
     for run in ordered:
-      c = ml_collections.ConfigDict(copy.deepcopy(run.config))
       try:
-        config_lib.validate(c)
+        config_lib.validate(configs[run.name])
       except config_lib.ConfigError as e:
         raise config_lib.ConfigError(f"Run {run.name!r}: {e}") from None
   return ordered

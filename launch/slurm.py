@@ -22,6 +22,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 
 def sbatch_script(a, workdir: str, level: int, n: int) -> str:
@@ -49,7 +50,6 @@ def sbatch_script(a, workdir: str, level: int, n: int) -> str:
 
 def generate(a) -> list[str]:
   """Validates the sweep (recording it in the workdir) and writes one sbatch script per level."""
-  sys.path.insert(0, ROOT)
   from jaxreplay import runner
   workdir = os.path.abspath(a.workdir)
   runs, _ = runner.prepare(a.spec, workdir)
@@ -99,7 +99,13 @@ def main(argv=None) -> int:
   p.add_argument("--cwd", default=os.getcwd(), help="directory the tasks run in (relative data paths)")
   p.add_argument("--submit", action="store_true", help="submit the arrays now")
   a = p.parse_args(sys.argv[1:] if argv is None else argv)
-  paths = generate(a)
+  from jaxreplay.config import ConfigError
+  from jaxreplay.sweeps import SweepError
+  try:
+    paths = generate(a)
+  except (SweepError, ConfigError) as e:
+    print(f"slurm.py: error: {e}", file=sys.stderr)
+    return 2
   for path in paths:
     print(path)
   if a.submit:

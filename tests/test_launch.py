@@ -6,14 +6,13 @@ import socket
 import stat
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 from jaxreplay import runner
 
 from helpers import token_dir
-from test_sweeps import rows, write_sweep
+from test_sweeps import rows, shared_compile_cache, write_sweep  # noqa: F401 (a module fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "launch"))
@@ -150,12 +149,11 @@ def data(tmp_path_factory):
   return token_dir(root / "a", dataset_id=0, seed=0, step=3), token_dir(root / "b", dataset_id=1, seed=1, step=5)
 
 
-def test_ray_local_cluster_runs_a_sweep(tmp_path, data, monkeypatch):
+def test_ray_local_cluster_runs_a_sweep(tmp_path, data):
   ray = pytest.importorskip("ray", reason="ray is not installed (pip install jaxreplay[ray])")
   import ray_sweep
   spec = write_sweep(tmp_path / "s.py", *data, steps=10, n_pre=1)
   w = str(tmp_path / "w")
-  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
   try:
     out = ray_sweep.run_sweep(spec, w, cpus=1, address="local",
                               ray_init=dict(num_cpus=2, include_dashboard=False, log_to_driver=False))

@@ -1,5 +1,4 @@
 """Sweep definitions, the paper's sweep files, and the local runner with real worker processes."""
-import glob
 import json
 import os
 import signal
@@ -12,14 +11,16 @@ import time
 import pytest
 
 from jaxreplay import config as config_lib
-from jaxreplay import runner, sweeps
+from jaxreplay import runner, sweepdir, sweeps
 from jaxreplay.sweeps import SweepError
 
 from helpers import tiny_config, token_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_FILES = sorted(f for f in glob.glob(os.path.join(ROOT, "sweeps", "*.py"))
-                     if not os.path.basename(f).startswith("_"))
+# The experiments this runner trains (sweeps/instruct.py has its own config schema and runner).
+PAPER_FILES = [os.path.join(ROOT, "sweeps", f + ".py") for f in (
+    "quickstart", "pretrain_length", "model_size", "grid_2d", "capacity", "learning_rate", "method_comparison",
+    "high_lr", "toy_continual", "batch_size_b2")]
 
 
 def base(**stop):
@@ -154,10 +155,11 @@ def rows(workdir):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def shared_compile_cache(tmp_path_factory):
-  """Workers of every test share compiled steps (the runner gives each sweep its own cache otherwise)."""
+def shared_compile_cache():
+  """Workers of every test (and every test session) share compiled steps: compiling dominates tiny runs."""
   old = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ.get(
+      "JAXREPLAY_TEST_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxreplay", "jax_cache_tests"))
   yield
   if old is None:
     del os.environ["JAX_COMPILATION_CACHE_DIR"]
@@ -206,6 +208,7 @@ def test_runner_runs_in_order_skips_finished_and_records(tmp_path, data):
   r = cli(spec, f"--workdir={w}")
   assert r.returncode == 0 and "start" not in r.stdout and "2/2 runs finished" in r.stdout
   assert set(rows(w)[0]) == set(results)
+  assert [r["name"] for r in sweepdir.results(w)] == ["pretrain/seed=0", "finetune/pretrain/seed=0"]
   status = cli(spec, f"--workdir={w}", "--status").stdout
   assert status.count("  done  ") == 2 and "2 done of 2 runs" in status
 
@@ -255,3 +258,17 @@ def test_killed_runner_resumes_and_two_runners_share_the_work(tmp_path, data):
   assert len(started) == len(set(started)) == 4, outs  # the two runners never start the same run
   metrics = [json.loads(l) for l in open(os.path.join(runner.run_dir(w, "pretrain/seed=0"), "metrics.jsonl"))]
   assert results["pretrain/seed=0"]["step"] == 150 and metrics[-1]["final"]
+
+
+def test_workdir_accepts_changes_that_keep_results(tmp_path, data):
+  one = write_sweep(tmp_path / "one.py", *data)
+  w = str(tmp_path / "w")
+  runner.prepare(one, w)
+  text = open(one).read()
+  logging = tmp_path / "logging.py"
+  logging.write_text(text.replace("c.log.update(every_steps=5", "c.log.update(every_steps=7"))
+  runner.prepare(str(logging), w)  # logging does not change a run's numbers: accepted, recorded
+  lr = tmp_path / "lr.py"
+  lr.write_text(text.replace("lr=1e-2", "lr=2e-2"))
+  with pytest.raises(SweepError, match=r"4 runs changed, e.g. 'pretrain/seed=0' \(optim.lr differ\)"):
+    runner.prepare(str(lr), w)

@@ -1,0 +1,297 @@
+"""A sweep's workdir: the recorded definition, the results table, per-run claims, progress.
+
+  DIR/sweep.json        the expanded sweep and its fingerprint (a different definition is refused)
+  DIR/results.sqlite    one row per finished run (SQLite, WAL); rebuilt from final.json files if lost
+  DIR/locks/*.lock      one per run; the process that trains a run holds an flock on it
+  DIR/runs/NAME/        the run's workdir (checkpoints, metrics, final.json); NAME is e.g. pretrain/d=256
+
+A run is finished when its final.json exists (train.run writes it last, atomically); the table is a
+queryable copy of those files, so a crash between the two loses nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import fnmatch
+import hashlib
+import json
+import os
+import socket
+import sqlite3
+import time
+
+import ml_collections
+
+from jaxreplay import config as config_lib
+from jaxreplay import sweeps
+from jaxreplay.sweeps import Run, SweepError
+
+SWEEP_FILE = "sweep.json"
+DB_FILE = "results.sqlite"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (name TEXT PRIMARY KEY, stage TEXT, parent TEXT, overrides TEXT, config TEXT,
+  metrics TEXT, started REAL, finished REAL, host TEXT, fingerprint TEXT);
+CREATE TABLE IF NOT EXISTS attempts (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT, host TEXT, pid INTEGER,
+  started REAL, ended REAL, status TEXT, message TEXT);
+"""
+
+
+def run_dir(workdir: str, name: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "runs", *name.split("/"))
+
+
+def lock_path(workdir: str, name: str) -> str:
+  safe = name.replace("/", "__")[:80]
+  return os.path.join(workdir, "locks", f"{safe}.{hashlib.sha1(name.encode()).hexdigest()[:8]}.lock")
+
+
+def connect(workdir: str) -> sqlite3.Connection:
+  db = sqlite3.connect(os.path.join(workdir, DB_FILE), timeout=120, isolation_level=None)
+  db.execute("PRAGMA journal_mode=WAL")
+  db.execute("PRAGMA synchronous=NORMAL")
+  db.executescript(SCHEMA)
+  return db
+
+
+def prepare(spec: str, workdir: str, write: bool = True) -> tuple[list[Run], str]:
+  """Loads, expands and validates the sweep; checks (and records) that the workdir holds this sweep."""
+  runs = sweeps.expand(sweeps.load(spec))
+  fp = sweeps.fingerprint(runs)
+  path = os.path.join(workdir, SWEEP_FILE)
+  rewrite = not os.path.exists(path)
+  if not rewrite:
+    with open(path) as f:
+      old = json.load(f)
+    if old["fingerprint"] != fp:
+      change = _describe_change(old["runs"], runs)
+      if change:
+        raise SweepError(f"The workdir {workdir} holds results of a different sweep definition ({change}; it was "
+                         f"made from {old.get('spec')!r}): use a new --workdir, or restore the definition that made it.")
+      rewrite = True  # only settings that do not change results (logging, checkpointing, new default keys)
+  if write and rewrite:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      json.dump(dict(fingerprint=fp, spec=spec, created=time.time(), runs=[r.to_json() for r in runs]), f, indent=1)
+    os.replace(tmp, path)
+  if write:
+    os.makedirs(os.path.join(workdir, "locks"), exist_ok=True)
+    connect(workdir).close()
+  return runs, fp
+
+
+IGNORED = ("log", "checkpoint", "data.num_workers", "data.prefetch")  # keys that do not change a run's numbers
+
+
+def _describe_change(old_runs: list[dict], runs: list[Run]) -> str:
+  """What differs between a recorded sweep and this one ('' when nothing that changes results does)."""
+  old = {r["name"]: r for r in old_runs}
+  new = {r.name: r for r in runs}
+  added = [n for n in new if n not in old]
+  removed = [n for n in old if n not in new]
+  changed, keys = [], []
+  for n in new:
+    if n not in old:
+      continue
+    a, b = old[n], new[n]
+    if a["parent"] != b.parent:
+      changed.append(n)
+      continue
+    fa, fb = config_lib._flatten(a["config"]), config_lib._flatten(b.config)
+    diff = [k for k in fa if fa[k] != fb.get(k) and not any(k == i or k.startswith(i + ".") for i in IGNORED)]
+    diff += [k for k in fb if k not in fa and fb[k] != config_lib._flatten(config_lib.default().to_dict()).get(k)]
+    if diff:
+      changed.append(n)
+      keys.extend(k for k in diff if k not in keys)
+  parts = [f"{len(x)} run{'s' * (len(x) != 1)} {w}, e.g. {x[0]!r}" for x, w in ((added, "added"), (removed, "removed"),
+                                                           (changed, "changed")) if x]
+  if keys:
+    parts[-1] += f" ({', '.join(keys[:4])} differ)"
+  return "; ".join(parts)
+
+
+def load_runs(workdir: str) -> tuple[list[Run], str]:
+  path = os.path.join(workdir, SWEEP_FILE)
+  if not os.path.exists(path):
+    raise SweepError(f"{workdir} holds no {SWEEP_FILE}: start the sweep with `jaxreplay sweep FILE --workdir=...`.")
+  with open(path) as f:
+    data = json.load(f)
+  return [Run(**r) for r in data["runs"]], data["fingerprint"]
+
+
+def resolved_config(workdir: str, run: Run) -> ml_collections.ConfigDict:
+  """The run's config with init.from pointing at the parent's workdir and data paths resolved."""
+  from jaxreplay.data import resolve_path
+  c = ml_collections.ConfigDict(copy.deepcopy(run.config))
+  if run.parent:
+    c.init["from"] = run_dir(workdir, run.parent)
+  c.data.path = resolve_path(c.data.path)
+  if c.data.mix_path:
+    c.data.mix_path = resolve_path(c.data.mix_path)
+  if c.replay.path:
+    c.replay.path = resolve_path(c.replay.path)
+  c.lock()
+  return c
+
+
+def is_finished(workdir: str, name: str) -> bool:
+  return os.path.exists(os.path.join(run_dir(workdir, name), "final.json"))
+
+
+def record(db, workdir: str, run: Run, fp: str, started: float | None = None):
+  """Adds the finished run's row (once; a second call changes nothing)."""
+  d = run_dir(workdir, run.name)
+  with open(os.path.join(d, "final.json")) as f:
+    metrics = json.load(f)
+  cfg_path = os.path.join(d, "config.json")
+  cfg = open(cfg_path).read() if os.path.exists(cfg_path) else json.dumps(run.config)
+  db.execute("INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?)",
+             (run.name, run.stage, run.parent, json.dumps(run.overrides, sort_keys=True, default=str), cfg,
+              json.dumps(metrics, sort_keys=True), started, os.path.getmtime(os.path.join(d, "final.json")),
+              socket.gethostname(), fp))
+  if started is not None:  # a runner's sync may have added the row first, without the start time
+    db.execute("UPDATE results SET started=? WHERE name=? AND started IS NULL", (started, run.name))
+
+
+def sync(db, workdir: str, runs: list[Run], fp: str) -> set[str]:
+  """Names of finished runs; adds rows for any finished run the table misses (a worker killed in between)."""
+  rows = {n for (n,) in db.execute("SELECT name FROM results")}
+  done = set()
+  for run in runs:
+    if run.name in rows:
+      done.add(run.name)
+    elif is_finished(workdir, run.name):
+      record(db, workdir, run, fp)
+      done.add(run.name)
+  return done
+
+
+class Claim:
+  """An exclusive flock on a run's lock file; released when closed or when every holder process dies."""
+
+  def __init__(self, workdir: str, name: str, fd: int | None = None, wait_s: float = 0.0):
+    """wait_s: keep trying that long (a status probe holds a lock for an instant)."""
+    self.fd = fd
+    if fd is None:
+      path = lock_path(workdir, name)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+      end = time.monotonic() + wait_s
+      while True:
+        try:
+          fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+          break
+        except BlockingIOError:
+          if time.monotonic() >= end:
+            os.close(self.fd)
+            self.fd = None
+            break
+          time.sleep(0.05)
+
+  def __bool__(self):
+    return self.fd is not None
+
+  def close(self):
+    if self.fd is not None:
+      os.close(self.fd)
+      self.fd = None
+
+
+def is_locked(workdir: str, name: str) -> bool:
+  claim = Claim(workdir, name)
+  held = not claim
+  claim.close()
+  return held
+
+
+def select(runs: list[Run], only: str | None) -> list[Run]:
+  """Runs whose name matches ONLY (a glob, or a substring), with every run they start from."""
+  if not only:
+    return runs
+  pats = [p for p in only.split(",") if p]
+  hit = lambda n: any(fnmatch.fnmatchcase(n, p) if any(ch in p for ch in "*?[") else p in n for p in pats)
+  by_name = {r.name: r for r in runs}
+  keep = set()
+  for r in runs:
+    if hit(r.name):
+      n = r.name
+      while n and n not in keep:
+        keep.add(n)
+        n = by_name[n].parent
+  if not keep:
+    raise SweepError(f"--only={only!r} matches no run: see the names with --dry-run.")
+  return [r for r in runs if r.name in keep]
+
+
+def levels(runs: list[Run]) -> list[list[str]]:
+  """Run names grouped by depth (0: runs that start from nothing; k: runs whose parent is at depth k-1)."""
+  depth = {}
+  for r in runs:
+    depth[r.name] = depth[r.parent] + 1 if r.parent else 0
+  out = [[] for _ in range(max(depth.values()) + 1)] if depth else []
+  for r in runs:
+    out[depth[r.name]].append(r.name)
+  return out
+
+
+def status(workdir: str, runs: list[Run]) -> str:
+  rows = {}
+  path = os.path.join(workdir, DB_FILE)
+  if os.path.exists(path):
+    db = connect(workdir)
+    rows = {n: json.loads(m) for n, m in db.execute("SELECT name, metrics FROM results")}
+    failed = {n: msg for n, st, msg in db.execute(
+        "SELECT name, status, message FROM attempts WHERE id IN (SELECT MAX(id) FROM attempts GROUP BY name)")
+              if st == "failed"}
+    db.close()
+  else:
+    failed = {}
+  lines, counts = [], {}
+  width = max([len(r.name) for r in runs] + [4])
+  lines.append(f"{'run':<{width}}  {'state':<8}  {'stop':<11}  {'valid_ntp':>9}  {'prev_ntp':>9}  {'tokens':>12}")
+  for r in runs:
+    m = rows.get(r.name)
+    if m is None and is_finished(workdir, r.name):
+      with open(os.path.join(run_dir(workdir, r.name), "final.json")) as f:
+        m = json.load(f)
+    if m is not None:
+      state = "done"
+    elif os.path.isdir(os.path.join(workdir, "locks")) and is_locked(workdir, r.name):
+      state = "running"
+    elif r.name in failed:
+      state = "failed"
+    elif os.path.isdir(os.path.join(run_dir(workdir, r.name), "checkpoints")):
+      state = "partial"
+    else:
+      state = "pending"
+    counts[state] = counts.get(state, 0) + 1
+    m = m or {}
+    num = lambda k: f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "-"
+    lines.append(f"{r.name:<{width}}  {state:<8}  {str(m.get('stop_reason', '-')):<11}  {num('valid_ntp'):>9}  "
+                 f"{num('prev_ntp'):>9}  {m.get('tokens', '-'):>12}")
+  lines.append(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" of {len(runs)} runs")
+  return "\n".join(lines)
+
+
+def dry_run(workdir: str, runs: list[Run]) -> str:
+  lines = [f"{len(runs)} runs (in dependency order):"]
+  for r in runs:
+    state = " [done]" if is_finished(workdir, r.name) else ""
+    lines.append(f"  {r.name}{state}")
+  return "\n".join(lines)
+
+
+def results(workdir: str) -> list[dict]:
+  """Every finished run's row: name, stage, parent, overrides, config and metrics (dicts), timestamps, host."""
+  db = connect(workdir)
+  cur = db.execute("SELECT * FROM results ORDER BY finished")
+  cols = [d[0] for d in cur.description]
+  out = []
+  for row in cur.fetchall():
+    r = dict(zip(cols, row))
+    for k in ("overrides", "config", "metrics"):
+      r[k] = json.loads(r[k]) if r[k] else {}
+    out.append(r)
+  db.close()
+  return out
