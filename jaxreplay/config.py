@@ -87,6 +87,7 @@ def default() -> ml_collections.ConfigDict:
       buffer=16,  # self-generated: batches sampled per refill
       temperature=1.0, top_k=0, top_p=1.0,
       dataset_id=-1,  # prompt id for self-generated replay; -1 = the pretraining data's id
+      prompt_ids="",  # several prompt ids, e.g. "0,1,2": rows split evenly among them (toy continual tasks)
       cache_dir="",  # share self-generated samples across runs of a sweep
       path="",  # real replay data; empty = the pretraining run's data
   ))
@@ -168,6 +169,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"config.mesh.tensor={mesh.tensor} does not divide the {m.d_model // m.head_dim} heads: "
                       "choose a tensor size that divides d_model / head_dim.")
   r = c.replay
+  for part in filter(None, str(r.prompt_ids).split(",")):
+    if not part.strip().isdigit() or int(part) >= NUM_RESERVED_IDS:
+      raise ConfigError(f"config.replay.prompt_ids={r.prompt_ids!r} must list reserved ids 0–{NUM_RESERVED_IDS - 1} "
+                        "separated by commas, e.g. '0,1,2'.")
   if r.method not in REPLAY_METHODS:
     raise ConfigError(f"config.replay.method={r.method!r}: use one of {', '.join(REPLAY_METHODS)}.")
   if r.source not in REPLAY_SOURCES:
