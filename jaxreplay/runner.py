@@ -116,8 +116,13 @@ def train_in_subprocess(workdir: str, name: str, cwd: str, *parents) -> dict:
 # ----------------------------------------------------------------------------------------------- the loop
 
 class LocalRunner:
-  def __init__(self, workdir: str, runs: list[Run], fp: str, jobs: int = 1, poll_s: float = 0.5, quiet=False):
+  def __init__(self, workdir: str, runs: list[Run], fp: str, jobs: int = 1, poll_s: float = 0.5, quiet=False,
+               devices: str = "", device_env: str = "CUDA_VISIBLE_DEVICES"):
+    """devices: accelerator ids split evenly over the jobs ("0,1,2,3" with jobs=2 → "0,1" and "2,3"), set in
+    device_env for each worker; empty: every worker sees every device (on GPUs then without preallocation)."""
     self.workdir, self.runs, self.fp, self.jobs, self.poll_s, self.quiet = workdir, runs, fp, jobs, poll_s, quiet
+    self.device_slots = device_slots(devices, jobs)
+    self.device_env = device_env
     self.running: dict[str, tuple[subprocess.Popen, Claim]] = {}
     self.failed: dict[str, str] = {}
     self.stop = False
@@ -131,20 +136,28 @@ class LocalRunner:
     os.makedirs(d, exist_ok=True)
     env = dict(os.environ, JAXREPLAY_LOCK_FD=str(claim.fd), JAXREPLAY_PARENT_PID=str(os.getpid()))
     env.update(compile_cache_env(self.workdir, env))
+    devices = None
+    if self.device_slots:
+      devices = self.device_slots.pop(0)
+      env[self.device_env] = devices
+    elif self.jobs > 1:  # several runs share the accelerators: no process may take most of their memory
+      env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     log = open(os.path.join(d, "worker.log"), "ab")
     proc = subprocess.Popen([sys.executable, "-m", "jaxreplay.runner", "worker", "--workdir", self.workdir,
                              "--run", run.name], env=env, pass_fds=(claim.fd,), stdout=log,
                             stderr=subprocess.STDOUT)
     log.close()
-    self.running[run.name] = (proc, claim)
-    self.say(f"start  {run.name} (pid {proc.pid})")
+    self.running[run.name] = (proc, claim, devices)
+    self.say(f"start  {run.name} (pid {proc.pid}" + (f", devices {devices})" if devices else ")"))
 
   def _reap(self):
-    for name, (proc, claim) in list(self.running.items()):
+    for name, (proc, claim, devices) in list(self.running.items()):
       rc = proc.poll()
       if rc is None:
         continue
       claim.close()
+      if devices is not None:
+        self.device_slots.append(devices)
       del self.running[name]
       if rc == 0:
         self.say(f"done   {name}")
@@ -185,9 +198,9 @@ class LocalRunner:
           self._start(run, claim)
         time.sleep(self.poll_s)
     finally:
-      for name, (proc, claim) in self.running.items():
+      for name, (proc, *_) in self.running.items():
         proc.send_signal(signal.SIGTERM)
-      for name, (proc, claim) in self.running.items():
+      for name, (proc, claim, _) in self.running.items():
         try:
           proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -213,6 +226,17 @@ class LocalRunner:
         bad.add(r.name)
         out.add(r.name)
     return out
+
+
+def device_slots(devices: str, jobs: int) -> list[str]:
+  ids = [d for d in devices.split(",") if d.strip()]
+  if not ids:
+    return []
+  if len(ids) % jobs:
+    raise SweepError(f"--devices={devices} lists {len(ids)} devices, which --jobs={jobs} does not divide: give "
+                     "each job the same number of devices.")
+  k = len(ids) // jobs
+  return [",".join(ids[i * k:(i + 1) * k]) for i in range(jobs)]
 
 
 def compile_cache_env(workdir: str, env) -> dict:
@@ -290,6 +314,9 @@ def main(argv: list[str]) -> int:
   p.add_argument("--status", action="store_true", help="show each run's state and final metrics")
   p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
   p.add_argument("--only", default=None, help="glob(s) or substring(s), comma-separated; their parents run too")
+  p.add_argument("--devices", default="", help="accelerator ids to split over the jobs, e.g. 0,1,2,3 (GPUs)")
+  p.add_argument("--device_env", default="CUDA_VISIBLE_DEVICES",
+                 help="variable that gives each worker its devices (TPU: TPU_VISIBLE_CHIPS)")
   p.add_argument("--multihost", action="store_true",
                  help="every process of a multi-host slice runs this; jax.distributed.initialize() joins them")
   p.add_argument("--coordinator", default=None, help="multi-host without auto-detection: HOST:PORT of process 0")
@@ -316,7 +343,7 @@ def main(argv: list[str]) -> int:
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; no effect on TPU/GPU
       jax.distributed.initialize(**kw)
       return multihost_loop(workdir, runs, fp)
-    return LocalRunner(workdir, runs, fp, a.jobs).loop()
+    return LocalRunner(workdir, runs, fp, a.jobs, devices=a.devices, device_env=a.device_env).loop()
   except (SweepError, config_lib.ConfigError) as e:
     cli._fail(str(e))
 

@@ -97,7 +97,7 @@ class Stage:
   grid: list
   after: object = None  # a Stage, a stage name, (stage, {key: value}) or a list of run names
   abbrev: dict = dataclasses.field(default_factory=dict)
-  match: tuple = ()  # keys a child shares with its parent (when the parent's overrides set them)
+  match: tuple = ()  # keys (or key prefixes) a child shares with its parent when the parent's overrides set them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,8 @@ class Sweep:
 
     after: None (runs start from nothing), a Stage or stage name (every run of it), (stage, {key: value})
     (its runs with those overrides), or a list of run names. match: keys a child must share with its parent
-    when the parent overrides them (e.g. chains of finetuning stages that keep one replay method).
+    when the parent overrides them, e.g. ("replay",) for chains of finetuning stages that keep one replay
+    setting; the child's label leaves those out (its parent's name shows them).
     """
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", name) or name == "base":
       raise SweepError(f"Stage name {name!r} is invalid: use letters, digits, '_', '-', '.' (not 'base').")
@@ -206,12 +207,14 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
       if FROM in ov and parents is not None:
         raise SweepError(f"Stage {st.name!r} sets both after= and an {FROM} grid key: use one of them.")
       for parent, pov in (parents if parents is not None else [(ov.get(FROM) or None, {})]):
-        if any(k in pov and k in ov and pov[k] != ov[k] for k in st.match):
+        matched = [k for k in ov if any(k == m or k.startswith(m + ".") for m in st.match)]
+        if any(k in pov and pov[k] != ov[k] for k in matched):
           continue
         overrides = dict(ov)
         if parent:
           overrides[FROM] = parent
-        lab = label(overrides, st.abbrev)
+        shown = {k: v for k, v in overrides.items() if not (k in matched and k in pov and pov[k] == v)}
+        lab = label(shown, st.abbrev)  # a matched key the parent's name already shows is left out
         name = "/".join([st.name] + ([parent] if parent else []) + ([lab] if lab != "base" else []))
         if name in runs or any(name == p.name for p in pending):
           raise SweepError(f"Two runs of stage {st.name!r} are both named {name!r}: their overrides give the same "

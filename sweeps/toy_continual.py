@@ -49,5 +49,5 @@ def get_sweep(arg: str = ""):
   for task in TASKS[1:]:
     c = task_config(task, small)
     c.stage = "finetune"
-    prev = s.stage(task, c, arms, after=prev, match=("replay.method",))
+    prev = s.stage(task, c, arms, after=prev, match=("replay",))
   return s

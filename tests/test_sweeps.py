@@ -52,8 +52,7 @@ def test_grids_names_and_dependencies():
   s2.stage("c", base(), {"replay.method": ["none", "kl"]}, after=b, match=("replay.method",))
   s2.stage("d", base(), after=(b, {"replay.method": "kl"}))
   names = [r.name for r in sweeps.expand(s2)]
-  assert names == ["a", "b/a/method=none", "b/a/method=kl", "c/b/a/method=none/method=none",
-                   "c/b/a/method=kl/method=kl", "d/b/a/method=kl"]
+  assert names == ["a", "b/a/method=none", "b/a/method=kl", "c/b/a/method=none", "c/b/a/method=kl", "d/b/a/method=kl"]
 
 
 def test_long_labels_get_a_hash_and_are_safe_paths():
@@ -272,3 +271,10 @@ def test_workdir_accepts_changes_that_keep_results(tmp_path, data):
   lr.write_text(text.replace("lr=1e-2", "lr=2e-2"))
   with pytest.raises(SweepError, match=r"4 runs changed, e.g. 'pretrain/seed=0' \(optim.lr differ\)"):
     runner.prepare(str(lr), w)
+
+
+def test_device_slots_split_accelerators_over_jobs():
+  assert runner.device_slots("0,1,2,3", 2) == ["0,1", "2,3"]
+  assert runner.device_slots("", 4) == []
+  with pytest.raises(SweepError, match="--devices=0,1,2 lists 3 devices, which --jobs=2 does not divide"):
+    runner.device_slots("0,1,2", 2)
