@@ -260,28 +260,39 @@ def _tail(path: str, n: int = 300) -> str:
 
 
 def multihost_loop(workdir: str, runs: list[Run], fp: str, poll_s: float = 1.0) -> int:
-  """Every host of a slice trains the same run at once (in this process); host 0 claims and decides."""
+  """Every host of a slice trains the same run at once (in this process); host 0 claims and decides.
+
+  A run that fails with a user error (the same on every host) is recorded and skipped with its descendants.
+  """
   import jax
   import numpy as np
   from jax.experimental import multihost_utils
+  from jaxreplay import cli
   lead = jax.process_index() == 0
   db = connect(workdir) if lead else None
+  failed: set[str] = set()
+  claim = None
 
   def decide() -> str:
+    nonlocal claim
     if not lead:
       return ""
     done = sync(db, workdir, runs, fp)
-    todo = [r for r in runs if r.name not in done]
+    todo = [r for r in runs if r.name not in done and r.name not in failed and r.parent not in failed]
+    for r in todo:
+      if r.parent in failed:
+        failed.add(r.name)
+    todo = [r for r in todo if r.name not in failed]
     if not todo:
       return "<done>"
     for run in todo:
       if run.parent and run.parent not in done:
         continue
-      claim = Claim(workdir, run.name)
-      if claim and not is_finished(workdir, run.name):
-        decide.claim = claim
+      c = Claim(workdir, run.name)
+      if c and not is_finished(workdir, run.name):
+        claim = c
         return run.name
-      claim.close()
+      c.close()
     return "<wait>"
 
   by_name = {r.name: r for r in runs}
@@ -295,12 +306,18 @@ def multihost_loop(workdir: str, runs: list[Run], fp: str, poll_s: float = 1.0) 
       continue
     try:
       train_one(workdir, by_name[name], fp, db)
+      if lead:
+        print(f"done   {name} ({jax.process_count()} processes)", flush=True)
+    except cli._user_errors() as e:
+      if lead:
+        failed.add(name)
+        db.execute("INSERT INTO attempts (name, host, pid, started, ended, status, message) VALUES (?,?,?,?,?,?,?)",
+                   (name, socket.gethostname(), os.getpid(), time.time(), time.time(), "failed", str(e)))
+        print(f"FAILED {name}: {e}", flush=True)
     finally:
       if lead:
-        decide.claim.close()
-    if lead:
-      print(f"done   {name} ({jax.process_count()} processes)", flush=True)
-  return 0
+        claim.close()
+  return 1 if failed else 0
 
 
 def main(argv: list[str]) -> int:
