@@ -386,8 +386,9 @@ def exported_info(workdir: str) -> dict:
     return json.load(f)
 
 
-def load_exported(workdir: str, like_params):
-  """Restores exported weights onto the shardings of `like_params` (any mesh or device count)."""
+def load_exported(workdir: str, like_params=None):
+  """Restores exported weights onto the shardings of `like_params` (any mesh or device count); without
+  `like_params`, onto this process's first device (for tools that only read them)."""
   quiet_orbax_logs()
   exported_config(workdir)
   params_dir = os.path.abspath(os.path.join(workdir, "export", "params"))
@@ -396,7 +397,11 @@ def load_exported(workdir: str, like_params):
     try:
       meta = ckptr.metadata(params_dir)
       meta = getattr(meta, "item_metadata", meta)
-      saved, want = _flat(meta.tree if hasattr(meta, "tree") else meta), _flat(like_params)
+      meta = meta.tree if hasattr(meta, "tree") else meta
+      if like_params is None:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        like_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+      saved, want = _flat(meta), _flat(like_params)
       for k, x in want.items():
         m = saved.get(k)
         if m is None or tuple(m.shape) != tuple(x.shape):

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from jaxreplay import checkpoint as ckpt_lib
@@ -230,9 +229,7 @@ def metrics(workdir, timing=False):
 
 
 def exported(workdir):
-  path = os.path.join(workdir, "export", "params")
-  with ocp.StandardCheckpointer() as ck:
-    tree = ck.restore(path)
+  tree = ckpt_lib.load_exported(workdir)  # onto this process's one device, whatever layout saved it
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -408,6 +405,17 @@ def test_keep_policy_and_interval(tmp_path):
   assert saved == [2, 4, 6, 8, 10]
   assert sorted(ck.manager.all_steps()) == [4, 8, 10]  # the last two plus every 4th
   assert not glob.glob(str(tmp_path / "checkpoints" / "*tmp*"))
+
+
+def test_time_based_saves(tmp_path):
+  cfg = ml_collections.ConfigDict(dict(every_steps=1000, every_minutes=0.002, keep_last=2, keep_every_steps=0,
+                                       async_save=True))
+  ck = ckpt_lib.Checkpointer(str(tmp_path), cfg)
+  assert not ck.save(1, _tiny_state(1), {})  # 0.12 s have not passed since the start
+  time.sleep(0.15)
+  assert ck.save(2, _tiny_state(2), {}) and not ck.save(3, _tiny_state(3), {})  # the clock restarts at a save
+  ck.close()
+  assert ck.manager.all_steps() == [2]
 
 
 def test_checkpoint_of_other_model_is_one_error_and_untouched(tmp_path):
