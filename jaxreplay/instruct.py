@@ -128,7 +128,7 @@ def _forward(cfg, params, tokens, segments):
 def make_objective(cfg, method: str, coeff: float):
   """loss(params, frozen, batch, replay_BT) -> (loss, aux): masked chat NTP + coeff · replay regulariser."""
 
-  def objective(params, frozen, batch, replay_BT):
+  def objective(params, frozen, batch, replay_BT, ntp_weight=1.0):
     tokens, mask, segments = batch["tokens"], batch["mask"], batch["segments"]
     aux = {}
     if method in ("kl", "ntp"):
@@ -138,7 +138,8 @@ def make_objective(cfg, method: str, coeff: float):
       logits, replay_logits = both[:B], both[B:]
     else:
       logits = _forward(cfg, params, tokens, segments)
-    ntp = losses.next_token_loss(logits, tokens, mask)
+    # ntp_weight: a microbatch's share of the step's target tokens × microbatches (1 without microbatching).
+    ntp = ntp_weight * losses.next_token_loss(logits, tokens, mask)
     loss = aux["train_ntp"] = ntp
     if method == "kl":
       teacher = llama.logits(cfg, frozen, replay_BT)
@@ -154,7 +155,8 @@ def make_objective(cfg, method: str, coeff: float):
 
 
 def make_train_step(objective, optimizer, lr_schedule, microbatches: int):
-  """One optimizer step; with microbatches > 1 the gradient is the mean of the chunks' (a scan over them)."""
+  """One optimizer step. With microbatches > 1 a scan accumulates the chunks' gradients, each chunk's chat loss
+  weighted by its share of the step's target tokens, so the step equals one over the whole batch."""
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
   def train_step(state, frozen, batch, replay_BT):
@@ -162,10 +164,12 @@ def make_train_step(objective, optimizer, lr_schedule, microbatches: int):
       (_, aux), grads = grad_fn(state["params"], frozen, batch, replay_BT)
     else:
       split = lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:])
-      chunks = (jax.tree.map(split, batch), None if replay_BT is None else split(replay_BT))
+      counts = split(batch["mask"][:, 1:]).astype(jnp.float32).sum(axis=(1, 2))
+      weights = counts * microbatches / jnp.maximum(counts.sum(), 1.0)
+      chunks = (jax.tree.map(split, batch), None if replay_BT is None else split(replay_BT), weights)
 
       def body(acc, chunk):
-        (_, aux), g = grad_fn(state["params"], frozen, chunk[0], chunk[1])
+        (_, aux), g = grad_fn(state["params"], frozen, *chunk)
         return jax.tree.map(jnp.add, acc, (g, aux)), None
 
       zeros = jax.eval_shape(lambda: grad_fn(state["params"], frozen, *jax.tree.map(lambda x: x[0], chunks)))
@@ -219,20 +223,31 @@ class SelfReplay:
     self.sampling = llama.Sampling(temperature=float(c.replay.temperature), top_k=int(c.replay.top_k))
     self.bos_id = bos_id
     self._cache = (None, None)
+    self._take = jax.jit(lambda rows, at: jax.lax.dynamic_slice_in_dim(rows, at, self.R),
+                         out_shardings=sharding.batch_sharding(mesh))
 
   def rows(self, index: int):
-    """Buffer number `index` as a device array [buffer, T]."""
+    """Buffer number `index` as a global device array [buffer, T]."""
     if self._cache[0] != index:
-      prompt = np.full((self.buffer, 1), self.bos_id, np.int32)
-      self._cache = (index, llama.generate(self.cfg, self.frozen, prompt, jax.random.fold_in(self.key, index),
-                                           self.cfg.seq_len, self.sampling, self.mesh))
+      self._cache = (index, sample_bos(self.cfg, self.frozen, self.buffer, self.bos_id, self.sampling, self.mesh,
+                                       jax.random.fold_in(self.key, index)))
     return self._cache[1]
 
   def next(self, step: int):
     first = step * self.R
-    rows = self.rows(first // self.buffer)
-    at = first % self.buffer
-    return jax.device_put(rows[at:at + self.R], sharding.batch_sharding(self.mesh))
+    return self._take(self.rows(first // self.buffer), first % self.buffer)
+
+
+def sample_bos(cfg, frozen, n: int, bos_id: int, s: llama.Sampling, mesh, key):
+  """n full-length rows sampled from BOS alone; each process supplies its share of the prompt rows."""
+  local = np.full((n, 1), bos_id, np.int32)
+  local = np.array_split(local, jax.process_count())[jax.process_index()]
+  return llama.generate(cfg, frozen, local, key, cfg.seq_len, s, mesh)
+
+
+def _local(x: np.ndarray) -> np.ndarray:
+  """This process's share of a global batch's rows (all of them on one host)."""
+  return np.array_split(x, jax.process_count())[jax.process_index()]
 
 
 class RealReplay:
@@ -248,6 +263,7 @@ class RealReplay:
 # ---------------------------------------------------------------------------------------------------- run
 
 def _put(batch: dict, mesh):
+  """A global batch from this process's rows."""
   return {k: sharding.put_batch(v, mesh) for k, v in batch.items()}
 
 
@@ -300,10 +316,14 @@ class Run:
     self.batches = chat_data.Batches(arrays(self.train), B, c.seed)
     self.tokens_per_step = B * T
     self.total_steps = int(c.stop.steps) or max(1, int(round(c.stop.epochs * len(self.train) / B)))
-    self.replay_rows = None
-    if c.replay.source == "real" and c.replay.path:
+    self.replay_rows = self.replay_probe = None
+    if c.replay.path and (c.replay.source == "real" and c.replay.method != "none" or c.eval.replay_rows):
       docs = chat_data.read_text_jsonl(c.replay.path, self.tokenizer, c.replay.text_key, c.replay.max_tokens)
-      self.replay_rows = chat_data.pack_documents(docs, T)
+      rows = chat_data.pack_documents(docs, T)
+      n_probe = min(c.eval.replay_rows, len(rows) // 2)
+      # The last rows are held out as the real forgetting probe; training replay never sees them.
+      self.replay_rows = rows[:len(rows) - n_probe]
+      self.replay_probe = rows[len(rows) - n_probe:] if n_probe else None
     self.mcq = {name: mcq.read_benchmark(path, c.eval.mcq_limit, c.eval.mcq_seed)
                 for name, path in benchmarks(c).items()}
 
@@ -362,15 +382,17 @@ def run(c, workdir: str) -> dict:
       replay = SelfReplay(cfg, frozen, c, mesh, r.bos_id, jax.random.fold_in(key, 1))
     else:
       replay = RealReplay(r.replay_rows, c, mesh)
-  # Held-out replay rows for evaluation: real rows the training order reaches last, or fresh samples.
-  eval_replay = None
+  # Forgetting probes, the same for every arm: BOS-prompted samples of π_pre ("self") and held-out real replay
+  # text ("real"); loss and KL to π_pre on each.
+  probes = {}
   if c.eval.replay_rows:
     n = -(-c.eval.replay_rows // sharding.batch_divisor(mesh)) * sharding.batch_divisor(mesh)
-    if c.replay.source == "self" and r.bos_id >= 0:
-      eval_replay = llama.generate(cfg, frozen, jnp.full((n, 1), r.bos_id, jnp.int32), jax.random.fold_in(key, 2),
-                                   cfg.seq_len, llama.Sampling(temperature=float(c.replay.temperature)), mesh)
-    elif r.replay_rows is not None:
-      eval_replay = sharding.put_batch(r.replay_rows[-n:], mesh)
+    if r.bos_id >= 0:
+      samp = llama.Sampling(temperature=float(c.replay.temperature), top_k=int(c.replay.top_k))
+      probes["self"] = sample_bos(cfg, frozen, n, r.bos_id, samp, mesh, jax.random.fold_in(key, 2))
+    m = 0 if r.replay_probe is None else len(r.replay_probe[:n]) // sharding.batch_divisor(mesh) * sharding.batch_divisor(mesh)
+    if m:
+      probes["real"] = sharding.put_batch(_local(r.replay_probe[:m]), mesh)
 
   batch_sh = sharding.batch_sharding(mesh)
   chat_sh = dict(tokens=batch_sh, mask=batch_sh, segments=batch_sh)
@@ -390,12 +412,12 @@ def run(c, workdir: str) -> dict:
       idx = np.arange(n_pad) % len(r.valid)
       weight = (np.arange(n_pad) < n)[:, None]
       rows = dict(tokens=r.valid.tokens[idx], mask=r.valid.mask[idx] & weight, segments=r.valid.segments[idx])
-      s = _sums(lambda b: eval_chat(params, _put(b, mesh)),
+      s = _sums(lambda b: eval_chat(params, _put({k: _local(v) for k, v in b.items()}, mesh)),
                 ({k: v[i:i + EB] for k, v in rows.items()} for i in range(0, n_pad, EB)))
       out.update(valid_ntp=float(s["nll"] / s["count"]), valid_acc=float(s["correct"] / s["count"]))
-    if eval_replay is not None:
-      s = jax.device_get(eval_replay_fn(params, frozen, eval_replay))
-      out.update(replay_ntp=float(s["nll"] / s["count"]), replay_kl=float(s["kl"] / s["count"]))
+    for name, rows_BT in probes.items():
+      s = jax.device_get(eval_replay_fn(params, frozen, rows_BT))
+      out.update({f"{name}_ntp": float(s["nll"] / s["count"]), f"{name}_kl": float(s["kl"] / s["count"])})
     accs = []
     for name, items in r.mcq.items():
       res = mcq.evaluate(cfg, params, r.tokenizer, items, c.eval.batch_size, mesh, c.data.system)

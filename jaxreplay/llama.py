@@ -293,12 +293,14 @@ _GENERATORS: dict = {}
 
 def generate(cfg: LlamaConfig, params, prompt_BP, key, length: int | None = None, s: Sampling = Sampling(),
              mesh=None):
-  """Rows of `length` tokens (default cfg.seq_len) continuing `prompt_BP` (one prompt length for all rows)."""
+  """Rows of `length` tokens (default cfg.seq_len) continuing `prompt_BP` (one prompt length for all rows).
+
+  With a mesh, a host (numpy) prompt holds this process's rows and the result is the global array."""
   from jaxreplay import sharding
+  if mesh is not None and not isinstance(prompt_BP, jax.Array):  # host rows: this process's share
+    prompt_BP = sharding.put_batch(np.asarray(prompt_BP, np.int32), mesh)
   B, Pl = prompt_BP.shape
   args = (cfg, s, B, Pl, length or cfg.seq_len, mesh)
   if args not in _GENERATORS:
     _GENERATORS[args] = make_generator(*args)
-  if mesh is not None and not isinstance(prompt_BP, jax.Array):
-    prompt_BP = sharding.put_batch(np.asarray(prompt_BP, np.int32), mesh)
   return _GENERATORS[args](params, jnp.asarray(prompt_BP), key)

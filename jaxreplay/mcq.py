@@ -76,36 +76,41 @@ def encode(tokenizer, items: list[dict], system: str = ""):
 
 
 @functools.lru_cache(maxsize=8)
-def _scorer(cfg: llama.LlamaConfig):
+def _scorer(cfg: llama.LlamaConfig, mesh=None):
   def score(params, tokens_BT, mask_BT):
     nll_BT = losses.token_nll(llama.logits(cfg, params, tokens_BT), tokens_BT)
     return -(nll_BT * mask_BT[:, 1:]).sum(axis=1)
-  return jax.jit(score)
+  # Scores come back replicated, so every host can read all of them.
+  return jax.jit(score, out_shardings=None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def completion_logprobs(cfg, params, rows, pad_id: int, batch_size: int = 16, mesh=None) -> np.ndarray:
-  """Summed log-probability of each row's completion (tokens ids[start:]), batched at one padded length."""
+  """Summed log-probability of each row's completion (tokens ids[start:]).
+
+  Rows are scored in order of length, each batch padded to a multiple of 64 tokens: few compilations, and a
+  long question does not make every batch long.
+  """
   from jaxreplay import sharding
-  longest = max(len(ids) for ids, _ in rows)
-  T = -(-longest // 32) * 32  # one compilation for most benchmarks
   if mesh is not None:
     div = sharding.batch_divisor(mesh)
     batch_size = -(-batch_size // div) * div
-  n_batches = -(-len(rows) // batch_size)
-  tokens = np.full((n_batches * batch_size, T), pad_id, np.int32)
-  mask = np.zeros((n_batches * batch_size, T), np.float32)
-  for r, (ids, start) in enumerate(rows):
-    tokens[r, :len(ids)] = ids
-    mask[r, start:len(ids)] = 1.0
-  score = _scorer(cfg)
-  out = []
-  for b in range(n_batches):
-    sl = slice(b * batch_size, (b + 1) * batch_size)
-    tb, mb = tokens[sl], mask[sl]
-    if mesh is not None:
-      tb, mb = sharding.put_batch(tb, mesh), sharding.put_batch(mb, mesh)
-    out.append(np.asarray(jax.device_get(score(params, tb, mb))))
-  return np.concatenate(out)[:len(rows)]
+  order = np.argsort([len(ids) for ids, _ in rows], kind="stable")
+  score = _scorer(cfg, mesh)
+  out = np.zeros(len(rows), np.float64)
+  for b in range(0, len(rows), batch_size):
+    chosen = order[b:b + batch_size]
+    T = -(-max(len(rows[i][0]) for i in chosen) // 64) * 64
+    tokens = np.full((batch_size, T), pad_id, np.int32)
+    mask = np.zeros((batch_size, T), np.float32)
+    for r, i in enumerate(chosen):
+      ids, start = rows[i]
+      tokens[r, :len(ids)] = ids
+      mask[r, start:len(ids)] = 1.0
+    if mesh is not None:  # each process supplies its share of the rows
+      local = lambda x: np.array_split(x, jax.process_count())[jax.process_index()]
+      tokens, mask = sharding.put_batch(local(tokens), mesh), sharding.put_batch(local(mask), mesh)
+    out[chosen] = np.asarray(jax.device_get(score(params, tokens, mask)))[:len(chosen)]
+  return out
 
 
 def evaluate(cfg, params, tokenizer, items: list[dict], batch_size: int = 16, mesh=None, system: str = "") -> dict:

@@ -36,20 +36,22 @@ def _small(arg: str) -> bool:
 
 def get_config(arg: str = ""):
   c = instruct.default()
-  c.model.update(path=MODEL, seq_len=512)
+  c.model.update(path=MODEL, seq_len=512, remat=True)
+  c.train.microbatches = 4  # 40 rows (32 chat + 8 replay) per forward pass: ~10 GB of fp32 logits at V=128,256
   c.data.update(train="data/pyranet/train.jsonl", valid="data/pyranet/valid.jsonl", prompt_key="description",
                 response_key="code", prompt_template="Write the following Verilog program. {prompt}")
   c.optim.update(lr=1e-5, warmup_tokens=10_000_000, schedule="constant", b1=0.9, b2=0.997, weight_decay=0.02,
                  batch_size=128)
   c.stop.update(epochs=5.0)
-  c.eval.update(every_steps=200, batch_size=64, valid_rows=2048, replay_rows=256, mcq=MCQ)
+  c.eval.update(every_steps=1000, batch_size=64, valid_rows=2048, replay_rows=256, mcq=MCQ)
   c.replay.update(method="kl", source="self", coeff=1.0, batch_size=32, buffer=32, temperature=1.0,
                   path="data/dclm.jsonl", max_tokens=200_000_000)
   c.checkpoint.update(every_steps=500, every_minutes=30.0)
   if _small(arg):
     from jaxreplay import tiny_llama
     paths = tiny_llama.ensure(SMALL_ASSETS)
-    c.model.update(path=paths["model"], seq_len=96)
+    c.model.update(path=paths["model"], seq_len=96, remat=False)
+    c.train.microbatches = 1
     c.data.update(train=paths["chat"], valid="", valid_fraction=0.25, prompt_key="prompt", response_key="response")
     c.optim.update(lr=1e-3, warmup_tokens=256, batch_size=4)
     c.stop.update(epochs=0.0, steps=8)

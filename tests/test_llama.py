@@ -148,3 +148,35 @@ def test_unsupported_checkpoints_fail_with_one_sentence(tmp_path):
     json.dump(dict(model_type="llama", **COMMON), f)
   with pytest.raises(hf_import.ImportError_, match="no \\*.safetensors"):
     hf_import.load(str(tmp_path / "empty"))
+
+
+SHARDED = r"""
+import os, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+from jaxreplay import hf_import, llama, sharding
+d = sys.argv[1]
+cfg, one, _ = hf_import.load(d, seq_len=32)
+mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=2))
+_, four, _ = hf_import.load(d, seq_len=32, mesh=mesh)
+assert four["blocks"]["q_proj"].sharding.spec == P(None, "fsdp", "tensor", None), four["blocks"]["q_proj"].sharding
+assert four["embed"].sharding.spec == P("tensor", "fsdp")
+tokens = np.random.default_rng(0).integers(0, 300, (4, 16)).astype(np.int32)
+f = jax.jit(llama.logits, static_argnums=0)
+np.testing.assert_allclose(f(cfg, four, sharding.put_batch(tokens, mesh)), f(cfg, one, tokens), atol=2e-4, rtol=1e-4)
+greedy = llama.Sampling(temperature=0)
+a = llama.generate(cfg, one, tokens[:, :3], jax.random.key(0), 16, greedy)
+b = llama.generate(cfg, four, tokens[:, :3], jax.random.key(0), 16, greedy, mesh)
+np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+print("SHARDED_OK")
+"""
+
+
+def test_sharded_import_matches_one_device(checkpoints):
+  """fsdp × tensor = 2 × 2 host devices in a subprocess: same logits and greedy tokens as one device."""
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", SHARDED, checkpoints["llama"][0]], env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]
