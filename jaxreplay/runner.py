@@ -64,6 +64,9 @@ def worker(workdir: str, name: str) -> int:
     print(f"run {name} is being trained by another process; skipping it", file=sys.stderr)
     return EXIT_CLAIMED
   db = connect(workdir)
+  if is_finished(workdir, name):  # e.g. a resubmitted array task: record it (once) and train nothing
+    record(db, workdir, run, fp)
+    return 0
   if run.parent and not is_finished(workdir, run.parent):
     print(f"run {name} waits for {run.parent}, which has not finished", file=sys.stderr)
     return EXIT_WAITING
@@ -81,6 +84,9 @@ def worker(workdir: str, name: str) -> int:
     return 2
   except SystemExit as e:  # preempted: a checkpoint was saved
     status, message = "interrupted", str(e)
+    raise
+  except BaseException as e:
+    message = f"{type(e).__name__}: {e}"[:2000]
     raise
   finally:
     db.execute("UPDATE attempts SET ended=?, status=?, message=? WHERE id=?", (time.time(), status, message, attempt))
