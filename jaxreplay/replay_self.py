@@ -1,5 +1,8 @@
 """Self-generated replay: rows sampled from the frozen pretrained model, prompted only by the dataset-id token.
 
+With `replay.prompt_ids` (e.g. '0,1,2', the earlier tasks of the toy continual experiment) the rows of every
+batch are split evenly among those ids instead.
+
 A refill samples `buffer` batches at once; each row is used once, in order. Refill r is drawn with a key derived
 from (seed, r) alone, so the rows for step s are a pure function of the config and the checkpoint: a resumed
 run regenerates exactly the rows an uninterrupted one used.
@@ -45,6 +48,11 @@ def _dataset_id(c, stage) -> int:
         f"dataset_id when that is -1) is outside the tokenizer's reserved ids 0–{config_lib.NUM_RESERVED_IDS - 1}: "
         "set config.replay.dataset_id to the id the model was pretrained with.")
   return int(dataset_id)
+
+
+def prompt_ids(c) -> tuple[int, ...]:
+  """config.replay.prompt_ids as ids ('0,1,2' -> (0, 1, 2)); () when unset (the single dataset id is used)."""
+  return tuple(int(p) for p in str(c.replay.prompt_ids).split(",") if p.strip())
 
 
 def refill_key(seed: int, refill: int):
@@ -175,6 +183,7 @@ class SelfGeneratedReplay:
     self.buffer = int(c.replay.buffer)
     self.T = int(c.model.seq_len)
     self.dataset_id = _dataset_id(c, stage)
+    self.prompt_ids = prompt_ids(c)  # several prompt ids: each batch's rows split evenly among them
     div = sharding.batch_divisor(self.mesh)
     if self.rows % div:
       raise config_lib.ConfigError(f"config.replay.batch_size={self.rows} replay rows are not divisible by the "
@@ -201,11 +210,22 @@ class SelfGeneratedReplay:
                    mlp_ratio=m.mlp_ratio, rope_base=m.rope_base, norm_eps=m.norm_eps,
                    compute_dtype=jnp.dtype(m.dtype).name),
         sampling=dict(temperature=self.sc.temperature, top_k=self.sc.top_k, top_p=self.sc.top_p,
-                      dataset_id=self.dataset_id, eos_id=-1),
+                      dataset_id=self.dataset_id, eos_id=-1,
+                      # only when set, so that caches made with one prompt id keep their fingerprint
+                      **({"prompt_ids": list(self.prompt_ids)} if self.prompt_ids else {})),
         seed=self.seed, seq_len=self.T, rows=self.rows, buffer=self.buffer, platform=jax.default_backend())
 
+  def _prompt_ids(self) -> np.ndarray:
+    """The prompt id of each sampled row, [buffer·rows]: with several ids, row i of every batch gets id
+    number ⌊i·k/rows⌋ of the k ids (shares differ by at most one row when k ∤ rows)."""
+    if not self.prompt_ids:
+      return np.full(self.buffer * self.rows, self.dataset_id, np.int32)
+    k = len(self.prompt_ids)
+    per_batch = np.asarray(self.prompt_ids, np.int32)[np.arange(self.rows) * k // self.rows]
+    return np.tile(per_batch, self.buffer)
+
   def _sample(self, refill: int) -> jax.Array:
-    prompt = np.full((self.buffer * self.rows, 1), self.dataset_id, np.int32)
+    prompt = self._prompt_ids()[:, None]
     prompt = jax.make_array_from_callback(prompt.shape, sharding.batch_sharding(self.mesh), lambda i: prompt[i])
     self.sampled_refills += 1
     return self.sampler(self.frozen, prompt, refill_key(self.seed, refill))

@@ -152,6 +152,9 @@ def run(c, workdir: str, evaluators=()) -> dict:
       return json.load(f)
   stage = Stage(c, workdir)
   ckpt_lib.check_writable(workdir)  # before anything is written
+  if stage.data.meta.get("toy"):  # toy continual tasks: greedy answer accuracy on every task at each eval
+    from jaxreplay import toy
+    evaluators = (*evaluators, toy.evaluator_for(c, stage.data.meta, c.data.path, stage.model_cfg))
   if jax.process_index() == 0:
     config_lib.write(c, workdir)
     tokenizer = os.path.join(c.data.path, "tokenizer.json")

@@ -1,53 +1,63 @@
 """Toy continual learning: four arithmetic tasks in sequence (digest §3.2 C; toy_continual plot).
 
-Tasks add → reversal → sort → modadd (3-digit operands, T = 14, vocabulary 19), 2,000 steps each on a
-D=256, L=2, 16-head model (head_dim 16), AdamW β=(0.9, 0.99), wd 0.02, LR 1e-4 after a 200-step warmup,
-batch 2,048; every task is a finetuning stage from the previous one, so the optimizer restarts at each task
-boundary as in the paper. Two arms (`match` keeps each arm's chain separate): no replay, and NTP on
-self-generated samples from the model at the start of the current task (coefficient 10, 2,048 per step).
+Tasks add → reversal → sort → modadd (3-digit operands, T = 14, vocabulary 19; jaxreplay/toy.py), 2,000
+steps each on a D=256, L=2, 16-head model (head_dim 16), AdamW β=(0.9, 0.99), wd 0.02, LR 1e-4 after a
+200-step warmup, batch 2,048; every task is a finetuning stage from the previous one's export, so the
+optimizer restarts at each task boundary as in the paper. Two arms (`match` keeps each arm's chain
+separate): no replay, and NTP on self-generated samples (coefficient 10, 2,048 rows per step) from the model
+at the start of the current task (the stage's init.from weights, kept frozen), prompted by every earlier
+task's token (`replay.prompt_ids`, rows split evenly). Every evaluation logs the greedy exact-match accuracy
+on all four tasks (`acc_add`, ...). The task data (65,536 train / 4,096 valid examples per task) is written
+to data/toy*/ under the current directory when the sweep is loaded.
 
-Not yet runnable: the task data (data/toy/{add,reversal,sort,modadd}, built by another change), greedy
-exact-match accuracy as an eval, and replay prompted with every previous task's BOS (the replay module now
-prompts with one dataset id: the previous task's).
+Variants: `:cpu` is the CPU-scale reproduction in docs/results.md (D=128, batch 256, LR 1e-3, 300 steps per
+task, seeds 0–1); `:small` only checks the wiring (a few steps).
 
-  jaxreplay sweep sweeps/toy_continual.py[:small] --workdir=runs/toy_continual
+  python -m jaxreplay.toy --workdir=runs/toy_continual [--variant=cpu]
+  jaxreplay sweep sweeps/toy_continual.py[:cpu|:small] --workdir=runs/toy_continual
 """
 
 from jaxreplay import config as config_lib
 from jaxreplay import sweeps
+from jaxreplay import toy
 
-TASKS = ["add", "reversal", "sort", "modadd"]
-T, BATCH, STEPS = 14, 2048, 2000
+TASKS = list(toy.TASKS)
+T = toy.SEQ_LEN
 ARMS = [{"replay.method": "none"},
-        {"replay.method": "ntp", "replay.source": "self", "replay.coeff": 10.0, "replay.batch_size": BATCH}]
+        {"replay.method": "ntp", "replay.source": "self", "replay.coeff": 10.0}]
+# variant: (d_model, batch, lr, warmup steps, steps per task, eval every (steps), eval examples, seeds, data)
+VARIANTS = {
+    "": (256, 2048, 1e-4, 200, 2000, 20, 4096, [0], (65_536, 4_096)),
+    "cpu": (128, 256, 1e-3, 20, 300, 25, 512, [0, 1], (65_536, 4_096)),
+    "small": (32, 32, 3e-3, 2, 6, 3, 64, [0], (2_048, 256)),
+}
 
 
-def task_config(task: str, small: bool):
+def task_config(task: str, variant: str):
+  d, batch, lr, warmup, steps, every, n_eval, _, _ = VARIANTS[variant]
   c = config_lib.default()
-  c.data.path = f"data/toy{'_small' if small else ''}/{task}"
-  c.model.update(d_model=256, n_layers=2, head_dim=16, seq_len=T, vocab_size=19)
-  c.optim.update(lr=1e-4, b2=0.99, weight_decay=0.02, batch_size=BATCH, warmup_tokens=200 * BATCH * T)
-  c.eval.update(every_tokens=20 * BATCH * T, tokens=4096 * T, batch_size=512)
-  c.stop.steps = STEPS
-  if small:
-    c.model.update(d_model=64, head_dim=16)
-    c.optim.update(batch_size=64, warmup_tokens=10 * 64 * T)
-    c.eval.update(every_tokens=20 * 64 * T, tokens=256 * T, batch_size=64)
-    c.stop.steps = 100
+  c.data.path = f"data/toy{'_' + variant if variant else ''}/{task}"
+  c.model.update(d_model=d, n_layers=2, head_dim=16, seq_len=T, vocab_size=toy.VOCAB_SIZE)
+  c.optim.update(lr=lr, b2=0.99, weight_decay=0.02, batch_size=batch, warmup_tokens=warmup * batch * T)
+  c.eval.update(every_tokens=every * batch * T, tokens=n_eval * T, batch_size=min(512, n_eval))
+  c.stop.steps = steps
+  c.replay.update(batch_size=batch, buffer=16 if variant != "small" else 2,
+                  prompt_ids=",".join(str(i) for i in range(TASKS.index(task))))  # every earlier task
+  c.checkpoint.update(every_steps=max(100, steps // 4), every_minutes=5.0)
+  c.log.update(every_steps=every, progress=False)
   return c
 
 
 def get_sweep(arg: str = ""):
-  if arg not in ("", "paper", "small"):
-    raise ValueError(f"unknown variant {arg!r}: use no argument or 'small'")
-  small = arg == "small"
+  variant = "" if arg == "paper" else arg
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {arg!r}: use no argument (the paper's setup), 'cpu' or 'small'")
+  *_, seeds, (n_train, n_valid) = VARIANTS[variant]
+  toy.build(f"data/toy{'_' + variant if variant else ''}", n_train, n_valid)
   s = sweeps.Sweep(__doc__)
-  prev = s.stage(TASKS[0], task_config(TASKS[0], small))
-  arms = ARMS
-  if small:
-    arms = [dict(a, **({"replay.batch_size": 64} if "replay.batch_size" in a else {})) for a in ARMS]
+  prev = s.stage(TASKS[0], task_config(TASKS[0], variant), {"seed": seeds})
   for task in TASKS[1:]:
-    c = task_config(task, small)
+    c = task_config(task, variant)
     c.stage = "finetune"
-    prev = s.stage(task, c, arms, after=prev, match=("replay",))
+    prev = s.stage(task, c, sweeps.product(ARMS, {"seed": seeds}), after=prev, match=("replay", "seed"))
   return s
