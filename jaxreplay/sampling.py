@@ -181,7 +181,9 @@ def decode_step(cfg: model_lib.ModelConfig, w: dict, cache: dict, token_B, pos, 
                 + e_new_BN[..., None] * v_BNH.astype(jnp.float32))
     attn_BNH = (attn_BNH / (jnp.sum(e_old_SBN, axis=0) + e_new_BN)[..., None]).astype(dt)
     # XLA updates a loop-carried buffer in place only if the value written provably comes after every read
-    # of the old buffer; a zero that depends on the attention output (x·0 is not folded for floats) says so.
+    # of the old buffer: a zero that depends on the attention output (x·0 is not folded for floats) says so,
+    # and the barrier keeps the attention from being fused into the update (which would read the old buffer).
+    attn_BNH, k_BNH, v_BNH = jax.lax.optimization_barrier((attn_BNH, k_BNH, v_BNH))
     after_reads = 0.0 * attn_BNH[:1, :1, :1].astype(kc_SBNH.dtype)
     new_k.append(jax.lax.dynamic_update_slice(kc_SBNH, (k_BNH.astype(kc_SBNH.dtype) + after_reads)[None],
                                               (pos, 0, 0, 0)))
@@ -256,7 +258,7 @@ def make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: int
 
     carry = (tokens_BT, cache, token_B, done_B)
     for a, b in _chunks(Pl + 1, T, chunks):
-      span = max(1, b - 2)  # the range's last step decodes the token at b-2, which attends to entries 0..b-3
+      span = max(2, b - 2)  # the range's last step decodes the token at b-2, which attends to entries 0..b-3
       if stop:
         def cond(c, b=b):
           return (c[0] < b) & ~jnp.all(c[1][3])
