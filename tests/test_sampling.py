@@ -198,7 +198,8 @@ SHARDED = textwrap.dedent("""
     from test_sampling import TINY, np_params
     from jaxreplay import sampling as S, sharding
     out = {}
-    for name, mesh_cfg in (("one", None), ("four", dict(data=2, fsdp=2, tensor=1))):
+    for name, mesh_cfg in (("one", None), ("four", dict(data=2, fsdp=2, tensor=1)),
+                           ("tensor", dict(data=1, fsdp=2, tensor=2))):
       mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_cfg or dict(data=1, fsdp=1, tensor=1)),
                                 jax.devices()[:1] if mesh_cfg is None else None)
       p = np_params(TINY, 0, 2.0)
@@ -216,4 +217,5 @@ def test_sharded_over_the_data_axes_gives_the_same_samples():
   assert res.returncode == 0, res.stderr[-3000:]
   out = json.loads(res.stdout.strip().splitlines()[-1])
   assert out["four"]["tokens"] == out["one"]["tokens"]
+  assert out["tensor"]["tokens"] == out["one"]["tokens"]  # heads split over the tensor axis
   assert "data" in out["four"]["spec"] and "fsdp" in out["four"]["spec"]
