@@ -245,19 +245,33 @@ def _x_of(row: dict, res: Results, key: str):
 
 def capacity_slice(res: Results, x: str) -> list[dict]:
   """Per x value of the pretrained model (params or tpp): previous loss before finetuning and the best (lowest)
-  after it among runs that reached their target loss (all runs when none has a target)."""
+  after it among runs that reached their target loss. Runs without a target are compared at a matched
+  downstream loss instead: the lowest one that some run of every x value reached, each run's previous loss
+  interpolated there from its trajectory (the same as stopping at that target)."""
   groups = defaultdict(list)
   for r in res.finetunes():
     v = _x_of(r, res, x)
     if v:
       groups[v].append(r)
+  matched = None
+  if groups and not any(cfg(k, "stop.target_loss") for kids in groups.values() for k in kids):
+    trajs = {k["name"]: _traj(res.history(k["name"])) for kids in groups.values() for k in kids}
+    reach = [min((x_ for k in kids for x_, _ in trajs[k["name"]]), default=math.inf) for kids in groups.values()]
+    matched = max(reach)
   out = []
   for v, kids in sorted(groups.items()):
-    ok = [k for k in kids if not cfg(k, "stop.target_loss") or k["metrics"].get("stop_reason") == "target_loss"]
+    if matched is None:
+      ok = [(k, k["metrics"].get("prev_ntp", math.inf)) for k in kids
+            if not cfg(k, "stop.target_loss") or k["metrics"].get("stop_reason") == "target_loss"]
+    else:
+      ok = [(k, at_matched(trajs[k["name"]], matched)) for k in kids]
+      ok = [(k, y) for k, y in ok if y is not None]
     before = kids[0]["metrics"].get("prev_ntp_before")
-    best = min(ok, key=lambda k: k["metrics"].get("prev_ntp", math.inf)) if ok else None
-    out.append(dict(x=v, before=before, after=best["metrics"].get("prev_ntp") if best else None,
-                    best_coeff=cfg(best, "replay.coeff") if best else None, reached=len(ok), runs=len(kids)))
+    best = min(ok, key=lambda p: p[1]) if ok else None
+    out.append(dict(x=v, before=before, after=best[1] if best else None, matched_downstream=matched,
+                    best=method_label(best[0]) + (f" {cfg(best[0], 'replay.coeff'):g}" if best and cfg(
+                        best[0], "replay.method") != "none" else "") if best else None,
+                    best_coeff=cfg(best[0], "replay.coeff") if best else None, reached=len(ok), runs=len(kids)))
   return out
 
 
@@ -386,6 +400,11 @@ def report(path: str, out: str) -> list[str]:
   slices = {x: s for x, s in slices.items() if len(s) > 1}
   if slices:
     written.append(plots.capacity_slices(slices, os.path.join(out, "capacity_slices.png")))
+    for x, rows in slices.items():
+      _write(os.path.join(out, f"capacity_{x}.md"), markdown(rows, [
+          ("x", x, "{:g}"), ("before", "prev loss before", "{:.3f}"), ("after", "best prev loss after", "{:.3f}"),
+          ("best", "best run", "{}"), ("matched_downstream", "at downstream loss", "{:.3f}"),
+          ("reached", "runs that reached it", "{}"), ("runs", "runs", "{}")]), written)
   lr = lr_panels(res)
   if any(len(v) > 2 for d in lr.values() for v in d.values()):
     written.append(plots.learning_rate(lr, os.path.join(out, "learning_rate.png")))

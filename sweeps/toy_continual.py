@@ -10,7 +10,7 @@ task's token (`replay.prompt_ids`, rows split evenly). Every evaluation logs the
 on all four tasks (`acc_add`, ...). The task data (65,536 train / 4,096 valid examples per task) is written
 to data/toy*/ under the current directory when the sweep is loaded.
 
-Variants: `:cpu` is the CPU-scale reproduction in docs/results.md (D=128, batch 256, LR 1e-3, 300 steps per
+Variants: `:cpu` is the CPU-scale reproduction in docs/results.md (D=128, batch 128, LR 3e-3, 600 steps per
 task, seeds 0–1); `:small` only checks the wiring (a few steps).
 
   python -m jaxreplay.toy --workdir=runs/toy_continual [--variant=cpu]
@@ -28,7 +28,7 @@ ARMS = [{"replay.method": "none"},
 # variant: (d_model, batch, lr, warmup steps, steps per task, eval every (steps), eval examples, seeds, data)
 VARIANTS = {
     "": (256, 2048, 1e-4, 200, 2000, 20, 4096, [0], (65_536, 4_096)),
-    "cpu": (128, 256, 1e-3, 20, 300, 25, 512, [0, 1], (65_536, 4_096)),
+    "cpu": (128, 128, 3e-3, 20, 600, 50, 512, [0, 1], (65_536, 4_096)),
     "small": (32, 32, 3e-3, 2, 6, 3, 64, [0], (2_048, 256)),
 }
 

@@ -1,0 +1,36 @@
+"""CPU-scale reproduction (c): capacity — forgetting with the best KL coefficient against tokens per parameter.
+
+The paper's claim (capacity slices, right panel): for one model size, the English loss after finetuning on
+Spanish to a target loss, with the best real-data KL coefficient, rises further above the English loss before
+finetuning the longer the model was pretrained. Here: the `_paper` small model (163,840 parameters) pretrained
+on the English Bible (cosine, LR 1e-3, batch 32 × 64) for 2, 8, 32 and 128 tokens per parameter (0.33M–21M
+tokens; the Bible's 1.4M training tokens are repeated beyond 8 TPP), then finetuned on the Spanish Bible
+(LR 1e-3, cosine over 1.5M tokens, a fresh optimizer) with real-English KL replay at coefficients 0.1, 1 and
+10 (plus no replay, for reference). Seed 0. Instead of a target loss fixed in advance, `jaxreplay report`
+compares the runs at the lowest Spanish loss that some run of every TPP reached, interpolating each run's
+English loss there from its trajectory (identical to stopping each run at that target).
+
+  jaxreplay sweep sweeps/repro_tpp.py --workdir=runs/repro/tpp --jobs=2
+"""
+
+import _paper
+from jaxreplay import sweeps
+
+TPP = [2, 8, 32, 128]
+COEFFS = [0.1, 1.0, 10.0]
+
+
+def get_sweep(arg: str = ""):
+  if arg:
+    raise ValueError(f"unknown variant {arg!r}: this sweep has none")
+  pre = _paper.config("en", True)
+  pre.optim.update(schedule="cosine", batch_size=32)
+  pre.eval.every_tokens = 500_000
+  ft = _paper.finetune(_paper.config("es", True, tokens=1_500_000), "es", True)
+  ft.optim.update(schedule="cosine", batch_size=32, warmup_tokens=20_000)
+  ft.eval.every_tokens = 50_000
+  ft.replay.update(method="kl", source="real")
+  s = sweeps.Sweep(__doc__)
+  s.stage("pretrain", pre, {"stop.tokens_per_param": TPP})
+  s.stage("finetune", ft, sweeps.chain({"replay.method": ["none"]}, {"replay.coeff": COEFFS}), after="pretrain")
+  return s
