@@ -553,6 +553,7 @@ def _config(env):
   return module.get_config()
 
 
+@pytest.mark.slow  # compiles a second model in this process; the Checkpointer-level check above is fast
 def test_checkpoints_of_a_different_shape_are_one_error_and_untouched(env, preempted, tmp_path):
   from jaxreplay import train
   source, _ = preempted
