@@ -127,6 +127,10 @@ DRIVER = textwrap.dedent("""
         ck.save(7, state, {"replay": {"position": 3}}, force=True)
         ck.close()
         saved = ckpt_lib.integrity_record(state)
+        timed = ckpt_lib.Checkpointer(args["workdir"], ml_collections.ConfigDict(dict(ckpt_cfg, every_steps=1000,
+                                                                                       every_minutes=1e-9)))
+        assert timed.should_save(10) and not timed.should_save(11)  # host 0's clock decides, every 10 steps
+        timed.close()
         with preemption.Preemption() as p:
           for step in range(8, 10_000):
             time.sleep(0.01)
