@@ -40,8 +40,13 @@ def resolve(path_or_id: str) -> str:
   if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")) or path_or_id.count("/") != 1:
     raise ImportError_(f"model path {path_or_id!r} is not a directory: give a local Hugging Face checkpoint "
                        "directory (config.json + *.safetensors) or a hub id like 'org/name'.")
-  from huggingface_hub import snapshot_download  # only for hub ids
-  return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+  try:
+    from huggingface_hub import snapshot_download  # only for hub ids
+    return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+  except Exception as e:  # no network, unknown repo, gated model, huggingface_hub missing
+    raise ImportError_(f"model path {path_or_id!r} is not a local directory and could not be fetched from the "
+                       f"Hugging Face hub ({type(e).__name__}): download the checkpoint elsewhere and point "
+                       "model.path at its directory.") from None
 
 
 def read_config(directory: str) -> dict:

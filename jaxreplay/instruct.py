@@ -45,7 +45,8 @@ def default() -> ml_collections.ConfigDict:
       train="",  # JSON lines with prompt/response (or messages)
       valid="",  # held-out JSON lines; empty = hold out valid_fraction of train
       valid_fraction=0.05, prompt_key="prompt", response_key="response", prompt_template="{prompt}",
-      system="", long="truncate"))
+      system="", long="truncate",
+      cache_dir=""))  # where tokenized data is cached across runs; empty = beside the data file
   c.optim = ml_collections.ConfigDict(base.optim.to_dict())
   c.optim.update(lr=1e-5, b2=0.997, batch_size=128)
   c.train = ml_collections.ConfigDict(dict(microbatches=1))  # gradient accumulation within a step
@@ -308,24 +309,61 @@ class Run:
       if n % div and (key == "optim.batch_size" or c.replay.method != "none"):
         raise config_lib.ConfigError(f"config.{key}={n} is not divisible by the {div} data-parallel devices × "
                                      "microbatches: choose a multiple.")
-    train_ex, valid_ex = _split_examples(c, self.tokenizer)
-    enc = lambda exs: [chat_data.encode_chat(self.tokenizer, m) for m in exs]
-    self.train = chat_data.pack(enc(train_ex), T, self.pad_id, c.data.long)
-    self.valid = chat_data.pack(enc(valid_ex), T, self.pad_id, c.data.long) if valid_ex else None
+    def chat():
+      train_ex, valid_ex = _split_examples(c, self.tokenizer)
+      enc = lambda exs: [chat_data.encode_chat(self.tokenizer, m) for m in exs]
+      train = chat_data.pack(enc(train_ex), T, self.pad_id, c.data.long)
+      valid = chat_data.pack(enc(valid_ex), T, self.pad_id, c.data.long) if valid_ex else None
+      return train, valid
+
+    d = c.data
+    self.train, self.valid = _cached(c, "chat", [d.train, d.valid, d.valid_fraction, d.prompt_key, d.response_key,
+                                                 d.prompt_template, d.system, d.long, T, c.seed], chat)
     arrays = lambda p: dict(tokens=p.tokens, mask=p.mask, segments=p.segments)
     self.batches = chat_data.Batches(arrays(self.train), B, c.seed)
     self.tokens_per_step = B * T
     self.total_steps = int(c.stop.steps) or max(1, int(round(c.stop.epochs * len(self.train) / B)))
     self.replay_rows = self.replay_probe = None
     if c.replay.path and (c.replay.source == "real" and c.replay.method != "none" or c.eval.replay_rows):
-      docs = chat_data.read_text_jsonl(c.replay.path, self.tokenizer, c.replay.text_key, c.replay.max_tokens)
-      rows = chat_data.pack_documents(docs, T)
+      rows = _cached(c, "text", [c.replay.path, c.replay.text_key, c.replay.max_tokens, T], lambda: chat_data.pack_documents(
+          chat_data.read_text_jsonl(c.replay.path, self.tokenizer, c.replay.text_key, c.replay.max_tokens), T))
       n_probe = min(c.eval.replay_rows, len(rows) // 2)
       # The last rows are held out as the real forgetting probe; training replay never sees them.
       self.replay_rows = rows[:len(rows) - n_probe]
       self.replay_probe = rows[len(rows) - n_probe:] if n_probe else None
     self.mcq = {name: mcq.read_benchmark(path, c.eval.mcq_limit, c.eval.mcq_seed)
                 for name, path in benchmarks(c).items()}
+
+
+def _cached(c, kind: str, key: list, build):
+  """Tokenized data, built once and shared by every run of a sweep (tokenizing 600K chats takes minutes).
+
+  Kept in data.cache_dir (default: beside the data file) under a hash of the inputs: file paths, sizes and
+  modification times, the tokenizer files and the settings in `key`."""
+  import hashlib
+  import pickle
+  model_dir = hf_import.resolve(c.model.path)
+  stamp = []
+  for path in [x for x in key if isinstance(x, str) and os.path.isfile(x)] + sorted(
+      os.path.join(model_dir, f) for f in os.listdir(model_dir) if f.startswith(("tokenizer", "special_tokens"))):
+    st = os.stat(path)
+    stamp.append((os.path.abspath(path), st.st_size, st.st_mtime_ns))
+  digest = hashlib.sha256(repr((kind, key, stamp)).encode()).hexdigest()[:16]
+  source = next(x for x in key if isinstance(x, str) and x)
+  directory = c.data.cache_dir or os.path.dirname(os.path.abspath(source))
+  path = os.path.join(directory, f".jaxreplay-{kind}-{digest}.pkl")
+  if os.path.exists(path):
+    with open(path, "rb") as f:
+      return pickle.load(f)
+  value = build()
+  if jax.process_index() == 0:
+    try:
+      with open(path + ".tmp", "wb") as f:
+        pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
+      os.replace(path + ".tmp", path)
+    except OSError:
+      pass  # a read-only data directory: tokenize again next time
+  return value
 
 
 def _sums(fn, batches) -> dict:
@@ -341,6 +379,12 @@ def run(c, workdir: str) -> dict:
   from tqdm import tqdm
   from jaxreplay import checkpoint as ckpt_lib
   from jaxreplay import metrics as metrics_lib
+  config_path = os.path.join(workdir, "config.json")
+  if os.path.exists(config_path):  # refuse a workdir that holds a different run, before anything is written
+    diff = config_lib.differences(config_lib.from_json_file(config_path), c)
+    if diff:
+      raise config_lib.ConfigError(f"The workdir {workdir} holds a run with a different config ({', '.join(diff[:5])} "
+                                   "differ): use a new --workdir, or the same config to resume it.")
   done = os.path.join(workdir, DONE_FILE)
   if os.path.exists(done):
     with open(done) as f:

@@ -7,14 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the instruct tests build their tiny Llama with torch")
-transformers = pytest.importorskip("transformers", reason="the instruct tests need transformers (chat templates)")
-
-from jaxreplay import chat_data, hf_import, instruct, mcq, tiny_llama  # noqa: E402
+from jaxreplay import chat_data, hf_import, instruct, mcq, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
+  pytest.importorskip("torch", reason="the tiny Llama checkpoint is made with torch (pip install torch)")
+  pytest.importorskip("transformers", reason="checkpoints and chat templates need transformers")
   directory = str(tmp_path_factory.mktemp("tiny_llama"))
   model = tiny_llama.make_checkpoint(directory)
   return directory, model, chat_data.load_tokenizer(directory)
@@ -52,6 +51,7 @@ def test_packing_keeps_examples_whole_with_segments():
 
 
 def _torch_score(model, ids, start):
+  import torch
   with torch.no_grad():
     logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1).numpy()
   return sum(logp[t - 1, ids[t]] for t in range(start, len(ids)))
@@ -143,8 +143,8 @@ def test_self_replay_rows_start_from_bos_and_run_full_length(checkpoint):
   assert (a[:, 1:] != tok.pad_token_id).mean() > 0.9  # sampled to the end (no EOS stop)
 
 
-def test_bad_configs_fail_with_one_sentence(checkpoint, tmp_path):
-  directory, _, _ = checkpoint
+def test_bad_configs_fail_with_one_sentence(tmp_path):
+  directory = str(tmp_path / "model")  # validation reads no files
   _write_data(tmp_path)
   c = tiny_config(directory, tmp_path, method="kl", source="real")
   with pytest.raises(instruct.config_lib.ConfigError, match="replay.path"):
@@ -200,3 +200,24 @@ def test_microbatched_step_equals_one_big_step():
     np.testing.assert_allclose(aux2[k], aux1[k], rtol=1e-5)
   # Adam's first step divides by |g|: float rounding in tiny gradients shows at ~1e-5 of lr 1e-2.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=3e-5), two["params"], one["params"])
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_uninterrupted(checkpoint, tmp_path):
+  """Stopped after 2 steps and resumed to 4, a run ends where an uninterrupted 4-step run does."""
+  directory, _, _ = checkpoint
+  _write_data(tmp_path)
+  c = tiny_config(directory, tmp_path, method="kl", source="self", coeff=1.0)
+  c.checkpoint.every_steps = 2
+  full = instruct.run(c, str(tmp_path / "full"))
+  c.stop.steps = 2
+  instruct.run(c, str(tmp_path / "cut"))
+  os.remove(tmp_path / "cut" / "final.json")  # as if it had been preempted after its step-2 checkpoint
+  os.remove(tmp_path / "cut" / "config.json")
+  c.stop.steps = 4
+  resumed = instruct.run(c, str(tmp_path / "cut"))
+  for k in ("valid_ntp", "self_kl", "mcq_mean"):
+    assert resumed[k] == pytest.approx(full[k], rel=1e-5, abs=1e-7)
+  with pytest.raises(instruct.config_lib.ConfigError, match="different config"):
+    c.optim.lr = 1.0
+    instruct.run(c, str(tmp_path / "cut"))

@@ -112,7 +112,7 @@ def test_import_onto_a_mesh_and_export_round_trip(checkpoints, tmp_path):
   assert params["blocks"]["q_proj"].shape == (2, 64, 4, 16)
   assert params["blocks"]["q_bias"].sharding.mesh.shape == mesh.shape
   hf_import.save_hf(params, cfg, directory, str(tmp_path / "out"))
-  again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+  again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
   tokens = torch.tensor(np.random.default_rng(3).integers(0, V, (1, 10)))
   with torch.no_grad():
     np.testing.assert_allclose(again(tokens).logits.numpy(), model(tokens).logits.numpy(), atol=1e-5)
@@ -172,6 +172,7 @@ print("SHARDED_OK")
 """
 
 
+@pytest.mark.slow  # a subprocess that compiles everything again: ~15 s alone, over a minute on a busy 2-core CPU
 def test_sharded_import_matches_one_device(checkpoints):
   """fsdp × tensor = 2 × 2 host devices in a subprocess: same logits and greedy tokens as one device."""
   import subprocess
@@ -180,3 +181,14 @@ def test_sharded_import_matches_one_device(checkpoints):
   out = subprocess.run([sys.executable, "-c", SHARDED, checkpoints["llama"][0]], env=env, capture_output=True,
                        text=True, timeout=300)
   assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_unreachable_hub_id_fails_with_one_sentence(monkeypatch):
+  import huggingface_hub
+
+  def offline(*a, **k):
+    raise OSError("no network")
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+  with pytest.raises(hf_import.ImportError_, match="could not be fetched"):
+    hf_import.resolve("no-such-org/no-such-model")
