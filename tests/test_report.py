@@ -184,3 +184,18 @@ def test_the_workdir_form_used_by_the_quickstart(tmp_path):
   assert rows[0]["forgetting"] == pytest.approx(0.4)
   assert "| none" in report.format_table(rows)
   assert os.path.exists(report.plot_trajectories(str(pre), {"none": str(ft)}, str(tmp_path / "t.png")))
+
+
+def test_capacity_slices_without_targets_compare_at_a_matched_downstream_loss(tmp_path):
+  w = tmp_path / "sweep"
+  for tpp, before in ((10, 4.0), (100, 3.5)):
+    add_run(w, f"pretrain/tpp={tpp}", config=dict(stop=dict(tokens_per_param=tpp)), metrics=dict(valid_ntp=before))
+    for coeff, rise, end in ((1.0, 0.2, 2.0), (10.0, 0.1, 2.5)):  # coefficient 10 stops short of 2.0
+      xs, ys = [4.0, 3.0, end], [before, before + rise, before + 2 * rise]
+      add_run(w, f"finetune/pretrain/tpp={tpp}/coeff={coeff}", parent=f"pretrain/tpp={tpp}",
+              config=dict(replay=dict(method="kl", source="real", coeff=coeff), stop=dict(target_loss=0.0)),
+              metrics=dict(prev_ntp=ys[-1], prev_ntp_before=before), history=traj(xs, ys))
+  rows = report.capacity_slice(report.Results(str(w)), "tpp")
+  assert all(r["matched_downstream"] == 2.0 for r in rows)  # the lowest loss some run of every TPP reached
+  assert [r["after"] for r in rows] == pytest.approx([4.4, 3.9]) and rows[0]["best"] == "KL (real) 1"
+  assert all(r["reached"] == 1 for r in rows)
