@@ -1,21 +1,24 @@
 """Sweep definitions: a grid of runs in stages, each run named by its overrides, in dependency order.
 
-A sweep file (`sweeps/*.py`) has `get_sweep(arg) -> Sweep`:
+A sweep file (`sweeps/*.py`) has `get_sweep(arg) -> Sweep` (`jaxreplay sweep FILE.py:ARG` passes ARG):
 
-  s = sweeps.Sweep()
+  s = sweeps.Sweep("what this sweep measures")
   pre = s.stage("pretrain", base=pre_config, grid=sweeps.product({"model.d_model": [256, 384]},
                                                                  {"stop.tokens_per_param": [20, 80]}))
   s.stage("finetune", base=ft_config, grid={"replay.coeff": [0.1, 1.0]}, after=pre)
 
 A grid is a list of override dicts (dotted config keys → values); `product`, `zip_` and `chain` build them,
-and a plain dict {key: [values]} is the product of its lists. `after=STAGE` (or a list of run names) makes
-each run of this stage a finetuning run of each named run: its `init.from` is the NAME of the run it starts
-from, which the runner turns into that run's workdir. Run names are `STAGE/LABEL` for runs that start from
-nothing and `STAGE/PARENT_NAME/LABEL` for the others; LABEL is `key=value,...` over the overrides (short
-keys, see ABBREV) or, when that would be too long, a readable prefix and a hash.
+and a plain dict {key: [values]} is the product of its lists. A grid over one stop length (e.g.
+stop.tokens_per_param) replaces the base's length criterion. `after=` makes each run of this stage a
+finetuning run of each named run: a stage (every run of it), (stage, {key: value}) (its runs with those
+overrides), or a list of run names; `match=` pairs a child only with parents that agree on the given keys.
+A child's `init.from` is the NAME of its parent; the runner turns it into that run's workdir.
 
-`expand` turns a Sweep into plain `Run`s and checks everything before anything runs; the runner that executes
-them is `jaxreplay/runner.py`.
+Run names are `STAGE/LABEL` for runs that start from nothing and `STAGE/PARENT_NAME/LABEL` for the others
+(`/LABEL` left out when the run has no overrides of its own); LABEL is `key=value,...` over the overrides
+(short keys, see ABBREV) or, past MAX_LABEL characters, a readable prefix and a hash. `expand` turns a Sweep
+into plain `Run`s and checks everything (keys, types, dependencies, cycles, config.validate) before anything
+runs; `jaxreplay/runner.py` runs them and `jaxreplay/sweepdir.py` keeps their state.
 """
 
 from __future__ import annotations
