@@ -44,8 +44,23 @@ def _fail(message: str):
   sys.exit(2)
 
 
-def _train_main(stage: str):
+def _take_init_from(argv: list[str]) -> tuple[list[str], str | None]:
+  """Pulls out --config.init.from: `from` is a Python keyword, which ml_collections' path parser rejects."""
+  rest, value = [], None
+  it = iter(argv)
+  for arg in it:
+    if arg.startswith("--config.init.from="):
+      value = arg.split("=", 1)[1]
+    elif arg == "--config.init.from":
+      value = next(it, "")
+    else:
+      rest.append(arg)
+  return rest, value
+
+
+def _train_main(stage: str, init_from: str | None):
   flags.DEFINE_string("workdir", None, "Directory for this run's checkpoints, metrics and exported weights.")
+  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (TPU pods, multi-node GPU).")
   config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. sweeps/quickstart.py:pretrain.",
                                   lock_config=True)
 
@@ -57,8 +72,13 @@ def _train_main(stage: str):
       _fail("--workdir is required: name the directory this run writes to.")
     if FLAGS.config is None:
       _fail("--config is required, e.g. --config=sweeps/quickstart.py:pretrain.")
+    if FLAGS.multihost:
+      import jax
+      jax.distributed.initialize()  # coordinator and process ids come from the TPU / cluster environment
     c = FLAGS.config
     c.stage = stage
+    if init_from is not None:
+      c.init["from"] = init_from
     from jaxreplay import train
     from jaxreplay.data import resolve_path
     try:
@@ -95,8 +115,10 @@ def main(argv=None):
   rest = [f"jaxreplay {command}"] + argv[2:]
   if command in ("pretrain", "finetune"):
     _parse_config_errors(rest)
+    rest, init_from = _take_init_from(rest)
+    sys.argv = rest  # config_flags reads overrides from sys.argv itself
     try:
-      app.run(_train_main(command), argv=rest)
+      app.run(_train_main(command, init_from), argv=rest)
     except flags.Error as e:
       _fail(f"{e}: check the spelling of the --config key against jaxreplay/config.py.")
   elif command == "data":

@@ -225,9 +225,12 @@ def write(c: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict,
-                ignore=("log", "checkpoint", "data.num_workers", "data.prefetch")) -> list[str]:
-  """Dotted keys whose values differ (ignoring keys that do not change the numbers)."""
-  fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
+                ignore=("log", "checkpoint", "mesh", "data.num_workers", "data.prefetch")) -> list[str]:
+  """Dotted keys whose values differ, ignoring keys that do not change the numbers (a run may resume on
+  another mesh) and treating a key missing from either side (a config written before it existed) as its
+  default."""
+  base = _flatten(default().to_dict())
+  fa, fb = {**base, **_flatten(a.to_dict())}, {**base, **_flatten(b.to_dict())}
   keys = sorted(set(fa) | set(fb))
   return [k for k in keys if fa.get(k) != fb.get(k)
           and not any(k == i or k.startswith(i + ".") for i in ignore)

@@ -15,10 +15,21 @@ import jax
 import jax.numpy as jnp
 
 
+_PEAKS: dict = {}
+
+
+def cached_matmul_peak(dtype=jnp.float32) -> float:
+  """`measure_matmul_peak` once per process and dtype: runs of a sweep or a test session share it."""
+  key = jnp.dtype(dtype).name
+  if key not in _PEAKS:
+    _PEAKS[key] = measure_matmul_peak(dtype, seconds=0.2)
+  return _PEAKS[key]
+
+
 def measure_matmul_peak(dtype=jnp.float32, n: int | None = None, seconds: float = 0.5) -> float:
-  """FLOP/s of a square matmul in `dtype` on the default device (2048² on CPU, 8192² on accelerators)."""
+  """FLOP/s of a square matmul in `dtype` on the default device (1024² on CPU, 8192² on accelerators)."""
   if n is None:
-    n = 2048 if jax.default_backend() == "cpu" else 8192
+    n = 1024 if jax.default_backend() == "cpu" else 8192
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x, y: x @ y)
   f(a, a).block_until_ready()

@@ -206,7 +206,7 @@ def run(c, workdir: str, evaluators=()) -> dict:
   merged = jax.jit(merge_fn) if merge_fn is not None else (lambda p, f: p)
 
   writer = metrics_lib.MetricWriter(workdir, c.log, c.to_dict(), resume_step=start_step)
-  peak = metrics_lib.measure_matmul_peak(model_cfg.dtype, seconds=0.2) if jax.process_index() == 0 else None
+  peak = metrics_lib.cached_matmul_peak(model_cfg.dtype) if jax.process_index() == 0 else None
   throughput = metrics_lib.Throughput(stage.tokens_per_step, model_lib.flops_per_token(model_cfg), peak)
   bar = tqdm(total=stage.total_steps, initial=start_step, disable=not (c.log.progress and jax.process_index() == 0),
              desc=os.path.basename(os.path.abspath(workdir)), unit="step", dynamic_ncols=True)

@@ -98,3 +98,19 @@ def test_finetune_with_real_kl_replay_forgets_less(pretrained, data, tmp_path):
   assert 0 <= none["compute_multiplier"] <= kl["compute_multiplier"] <= 1
   assert none["drift_ratio"] > 0
   assert kl["train_step_compiles"] == 1
+
+
+def test_cli_finetune_takes_init_from_and_reports_errors_in_one_line(pretrained, data, tmp_path):
+  import subprocess
+  import sys
+  pre, _ = pretrained
+  base = [sys.executable, "-m", "jaxreplay.cli", "finetune", "--config=sweeps/quickstart.py:finetune",
+          f"--config.data.path={data['b']}", f"--workdir={tmp_path / 'ft'}"]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  # init.from names a directory with no finished run: one sentence, exit status 2, nothing written.
+  r = subprocess.run(base + [f"--config.init.from={tmp_path / 'nowhere'}"], cwd=root, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert r.stderr.strip().count("\n") == 0 and "init.from" in r.stderr and "nowhere" in r.stderr
+  r = subprocess.run(base + ["--config.model.d_modle=3"], cwd=root, capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and "d_modle" in r.stderr
