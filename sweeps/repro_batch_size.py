@@ -2,7 +2,7 @@
 
 The claim (DESIGN: batch-size-aware Adam): at a fixed token budget, keeping β₂'s half-life in tokens constant
 (β₂ = 0.5^(B·T / t½)) makes the final loss depend less on the batch size than keeping β₂ = 0.999.
-Here: the `_paper` small model (163,840 parameters) pretrained on the English Bible for 3M tokens (≈ 18 TPP),
+Here: the `_paper` small model (163,840 parameters) pretrained on the English Bible for 2M tokens (≈ 12 TPP),
 cosine, LR 1e-3, 10K-token warmup, at batch sizes 4, 16, 64, 256 sequences × 64 tokens, with β₂ = 0.999 at every
 batch size, or a constant half-life t½ = 11.4M tokens, the one that gives β₂ = 0.999 at batch 256 (the two
 rules agree there, as in sweeps/batch_size_b2.py). Seeds 0 and 1.
@@ -16,7 +16,7 @@ from jaxreplay import sweeps
 
 BATCHES = [4, 16, 64, 256]
 SEEDS = [0, 1]
-TOKENS = 3_000_000
+TOKENS = 2_000_000
 
 
 def get_sweep(arg: str = ""):
