@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from jaxreplay import chat_data, config as config_lib, hf_import, llama, losses, mcq, optim, sharding
+from jaxreplay import chat_data, config as config_lib, hf_import, llama, mcq, optim, sharding
+from jaxreplay.instruct_steps import (RealReplay, SelfReplay, local_rows, make_eval_step, make_objective,  # noqa: F401
+                                      make_replay_eval_step, make_train_step, sample_bos)
 
 METHODS = ("none", "kl", "ntp")
 DONE_FILE = "final.json"
@@ -120,147 +121,6 @@ def benchmarks(c) -> dict:
   return out
 
 
-# -------------------------------------------------------------------------------------------------- steps
-
-def _forward(cfg, params, tokens, segments):
-  return llama.logits(cfg, params, tokens, segments, llama.segment_positions(segments))
-
-
-def make_objective(cfg, method: str, coeff: float):
-  """loss(params, frozen, batch, replay_BT) -> (loss, aux): masked chat NTP + coeff · replay regulariser."""
-
-  def objective(params, frozen, batch, replay_BT, ntp_weight=1.0):
-    tokens, mask, segments = batch["tokens"], batch["mask"], batch["segments"]
-    aux = {}
-    if method in ("kl", "ntp"):
-      B = tokens.shape[0]
-      both = _forward(cfg, params, jnp.concatenate([tokens, replay_BT]),
-                      jnp.concatenate([segments, jnp.ones_like(replay_BT)]))
-      logits, replay_logits = both[:B], both[B:]
-    else:
-      logits = _forward(cfg, params, tokens, segments)
-    # ntp_weight: a microbatch's share of the step's target tokens × microbatches (1 without microbatching).
-    ntp = ntp_weight * losses.next_token_loss(logits, tokens, mask)
-    loss = aux["train_ntp"] = ntp
-    if method == "kl":
-      teacher = llama.logits(cfg, frozen, replay_BT)
-      aux["train_reg"] = losses.kl_loss(teacher, replay_logits)
-    elif method == "ntp":
-      aux["train_reg"] = losses.next_token_loss(replay_logits, replay_BT)
-    if "train_reg" in aux:
-      loss = ntp + coeff * aux["train_reg"]
-    aux["train_loss"] = loss
-    return loss, aux
-
-  return objective
-
-
-def make_train_step(objective, optimizer, lr_schedule, microbatches: int):
-  """One optimizer step. With microbatches > 1 a scan accumulates the chunks' gradients, each chunk's chat loss
-  weighted by its share of the step's target tokens, so the step equals one over the whole batch."""
-  grad_fn = jax.value_and_grad(objective, has_aux=True)
-
-  def train_step(state, frozen, batch, replay_BT):
-    if microbatches == 1:
-      (_, aux), grads = grad_fn(state["params"], frozen, batch, replay_BT)
-    else:
-      split = lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:])
-      counts = split(batch["mask"][:, 1:]).astype(jnp.float32).sum(axis=(1, 2))
-      weights = counts * microbatches / jnp.maximum(counts.sum(), 1.0)
-      chunks = (jax.tree.map(split, batch), None if replay_BT is None else split(replay_BT), weights)
-
-      def body(acc, chunk):
-        (_, aux), g = grad_fn(state["params"], frozen, *chunk)
-        return jax.tree.map(jnp.add, acc, (g, aux)), None
-
-      zeros = jax.eval_shape(lambda: grad_fn(state["params"], frozen, *jax.tree.map(lambda x: x[0], chunks)))
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
-      (grads, aux), _ = jax.lax.scan(body, zeros, chunks)
-      grads, aux = jax.tree.map(lambda x: x / microbatches, (grads, aux))
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    aux.update(grad_norm=optax.tree.norm(grads), lr=lr_schedule(state["step"]))
-    return dict(params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
-                step=state["step"] + 1), aux
-
-  return train_step
-
-
-def make_eval_step(cfg):
-  """Sums over a chat batch: masked NLL, correct next-token predictions, target count."""
-
-  def eval_step(params, batch):
-    tokens, mask = batch["tokens"], batch["mask"]
-    logits = _forward(cfg, params, tokens, batch["segments"])
-    w = mask[:, 1:].astype(jnp.float32)
-    nll = losses.token_nll(logits, tokens)
-    hit = (jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]).astype(jnp.float32)
-    return dict(nll=(nll * w).sum(), correct=(hit * w).sum(), count=w.sum())
-
-  return eval_step
-
-
-def make_replay_eval_step(cfg):
-  def eval_step(params, frozen, replay_BT):
-    logits = llama.logits(cfg, params, replay_BT)
-    return dict(nll=losses.token_nll(logits, replay_BT).sum(),
-                kl=losses.kl_per_position(llama.logits(cfg, frozen, replay_BT), logits).sum(),
-                count=jnp.asarray(replay_BT.shape[0] * (replay_BT.shape[1] - 1), jnp.float32))
-
-  return eval_step
-
-
-# ------------------------------------------------------------------------------------------------- replay
-
-class SelfReplay:
-  """BOS-prompted samples of the frozen model; rows of step s are samples s·R .. s·R+R-1, drawn a buffer at a
-  time with fold_in(key, buffer index): a pure function of the step, so resuming needs no saved state."""
-
-  def __init__(self, cfg, frozen, c, mesh, bos_id: int, key):
-    if bos_id < 0:
-      raise config_lib.ConfigError("Self-generated replay starts from the BOS token, but this checkpoint's "
-                                   "config.json names no bos_token_id: use replay.source='real'.")
-    self.cfg, self.frozen, self.mesh, self.key = cfg, frozen, mesh, key
-    self.R, self.buffer = c.replay.batch_size, c.replay.buffer
-    self.sampling = llama.Sampling(temperature=float(c.replay.temperature), top_k=int(c.replay.top_k))
-    self.bos_id = bos_id
-    self._cache = (None, None)
-    self._take = jax.jit(lambda rows, at: jax.lax.dynamic_slice_in_dim(rows, at, self.R),
-                         out_shardings=sharding.batch_sharding(mesh))
-
-  def rows(self, index: int):
-    """Buffer number `index` as a global device array [buffer, T]."""
-    if self._cache[0] != index:
-      self._cache = (index, sample_bos(self.cfg, self.frozen, self.buffer, self.bos_id, self.sampling, self.mesh,
-                                       jax.random.fold_in(self.key, index)))
-    return self._cache[1]
-
-  def next(self, step: int):
-    first = step * self.R
-    return self._take(self.rows(first // self.buffer), first % self.buffer)
-
-
-def sample_bos(cfg, frozen, n: int, bos_id: int, s: llama.Sampling, mesh, key):
-  """n full-length rows sampled from BOS alone; each process supplies its share of the prompt rows."""
-  local = np.full((n, 1), bos_id, np.int32)
-  local = np.array_split(local, jax.process_count())[jax.process_index()]
-  return llama.generate(cfg, frozen, local, key, cfg.seq_len, s, mesh)
-
-
-def _local(x: np.ndarray) -> np.ndarray:
-  """This process's share of a global batch's rows (all of them on one host)."""
-  return np.array_split(x, jax.process_count())[jax.process_index()]
-
-
-class RealReplay:
-  def __init__(self, rows, c, mesh):
-    self.mesh = mesh
-    self.batches = chat_data.Batches(dict(tokens=rows), c.replay.batch_size, c.seed + 7919)
-
-  def next(self, step: int):
-    b = self.batches.batch(step, jax.process_index(), jax.process_count())["tokens"]
-    return sharding.put_batch(b, self.mesh)
-
-
 # ---------------------------------------------------------------------------------------------------- run
 
 def _put(batch: dict, mesh):
@@ -289,7 +149,9 @@ class Run:
     self.c, self.workdir = c, workdir
     self.mesh = sharding.make_mesh(c.mesh)
     platform = jax.default_backend()
-    dtype = c.model.compute_dtype if c.model.compute_dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
+    dtype = c.model.compute_dtype
+    if dtype == "auto":
+      dtype = "float32" if platform == "cpu" else "bfloat16"
     self.directory = hf_import.resolve(c.model.path)
     hf = hf_import.read_config(self.directory)
     unroll = c.model.scan_unroll or (hf["num_hidden_layers"] if platform == "cpu" else 1)
@@ -325,8 +187,9 @@ class Run:
     self.total_steps = int(c.stop.steps) or max(1, int(round(c.stop.epochs * len(self.train) / B)))
     self.replay_rows = self.replay_probe = None
     if c.replay.path and (c.replay.source == "real" and c.replay.method != "none" or c.eval.replay_rows):
-      rows = _cached(c, "text", [c.replay.path, c.replay.text_key, c.replay.max_tokens, T], lambda: chat_data.pack_documents(
-          chat_data.read_text_jsonl(c.replay.path, self.tokenizer, c.replay.text_key, c.replay.max_tokens), T))
+      read = lambda: chat_data.read_text_jsonl(c.replay.path, self.tokenizer, c.replay.text_key, c.replay.max_tokens)
+      rows = _cached(c, "text", [c.replay.path, c.replay.text_key, c.replay.max_tokens, T],
+                     lambda: chat_data.pack_documents(read(), T))
       n_probe = min(c.eval.replay_rows, len(rows) // 2)
       # The last rows are held out as the real forgetting probe; training replay never sees them.
       self.replay_rows = rows[:len(rows) - n_probe]
@@ -383,8 +246,9 @@ def run(c, workdir: str) -> dict:
   if os.path.exists(config_path):  # refuse a workdir that holds a different run, before anything is written
     diff = config_lib.differences(config_lib.from_json_file(config_path), c)
     if diff:
-      raise config_lib.ConfigError(f"The workdir {workdir} holds a run with a different config ({', '.join(diff[:5])} "
-                                   "differ): use a new --workdir, or the same config to resume it.")
+      raise config_lib.ConfigError(f"The workdir {workdir} holds a run with a different config "
+                                   f"({', '.join(diff[:5])} differ): use a new --workdir, or the same config to "
+                                   "resume it.")
   done = os.path.join(workdir, DONE_FILE)
   if os.path.exists(done):
     with open(done) as f:
@@ -434,9 +298,10 @@ def run(c, workdir: str) -> dict:
     if r.bos_id >= 0:
       samp = llama.Sampling(temperature=float(c.replay.temperature), top_k=int(c.replay.top_k))
       probes["self"] = sample_bos(cfg, frozen, n, r.bos_id, samp, mesh, jax.random.fold_in(key, 2))
-    m = 0 if r.replay_probe is None else len(r.replay_probe[:n]) // sharding.batch_divisor(mesh) * sharding.batch_divisor(mesh)
+    div = sharding.batch_divisor(mesh)
+    m = 0 if r.replay_probe is None else len(r.replay_probe[:n]) // div * div
     if m:
-      probes["real"] = sharding.put_batch(_local(r.replay_probe[:m]), mesh)
+      probes["real"] = sharding.put_batch(local_rows(r.replay_probe[:m]), mesh)
 
   batch_sh = sharding.batch_sharding(mesh)
   chat_sh = dict(tokens=batch_sh, mask=batch_sh, segments=batch_sh)
@@ -456,7 +321,7 @@ def run(c, workdir: str) -> dict:
       idx = np.arange(n_pad) % len(r.valid)
       weight = (np.arange(n_pad) < n)[:, None]
       rows = dict(tokens=r.valid.tokens[idx], mask=r.valid.mask[idx] & weight, segments=r.valid.segments[idx])
-      s = _sums(lambda b: eval_chat(params, _put({k: _local(v) for k, v in b.items()}, mesh)),
+      s = _sums(lambda b: eval_chat(params, _put({k: local_rows(v) for k, v in b.items()}, mesh)),
                 ({k: v[i:i + EB] for k, v in rows.items()} for i in range(0, n_pad, EB)))
       out.update(valid_ntp=float(s["nll"] / s["count"]), valid_acc=float(s["correct"] / s["count"]))
     for name, rows_BT in probes.items():

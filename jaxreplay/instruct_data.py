@@ -1,6 +1,6 @@
 """Builds the instruct experiment's local files from Hugging Face datasets (needs the hub and `datasets`).
 
-  python -m jaxreplay.instruct_data pyranet data/pyranet      # train.jsonl / valid.jsonl (prompt=description, response=code)
+  python -m jaxreplay.instruct_data pyranet data/pyranet      # train.jsonl, valid.jsonl (description → code)
   python -m jaxreplay.instruct_data dclm data/dclm.jsonl       # real replay text ({"text"}), 200M tokens' worth
   python -m jaxreplay.instruct_data mcq data/mcq               # mmlu / arc_challenge / commonsense_qa .jsonl
 
@@ -85,13 +85,15 @@ def build_dclm(path: str, max_chars: int = 800_000_000):
 def build_mcq(out_dir: str, seed: int = 42):
   """MMLU test (first 2,048 after a seed-42 shuffle), ARC-Challenge test (1,024), CommonsenseQA validation (1,024)."""
   import datasets
-  specs = [("mmlu", ("cais/mmlu", "all", "test"), 2048), ("arc_challenge", ("allenai/ai2_arc", "ARC-Challenge", "test"), 1024),
+  specs = [("mmlu", ("cais/mmlu", "all", "test"), 2048),
+           ("arc_challenge", ("allenai/ai2_arc", "ARC-Challenge", "test"), 1024),
            ("commonsense_qa", ("tau/commonsense_qa", None, "validation"), 1024)]
   out = {}
   for name, (repo, sub, split), n in specs:
     ds = datasets.load_dataset(repo, sub, split=split).shuffle(seed=seed)
     kind = "mmlu" if name == "mmlu" else "keyed"
-    out[name] = _write(os.path.join(out_dir, f"{name}.jsonl"), (mcq_item(r, kind) for r in ds.select(range(min(n, len(ds))))))
+    rows = (mcq_item(r, kind) for r in ds.select(range(min(n, len(ds)))))
+    out[name] = _write(os.path.join(out_dir, f"{name}.jsonl"), rows)
   return out
 
 

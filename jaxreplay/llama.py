@@ -58,7 +58,8 @@ class LlamaConfig:
 
 def param_count(cfg: LlamaConfig) -> int:
   D, H, L = cfg.d_model, cfg.head_dim, cfg.n_layers
-  attn = D * H * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + (H * (cfg.n_heads + 2 * cfg.n_kv_heads) if cfg.qkv_bias else 0)
+  attn = D * H * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+  attn += H * (cfg.n_heads + 2 * cfg.n_kv_heads) if cfg.qkv_bias else 0
   per_layer = attn + 3 * D * cfg.d_mlp + 2 * D + (2 * H if cfg.qk_norm else 0)
   return L * per_layer + D + cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
 

@@ -15,7 +15,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxreplay import chat_data, llama, losses
@@ -81,7 +80,8 @@ def _scorer(cfg: llama.LlamaConfig, mesh=None):
     nll_BT = losses.token_nll(llama.logits(cfg, params, tokens_BT), tokens_BT)
     return -(nll_BT * mask_BT[:, 1:]).sum(axis=1)
   # Scores come back replicated, so every host can read all of them.
-  return jax.jit(score, out_shardings=None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(score, out_shardings=out)
 
 
 def completion_logprobs(cfg, params, rows, pad_id: int, batch_size: int = 16, mesh=None) -> np.ndarray:

@@ -167,7 +167,8 @@ def test_dataset_converters_follow_the_paper_filters():
   meta = "{'description': 'A four bit counter with reset.', 'rank': '12', 'compile_status': 'No error!'}"
   assert idata.pyranet_example(dict(description=meta, code="module c; endmodule")) == dict(
       prompt="A four bit counter with reset.", response="module c; endmodule")
-  assert idata.pyranet_example(dict(description=meta.replace("No error!", "Dependency issues"), code="module c; endmodule")) is None
+  failing = meta.replace("No error!", "Dependency issues")
+  assert idata.pyranet_example(dict(description=failing, code="module c; endmodule")) is None
   assert idata.pyranet_example(dict(description=meta.replace("A four bit counter with reset.", "short"),
                                     code="module c; endmodule")) is None
   assert idata.pyranet_example(dict(description=meta, code="wire x;")) is None
