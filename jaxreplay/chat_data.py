@@ -159,12 +159,18 @@ def pack_documents(token_lists, seq_len: int) -> np.ndarray:
   return flat[:n * seq_len].reshape(n, seq_len)
 
 
-def read_text_jsonl(path: str, tokenizer, text_key: str = "text", limit_tokens: int = 0) -> list[list[int]]:
-  """Documents of a {"text": ...} JSON-lines file as BOS + text + EOS token lists."""
+def read_text_jsonl(path: str, tokenizer, text_key: str = "text", limit_tokens: int = 0,
+                    bos_id: int | None = None, eos_id: int | None = None) -> list[list[int]]:
+  """Documents of a {"text": ...} JSON-lines file as BOS + text + EOS token lists.
+
+  bos_id/eos_id default to the tokenizer's; an instruct tokenizer's EOS is often its end-of-turn token, so
+  callers pass the model's end-of-text id (the first of config.json's eos_token_id) instead."""
   if not os.path.exists(path):
     raise ChatDataError(f"Replay text file {path!r} does not exist: give a JSON-lines file with a {text_key!r} field.")
-  bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-  eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+  bos_id = tokenizer.bos_token_id if bos_id is None else bos_id
+  eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
+  bos = [bos_id] if bos_id is not None and bos_id >= 0 else []
+  eos = [eos_id] if eos_id is not None and eos_id >= 0 else []
   docs, total = [], 0
   with open(path) as f:
     for n, line in enumerate(f, 1):

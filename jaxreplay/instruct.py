@@ -187,7 +187,9 @@ class Run:
     self.total_steps = int(c.stop.steps) or max(1, int(round(c.stop.epochs * len(self.train) / B)))
     self.replay_rows = self.replay_probe = None
     if c.replay.path and (c.replay.source == "real" and c.replay.method != "none" or c.eval.replay_rows):
-      read = lambda: chat_data.read_text_jsonl(c.replay.path, self.tokenizer, c.replay.text_key, c.replay.max_tokens)
+      eos = self.cfg.eos_ids[0] if self.cfg.eos_ids else None  # Llama-3: <|end_of_text|>, not <|eot_id|>
+      read = lambda: chat_data.read_text_jsonl(c.replay.path, self.tokenizer, c.replay.text_key, c.replay.max_tokens,
+                                               self.bos_id, eos)
       rows = _cached(c, "text", [c.replay.path, c.replay.text_key, c.replay.max_tokens, T],
                      lambda: chat_data.pack_documents(read(), T))
       n_probe = min(c.eval.replay_rows, len(rows) // 2)
