@@ -3,9 +3,9 @@
 The paper's claim (capacity slices, right panel): for one model size, the English loss after finetuning on
 Spanish to a target loss, with the best real-data KL coefficient, rises further above the English loss before
 finetuning the longer the model was pretrained. Here: the `_paper` small model (163,840 parameters) pretrained
-on the English Bible (cosine, LR 1e-3, batch 32 × 64) for 2, 8, 32 and 128 tokens per parameter (0.33M–21M
+on the English Bible (cosine, LR 1e-3, batch 32 × 64) for 1, 4, 16 and 64 tokens per parameter (0.16M–10.5M
 tokens; the Bible's 1.4M training tokens are repeated beyond 8 TPP), then finetuned on the Spanish Bible
-(LR 1e-3, cosine over 1.5M tokens, a fresh optimizer) with real-English KL replay at coefficients 0.1, 1 and
+(LR 1e-3, cosine over 0.6M tokens, a fresh optimizer) with real-English KL replay at coefficients 0.1, 1 and
 10 (plus no replay, for reference). Seed 0. Instead of a target loss fixed in advance, `jaxreplay report`
 compares the runs at the lowest Spanish loss that some run of every TPP reached, interpolating each run's
 English loss there from its trajectory (identical to stopping each run at that target).
@@ -16,7 +16,7 @@ English loss there from its trajectory (identical to stopping each run at that t
 import _paper
 from jaxreplay import sweeps
 
-TPP = [2, 8, 32, 128]
+TPP = [1, 4, 16, 64]
 COEFFS = [0.1, 1.0, 10.0]
 
 
@@ -26,7 +26,7 @@ def get_sweep(arg: str = ""):
   pre = _paper.config("en", True)
   pre.optim.update(schedule="cosine", batch_size=32)
   pre.eval.every_tokens = 500_000
-  ft = _paper.finetune(_paper.config("es", True, tokens=1_500_000), "es", True)
+  ft = _paper.finetune(_paper.config("es", True, tokens=600_000), "es", True)
   ft.optim.update(schedule="cosine", batch_size=32, warmup_tokens=20_000)
   ft.eval.every_tokens = 50_000
   ft.replay.update(method="kl", source="real")
