@@ -25,9 +25,10 @@ commands:
   sweep        run a grid of runs (jaxreplay sweep --help)
   report       tables and plots from a results table
   quickstart   pretrain on English, finetune on Spanish with and without self-generated replay
+  instruct     finetune a Hugging Face Llama/Qwen on chat data with BOS-prompted replay
 """
 
-COMMANDS = ("pretrain", "finetune", "data", "sweep", "report", "quickstart")
+COMMANDS = ("pretrain", "finetune", "data", "sweep", "report", "quickstart", "instruct")
 
 
 def _user_errors():
@@ -130,6 +131,9 @@ def main(argv=None):
   elif command == "report":
     from jaxreplay import report
     return report.main(rest)
+  elif command == "instruct":
+    from jaxreplay import instruct
+    return instruct.main(rest[1:])
   elif command == "quickstart":
     from jaxreplay import quickstart
     return quickstart.main(rest)
