@@ -39,8 +39,7 @@ def bench(size: str, num_steps: int, dtype: str, peak: float) -> dict:
   opt = optim.make_optimizer(c, c.stop.steps)
   init = lambda k: steps.init_state(cfg, opt, k)
   abstract = jax.eval_shape(init, jax.random.key(0))
-  sh = dict(params=sharding.param_shardings(abstract["params"], mesh),
-            opt_state=sharding.param_shardings(abstract["opt_state"], mesh), step=sharding.replicated(mesh))
+  sh = sharding.state_shardings(abstract, mesh)
   state = jax.jit(init, out_shardings=sh)(jax.random.key(0))
   step = jax.jit(steps.make_train_step(steps.make_objective(cfg, None), opt, optim.lr_schedule(c, c.stop.steps)),
                  in_shardings=(sh, None, sharding.batch_sharding(mesh), None), out_shardings=(sh, None),

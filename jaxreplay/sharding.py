@@ -94,6 +94,12 @@ def param_shardings(params_shapes, mesh: Mesh):
       else NamedSharding(mesh, P()), params_shapes)
 
 
+def state_shardings(abstract_state, mesh: Mesh) -> dict:
+  """Shardings of a train state {params, opt_state, step}: Adam moments follow their parameters."""
+  return dict(params=param_shardings(abstract_state["params"], mesh),
+              opt_state=param_shardings(abstract_state["opt_state"], mesh), step=replicated(mesh))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

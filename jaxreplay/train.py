@@ -182,9 +182,7 @@ def run(c, workdir: str, evaluators=()) -> dict:
     return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
 
   abstract_state = jax.eval_shape(init_fn, key, frozen)
-  state_sh = dict(params=sharding.param_shardings(abstract_state["params"], mesh),
-                  opt_state=sharding.param_shardings(abstract_state["opt_state"], mesh),
-                  step=sharding.replicated(mesh))
+  state_sh = sharding.state_shardings(abstract_state, mesh)
   frozen_sh = param_sh if frozen is not None else None
   state = jax.jit(init_fn, out_shardings=state_sh)(key, frozen)
 

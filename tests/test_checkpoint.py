@@ -75,8 +75,7 @@ DRIVER = textwrap.dedent("""
         params = M.init_params(cfg, k)
         return dict(params=params, opt_state=opt.init(params), step=jnp.int32(7))
       abstract = jax.eval_shape(init, jax.random.key(0))
-      sh = dict(params=sharding.param_shardings(abstract["params"], mesh),
-                opt_state=sharding.param_shardings(abstract["opt_state"], mesh), step=sharding.replicated(mesh))
+      sh = sharding.state_shardings(abstract, mesh)
       rng = np.random.default_rng(seed)
       def fill(a, s):
         x = rng.standard_normal(a.shape).astype(a.dtype) if a.dtype == np.float32 else np.full(a.shape, 7, a.dtype)

@@ -27,8 +27,7 @@ SCRIPT = textwrap.dedent("""
     opt = optim.make_optimizer(c, 10)
     init = lambda k: steps.init_state(cfg, opt, k)
     abstract = jax.eval_shape(init, jax.random.key(0))
-    sh = dict(params=sharding.param_shardings(abstract["params"], mesh),
-              opt_state=sharding.param_shardings(abstract["opt_state"], mesh), step=sharding.replicated(mesh))
+    sh = sharding.state_shardings(abstract, mesh)
     state = jax.jit(init, out_shardings=sh)(jax.random.key(0))
     obj = steps.make_objective(cfg, None)
     step = jax.jit(steps.make_train_step(obj, opt, optim.lr_schedule(c, 10)),
