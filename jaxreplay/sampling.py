@@ -57,10 +57,9 @@ def uniforms(key, length: int, batch_size: int) -> np.ndarray:
   no mesh or process layout), and no random-number code to compile into the decode program, where it is slow
   to compile on CPU.
   """
-  bits = np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key)
-  seed = [int(b) for b in bits.astype(np.uint64).ravel()]
-  return np.random.Generator(np.random.Philox(key=seed[:2] if len(seed) >= 2 else seed)).random(
-      (length, batch_size), dtype=np.float32)
+  words = np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key)
+  seed = sum(int(w) << (32 * i) for i, w in enumerate(words.astype(np.uint32).ravel())) % (1 << 128)
+  return np.random.Generator(np.random.Philox(key=seed)).random((length, batch_size), dtype=np.float32)
 
 
 def _first_positive(p_BK):
@@ -197,6 +196,23 @@ def decode_step(cfg: model_lib.ModelConfig, w: dict, cache: dict, token_B, pos, 
   return logits_BV, dict(k=new_k, v=new_v)
 
 
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_options(platform: str) -> dict:
+  """On CPU, XLA's YNNPACK fusions (the default for dots and reductions) run the decode loop's small matrices
+  and cache reductions ~30% slower than its own kernels, so the sampler turns them off for its program alone.
+  Empty where the option is unknown (another platform, another XLA)."""
+  if platform != "cpu":
+    return {}
+  try:
+    jax.jit(lambda x: x.sum(), compiler_options=_CPU_OPTIONS).lower(jnp.zeros(2)).compile()
+  except Exception:  # pragma: no cover - the option disappeared from XLA
+    return {}
+  return dict(_CPU_OPTIONS)
+
+
 def _chunks(start: int, stop: int, n: int):
   """Position ranges [a, b) covering [start, stop); positions in [a, b) attend to at most b cache entries."""
   edges = sorted({start, stop, *(start + (stop - start) * i // n for i in range(1, n))})
@@ -214,7 +230,7 @@ def make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: int
   sc.check(cfg.vocab_size)
   B, Pl, T = batch_size, prompt_len, length
   if chunks is None:  # each range is one more loop to compile: worth it only for long rows
-    chunks = max(1, min(4, (T - Pl) // 32))
+    chunks = max(1, min(8, (T - Pl) // 32))
   if not 1 <= Pl <= T:
     raise SamplingError(f"The prompt length {Pl} must lie in [1, length={T}]: give at least one prompt token "
                         "(a dataset id or BOS) and a length no shorter than the prompt.")
@@ -271,7 +287,9 @@ def make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: int
 
   out_sh = sharding.batch_sharding(mesh) if mesh is not None else None
   u_sh = NamedSharding(mesh, P(None, sharding.BATCH_AXES)) if mesh is not None else None
-  return Sampler(program=jax.jit(run, out_shardings=out_sh), length=T, batch_size=B, u_sharding=u_sh)
+  platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+  program = jax.jit(run, out_shardings=out_sh, compiler_options=compiler_options(platform))
+  return Sampler(program=program, length=T, batch_size=B, u_sharding=u_sh)
 
 
 @dataclasses.dataclass(frozen=True)
