@@ -156,7 +156,7 @@ def toy_continual(curves: dict, out_path: str) -> str:
   fig, axes = plt.subplots(1, len(arms), figsize=(5.5 * len(arms), 4), squeeze=False, sharey=True)
   for ax, arm in zip(axes[0], arms):
     seeds = curves[arm]
-    tasks = [t for t in next(iter(seeds.values())) if t != "_bounds"]
+    tasks = [t for t in next(iter(seeds.values())) if not t.startswith("_")]
     for k, task in enumerate(tasks):
       steps = sorted({s for c in seeds.values() for s, _ in c.get(task, [])})
       per_seed = [dict(c.get(task, [])) for c in seeds.values()]

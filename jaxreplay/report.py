@@ -341,7 +341,7 @@ def toy_curves(res: Results) -> dict:
       offset += stage["metrics"].get("step", 0)
       bounds.append(offset)
     arm = "with self-generated replay" if cfg(leaf, "replay.method", "none") != "none" else "without replay"
-    out[arm][cfg(leaf, "seed", 0)] = dict(curves, _bounds=bounds[:-1])
+    out[arm][cfg(leaf, "seed", 0)] = dict(curves, _bounds=bounds[:-1], _last=leaf["stage"])
   return dict(out)
 
 
@@ -350,8 +350,8 @@ def toy_final(res: Results) -> list[dict]:
   rows = []
   for arm, seeds in sorted(toy_curves(res).items()):
     for seed, curves in sorted(seeds.items()):
-      row = dict(arm=arm, seed=seed)
-      row.update({t: pts[-1][1] for t, pts in curves.items() if t != "_bounds" and pts})
+      row = dict(arm=arm, seed=seed, last=curves["_last"])
+      row.update({t: pts[-1][1] for t, pts in curves.items() if not t.startswith("_") and pts})
       rows.append(row)
   return rows
 
@@ -415,8 +415,9 @@ def report(path: str, out: str) -> list[str]:
   if toy:
     written.append(plots.toy_continual(toy, os.path.join(out, "toy_continual.png")))
     final = toy_final(res)
-    tasks = [k for k in final[0] if k not in ("arm", "seed")]
-    _write(os.path.join(out, "toy_final.md"), markdown(final, [("arm", "arm", "{}"), ("seed", "seed", "{}")]
+    tasks = [k for k in final[0] if k not in ("arm", "seed", "last")]
+    _write(os.path.join(out, "toy_final.md"), markdown(final, [("arm", "arm", "{}"), ("seed", "seed", "{}"),
+                                                               ("last", "last task trained", "{}")]
                                                        + [(t, t, "{:.1%}") for t in tasks]), written)
   bs = batch_size_rules(res)
   if any(len(v) > 1 for v in bs.values()) and len(bs) > 1:

@@ -120,7 +120,7 @@ def test_toy_curves_lay_the_chain_end_to_end(tmp_path):
   curves = report.toy_curves(res)
   assert set(curves) == {"without replay", "with self-generated replay"}
   c = curves["without replay"][0]
-  assert c["add"] == [(0, 0.0), (20, 1.0), (20, 1.0), (50, 0.1)] and c["_bounds"] == [20]
+  assert c["add"] == [(0, 0.0), (20, 1.0), (20, 1.0), (50, 0.1)] and c["_bounds"] == [20] and c["_last"] == "reversal"
   final = {r["arm"]: r for r in report.toy_final(res)}
   assert final["with self-generated replay"]["add"] == 0.97 and final["without replay"]["reversal"] == 1.0
   names = {os.path.basename(p) for p in report.report(str(w), str(tmp_path / "o"))}
