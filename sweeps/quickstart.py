@@ -10,9 +10,9 @@ from jaxreplay import config as config_lib
 
 def base():
   c = config_lib.default()
-  c.model.update(d_model=128, n_layers=4, head_dim=32, seq_len=128, vocab_size=4096)
-  c.optim.update(batch_size=32, lr=3e-3, warmup_tokens=200_000, schedule="cosine")
-  c.eval.update(every_tokens=500_000, tokens=200_000, batch_size=32)
+  c.model.update(d_model=128, n_layers=2, head_dim=32, seq_len=128, vocab_size=1024)
+  c.optim.update(batch_size=32, lr=3e-3, warmup_tokens=100_000, schedule="cosine")
+  c.eval.update(every_tokens=500_000, tokens=65_536, batch_size=32)
   c.checkpoint.update(every_steps=200)
   c.log.update(every_steps=20)
   return c
@@ -21,14 +21,14 @@ def base():
 def get_config(arg: str = "pretrain"):
   c = base()
   if arg == "pretrain":
-    c.data.path = "default:en"
-    c.stop.tokens = 4_000_000
+    c.data.path = "default:en:1024"
+    c.stop.tokens = 2_500_000  # ≈5 tokens per parameter: a model with spare capacity, as in the paper's Figure 1
   elif arg in ("finetune", "finetune_kl"):
     c.stage = "finetune"
-    c.data.path = "default:es"
-    c.optim.update(lr=1e-3, warmup_tokens=50_000, schedule="constant")
-    c.stop.update(tokens=3_000_000)
-    c.eval.every_tokens = 250_000
+    c.data.path = "default:es:1024"
+    c.optim.update(lr=1e-3, warmup_tokens=20_000, schedule="constant")
+    c.stop.update(tokens=600_000)
+    c.eval.every_tokens = 100_000
     if arg == "finetune_kl":
       c.replay.update(method="kl", source="self", coeff=1.0, batch_size=32, buffer=8)
   else:
