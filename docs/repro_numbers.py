@@ -21,13 +21,14 @@ FIGURES = dict(toy_cpu=["toy_continual.png"], en_es=["trajectories.png"], tpp=["
                batch_size=["batch_size.png"])
 
 
-def _ms(xs) -> str:
+def _ms(xs, f="{:.3f}") -> str:
+  """Mean (min, max, n) over seeds."""
   xs = [x for x in xs if x is not None]
   if not xs:
     return "–"
   if len(xs) == 1:
-    return f"{xs[0]:.3f}"
-  return f"{st.mean(xs):.3f} (min {min(xs):.3f}, max {max(xs):.3f}, n={len(xs)})"
+    return f.format(xs[0])
+  return f"{f.format(st.mean(xs))} (min {f.format(min(xs))}, max {f.format(max(xs))}, n={len(xs)})"
 
 
 def toy(res) -> str:
@@ -64,7 +65,7 @@ def en_es(res) -> str:
            "|---|---|---|---|"]
   for m, rs in sorted(by.items()):
     lines.append(f"| {m} | {', '.join(str(r['seed']) for r in rs)} | {_ms([r['rise'] for r in rs])} | "
-                 + (_ms([r.get('cut') for r in rs]) if m != "no replay" else "–") + " |")
+                 + (_ms([r.get('cut') for r in rs], "{:.1%}") if m != "no replay" else "–") + " |")
   lines.append("")
   lines.append("Matched Spanish loss per seed: " + ", ".join(
       f"seed {r['seed']}: {r['matched_downstream']:.3f}" for r in rows if r["method"] == "no replay"))
