@@ -39,13 +39,11 @@ def make_objective(model_cfg, replay_cfg, merge_fn: Callable | None = None):
     aux = {}
     if method == "replace":
       batch_BT = losses.replace_rows(batch_BT, replay_BT, coeff)
+    logits_BTV = model_lib.logits(model_cfg, params, batch_BT)
     if method in ("kl", "ntp"):
-      # One forward pass over downstream and replay rows together: bigger matmuls, one weight read.
-      B = batch_BT.shape[0]
-      both_logits = model_lib.logits(model_cfg, params, jnp.concatenate([batch_BT, replay_BT], axis=0))
-      logits_BTV, replay_logits = both_logits[:B], both_logits[B:]
-    else:
-      logits_BTV = model_lib.logits(model_cfg, params, batch_BT)
+      # A second forward pass rather than one over both batches concatenated: splitting the joint [2B, T, V]
+      # logits afterwards would copy them, which costs more than reading the weights twice.
+      replay_logits = model_lib.logits(model_cfg, params, replay_BT)
     ntp = losses.next_token_loss(logits_BTV, batch_BT)
     aux["train_ntp"] = ntp
     loss = ntp
