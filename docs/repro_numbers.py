@@ -87,8 +87,9 @@ def tpp(res) -> str:
 
 def batch_size(res) -> str:
   rules = report.batch_size_rules(res)
-  lines = ["| rule | " + " | ".join(f"batch {b}" for b in sorted(next(iter(rules.values())))) + " | spread of means |"
-           " spread per seed |", "|---" * (len(next(iter(rules.values()))) + 3) + "|"]
+  sizes = sorted({b for by_bs in rules.values() for b in by_bs})
+  lines = ["| rule | " + " | ".join(f"batch {b}" for b in sizes) + " | spread of means | spread per seed |",
+           "|---" * (len(sizes) + 3) + "|"]
   seeds_by_rule = defaultdict(lambda: defaultdict(dict))
   for r in res.pretrains():
     hl = report.cfg(r, "optim.b2_half_life_tokens", 0.0)
@@ -97,8 +98,9 @@ def batch_size(res) -> str:
   for rule, by_bs in rules.items():
     means = {b: st.mean(v) for b, v in by_bs.items()}
     per_seed = [max(d.values()) - min(d.values()) for d in seeds_by_rule[rule].values() if len(d) > 1]
-    lines.append(f"| {rule} | " + " | ".join(f"{means[b]:.3f} ({min(by_bs[b]):.3f}–{max(by_bs[b]):.3f})"
-                                              for b in sorted(by_bs))
+    cell = lambda b: (f"{means[b]:.3f}" + (f" ({min(by_bs[b]):.3f}–{max(by_bs[b]):.3f})" if len(by_bs[b]) > 1 else "")
+                      if b in by_bs else "–")
+    lines.append(f"| {rule} | " + " | ".join(cell(b) for b in sizes)
                  + f" | {max(means.values()) - min(means.values()):.3f} | "
                  + ", ".join(f"{x:.3f}" for x in per_seed) + " |")
   return "\n".join(lines)
