@@ -116,7 +116,7 @@ def test_self_generated_replay_splits_rows_among_prompt_ids(tmp_path):
     np.testing.assert_array_equal(b[:, 0], [0, 0, 1, 1, 2, 2])
   fake_export(tmp_path / "prev")
   assert source.fingerprint(c)["sampling"]["prompt_ids"] == [0, 1, 2]
-  c.replay.batch_size, c.replay.prompt_ids = 4, "0,1,2"
+  c.replay.update(batch_size=4, buffer=3)  # 12 rows per refill again: the same compiled sampler
   uneven = replay_self.SelfGeneratedReplay(c, stage, _params(1), None)
   np.testing.assert_array_equal(np.asarray(uneven.next(0))[:, 0], [0, 0, 1, 2])
   c.replay.prompt_ids = ""
@@ -132,6 +132,7 @@ def fake_export(workdir):
   (export / "info.json").write_text(json.dumps(dict(step=1, dataset_id=2)))
 
 
+@pytest.mark.slow  # two stages through train.run with sampling: ~30 s alone, minutes on a busy 2-core CPU
 def test_two_task_chain_with_replay_logs_accuracy_on_every_task(tmp_path):
   from jaxreplay import train
   dirs = toy.build(str(tmp_path / "data"), train_examples=256, valid_examples=32)
