@@ -25,7 +25,8 @@ commands:
   sweep        run a grid of runs (jaxreplay sweep --help)
   report       tables and plots from a results table
   quickstart   pretrain on English, finetune on Spanish with and without self-generated replay
-  instruct     finetune a Hugging Face Llama/Qwen on chat data with BOS-prompted replay
+  instruct     finetune a Hugging Face Llama/Qwen on chat data with BOS-prompted replay (one run;
+               a grid of them: jaxreplay sweep sweeps/instruct.py[:small] --workdir=DIR)
 """
 
 COMMANDS = ("pretrain", "finetune", "data", "sweep", "report", "quickstart", "instruct")
@@ -37,7 +38,10 @@ def _user_errors():
   from jaxreplay.data.errors import DataError
   from jaxreplay.sharding import MeshError
   from jaxreplay.train import TrainingError
-  return (ConfigError, CheckpointError, DataError, MeshError, TrainingError)
+  from jaxreplay.chat_data import ChatDataError
+  from jaxreplay.hf_import import ImportError_
+  from jaxreplay.mcq import MCQError
+  return (ConfigError, CheckpointError, DataError, MeshError, TrainingError, ChatDataError, ImportError_, MCQError)
 
 
 def _fail(message: str):

@@ -11,7 +11,11 @@ The pieces are the framework's: `optim` (AdamW, schedules), `losses`, `sharding`
 (resumable state), `metrics` (JSONL). Data order and replay rows are pure functions of the step, so a
 resumed run equals an uninterrupted one. Run it with
 
-  python -m jaxreplay.instruct --config=sweeps/instruct.py:small --workdir=runs/instruct_small
+  python -m jaxreplay.instruct --config=sweeps/instruct.py:small --workdir=runs/instruct_small   # one run
+  jaxreplay sweep sweeps/instruct.py:small --workdir=runs/instruct_sweep                         # every arm
+
+In a sweep, a stage whose base config has stage='instruct' (this module's `default()`) is validated by
+`validate` and trained by `run` (jaxreplay/runner.py); `run` writes final.json last, as `train.run` does.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from jaxreplay import chat_data, config as config_lib, hf_import, llama, mcq, optim, sharding
+from jaxreplay import preemption as preemption_lib
 from jaxreplay.instruct_steps import (RealReplay, SelfReplay, local_rows, make_eval_step, make_objective,  # noqa: F401
                                       make_replay_eval_step, make_train_step, sample_bos)
 
@@ -347,27 +352,34 @@ def run(c, workdir: str) -> dict:
     writer.write(0, dict(tokens=0, **last_eval))
   wall = time.monotonic() - extra["elapsed_s"]
   step = start
-  while step < r.total_steps:
-    batch = r.batches.batch(step, jax.process_index(), jax.process_count())
-    replay_BT = replay.next(step) if replay is not None else None
-    state, aux = train_step(state, frozen, _put(batch, mesh), replay_BT)
-    step += 1
-    bar.update(1)
-    extra["elapsed_s"] = time.monotonic() - wall
-    row = {}
-    if step % c.log.every_steps == 0 or step == r.total_steps or step == 1:
-      aux = jax.device_get(aux)
-      if not np.isfinite(aux["train_loss"]):
+  with preemption_lib.Preemption() as preemption:
+    while step < r.total_steps:
+      batch = r.batches.batch(step, jax.process_index(), jax.process_count())
+      replay_BT = replay.next(step) if replay is not None else None
+      state, aux = train_step(state, frozen, _put(batch, mesh), replay_BT)
+      step += 1
+      bar.update(1)
+      extra["elapsed_s"] = time.monotonic() - wall
+      row = {}
+      if step % c.log.every_steps == 0 or step == r.total_steps or step == 1:
+        aux = jax.device_get(aux)
+        if not np.isfinite(aux["train_loss"]):
+          checkpointer.close()
+          raise RuntimeError(f"The training loss became {aux['train_loss']} at step {step}: lower optim.lr "
+                             f"(now {c.optim.lr}); the last good checkpoint is kept.")
+        row.update({k: float(v) for k, v in aux.items()})
+      if step % c.eval.every_steps == 0 or step == r.total_steps:
+        last_eval = evaluate(state["params"])
+        row.update(last_eval)
+      if row:
+        writer.write(step, dict(tokens=step * r.tokens_per_step, elapsed_s=extra["elapsed_s"], **row))
+      if preemption.reached(step):  # SIGTERM (a runner or scheduler stopping this run): save, then exit
+        checkpointer.save(step, state, extra, force=True)
         checkpointer.close()
-        raise RuntimeError(f"The training loss became {aux['train_loss']} at step {step}: lower optim.lr "
-                           f"(now {c.optim.lr}); the last good checkpoint is kept.")
-      row.update({k: float(v) for k, v in aux.items()})
-    if step % c.eval.every_steps == 0 or step == r.total_steps:
-      last_eval = evaluate(state["params"])
-      row.update(last_eval)
-    if row:
-      writer.write(step, dict(tokens=step * r.tokens_per_step, elapsed_s=extra["elapsed_s"], **row))
-    checkpointer.save(step, state, extra)
+        bar.close()
+        writer.close()
+        raise SystemExit(f"Preempted (SIGTERM) at step {step}: saved a checkpoint; run the same command to resume.")
+      checkpointer.save(step, state, extra)
   bar.close()
   if not last_eval:
     last_eval = evaluate(state["params"])
@@ -400,27 +412,19 @@ def _load_file(spec: str, fn: str):
 
 def main(argv=None) -> int:
   """`python -m jaxreplay.instruct --config=FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]` runs one
-  config (the file's get_config); `... sweep FILE.py[:ARG] --workdir=DIR` runs every run of its get_sweep in turn."""
+  config (the file's get_config). A grid (the file's get_sweep) runs with the sweep runner:
+  `jaxreplay sweep FILE.py[:ARG] --workdir=DIR` (`... instruct sweep ...` is the same command)."""
   import argparse
-  from jaxreplay import sweeps
   argv = list(sys.argv[1:] if argv is None else argv)
-  sweep_mode = bool(argv) and argv[0] == "sweep"
-  p = argparse.ArgumentParser(prog="python -m jaxreplay.instruct")
-  if sweep_mode:
-    argv = argv[1:]
-    p.add_argument("spec")
-  else:
-    p.add_argument("--config", required=True)
+  if argv and argv[0] == "sweep":
+    from jaxreplay import runner
+    return runner.main(["jaxreplay sweep"] + argv[1:])
+  p = argparse.ArgumentParser(prog="python -m jaxreplay.instruct", epilog="a grid of runs: jaxreplay sweep "
+                              "sweeps/instruct.py[:small] --workdir=DIR")
+  p.add_argument("--config", required=True)
   p.add_argument("--workdir", required=True)
   args, rest = p.parse_known_args(argv)
   try:
-    if sweep_mode:
-      sweep = _load_file(args.spec, "get_sweep")
-      for run_ in sweeps.expand(sweep, validate=False):
-        c = ml_collections.ConfigDict(run_.config)
-        print(f"== {run_.name}", flush=True)
-        print(json.dumps(run(c, os.path.join(args.workdir, run_.name)), sort_keys=True), flush=True)
-      return 0
     c = _load_file(args.config, "get_config")
     for item in rest:
       k, _, v = item.removeprefix("--config.").partition("=")

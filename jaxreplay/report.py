@@ -15,6 +15,10 @@ support: results.csv / results.md (one row per run), and, when the runs vary wha
   batch_size.png       final loss against batch size for each β₂ rule
   matched.md           forgetting at matched downstream loss (English rise at equal Spanish loss)
 
+An instruct sweep (sweeps/instruct.py) has no pretraining runs to plot against: its report is results.csv /
+results.md, one row per arm with its replay settings, held-out chat loss and accuracy, the forgetting probes
+(self_/real_: loss and KL to the original model on its own samples and on real text) and MCQ accuracies.
+
 `jaxreplay report PRETRAIN FINETUNE... --out DIR` is the older form over run workdirs (quickstart).
 The assembly of each figure's numbers lives here (pure, tested); drawing lives in `plots.py`.
 """
@@ -149,13 +153,14 @@ def method_label(row: dict) -> str:
 def runs_table(res: Results) -> list[dict]:
   """One flat row per run: its overrides and its main metrics."""
   keys = ("valid_ntp", "prev_ntp", "mix_ntp", "prev_ntp_before", "prev_ntp_delta", "compute_multiplier",
-          "prev_kl", "tokens", "step", "elapsed_s", "stop_reason")
+          "prev_kl", "valid_acc", "self_ntp", "self_kl", "real_ntp", "real_kl",  # the last five: instruct runs
+          "tokens", "step", "elapsed_s", "stop_reason")
   out = []
   for r in res.rows:
     row = dict(name=r["name"], parent=r["parent"] or "", seed=cfg(r, "seed"))
     row.update({k: v for k, v in r["overrides"].items() if k != "init.from"})
     row.update({k: r["metrics"].get(k) for k in keys if k in r["metrics"]})
-    row.update({k: v for k, v in r["metrics"].items() if k.startswith("acc_")})
+    row.update({k: v for k, v in r["metrics"].items() if k.startswith(("acc_", "mcq_"))})
     out.append(row)
   return out
 

@@ -21,7 +21,7 @@ import time
 from jaxreplay import config as config_lib
 from jaxreplay.sweepdir import (Claim, SweepError, connect, dry_run, is_finished, is_locked, levels,  # noqa: F401 (re-exported)
                                 load_runs, prepare, record, resolved_config, run_dir, select, status, sync)
-from jaxreplay.sweeps import Run
+from jaxreplay.sweeps import Run, is_instruct
 
 EXIT_CLAIMED, EXIT_WAITING = 3, 4
 
@@ -39,10 +39,14 @@ def _die_with_parent(parent_pid: int):
 def train_one(workdir: str, run: Run, fp: str, db=None) -> dict:
   """Trains one run in this process (every host of a multi-host slice calls it); host 0 records the result."""
   import jax
-  from jaxreplay import train
   c = resolved_config(workdir, run)
   started = time.time()
-  result = train.run(c, run_dir(workdir, run.name))
+  if is_instruct(c):
+    from jaxreplay import instruct
+    result = instruct.run(c, run_dir(workdir, run.name))
+  else:
+    from jaxreplay import train
+    result = train.run(c, run_dir(workdir, run.name))
   if db is not None and jax.process_index() == 0:
     record(db, workdir, run, fp, started)
   return result

@@ -35,7 +35,7 @@ def make_tokenizer(directory: str, vocab_size: int = 500):
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
   tok.train_from_iterator(CORPUS, trainer)
   fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
                                               eos_token="<|eot_id|>", pad_token="<|pad|>")

@@ -14,8 +14,11 @@ models/Llama-3.2-1B-Instruct (config.json, model.safetensors, tokenizer files), 
 data/dclm.jsonl, data/mcq/{mmlu,arc_challenge,commonsense_qa}.jsonl. `:small` builds a tiny random Llama-3
 checkpoint with toy data under runs/instruct_small_assets and trains each arm for a few steps on a CPU.
 
-  python -m jaxreplay.instruct sweep sweeps/instruct.py[:small] --workdir=runs/instruct
-  python -m jaxreplay.instruct --config=sweeps/instruct.py:small --workdir=runs/one   # one run (KL, self)
+  jaxreplay sweep sweeps/instruct.py[:small] --workdir=runs/instruct     # every arm (--dry-run lists them)
+  jaxreplay report runs/instruct --out=report/instruct                   # results.csv / results.md
+  jaxreplay instruct --config=sweeps/instruct.py:small --workdir=runs/one   # one run (KL, self)
+
+Data and model paths are read relative to the directory the sweep runs from (every worker's too).
 """
 
 from jaxreplay import instruct, sweeps

@@ -17,7 +17,7 @@ from jaxreplay.sweeps import SweepError
 from helpers import tiny_config, token_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The experiments this runner trains (sweeps/instruct.py has its own config schema and runner).
+# The paper's pretrain/finetune experiments (sweeps/instruct.py: tests/test_instruct_sweep.py).
 PAPER_FILES = [os.path.join(ROOT, "sweeps", f + ".py") for f in (
     "quickstart", "pretrain_length", "model_size", "grid_2d", "capacity", "learning_rate", "method_comparison",
     "high_lr", "toy_continual", "batch_size_b2")]
