@@ -4,6 +4,8 @@
 
 The replay batch equals the downstream batch. Steps are timed interleaved (plain, kl, ntp, plain, ...) so
 that load on a shared machine hits every variant alike; the minimum over repetitions is reported.
+`kl_sampled_teacher` is kl with the frozen model's logits on the replay rows passed in (as self-generated
+replay keeps them from sampling, `replay.teacher`): no forward pass of the frozen model in the step.
 Prints one JSON object.
 """
 
@@ -46,23 +48,29 @@ def main():
   batch = sharding.put_batch(rng.integers(0, 4096, (s["batch"], s["seq_len"]), dtype=np.int32), mesh)
   replay = sharding.put_batch(rng.integers(0, 4096, (s["batch"], s["seq_len"]), dtype=np.int32), mesh)
 
-  compiled, states = {}, {}
-  for method in ("none", "kl", "ntp", "replace"):
+  teacher_sh = sharding.batch_sharding(mesh, 3)
+  teacher = jax.jit(lambda p, t: model_lib.logits(cfg, p, t), out_shardings=teacher_sh)(frozen, replay)
+
+  compiled, states, teachers = {}, {}, {}
+  for variant in ("none", "kl", "kl_sampled_teacher", "ntp", "replace"):
+    method = "kl" if variant == "kl_sampled_teacher" else variant
     rc = config_lib.default().replay
     rc.unlock()
     rc.update(method=method, coeff=0.25 if method == "replace" else 1.0)
+    teachers[variant] = teacher if variant == "kl_sampled_teacher" else None
     step = jax.jit(steps.make_train_step(steps.make_objective(cfg, rc), opt, optim.lr_schedule(c, 1000)),
-                   in_shardings=(sh, sh["params"], sharding.batch_sharding(mesh), sharding.batch_sharding(mesh)),
+                   in_shardings=(sh, sh["params"], sharding.batch_sharding(mesh), sharding.batch_sharding(mesh),
+                                 teacher_sh if teachers[variant] is not None else None),
                    out_shardings=(sh, None))
-    states[method] = jax.jit(init, out_shardings=sh)(jax.random.key(0))
-    compiled[method] = step.lower(states[method], frozen, batch, replay).compile()
-    jax.block_until_ready(compiled[method](states[method], frozen, batch, replay))
+    states[variant] = jax.jit(init, out_shardings=sh)(jax.random.key(0))
+    compiled[variant] = step.lower(states[variant], frozen, batch, replay, teachers[variant]).compile()
+    jax.block_until_ready(compiled[variant](states[variant], frozen, batch, replay, teachers[variant]))
 
   times = {m: [] for m in compiled}
   for _ in range(args.reps):
     for method, f in compiled.items():
       t0 = time.perf_counter()
-      states[method], aux = f(states[method], frozen, batch, replay)
+      states[method], aux = f(states[method], frozen, batch, replay, teachers[method])
       jax.block_until_ready(aux)
       times[method].append(time.perf_counter() - t0)
   best = {m: min(t) for m, t in times.items()}

@@ -20,6 +20,8 @@ class ConfigError(ValueError):
 LENGTH_KEYS = ("tokens", "tokens_per_param", "epochs", "steps", "wall_time_s")
 REPLAY_METHODS = ("none", "kl", "ntp", "kl_downstream", "replace")
 REPLAY_SOURCES = ("real", "self")
+REPLAY_TEACHERS = ("auto", "forward", "sampled")
+SAMPLED_TEACHER_MAX_BYTES = 1 << 30  # per device, for teacher='auto'
 SCHEDULES = ("constant", "cosine", "wsd")
 NUM_RESERVED_IDS = 10
 
@@ -89,6 +91,10 @@ def default() -> ml_collections.ConfigDict:
       dataset_id=-1,  # prompt id for self-generated replay; -1 = the pretraining data's id
       prompt_ids="",  # several prompt ids, e.g. "0,1,2": rows split evenly among them (toy continual tasks)
       cache_dir="",  # share self-generated samples across runs of a sweep
+      # KL teacher logits on self-generated rows: 'sampled' keeps π_pre's logits from sampling (no frozen
+      # forward per step; a [buffer, rows, T, V] fp32 buffer), 'forward' runs π_pre on each replay batch,
+      # 'auto' = sampled when that buffer is ≤ 1 GiB per data-parallel device (see `replay_teacher`)
+      teacher="auto",
       path="",  # real replay data; empty = the pretraining run's data
   ))
 
@@ -177,6 +183,13 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"config.replay.method={r.method!r}: use one of {', '.join(REPLAY_METHODS)}.")
   if r.source not in REPLAY_SOURCES:
     raise ConfigError(f"config.replay.source={r.source!r}: use 'real' or 'self'.")
+  teacher = r.get("teacher", "auto")  # absent from configs stored before the key existed (a sweep's runs)
+  if teacher not in REPLAY_TEACHERS:
+    raise ConfigError(f"config.replay.teacher={teacher!r}: use one of {', '.join(REPLAY_TEACHERS)}.")
+  if teacher == "sampled" and (r.method != "kl" or r.source != "self"):
+    raise ConfigError(f"config.replay.teacher='sampled' keeps the frozen model's logits from sampling, which only "
+                      f"replay.method='kl' with replay.source='self' uses (here method={r.method!r}, source="
+                      f"{r.source!r}): set config.replay.teacher to 'auto' or 'forward'.")
   if r.method == "replace" and not 0.0 < r.coeff < 1.0:
     raise ConfigError(f"config.replay.coeff={r.coeff} is the fraction of rows replaced for method 'replace': "
                       "it must lie in (0, 1).")
@@ -192,6 +205,24 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if c.stage == "finetune" and not c.init["from"]:
     raise ConfigError("config.stage='finetune' needs config.init.from: set it to the pretraining run's workdir.")
   return c
+
+
+def replay_teacher(c: ml_collections.ConfigDict, data_parallel_devices: int = 1) -> str:
+  """Where KL replay's teacher logits come from: 'sampled' (kept from sampling) or 'forward' (π_pre run on each
+  replay batch; also the answer for every method that needs no sampled logits).
+
+  'auto' picks 'sampled' for kl on self-generated rows when the kept logits, buffer × rows × T × V fp32, take
+  ≤ 1 GiB per device: they are sharded over the data-parallel devices (data × fsdp; replicated over tensor).
+  """
+  r = c.replay
+  teacher = r.get("teacher", "auto")  # absent from configs stored before the key existed
+  if r.method != "kl" or r.source != "self" or teacher == "forward":
+    return "forward"
+  if teacher == "sampled":
+    return "sampled"
+  rows = r.batch_size or c.optim.batch_size
+  per_device = r.buffer * rows * c.model.seq_len * c.model.vocab_size * 4 / max(1, data_parallel_devices)
+  return "sampled" if per_device <= SAMPLED_TEACHER_MAX_BYTES else "forward"
 
 
 def compute_dtype_name(c: ml_collections.ConfigDict, platform: str) -> str:

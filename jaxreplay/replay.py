@@ -1,8 +1,10 @@
 """Where replay batches come from (none, real pretraining data, self-generated samples) and what is trained.
 
-A source's `next(step)` returns the replay rows for that step as a global array on the mesh. Real replay is
-a pure function of the step; self-generated replay refills a buffer from the frozen model and its position
-travels in the checkpoint through `state()`.
+A source's `next(step)` returns (replay rows [B, T], teacher logits [B, T, V] or None) for that step as global
+arrays on the mesh; the teacher logits (the frozen model's, kept from sampling) come only from self-generated
+replay with `replay.teacher` resolving to 'sampled', and `sampled_teacher` says so before the first step.
+Real replay is a pure function of the step; self-generated replay refills a buffer from the frozen model and
+its position travels in the checkpoint through `state()`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def parameterization(c, frozen):
 
 class RealReplay:
   """Rows of the pretraining data, in their own shuffled order (seeded apart from the downstream data)."""
+  sampled_teacher = False
 
   def __init__(self, c, stage, path: str, dataset_id: int):
     self.mesh = stage.mesh
@@ -35,7 +38,7 @@ class RealReplay:
                                        prefetch=0)
 
   def next(self, step: int):
-    return sharding.put_batch(self.batches.batch(step), self.mesh)
+    return sharding.put_batch(self.batches.batch(step), self.mesh), None
 
   def state(self) -> dict:
     return {}

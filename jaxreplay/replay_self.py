@@ -12,6 +12,11 @@ that determines them (the checkpoint's export and weights, the model, the sampli
 batch rows, buffer). Every run of a sweep that starts from the same checkpoint with the same settings then
 reads the samples instead of drawing them again. `fingerprint.json` in that directory is compared on every
 use; a cache made by another checkpoint or other settings is an error, never reused.
+
+For KL replay with `replay.teacher` resolving to 'sampled' (`config.replay_teacher`), each refill also keeps the
+frozen model's logits from sampling, [buffer, rows, T, V] fp32 on the mesh, so that the train step needs no
+forward pass of the frozen model. The disk cache holds tokens only: a refill read from it gets its logits from
+one forward pass of the frozen model over the buffer at refill time (equal to the sampled ones up to rounding).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxreplay import checkpoint as ckpt_lib
 from jaxreplay import config as config_lib
+from jaxreplay import model as model_lib
 from jaxreplay import sampling
 from jaxreplay import sharding
 
@@ -169,7 +175,8 @@ def _agree(flag: bool) -> bool:
 
 
 class SelfGeneratedReplay:
-  """Replay rows sampled from the frozen pretrained model; `next(step)` -> [rows, T] int32 on the mesh."""
+  """Replay rows sampled from the frozen pretrained model; `next(step)` -> (tokens [rows, T] int32, teacher
+  logits [rows, T, V] fp32 or None) on the mesh, the logits when `teacher` is 'sampled'."""
 
   def __init__(self, c, stage, frozen, state: dict | None):
     if frozen is None:
@@ -190,7 +197,10 @@ class SelfGeneratedReplay:
                                    f"{div} data-parallel devices: choose a multiple of mesh.data × mesh.fsdp.")
     self.sc = sampling.SamplingConfig(temperature=float(c.replay.temperature), top_k=int(c.replay.top_k),
                                       top_p=float(c.replay.top_p))
-    self.sampler = sampling.make_sampler(self.model_cfg, self.sc, self.buffer * self.rows, 1, self.T, self.mesh)
+    self.teacher = config_lib.replay_teacher(c, div)  # 'sampled': keep the frozen model's logits from sampling
+    self.sampled_teacher = self.teacher == "sampled"
+    self.sampler = sampling.make_sampler(self.model_cfg, self.sc, self.buffer * self.rows, 1, self.T, self.mesh,
+                                         return_logits=self.sampled_teacher)
     self.position = int((state or {}).get("position", 0))
     self.cache = None
     if c.replay.cache_dir:
@@ -198,7 +208,15 @@ class SelfGeneratedReplay:
     self._buffer_sh = NamedSharding(self.mesh, P(None, sharding.BATCH_AXES, None))
     self._arrange = jax.jit(lambda x: x.reshape(self.buffer, self.rows, self.T), out_shardings=self._buffer_sh)
     self._take = jax.jit(lambda buf, j: buf[j], out_shardings=sharding.batch_sharding(self.mesh))
-    self._refill, self._tokens = None, None
+    if self.sampled_teacher:
+      logits_sh = NamedSharding(self.mesh, P(None, sharding.BATCH_AXES, None, None))
+      V = self.model_cfg.vocab_size
+      self._arrange_logits = jax.jit(lambda x: x.reshape(self.buffer, self.rows, self.T, V),
+                                     out_shardings=logits_sh, donate_argnums=0)
+      self._forward = jax.jit(  # teacher logits for rows read from the disk cache, one batch at a time
+          lambda p, buf: jax.lax.map(lambda t: model_lib.logits(self.model_cfg, p, t), buf), out_shardings=logits_sh)
+      self._take_logits = jax.jit(lambda buf, j: buf[j], out_shardings=sharding.batch_sharding(self.mesh, 3))
+    self._refill, self._tokens, self._logits = None, None, None
     self.sampled_refills = 0  # refills this process drew itself (the rest came from the disk cache)
 
   def fingerprint(self, c) -> dict:
@@ -224,7 +242,8 @@ class SelfGeneratedReplay:
     per_batch = np.asarray(self.prompt_ids, np.int32)[np.arange(self.rows) * k // self.rows]
     return np.tile(per_batch, self.buffer)
 
-  def _sample(self, refill: int) -> jax.Array:
+  def _sample(self, refill: int):
+    """Refill r sampled: tokens [buffer·rows, T] (and their logits [buffer·rows, T, V] for a sampled teacher)."""
     prompt = self._prompt_ids()[:, None]
     prompt = jax.make_array_from_callback(prompt.shape, sharding.batch_sharding(self.mesh), lambda i: prompt[i])
     self.sampled_refills += 1
@@ -234,22 +253,34 @@ class SelfGeneratedReplay:
     tokens = tokens.reshape(self.buffer, self.rows, self.T)
     return jax.make_array_from_callback(tokens.shape, self._buffer_sh, lambda i: tokens[i])
 
-  def _load(self, refill: int) -> jax.Array:
-    """Refill r as [buffer, rows, T] on the mesh: from the disk cache, or sampled (and then cached)."""
+  def _arranged(self, sampled):
+    """The sampler's output as (tokens [buffer, rows, T], logits [buffer, rows, T, V] or None)."""
+    if self.sampled_teacher:
+      return self._arrange(sampled[0]), self._arrange_logits(sampled[1])
+    return self._arrange(sampled), None
+
+  def _with_teacher(self, tokens: jax.Array):
+    """Rows read from the disk cache, with their teacher logits computed now if the teacher is 'sampled'."""
+    return tokens, (self._forward(self.frozen, tokens) if self.sampled_teacher else None)
+
+  def _load(self, refill: int):
+    """Refill r as (tokens [buffer, rows, T], teacher logits [buffer, rows, T, V] or None) on the mesh: from the
+    disk cache, or sampled (and then cached)."""
     if self.cache is None:
-      return self._arrange(self._sample(refill))
+      return self._arranged(self._sample(refill))
     shape = (self.buffer * self.rows, self.T)
     V = self.model_cfg.vocab_size
     cached = self.cache.read(refill, shape, V) if jax.process_index() == 0 else None
     if _agree(cached is not None):
-      return self._from_host(cached if cached is not None else self.cache.read(refill, shape, V))
+      return self._with_teacher(self._from_host(cached if cached is not None else self.cache.read(refill, shape, V)))
     lock = self.cache.lock(refill) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
       # Another run may have written it while this one waited for the lock.
       cached = self.cache.read(refill, shape, V) if jax.process_index() == 0 else None
       if _agree(cached is not None):
-        return self._from_host(cached if cached is not None else self.cache.read(refill, shape, V))
-      tokens = self._sample(refill)
+        return self._with_teacher(self._from_host(cached if cached is not None else self.cache.read(refill, shape, V)))
+      sampled = self._sample(refill)
+      tokens = sampled[0] if self.sampled_teacher else sampled
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         host = np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
@@ -257,15 +288,17 @@ class SelfGeneratedReplay:
         host = np.asarray(tokens)
       if jax.process_index() == 0:
         self.cache.write(refill, host)
-    return self._arrange(tokens)
+    return self._arranged(sampled)
 
-  def next(self, step: int) -> jax.Array:
-    """The replay rows for optimizer step `step`: row block step mod buffer of refill step // buffer."""
+  def next(self, step: int):
+    """(rows, teacher logits or None) for optimizer step `step`: row block step mod buffer of refill step // buffer."""
     refill, j = divmod(int(step), self.buffer)
     if refill != self._refill:
-      self._tokens, self._refill = self._load(refill), refill
+      self._tokens = self._logits = None  # free the old buffers before the new ones are made
+      (self._tokens, self._logits), self._refill = self._load(refill), refill
     self.position = int(step) + 1
-    return self._take(self._tokens, j)
+    teacher = self._take_logits(self._logits, j) if self._logits is not None else None
+    return self._take(self._tokens, j), teacher
 
   def state(self) -> dict:
     return dict(position=self.position)

@@ -219,14 +219,26 @@ def _chunks(start: int, stop: int, n: int):
   return list(zip(edges[:-1], edges[1:]))
 
 
-@functools.lru_cache(maxsize=32)
 def make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: int, prompt_len: int, length: int,
-                 mesh=None, chunks: int | None = None):
+                 mesh=None, chunks: int | None = None, return_logits: bool = False):
   """A `Sampler`: sampler(params, prompt_BP, key) -> tokens [B, length] int32, the first P being the prompt.
 
   Decoding runs as `chunks` loops over consecutive position ranges, each attending only to the cache entries
   its last position can see: shapes stay static and the average cache read drops to ~(chunks+1)/(2·chunks).
+
+  With `return_logits` the sampler returns (tokens [B, T], logits [B, T, V] fp32), where logits[:, t] are the
+  model's raw logits (before temperature, top-k, top-p) predicting token t+1 from tokens 0..t: what a full
+  forward pass over the sampled rows gives, up to rounding. The prompt's come from the prefill, the rest from
+  the decode steps. The last position predicts nothing and is never decoded: it holds zeros (as do positions
+  after every row stopped at `eos_id`, if the loop ends early). Cached per argument values (one compiled
+  program each); arguments left at their defaults and passed explicitly share it.
   """
+  return _make_sampler(cfg, sc, batch_size, prompt_len, length, mesh, chunks, bool(return_logits))
+
+
+@functools.lru_cache(maxsize=32)
+def _make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: int, prompt_len: int, length: int,
+                  mesh, chunks: int | None, return_logits: bool):
   sc.check(cfg.vocab_size)
   B, Pl, T = batch_size, prompt_len, length
   if chunks is None:  # each range is one more loop to compile: worth it only for long rows
@@ -248,7 +260,7 @@ def make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: int
     tokens_BT = constrain(jnp.full((B, T), sc.pad_id, jnp.int32))
     tokens_BT = jax.lax.dynamic_update_slice(tokens_BT, prompt_BP, (0, 0))
     if Pl == T:
-      return tokens_BT
+      return (tokens_BT, model_lib.logits(cfg, params, prompt_BP)) if return_logits else tokens_BT
     # Prefill: the whole prompt in one forward pass; its keys/values start the decode cache.
     logits_BPV, pre = model_lib.apply(cfg, params, prompt_BP, cache=model_lib.init_cache(cfg, B, Pl), cache_index=0)
     cache = {}
@@ -260,9 +272,13 @@ def make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: int
     tokens_BT = tokens_BT.at[:, Pl].set(token_B)
     done_B = token_B == sc.eos_id if stop else jnp.zeros((B,), bool)
     w = decode_weights(cfg, params)
+    extra = ()
+    if return_logits:  # a preallocated buffer in the loop carry, written one position per step
+      logits_BTV = constrain(jnp.zeros((B, T, cfg.vocab_size), jnp.float32))
+      extra = (jax.lax.dynamic_update_slice(logits_BTV, logits_BPV.astype(jnp.float32), (0, 0, 0)),)
 
     def body(pos, carry, span):
-      tokens_BT, cache, token_B, done_B = carry
+      tokens_BT, cache, token_B, done_B, *extra = carry
       # The token at pos-1 goes into the cache at pos-1; its logits choose the token at pos.
       logits_BV, cache = decode_step(cfg, w, cache, token_B, pos - 1, span)
       new_B = sample_from_logits(u_TB[pos], logits_BV, sc)
@@ -270,9 +286,11 @@ def make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: int
         new_B = jnp.where(done_B, sc.pad_id, new_B)
         done_B = done_B | (new_B == sc.eos_id)
       tokens_BT = jax.lax.dynamic_update_slice(tokens_BT, new_B[:, None], (0, pos))
-      return tokens_BT, cache, new_B, done_B
+      if extra:  # nothing reads the old buffer: XLA writes the slice in place
+        extra = [jax.lax.dynamic_update_slice(extra[0], logits_BV[:, None], (0, pos - 1, 0))]
+      return (tokens_BT, cache, new_B, done_B, *extra)
 
-    carry = (tokens_BT, cache, token_B, done_B)
+    carry = (tokens_BT, cache, token_B, done_B, *extra)
     for a, b in _chunks(Pl + 1, T, chunks):
       span = max(2, b - 2)  # the range's last step decodes the token at b-2, which attends to entries 0..b-3
       if stop:
@@ -283,9 +301,11 @@ def make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: int
         carry = jax.lax.while_loop(cond, step, (jnp.int32(a), carry))[1]
       else:
         carry = jax.lax.fori_loop(a, b, functools.partial(body, span=span), carry)
-    return carry[0]
+    return (carry[0], carry[4]) if return_logits else carry[0]
 
   out_sh = sharding.batch_sharding(mesh) if mesh is not None else None
+  if return_logits and mesh is not None:
+    out_sh = (out_sh, sharding.batch_sharding(mesh, 3))
   u_sh = NamedSharding(mesh, P(None, sharding.BATCH_AXES)) if mesh is not None else None
   platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
   program = jax.jit(run, out_shardings=out_sh, compiler_options=compiler_options(platform))
@@ -294,8 +314,9 @@ def make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: int
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-  """`sampler(params, prompt_BP, key)` -> tokens [B, T]: the uniforms for every position are drawn from the key
-  (`uniforms(key)` -> u [T, B]) and the compiled `program(params, prompt_BP, u_TB)` does the whole decode."""
+  """`sampler(params, prompt_BP, key)` -> tokens [B, T] (with `return_logits`: and logits [B, T, V]): the
+  uniforms for every position are drawn from the key (`uniforms(key)` -> u [T, B]) and the compiled
+  `program(params, prompt_BP, u_TB)` does the whole decode."""
   program: Callable
   length: int
   batch_size: int

@@ -25,16 +25,18 @@ def init_state(model_cfg, optimizer, key, trainable_fn: Callable | None = None):
 
 
 def make_objective(model_cfg, replay_cfg, merge_fn: Callable | None = None):
-  """loss(trainable, frozen, batch, replay) -> (loss, aux) for the finetuning method in `replay_cfg`.
+  """loss(trainable, frozen, batch, replay, teacher=None) -> (loss, aux) for the finetuning method in `replay_cfg`.
 
   `merge_fn(trainable, frozen)` gives the model's parameters (identity for full finetuning, base + low-rank
   update for LoRA). The frozen model runs only for methods that need its predictions, never differentiated.
+  `teacher` [B, T, V]: the frozen model's logits on the replay rows when already known (kept from sampling);
+  with them, method kl skips the frozen forward pass.
   """
   method = replay_cfg.method if replay_cfg is not None else "none"
   coeff = float(replay_cfg.coeff) if replay_cfg is not None else 0.0
   merge = merge_fn or (lambda trainable, frozen: trainable)
 
-  def objective(trainable, frozen, batch_BT, replay_BT):
+  def objective(trainable, frozen, batch_BT, replay_BT, teacher_BTV=None):
     params = merge(trainable, frozen)
     aux = {}
     if method == "replace":
@@ -48,8 +50,9 @@ def make_objective(model_cfg, replay_cfg, merge_fn: Callable | None = None):
     aux["train_ntp"] = ntp
     loss = ntp
     if method == "kl":
-      teacher = model_lib.logits(model_cfg, frozen, replay_BT)
-      reg = losses.kl_loss(teacher, replay_logits)
+      if teacher_BTV is None:
+        teacher_BTV = model_lib.logits(model_cfg, frozen, replay_BT)
+      reg = losses.kl_loss(teacher_BTV, replay_logits)  # stop_gradient on the teacher inside
     elif method == "ntp":
       reg = losses.next_token_loss(replay_logits, replay_BT)
     elif method == "kl_downstream":
@@ -66,9 +69,9 @@ def make_objective(model_cfg, replay_cfg, merge_fn: Callable | None = None):
 
 
 def make_train_step(objective, optimizer, lr_schedule):
-  def train_step(state, frozen, batch_BT, replay_BT):
+  def train_step(state, frozen, batch_BT, replay_BT, teacher_BTV=None):
     grad_fn = jax.value_and_grad(objective, has_aux=True)
-    (_, aux), grads = grad_fn(state["params"], frozen, batch_BT, replay_BT)
+    (_, aux), grads = grad_fn(state["params"], frozen, batch_BT, replay_BT, teacher_BTV)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     aux["grad_norm"] = optax.tree.norm(grads)

@@ -197,8 +197,10 @@ def run(c, workdir: str, evaluators=()) -> dict:
   objective = steps.make_objective(model_cfg, c.replay if stage.prev is not None else None, merge_fn)
   batch_sh = sharding.batch_sharding(mesh)
   replay_sh = batch_sh if replay is not None else None
+  # The frozen model's logits on the replay rows when kept from sampling (replay.teacher): no forward of it.
+  teacher_sh = sharding.batch_sharding(mesh, 3) if replay is not None and replay.sampled_teacher else None
   train_step = jax.jit(steps.make_train_step(objective, optimizer, lr_schedule),
-                       in_shardings=(state_sh, frozen_sh, batch_sh, replay_sh),
+                       in_shardings=(state_sh, frozen_sh, batch_sh, replay_sh, teacher_sh),
                        out_shardings=(state_sh, None), donate_argnums=(0,))
   eval_fn = jax.jit(steps.make_eval_step(model_cfg, with_kl=frozen is not None))
   merged = jax.jit(merge_fn) if merge_fn is not None else (lambda p, f: p)
@@ -230,8 +232,8 @@ def run(c, workdir: str, evaluators=()) -> dict:
         stop_reason = stop_reason or "length"
         break
       _, batch = next(batch_iter)
-      replay_batch = replay.next(step) if replay is not None else None
-      state, aux = train_step(state, frozen, sharding.put_batch(batch, mesh), replay_batch)
+      replay_BT, teacher_BTV = replay.next(step) if replay is not None else (None, None)
+      state, aux = train_step(state, frozen, sharding.put_batch(batch, mesh), replay_BT, teacher_BTV)
       step += 1
       throughput.tick()
       bar.update(1)

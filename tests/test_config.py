@@ -79,7 +79,48 @@ def test_differences_and_json_round_trip(tmp_path):
   assert config_lib.differences(a, b) == ["optim.lr"]
   old = a.to_dict()
   del old["replay"]["prompt_ids"]  # a workdir written before a key existed still matches its default
+  del old["replay"]["teacher"]
   assert config_lib.differences(config_lib.ml_collections.ConfigDict(old), a) == []
+  # A config stored whole before a key existed (a sweep's runs in sweep.json) still validates and resolves.
+  stored = a.to_dict()
+  del stored["replay"]["teacher"]
+  stored["init"]["from"] = "/some/run"
+  stored["replay"].update(method="kl", source="self")
+  stored = config_lib.validate(config_lib.ml_collections.ConfigDict(stored))
+  assert config_lib.replay_teacher(stored, 16) == "sampled"  # 16 · 256 rows · 256 · 4096 · 4 B on 16 devices
+
+
+def test_replay_teacher_is_validated_and_resolved():
+  c = valid()
+  c.init["from"] = "/some/run"
+  c.replay.update(method="ntp", source="self", teacher="sampled")
+  with pytest.raises(ConfigError, match="config.replay.teacher='sampled'.*method='ntp'.*set config.replay.teacher "
+                                        "to 'auto' or 'forward'"):
+    config_lib.validate(c)
+  c.replay.update(method="kl", source="real")
+  with pytest.raises(ConfigError, match="source='real'"):
+    config_lib.validate(c)
+  c.replay.teacher = "cached"
+  with pytest.raises(ConfigError, match="config.replay.teacher='cached': use one of auto, forward, sampled"):
+    config_lib.validate(c)
+  c.replay.update(source="self", teacher="sampled")
+  config_lib.validate(c)
+
+  # auto: sampled for kl on self-generated rows while buffer × rows × T × V × 4 bytes per device ≤ 1 GiB.
+  c.replay.update(teacher="auto", buffer=16, batch_size=64)
+  c.model.update(seq_len=256, vocab_size=4096)  # 16·64·256·4096·4 = 4 GiB
+  assert config_lib.replay_teacher(c) == "forward"
+  assert config_lib.replay_teacher(c, 2) == "forward"
+  assert config_lib.replay_teacher(c, 4) == "sampled"  # exactly 1 GiB each
+  c.replay.batch_size = 0  # 0 = the downstream batch size (256 here)
+  assert config_lib.replay_teacher(c, 4) == "forward" and config_lib.replay_teacher(c, 16) == "sampled"
+  c.replay.teacher = "sampled"
+  assert config_lib.replay_teacher(c) == "sampled"  # asked for: kept whatever it costs
+  c.replay.teacher = "forward"
+  assert config_lib.replay_teacher(c, 1024) == "forward"
+  for method, source in (("ntp", "self"), ("kl", "real"), ("none", "self"), ("kl_downstream", "self")):
+    c.replay.update(method=method, source=source, teacher="auto")
+    assert config_lib.replay_teacher(c, 1024) == "forward"
 
 
 def test_dtype_per_platform():

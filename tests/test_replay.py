@@ -93,6 +93,25 @@ def test_kl_objective_at_the_pretrained_weights(frozen):
   assert (up - down) / (2 * h) == pytest.approx(analytic, rel=2e-2)
 
 
+def test_kl_objective_with_teacher_logits_from_sampling_equals_the_frozen_forward(frozen):
+  """Teacher logits kept from sampling give the KL loss and gradient of the frozen forward pass, which then
+  does not run (NaN frozen weights leave the result untouched)."""
+  rc = types.SimpleNamespace(method="kl", coeff=2.0)
+  batch = np.asarray(jax.random.randint(jax.random.key(1), (4, 12), 0, 50), np.int32)
+  sampler = sampling.make_sampler(TINY, sampling.SamplingConfig(), 4, 1, 12, return_logits=True)
+  rows, teacher = sampler(frozen, np.full((4, 1), 3, np.int32), jax.random.key(5))
+  theta = jax.tree.map(lambda p: p * 1.1, frozen)  # away from π_pre: the KL term and its gradient are not 0
+  grad = jax.jit(jax.value_and_grad(steps.make_objective(TINY, rc, None), has_aux=True))
+  (loss, aux), g = grad(theta, frozen, batch, rows, None)
+  nan_frozen = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), frozen)
+  (loss_s, aux_s), g_s = grad(theta, nan_frozen, batch, rows, teacher)
+  assert float(aux["train_reg"]) > 1e-3
+  assert float(aux_s["train_reg"]) == pytest.approx(float(aux["train_reg"]), rel=1e-5)
+  assert float(loss_s) == pytest.approx(float(loss), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("fraction,B", [(0.25, 8), (0.3, 8), (0.9, 8), (0.29, 100), (0.7, 10), (0.05, 8)])
 def test_replace_keeps_the_batch_size_and_replaces_floor_fraction_rows(fraction, B):
   batch = np.arange(B * 4, dtype=np.int32).reshape(B, 4)
@@ -138,11 +157,14 @@ def make_stage(prev_dataset_id=0):
   return types.SimpleNamespace(mesh=mesh, model_cfg=TINY, prev_dataset_id=prev_dataset_id)
 
 
-def test_rows_come_from_the_frozen_model_once_each_and_deterministically(tmp_path, frozen):
-  c = make_config(tmp_path)
+@pytest.mark.parametrize("teacher", ["forward", "auto"])
+def test_rows_come_from_the_frozen_model_once_each_and_deterministically(tmp_path, frozen, teacher):
+  c = make_config(tmp_path, teacher=teacher)
   source = replay.make_source(c, types.SimpleNamespace(prev=object(), **vars(make_stage(3))), frozen, None)
   assert isinstance(source, replay_self.SelfGeneratedReplay)
-  batches = [np.asarray(source.next(s)) for s in range(5)]  # refills 0, 1 and half of 2
+  assert source.sampled_teacher == (teacher == "auto")  # auto: 2·4·12·50 fp32 logits are far below 1 GiB
+  out = [source.next(s) for s in range(5)]  # refills 0, 1 and half of 2
+  batches = [np.asarray(b) for b, _ in out]
   assert source.sampled_refills == 3 and source.state() == dict(position=5)
   for b in batches:
     assert b.shape == (4, 12) and b.dtype == np.int32
@@ -153,11 +175,21 @@ def test_rows_come_from_the_frozen_model_once_each_and_deterministically(tmp_pat
   sampler = sampling.make_sampler(TINY, sampling.SamplingConfig(), 8, 1, 12)
   want = np.asarray(sampler(frozen, np.full((8, 1), 3, np.int32), replay_self.refill_key(c.seed, 1)))
   np.testing.assert_array_equal(np.concatenate(batches[2:4]), want)
-  assert source.next(2).sharding.is_equivalent_to(sharding.batch_sharding(source.mesh), 2)
-  # A resumed run (state from the checkpoint) regenerates the same rows.
+  assert source.next(2)[0].sharding.is_equivalent_to(sharding.batch_sharding(source.mesh), 2)
+  if teacher == "forward":
+    assert all(t is None for _, t in out)
+  else:  # the frozen model's logits from sampling: what its forward pass gives on the rows
+    for b, t in out:
+      assert t.shape == (4, 12, 50) and t.dtype == np.float32
+      assert t.sharding.is_equivalent_to(sharding.batch_sharding(source.mesh, 3), 3)
+      np.testing.assert_allclose(np.asarray(t)[:, :-1], M.logits(TINY, frozen, b)[:, :-1], rtol=1e-4, atol=1e-4)
+  # A resumed run (state from the checkpoint) regenerates the same rows and teacher logits.
   resumed = replay_self.SelfGeneratedReplay(c, make_stage(3), frozen, dict(position=3))
-  np.testing.assert_array_equal(np.asarray(resumed.next(3)), batches[3])
-  np.testing.assert_array_equal(np.asarray(resumed.next(4)), batches[4])
+  for s in (3, 4):
+    rows, t = resumed.next(s)
+    np.testing.assert_array_equal(np.asarray(rows), batches[s])
+    if t is not None:
+      np.testing.assert_array_equal(np.asarray(t), np.asarray(out[s][1]))
 
 
 def test_dataset_id_outside_the_reserved_ids_is_refused(tmp_path, frozen):
@@ -173,7 +205,8 @@ def test_disk_cache_is_shared_and_never_reused_for_other_settings(tmp_path, froz
   cache_root = tmp_path / "cache"
   c = make_config(tmp_path, cache_dir=str(cache_root))
   first = replay_self.SelfGeneratedReplay(c, make_stage(), frozen, None)
-  a = [np.asarray(first.next(s)) for s in range(3)]
+  assert first.sampled_teacher  # the cache holds tokens only, whatever the teacher
+  a, a_teacher = zip(*[first.next(s) for s in range(3)])
   assert first.sampled_refills == 2
   (cache_dir,) = [p for p in cache_root.iterdir()]
   assert sorted(p.name for p in cache_dir.iterdir() if p.suffix != ".lock") == [
@@ -181,11 +214,15 @@ def test_disk_cache_is_shared_and_never_reused_for_other_settings(tmp_path, froz
   fingerprint = json.loads((cache_dir / "fingerprint.json").read_text())
   assert fingerprint["sampling"]["temperature"] == 1.0 and fingerprint["rows"] == 4
 
-  # A second run with the same settings (another sweep point) reads the samples: no sampling at all.
+  # A second run with the same settings (another sweep point) reads the samples: no sampling at all. Their
+  # teacher logits come from a forward pass of the frozen model at refill time, equal up to rounding.
   second = replay_self.SelfGeneratedReplay(c, make_stage(), frozen, None)
   monkeypatch.setattr(second, "sampler", None)
   for s in range(3):
-    np.testing.assert_array_equal(np.asarray(second.next(s)), a[s])
+    rows, t = second.next(s)
+    np.testing.assert_array_equal(np.asarray(rows), a[s])
+    assert t.sharding.is_equivalent_to(sharding.batch_sharding(second.mesh, 3), 3)
+    np.testing.assert_allclose(np.asarray(t)[:, :-1], np.asarray(a_teacher[s])[:, :-1], rtol=1e-4, atol=1e-4)
   assert second.sampled_refills == 0
   monkeypatch.undo()
 

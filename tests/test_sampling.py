@@ -81,6 +81,20 @@ def test_cached_sampling_equals_naive_sampling(params, full_logits, sc, chunks):
   assert not np.array_equal(np.asarray(sampler(params, prompt, jax.random.key(8))), got)
 
 
+@pytest.mark.parametrize("prompt_len,sc", [(1, S.SamplingConfig()), (3, S.SamplingConfig(temperature=0.7, top_k=5))])
+def test_returned_logits_are_the_full_forward_on_the_sampled_rows(params, full_logits, prompt_len, sc):
+  """Raw logits (before temperature/top-k) predicting each next token; the last position holds zeros."""
+  prompt = np.asarray(jax.random.randint(jax.random.key(2), (4, prompt_len), 0, 50), np.int32)
+  key = jax.random.key(9)
+  tokens, logits = S.make_sampler(TINY, sc, 4, prompt_len, 12, chunks=2, return_logits=True)(params, prompt, key)
+  np.testing.assert_array_equal(tokens, S.make_sampler(TINY, sc, 4, prompt_len, 12, chunks=2)(params, prompt, key))
+  assert logits.shape == (4, 12, 50) and logits.dtype == np.float32
+  np.testing.assert_allclose(logits[:, :-1], full_logits(params, tokens)[:, :-1], rtol=1e-4, atol=1e-4)
+  assert not np.any(np.asarray(logits[:, -1]))
+  assert S.make_sampler(TINY, sc, 4, prompt_len, 12, None, 2, False) is S.make_sampler(TINY, sc, 4, prompt_len, 12,
+                                                                                          chunks=2)
+
+
 def test_temperature_to_zero_is_greedy(params, full_logits):
   prompt = np.full((4, 1), 3, np.int32)
   greedy = np.asarray(S.make_sampler(TINY, S.SamplingConfig(temperature=0.0), 4, 1, 12)(params, prompt, jax.random.key(0)))
@@ -196,7 +210,7 @@ SHARDED = textwrap.dedent("""
     import ml_collections
     sys.path.insert(0, "tests")
     from test_sampling import TINY, np_params
-    from jaxreplay import sampling as S, sharding
+    from jaxreplay import model as M, sampling as S, sharding
     out = {}
     for name, mesh_cfg in (("one", None), ("four", dict(data=2, fsdp=2, tensor=1)),
                            ("tensor", dict(data=1, fsdp=2, tensor=2))):
@@ -206,6 +220,12 @@ SHARDED = textwrap.dedent("""
       p = jax.device_put(p, sharding.param_shardings(p, mesh))
       toks = S.sample(TINY, p, np.full((8, 1), 5, np.int32), jax.random.key(4), sc=S.SamplingConfig(), mesh=mesh)
       out[name] = dict(tokens=np.asarray(toks).tolist(), spec=str(toks.sharding.spec))
+      if name == "four":  # the logits buffer too, sharded like the rows
+        sampler = S.make_sampler(TINY, S.SamplingConfig(), 8, 1, 12, mesh, return_logits=True)
+        toks, logits = sampler(p, sharding.put_batch(np.full((8, 1), 5, np.int32), mesh), jax.random.key(4))
+        full = jax.jit(lambda p, t: M.logits(TINY, p, t))(np_params(TINY, 0, 2.0), np.asarray(toks))
+        out["logits"] = dict(tokens=np.asarray(toks).tolist(), spec=str(logits.sharding.spec),
+                             err=float(np.abs(np.asarray(logits)[:, :-1] - np.asarray(full)[:, :-1]).max()))
     print(json.dumps(out))
 """)
 
@@ -219,3 +239,5 @@ def test_sharded_over_the_data_axes_gives_the_same_samples():
   assert out["four"]["tokens"] == out["one"]["tokens"]
   assert out["tensor"]["tokens"] == out["one"]["tokens"]  # heads split over the tensor axis
   assert "data" in out["four"]["spec"] and "fsdp" in out["four"]["spec"]
+  assert out["logits"]["tokens"] == out["one"]["tokens"] and out["logits"]["err"] < 1e-4
+  assert "data" in out["logits"]["spec"] and "fsdp" in out["logits"]["spec"]

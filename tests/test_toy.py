@@ -112,16 +112,16 @@ def test_self_generated_replay_splits_rows_among_prompt_ids(tmp_path):
   stage = types.SimpleNamespace(mesh=sharding.make_mesh(c.mesh), model_cfg=TINY, prev_dataset_id=2)
   source = replay_self.SelfGeneratedReplay(c, stage, _params(1), None)
   for s in range(3):
-    b = np.asarray(source.next(s))
+    b = np.asarray(source.next(s)[0])
     np.testing.assert_array_equal(b[:, 0], [0, 0, 1, 1, 2, 2])
   fake_export(tmp_path / "prev")
   assert source.fingerprint(c)["sampling"]["prompt_ids"] == [0, 1, 2]
   c.replay.update(batch_size=4, buffer=3)  # 12 rows per refill again: the same compiled sampler
   uneven = replay_self.SelfGeneratedReplay(c, stage, _params(1), None)
-  np.testing.assert_array_equal(np.asarray(uneven.next(0))[:, 0], [0, 0, 1, 2])
+  np.testing.assert_array_equal(np.asarray(uneven.next(0)[0])[:, 0], [0, 0, 1, 2])
   c.replay.prompt_ids = ""
   single = replay_self.SelfGeneratedReplay(c, stage, _params(1), None)
-  assert np.all(np.asarray(single.next(0))[:, 0] == 2)  # unset: the pretraining data's id, as before
+  assert np.all(np.asarray(single.next(0)[0])[:, 0] == 2)  # unset: the pretraining data's id, as before
 
 
 def fake_export(workdir):
