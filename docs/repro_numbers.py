@@ -79,9 +79,25 @@ def tpp(res) -> str:
     f = r["after"] - r["before"] if r["after"] is not None and r["before"] is not None else None
     lines.append(f"| {r['x']:g} | {r['before']:.3f} | " + (f"{r['after']:.3f} | {f:+.3f}" if f is not None else "– | –")
                  + f" | {r['best']} |")
-  if rows:
-    lines.append(f"\nCompared at Spanish loss {rows[0]['matched_downstream']:.3f} (the lowest that some run of every "
-                 "TPP reached).")
+  if not rows:
+    return "\n".join(lines)
+  target = rows[0]["matched_downstream"]
+  lines.append(f"\nCompared at Spanish loss {target:.3f} (the lowest that every run reached).\n")
+  # Every arm: English rise at that loss, and the compute multiplier at the end of finetuning.
+  arms = defaultdict(dict)
+  for r in res.finetunes():
+    tpp_ = report._x_of(r, res, "tpp")
+    label = report.method_label(r) + ("" if report.cfg(r, "replay.method") == "none"
+                                      else f" {report.cfg(r, 'replay.coeff'):g}")
+    y = report.at_matched(report._traj(res.history(r["name"])), target)
+    before = r["metrics"].get("prev_ntp_before")
+    arms[label][tpp_] = (y - before if y is not None and before is not None else None,
+                         r["metrics"].get("compute_multiplier"))
+  tpps = sorted({t for by in arms.values() for t in by})
+  lines += ["| arm | " + " | ".join(f"TPP {t:g}: rise / multiplier" for t in tpps) + " |", "|---" * (len(tpps) + 1) + "|"]
+  for label, by in sorted(arms.items()):
+    cell = lambda v: "–" if v is None else (f"{v[0]:+.3f}" if v[0] is not None else "–") + f" / {v[1]:.2f}"
+    lines.append(f"| {label} | " + " | ".join(cell(by.get(t)) for t in tpps) + " |")
   return "\n".join(lines)
 
 

@@ -251,8 +251,9 @@ def _x_of(row: dict, res: Results, key: str):
 def capacity_slice(res: Results, x: str) -> list[dict]:
   """Per x value of the pretrained model (params or tpp): previous loss before finetuning and the best (lowest)
   after it among runs that reached their target loss. Runs without a target are compared at a matched
-  downstream loss instead: the lowest one that some run of every x value reached, each run's previous loss
-  interpolated there from its trajectory (the same as stopping at that target)."""
+  downstream loss instead: the lowest one that every run reached (as in `matched_forgetting`), each run's
+  previous loss interpolated there from its trajectory (the same as stopping at that target). A loss that only
+  some runs reach would leave the best replay coefficient undefined wherever only the no-replay run got there."""
   groups = defaultdict(list)
   for r in res.finetunes():
     v = _x_of(r, res, x)
@@ -261,8 +262,7 @@ def capacity_slice(res: Results, x: str) -> list[dict]:
   matched = None
   if groups and not any(cfg(k, "stop.target_loss") for kids in groups.values() for k in kids):
     trajs = {k["name"]: _traj(res.history(k["name"])) for kids in groups.values() for k in kids}
-    reach = [min((x_ for k in kids for x_, _ in trajs[k["name"]]), default=math.inf) for kids in groups.values()]
-    matched = max(reach)
+    matched = max((min(x_ for x_, _ in t) for t in trajs.values() if t), default=None)
   out = []
   for v, kids in sorted(groups.items()):
     if matched is None:

@@ -7,7 +7,7 @@ on the English Bible (cosine, LR 1e-3, batch 32 × 64) for 1, 4, 16 and 64 token
 tokens; the Bible's 1.4M training tokens are repeated beyond 8 TPP), then finetuned on the Spanish Bible
 (LR 1e-3, cosine over 0.6M tokens, a fresh optimizer) with real-English KL replay at coefficients 0.1, 1 and
 10 (plus no replay, for reference). Seed 0. Instead of a target loss fixed in advance, `jaxreplay report`
-compares the runs at the lowest Spanish loss that some run of every TPP reached, interpolating each run's
+compares the runs at the lowest Spanish loss that every run reached, interpolating each run's
 English loss there from its trajectory (identical to stopping each run at that target).
 
   jaxreplay sweep sweeps/repro_tpp.py --workdir=runs/repro/tpp --jobs=2
