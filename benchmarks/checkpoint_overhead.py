@@ -19,17 +19,11 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
+import common
 from jaxreplay import checkpoint as ckpt_lib
 from jaxreplay import config as config_lib
 from jaxreplay import model as model_lib
-from jaxreplay import optim, sharding, steps
-
-SIZES = {
-    "small": dict(d_model=128, n_layers=4, head_dim=32, seq_len=128, batch=32),  # the quickstart model
-    "medium": dict(d_model=256, n_layers=6, head_dim=64, seq_len=256, batch=16),
-}
 
 
 def _dir_bytes(path: str) -> int:
@@ -37,25 +31,9 @@ def _dir_bytes(path: str) -> int:
 
 
 def bench(size: str, num_steps: int, repeats: int) -> dict:
-  s = SIZES[size]
-  c = config_lib.default()
-  c.model.update(d_model=s["d_model"], n_layers=s["n_layers"], head_dim=s["head_dim"], seq_len=s["seq_len"])
-  c.optim.batch_size = s["batch"]
-  c.stop.steps = 10_000
-  mesh = sharding.make_mesh(c.mesh)
-  backend = jax.default_backend()
-  cfg = model_lib.ModelConfig.from_config(c.model, config_lib.compute_dtype_name(c, backend), backend)
-  opt = optim.make_optimizer(c, c.stop.steps)
-  init = lambda k: steps.init_state(cfg, opt, k)
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  sh = sharding.state_shardings(abstract, mesh)
-  state = jax.jit(init, out_shardings=sh)(jax.random.key(0))
-  train_step = jax.jit(steps.make_train_step(steps.make_objective(cfg, None), opt, optim.lr_schedule(c, c.stop.steps)),
-                       in_shardings=(sh, None, sharding.batch_sharding(mesh), None), out_shardings=(sh, None),
-                       donate_argnums=(0,))
-  rng = np.random.default_rng(0)
-  batches = [sharding.put_batch(rng.integers(0, c.model.vocab_size, (s["batch"], s["seq_len"]), dtype=np.int32), mesh)
-             for _ in range(4)]
+  b = common.setup(size)
+  c = b.config
+  state, batches, train_step = b.state(), b.batches(4), b.train_step()
 
   def run_steps(state, n):
     for i in range(n):
@@ -102,7 +80,7 @@ def bench(size: str, num_steps: int, repeats: int) -> dict:
   if c.checkpoint.every_minutes:
     interval_steps = min(interval_steps, max(1, int(60 * c.checkpoint.every_minutes / step_s)))
   return dict(
-      size=size, params=model_lib.param_counts(cfg)["true"], checkpoint_bytes=size_bytes,
+      size=size, params=model_lib.param_counts(b.model)["true"], checkpoint_bytes=size_bytes,
       step_s=step_s, save_blocking_s=statistics.median(blocking), save_total_s=statistics.median(background),
       added_per_save_s=added_s, added_per_save_steps=added_s / step_s,
       default_interval_steps=interval_steps,

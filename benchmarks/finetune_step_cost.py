@@ -16,65 +16,48 @@ import json
 import time
 
 import jax
-import numpy as np
 
+import common
 from jaxreplay import config as config_lib
-from jaxreplay import metrics, optim, sharding, steps
+from jaxreplay import metrics, sharding
 from jaxreplay import model as model_lib
-
-SIZES = {
-    "small": dict(d_model=128, n_layers=4, head_dim=32, seq_len=128, batch=32),
-    "medium": dict(d_model=256, n_layers=6, head_dim=64, seq_len=256, batch=16),
-}
 
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--size", default="small", choices=sorted(SIZES))
+  p.add_argument("--size", default="small", choices=sorted(common.SIZES))
   p.add_argument("--reps", type=int, default=5)
   args = p.parse_args()
-  s = SIZES[args.size]
-  c = config_lib.default()
-  c.model.update(d_model=s["d_model"], n_layers=s["n_layers"], head_dim=s["head_dim"], seq_len=s["seq_len"])
-  c.optim.batch_size = s["batch"]
-  platform = jax.default_backend()
-  cfg = model_lib.ModelConfig.from_config(c.model, config_lib.compute_dtype_name(c, platform), platform)
-  mesh = sharding.make_mesh(c.mesh)
-  opt = optim.make_optimizer(c, 1000)
-  init = lambda k: steps.init_state(cfg, opt, k)
-  sh = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
-  frozen = jax.jit(init, out_shardings=sh)(jax.random.key(1))["params"]
-  rng = np.random.default_rng(0)
-  batch = sharding.put_batch(rng.integers(0, 4096, (s["batch"], s["seq_len"]), dtype=np.int32), mesh)
-  replay = sharding.put_batch(rng.integers(0, 4096, (s["batch"], s["seq_len"]), dtype=np.int32), mesh)
+  b = common.setup(args.size)
+  s, cfg = b.size, b.model
+  frozen = b.state(seed=1)["params"]
+  batch, replay = b.batches(2)
+  teacher = jax.jit(lambda p, t: model_lib.logits(cfg, p, t),
+                    out_shardings=sharding.batch_sharding(b.mesh, 3))(frozen, replay)
 
-  teacher_sh = sharding.batch_sharding(mesh, 3)
-  teacher = jax.jit(lambda p, t: model_lib.logits(cfg, p, t), out_shardings=teacher_sh)(frozen, replay)
-
-  compiled, states, teachers = {}, {}, {}
+  compiled, states, extra = {}, {}, {}
   for variant in ("none", "kl", "kl_sampled_teacher", "ntp", "replace"):
     method = "kl" if variant == "kl_sampled_teacher" else variant
     rc = config_lib.default().replay
     rc.unlock()
     rc.update(method=method, coeff=0.25 if method == "replace" else 1.0)
-    teachers[variant] = teacher if variant == "kl_sampled_teacher" else None
-    step = jax.jit(steps.make_train_step(steps.make_objective(cfg, rc), opt, optim.lr_schedule(c, 1000)),
-                   in_shardings=(sh, sh["params"], sharding.batch_sharding(mesh), sharding.batch_sharding(mesh),
-                                 teacher_sh if teachers[variant] is not None else None),
-                   out_shardings=(sh, None))
-    states[variant] = jax.jit(init, out_shardings=sh)(jax.random.key(0))
-    compiled[variant] = step.lower(states[variant], frozen, batch, replay, teachers[variant]).compile()
-    jax.block_until_ready(compiled[variant](states[variant], frozen, batch, replay, teachers[variant]))
+    sampled = variant == "kl_sampled_teacher"
+    extra[variant] = (teacher,) if sampled else ()  # the teacher's logits, as kept from sampling
+    step = b.train_step(rc, teacher=sampled)
+    states[variant] = b.state()
+    compiled[variant] = step.lower(states[variant], frozen, batch, replay, *extra[variant]).compile()
+    states[variant], aux = compiled[variant](states[variant], frozen, batch, replay, *extra[variant])
+    jax.block_until_ready(aux)
 
   times = {m: [] for m in compiled}
   for _ in range(args.reps):
     for method, f in compiled.items():
       t0 = time.perf_counter()
-      states[method], aux = f(states[method], frozen, batch, replay, teachers[method])
+      states[method], aux = f(states[method], frozen, batch, replay, *extra[method])
       jax.block_until_ready(aux)
       times[method].append(time.perf_counter() - t0)
   best = {m: min(t) for m, t in times.items()}
-  print(json.dumps(dict(backend=platform, size=args.size, **s, step_s=best,
+  print(json.dumps(dict(backend=jax.default_backend(), size=args.size, **s, step_s=best,
                         cost_vs_plain={m: round(best[m] / best["none"], 3) for m in best},
                         peak_memory_bytes=metrics.peak_memory_bytes()), indent=1))
 

@@ -49,7 +49,6 @@ def reference_program(cfg, B: int, T: int):
 
 def measure(shape: dict, repeats: int) -> dict:
   import jax
-  import jax.numpy as jnp
   from jaxreplay import config as config_lib
   from jaxreplay import model as model_lib
   from jaxreplay import sampling

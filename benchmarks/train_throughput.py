@@ -14,39 +14,16 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxreplay import config as config_lib
-from jaxreplay import metrics, optim, sharding, steps
+import common
+from jaxreplay import metrics
 from jaxreplay import model as model_lib
-
-SIZES = {
-    "small": dict(d_model=128, n_layers=4, head_dim=32, seq_len=128, batch=32),
-    "medium": dict(d_model=256, n_layers=6, head_dim=64, seq_len=256, batch=16),
-    "paper6m": dict(d_model=256, n_layers=6, head_dim=64, seq_len=256, batch=256),
-}
 
 
 def bench(size: str, num_steps: int, dtype: str, peak: float) -> dict:
-  s = SIZES[size]
-  c = config_lib.default()
-  c.model.update(d_model=s["d_model"], n_layers=s["n_layers"], head_dim=s["head_dim"], seq_len=s["seq_len"])
-  c.optim.batch_size = s["batch"]
-  c.stop.steps = 10_000
-  mesh = sharding.make_mesh(c.mesh)
-  cfg = model_lib.ModelConfig.from_config(c.model, config_lib.compute_dtype_name(c, jax.default_backend())
-                                          if dtype == "auto" else dtype, jax.default_backend())
-  opt = optim.make_optimizer(c, c.stop.steps)
-  init = lambda k: steps.init_state(cfg, opt, k)
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  sh = sharding.state_shardings(abstract, mesh)
-  state = jax.jit(init, out_shardings=sh)(jax.random.key(0))
-  step = jax.jit(steps.make_train_step(steps.make_objective(cfg, None), opt, optim.lr_schedule(c, c.stop.steps)),
-                 in_shardings=(sh, None, sharding.batch_sharding(mesh), None), out_shardings=(sh, None),
-                 donate_argnums=(0,))
-  rng = np.random.default_rng(0)
-  batches = [sharding.put_batch(rng.integers(0, c.model.vocab_size, (s["batch"], s["seq_len"]), dtype=np.int32), mesh)
-             for _ in range(4)]
+  b = common.setup(size, dtype)
+  s, cfg = b.size, b.model
+  state, batches, step = b.state(), b.batches(4), b.train_step()
   t0 = time.perf_counter()
   compiled = step.lower(state, None, batches[0], None).compile()
   compile_s = time.perf_counter() - t0
@@ -66,7 +43,7 @@ def bench(size: str, num_steps: int, dtype: str, peak: float) -> dict:
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--sizes", default="small,medium")
+  p.add_argument("--sizes", default="small,medium", help=f"comma-separated, of {sorted(common.SIZES)}")
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
   args = p.parse_args()

@@ -1,0 +1,72 @@
+"""What the train-step benchmarks share: the model sizes, and a model + optimizer + sharded state on the mesh.
+
+Imported by the scripts beside it (`python benchmarks/NAME.py` puts this directory on sys.path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jaxreplay import config as config_lib
+from jaxreplay import model as model_lib
+from jaxreplay import optim, sharding, steps
+
+SIZES = {
+    "small": dict(d_model=128, n_layers=4, head_dim=32, seq_len=128, batch=32),  # the quickstart model
+    "medium": dict(d_model=256, n_layers=6, head_dim=64, seq_len=256, batch=16),
+    "paper6m": dict(d_model=256, n_layers=6, head_dim=64, seq_len=256, batch=256),
+}
+TOTAL_STEPS = 10_000  # the schedule's length; only the LR's shape depends on it
+
+
+@dataclasses.dataclass
+class Setup:
+  size: dict
+  config: Any  # the ml_collections config
+  model: model_lib.ModelConfig
+  mesh: Any
+  optimizer: Any
+  state_shardings: Any
+  init: Callable  # key -> a fresh state (params, opt_state, step)
+
+  def state(self, seed: int = 0):
+    return jax.jit(self.init, out_shardings=self.state_shardings)(jax.random.key(seed))
+
+  def batches(self, n: int, seed: int = 0) -> list:
+    """n random token batches [B, T] on the mesh."""
+    rng = np.random.default_rng(seed)
+    shape = (self.size["batch"], self.size["seq_len"])
+    return [sharding.put_batch(rng.integers(0, self.model.vocab_size, shape, dtype=np.int32), self.mesh)
+            for _ in range(n)]
+
+  def train_step(self, replay_cfg=None, teacher: bool = False):
+    """The jitted train step of `steps` (plain when replay_cfg is None), donating its state."""
+    batch_sh = sharding.batch_sharding(self.mesh)
+    frozen_sh = self.state_shardings["params"] if replay_cfg is not None else None
+    replay_sh = batch_sh if replay_cfg is not None else None
+    in_sh = (self.state_shardings, frozen_sh, batch_sh, replay_sh)
+    if teacher:  # teacher logits [B, T, V] passed in, as kept from sampling
+      in_sh += (sharding.batch_sharding(self.mesh, 3),)
+    step = steps.make_train_step(steps.make_objective(self.model, replay_cfg), self.optimizer,
+                                 optim.lr_schedule(self.config, TOTAL_STEPS))
+    return jax.jit(step, in_shardings=in_sh, out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+
+
+def setup(size: str, dtype: str = "auto") -> Setup:
+  s = SIZES[size]
+  c = config_lib.default()
+  c.model.update(d_model=s["d_model"], n_layers=s["n_layers"], head_dim=s["head_dim"], seq_len=s["seq_len"])
+  c.optim.batch_size = s["batch"]
+  c.stop.steps = TOTAL_STEPS
+  platform = jax.default_backend()
+  cfg = model_lib.ModelConfig.from_config(
+      c.model, config_lib.compute_dtype_name(c, platform) if dtype == "auto" else dtype, platform)
+  mesh = sharding.make_mesh(c.mesh)
+  opt = optim.make_optimizer(c, TOTAL_STEPS)
+  init = lambda k: steps.init_state(cfg, opt, k)
+  sh = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
+  return Setup(s, c, cfg, mesh, opt, sh, init)
