@@ -6,11 +6,13 @@ finetuning the longer the model was pretrained. Here: the `_paper` small model (
 on the English Bible (cosine, LR 1e-3, batch 32 × 64) for 1, 4, 16 and 64 tokens per parameter (0.16M–10.5M
 tokens; the Bible's 1.4M training tokens are repeated beyond 8 TPP), then finetuned on the Spanish Bible
 (LR 1e-3, cosine over 0.6M tokens, a fresh optimizer) with real-English KL replay at coefficients 0.1, 1 and
-10 (plus no replay, for reference). Seed 0. Instead of a target loss fixed in advance, `jaxreplay report`
-compares the runs at the lowest Spanish loss that every run reached, interpolating each run's
-English loss there from its trajectory (identical to stopping each run at that target).
+10 (plus no replay, for reference). Seed 0, or another with `:seed=N` (in its own workdir). Instead of a
+target loss fixed in advance, `jaxreplay report` compares the runs at the lowest Spanish loss that every run
+reached, interpolating each run's English loss there from its trajectory (identical to stopping each run at
+that target).
 
   jaxreplay sweep sweeps/repro_tpp.py --workdir=runs/repro/tpp --jobs=2
+  jaxreplay sweep sweeps/repro_tpp.py:seed=1 --workdir=runs/repro/tpp_seed1 --jobs=2
 """
 
 import _paper
@@ -21,15 +23,18 @@ COEFFS = [0.1, 1.0, 10.0]
 
 
 def get_sweep(arg: str = ""):
-  if arg:
-    raise ValueError(f"unknown variant {arg!r}: this sweep has none")
+  if arg and not arg.startswith("seed="):
+    raise ValueError(f"unknown variant {arg!r}: use no argument (seed 0) or seed=N (another seed, in its own workdir)")
+  seed = int(arg[5:]) if arg else 0
   pre = _paper.config("en", True)
+  pre.seed = seed
   pre.optim.update(schedule="cosine", batch_size=32)
   pre.eval.every_tokens = 500_000
   ft = _paper.finetune(_paper.config("es", True, tokens=600_000), "es", True)
   ft.optim.update(schedule="cosine", batch_size=32, warmup_tokens=20_000)
   ft.eval.every_tokens = 50_000
   ft.replay.update(method="kl", source="real")
+  ft.seed = seed
   s = sweeps.Sweep(__doc__)
   s.stage("pretrain", pre, {"stop.tokens_per_param": TPP})
   s.stage("finetune", ft, sweeps.chain({"replay.method": ["none"]}, {"replay.coeff": COEFFS}), after="pretrain")
