@@ -275,6 +275,8 @@ def run(c, workdir: str, evaluators=()) -> dict:
   result = dict(step=step, tokens=step * stage.tokens_per_step, stop_reason=stop_reason,
                 elapsed_s=extra["elapsed_s"], params_paper=stage.counts["paper"], params_true=stage.counts["true"],
                 train_step_compiles=train_step._cache_size(), **last_eval)
+  if replay is not None:  # what replay.teacher='auto' resolved to
+    result["replay_teacher"] = "sampled" if replay.sampled_teacher else "forward"
   if frozen is not None:
     from jaxreplay import evaluate as evaluate_lib
     result.update(evaluate_lib.forgetting_metrics(c, final_params, frozen, result))

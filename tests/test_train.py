@@ -145,6 +145,7 @@ def test_self_kl_replay_with_sampled_teacher_equals_forward_and_resumes_mid_buff
     np.testing.assert_allclose(sampled[s], forward[s], rtol=1e-4, atol=1e-6)
   assert out["sampled"]["prev_kl"] == pytest.approx(out["forward"]["prev_kl"], rel=1e-3)
   assert out["sampled"]["train_step_compiles"] == 1
+  assert (out["sampled"]["replay_teacher"], out["forward"]["replay_teacher"]) == ("sampled", "forward")
 
   cut = str(tmp_path / "cut")
   train.run(config("sampled", steps=6), cut)
