@@ -1,0 +1,37 @@
+"""The train-step benchmarks run end to end on a tiny model and print the JSON their readers expect (the
+replay-cost and checkpoint ones, ~30 s each, are slow tests)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def run(script: str, *args) -> dict:
+  out = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return json.loads(out.stdout[out.stdout.index("{"):])
+
+
+def test_train_throughput():
+  r = run("train_throughput.py", "--sizes=tiny", "--steps=3")["results"][0]
+  assert r["size"] == "tiny" and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+
+
+@pytest.mark.slow
+def test_finetune_step_cost():
+  r = run("finetune_step_cost.py", "--size=tiny", "--reps=2")
+  cost = r["cost_vs_plain"]
+  assert set(cost) == {"none", "kl", "kl_sampled_teacher", "ntp", "replace"} and cost["none"] == 1.0
+  assert all(v > 0.3 for v in cost.values())
+
+
+@pytest.mark.slow
+def test_checkpoint_overhead(tmp_path):
+  r = run("checkpoint_overhead.py", "--sizes=tiny", "--steps=2", "--repeats=1")
+  assert r["results"][0]["checkpoint_bytes"] > 0
