@@ -365,8 +365,9 @@ def run(c, workdir: str) -> dict:
         aux = jax.device_get(aux)
         if not np.isfinite(aux["train_loss"]):
           checkpointer.close()
-          raise RuntimeError(f"The training loss became {aux['train_loss']} at step {step}: lower optim.lr "
-                             f"(now {c.optim.lr}); the last good checkpoint is kept.")
+          from jaxreplay.train import TrainingError  # a user error: the CLI prints its one sentence
+          raise TrainingError(f"The training loss became {aux['train_loss']} at step {step}: lower optim.lr "
+                              f"(now {c.optim.lr}); the last good checkpoint is kept.")
         row.update({k: float(v) for k, v in aux.items()})
       if step % c.eval.every_steps == 0 or step == r.total_steps:
         last_eval = evaluate(state["params"])
