@@ -138,22 +138,36 @@ def decode_weights(cfg: model_lib.ModelConfig, params) -> dict:
   return dict(embed=params["embed"], unembed=params["unembed"].astype(dt), layers=layers)
 
 
-def decode_step(cfg: model_lib.ModelConfig, w: dict, cache: dict, token_B, pos, span: int):
+def rope_table(cfg: model_lib.ModelConfig, length: int):
+  """sin, cos [length, H/2] of every position (model.rope's arithmetic), computed once per sampling call:
+  computed inside the decode step, XLA fuses them into every use and evaluates them per element."""
+  H = cfg.head_dim
+  freq_h = cfg.rope_base ** (-jnp.arange(0, H // 2, dtype=jnp.float32) * 2.0 / H)
+  angle_Sh = jnp.arange(length, dtype=jnp.float32)[:, None] * freq_h
+  return jnp.sin(angle_Sh), jnp.cos(angle_Sh)
+
+
+def decode_cache(cfg: model_lib.ModelConfig, batch_size: int, length: int) -> dict:
+  """An empty decode cache: per layer k, v [S, H, B·N] in the compute dtype (the layout `decode_step` reads)."""
+  shape = (length, cfg.head_dim, batch_size * cfg.n_heads)
+  return {name: [jnp.zeros(shape, cfg.dtype)] * cfg.n_layers for name in ("k", "v")}
+
+
+def decode_step(cfg: model_lib.ModelConfig, w: dict, cache: dict, token_B, pos, span: int, rope_sin_cos):
   """Logits [B, V] for one new token per row at position `pos`, and the cache with its key/value written.
 
   The same computation as `model.Transformer` for a single query, arranged for decoding: layers unrolled, the
-  cache (per layer k, v [S, B, N, H]) updated in place, and attention as a multiply-reduce over the first
-  `span` cache entries (a static bound ≥ pos) plus the token itself, instead of a batched matrix-vector
-  product, which XLA's CPU backend runs slowly.
+  cache (per layer k, v [S, H, B·N]) updated in place, and attention as a multiply-reduce over the first
+  `span` cache entries (a static bound ≥ pos) plus the token itself. A batched matrix-vector product runs
+  slowly on XLA's CPU backend; the multiply-reduce with rows × heads as the minor, contiguous dimension
+  vectorises over it (XLA:CPU's loops vectorise the minor dimension only) and slices the cache for free.
   """
   N, H, eps, dt = cfg.n_heads, cfg.head_dim, cfg.norm_eps, cfg.dtype
   B = token_B.shape[0]
   x_BD = jnp.take(w["embed"], token_B, axis=0).astype(dt)
-  mask_S = (jnp.arange(span) < pos)[:, None, None]  # entries written by earlier tokens
-  # Every row is at the same position: one rotation for all rows, heads and layers (model.rope's arithmetic).
-  freq_h = cfg.rope_base ** (-jnp.arange(0, H // 2, dtype=jnp.float32) * 2.0 / H)
-  angle_h = jnp.asarray(pos).astype(jnp.float32) * freq_h
-  sin_h, cos_h = jnp.sin(angle_h), jnp.cos(angle_h)
+  mask_S = (jnp.arange(span) < pos)[:, None]  # entries written by earlier tokens
+  # Every row is at the same position: one rotation for all rows, heads and layers.
+  sin_h, cos_h = (jax.lax.dynamic_index_in_dim(t, pos, keepdims=False) for t in rope_sin_cos)
 
   def norm_rope(x_B2NH):  # QK-norm and RoPE on q and k together
     x_B2NH = model_lib.rms_norm(x_B2NH, eps)
@@ -168,26 +182,28 @@ def decode_step(cfg: model_lib.ModelConfig, w: dict, cache: dict, token_B, pos, 
     q_BNH, k_BNH = qk_B2NH[:, 0], qk_B2NH[:, 1]
     v_BNH = qkv_B3NH[:, 2]
     # Attend to the cached entries before pos and to the token's own key/value, then write those into the cache.
-    kc_SBNH, vc_SBNH = cache["k"][l], cache["v"][l]
-    q32_BNH = q_BNH.astype(jnp.float32) * (H ** -0.5)
-    old_SBN = jnp.sum(q32_BNH * kc_SBNH[:span].astype(jnp.float32), axis=-1)
-    old_SBN = jnp.where(mask_S, old_SBN, -jnp.inf)
-    new_BN = jnp.sum(q32_BNH * k_BNH.astype(jnp.float32), axis=-1)
-    top_BN = jnp.maximum(jnp.max(old_SBN, axis=0), new_BN)
-    e_old_SBN = jnp.exp(old_SBN - top_BN)
-    e_new_BN = jnp.exp(new_BN - top_BN)
-    attn_BNH = (jnp.sum(e_old_SBN[..., None] * vc_SBNH[:span].astype(jnp.float32), axis=0)
-                + e_new_BN[..., None] * v_BNH.astype(jnp.float32))
-    attn_BNH = (attn_BNH / (jnp.sum(e_old_SBN, axis=0) + e_new_BN)[..., None]).astype(dt)
+    kc_SHX, vc_SHX = cache["k"][l], cache["v"][l]
+    # X = B·N: every (row, head) pair, the minor dimension.
+    q32_HX = q_BNH.astype(jnp.float32).reshape(B * N, H).T * (H ** -0.5)
+    k_HX, v_HX = k_BNH.reshape(B * N, H).T, v_BNH.reshape(B * N, H).T
+    old_SX = jnp.sum(q32_HX * kc_SHX[:span].astype(jnp.float32), axis=1)
+    old_SX = jnp.where(mask_S, old_SX, -jnp.inf)
+    new_X = jnp.sum(q32_HX * k_HX.astype(jnp.float32), axis=0)
+    top_X = jnp.maximum(jnp.max(old_SX, axis=0), new_X)
+    e_old_SX = jnp.exp(old_SX - top_X)
+    e_new_X = jnp.exp(new_X - top_X)
+    attn_HX = (jnp.sum(e_old_SX[:, None] * vc_SHX[:span].astype(jnp.float32), axis=0)
+                + e_new_X * v_HX.astype(jnp.float32))
+    attn_BNH = (attn_HX / (jnp.sum(e_old_SX, axis=0) + e_new_X)).T.reshape(B, N, H).astype(dt)
     # XLA updates a loop-carried buffer in place only if the value written provably comes after every read
     # of the old buffer: a zero that depends on the attention output (x·0 is not folded for floats) says so,
     # and the barrier keeps the attention from being fused into the update (which would read the old buffer).
-    attn_BNH, k_BNH, v_BNH = jax.lax.optimization_barrier((attn_BNH, k_BNH, v_BNH))
-    after_reads = 0.0 * attn_BNH[:1, :1, :1].astype(kc_SBNH.dtype)
-    new_k.append(jax.lax.dynamic_update_slice(kc_SBNH, (k_BNH.astype(kc_SBNH.dtype) + after_reads)[None],
-                                              (pos, 0, 0, 0)))
-    new_v.append(jax.lax.dynamic_update_slice(vc_SBNH, (v_BNH.astype(vc_SBNH.dtype) + after_reads)[None],
-                                              (pos, 0, 0, 0)))
+    attn_BNH, k_HX, v_HX = jax.lax.optimization_barrier((attn_BNH, k_HX, v_HX))
+    after_reads = 0.0 * attn_BNH[:1, :1, 0].astype(kc_SHX.dtype)
+    new_k.append(jax.lax.dynamic_update_slice(kc_SHX, (k_HX.astype(kc_SHX.dtype) + after_reads)[None],
+                                              (pos, 0, 0)))
+    new_v.append(jax.lax.dynamic_update_slice(vc_SHX, (v_HX.astype(vc_SHX.dtype) + after_reads)[None],
+                                              (pos, 0, 0)))
     x_BD = x_BD + attn_BNH.reshape(B, N * H) @ lw["out"]
     h_BD = model_lib.rms_norm(x_BD, eps)
     x_BD = x_BD + jax.nn.gelu(h_BD @ lw["up"]) @ lw["down"]
@@ -263,15 +279,14 @@ def _make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: in
       return (tokens_BT, model_lib.logits(cfg, params, prompt_BP)) if return_logits else tokens_BT
     # Prefill: the whole prompt in one forward pass; its keys/values start the decode cache.
     logits_BPV, pre = model_lib.apply(cfg, params, prompt_BP, cache=model_lib.init_cache(cfg, B, Pl), cache_index=0)
-    cache = {}
-    for name in ("k", "v"):
-      empty = constrain(jnp.zeros((T, B, N, H), cfg.dtype), batch_dim=1)
-      cache[name] = [jax.lax.dynamic_update_slice(empty, pre[name][l].transpose(1, 0, 2, 3).astype(cfg.dtype),
-                                                  (0, 0, 0, 0)) for l in range(cfg.n_layers)]
+    cache = {name: [jax.lax.dynamic_update_slice(constrain(empty, batch_dim=2),
+                                                 pre[name][l].transpose(1, 3, 0, 2).reshape(Pl, H, B * N).astype(cfg.dtype), (0, 0, 0))
+                    for l, empty in enumerate(layers)] for name, layers in decode_cache(cfg, B, T).items()}
     token_B = sample_from_logits(u_TB[Pl], logits_BPV[:, -1], sc)
     tokens_BT = tokens_BT.at[:, Pl].set(token_B)
     done_B = token_B == sc.eos_id if stop else jnp.zeros((B,), bool)
     w = decode_weights(cfg, params)
+    rope_sin_cos = rope_table(cfg, T)
     extra = ()
     if return_logits:  # a preallocated buffer in the loop carry, written one position per step
       logits_BTV = constrain(jnp.zeros((B, T, cfg.vocab_size), jnp.float32))
@@ -280,7 +295,7 @@ def _make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: in
     def body(pos, carry, span):
       tokens_BT, cache, token_B, done_B, *extra = carry
       # The token at pos-1 goes into the cache at pos-1; its logits choose the token at pos.
-      logits_BV, cache = decode_step(cfg, w, cache, token_B, pos - 1, span)
+      logits_BV, cache = decode_step(cfg, w, cache, token_B, pos - 1, span, rope_sin_cos)
       new_B = sample_from_logits(u_TB[pos], logits_BV, sc)
       if stop:
         new_B = jnp.where(done_B, sc.pad_id, new_B)

@@ -57,8 +57,9 @@ def test_decode_step_matches_full_forward(params, full_logits):
   toks = np.asarray(jax.random.randint(jax.random.key(1), (4, 12), 0, 50))
   full = full_logits(params, toks)
   w = S.decode_weights(TINY, params)
-  cache = {n: [jnp.zeros((12, 4, TINY.n_heads, TINY.head_dim))] * TINY.n_layers for n in ("k", "v")}
-  step = jax.jit(lambda c, t, p: S.decode_step(TINY, w, c, t, p, 12))
+  cache = S.decode_cache(TINY, 4, 12)
+  rope = S.rope_table(TINY, 12)
+  step = jax.jit(lambda c, t, p: S.decode_step(TINY, w, c, t, p, 12, rope))
   outs = []
   for t in range(12):
     lg, cache = step(cache, toks[:, t], t)
