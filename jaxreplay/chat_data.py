@@ -33,13 +33,11 @@ def load_tokenizer(directory: str):
   return tok
 
 
-def read_jsonl(path: str, prompt_key: str = "prompt", response_key: str = "response",
-               prompt_template: str = "{prompt}", system: str = "") -> list[list[dict]]:
-  """Conversations (lists of {role, content}) from JSON lines with prompt/response fields or a `messages` list."""
+def json_lines(path: str, error: type[Exception], expected: str):
+  """(line number, object) for each non-blank line of a JSON-lines file; a missing file or a line that is not a
+  JSON object raises `error` naming the file, the line and `expected` (what each line should hold)."""
   if not os.path.exists(path):
-    raise ChatDataError(f"Chat data file {path!r} does not exist: give a JSON-lines file with "
-                        f"{prompt_key!r}/{response_key!r} fields (or 'messages').")
-  out = []
+    raise error(f"{path!r} does not exist: give a JSON-lines file of {expected}.")
   with open(path) as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
@@ -47,18 +45,28 @@ def read_jsonl(path: str, prompt_key: str = "prompt", response_key: str = "respo
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ChatDataError(f"{path}:{n} is not valid JSON ({e.msg}): write one JSON object per line.") from None
-      if "messages" in row:
-        msgs = list(row["messages"])
-      elif prompt_key in row and response_key in row:
-        msgs = [dict(role="user", content=prompt_template.format(prompt=row[prompt_key])),
-                dict(role="assistant", content=row[response_key])]
-      else:
-        raise ChatDataError(f"{path}:{n} has neither {prompt_key!r}+{response_key!r} nor 'messages': fix the line "
-                            "or set the data's prompt_key/response_key.")
-      if system and msgs[0].get("role") != "system":
-        msgs.insert(0, dict(role="system", content=system))
-      out.append(msgs)
+        raise error(f"{path}:{n} is not valid JSON ({e.msg}): write one JSON object ({expected}) per line.") from None
+      if not isinstance(row, dict):
+        raise error(f"{path}:{n} is not a JSON object: write one object ({expected}) per line.")
+      yield n, row
+
+
+def read_jsonl(path: str, prompt_key: str = "prompt", response_key: str = "response",
+               prompt_template: str = "{prompt}", system: str = "") -> list[list[dict]]:
+  """Conversations (lists of {role, content}) from JSON lines with prompt/response fields or a `messages` list."""
+  out = []
+  for n, row in json_lines(path, ChatDataError, f"{{{prompt_key!r}, {response_key!r}}} or {{'messages'}} objects"):
+    if "messages" in row:
+      msgs = list(row["messages"])
+    elif prompt_key in row and response_key in row:
+      msgs = [dict(role="user", content=prompt_template.format(prompt=row[prompt_key])),
+              dict(role="assistant", content=row[response_key])]
+    else:
+      raise ChatDataError(f"{path}:{n} has neither {prompt_key!r}+{response_key!r} nor 'messages': fix the line "
+                          "or set the data's prompt_key/response_key.")
+    if system and msgs[0].get("role") != "system":
+      msgs.insert(0, dict(role="system", content=system))
+    out.append(msgs)
   if not out:
     raise ChatDataError(f"Chat data file {path!r} holds no examples.")
   return out

@@ -11,8 +11,6 @@ Benchmark files are JSON lines: {"question": str, "choices": [str, ...], "answer
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import jax
 import numpy as np
@@ -32,25 +30,18 @@ class MCQError(ValueError):
 
 def read_benchmark(path: str, limit: int = 0, seed: int | None = None) -> list[dict]:
   """Items {question, choices, answer: int}; with `seed`, shuffled before taking the first `limit`."""
-  if not os.path.exists(path):
-    raise MCQError(f"Benchmark file {path!r} does not exist: give a JSON-lines file of "
-                   "{question, choices, answer} objects.")
   items = []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-        q, choices, ans = row["question"], list(row["choices"]), row["answer"]
-      except (json.JSONDecodeError, KeyError, TypeError):
-        raise MCQError(f"{path}:{n} is not a JSON object with question, choices and answer.") from None
-      if isinstance(ans, str):
-        ans = LETTERS.find(ans.strip().upper()) if len(ans.strip()) == 1 else -1
-      if not 2 <= len(choices) <= len(LETTERS) or not isinstance(ans, int) or not 0 <= ans < len(choices):
-        raise MCQError(f"{path}:{n}: answer {row['answer']!r} does not name one of its {len(choices)} choices "
-                       "(give an index from 0 or a letter).")
-      items.append(dict(question=q, choices=choices, answer=ans))
+  for n, row in chat_data.json_lines(path, MCQError, "{question, choices, answer} objects"):
+    try:
+      q, choices, ans = row["question"], list(row["choices"]), row["answer"]
+    except (KeyError, TypeError):
+      raise MCQError(f"{path}:{n} is not a JSON object with question, choices and answer.") from None
+    if isinstance(ans, str):
+      ans = LETTERS.find(ans.strip().upper()) if len(ans.strip()) == 1 else -1
+    if not 2 <= len(choices) <= len(LETTERS) or not isinstance(ans, int) or not 0 <= ans < len(choices):
+      raise MCQError(f"{path}:{n}: answer {row['answer']!r} does not name one of its {len(choices)} choices "
+                     "(give an index from 0 or a letter).")
+    items.append(dict(question=q, choices=choices, answer=ans))
   if seed is not None:
     order = np.random.default_rng(seed).permutation(len(items))
     items = [items[i] for i in order]

@@ -162,6 +162,19 @@ def test_bad_configs_fail_with_one_sentence(tmp_path):
     chat_data.read_jsonl(str(tmp_path / "bad.jsonl"))
 
 
+@pytest.mark.parametrize("text,message", [(None, "does not exist"), ('\n{oops\n', r":2 is not valid JSON"),
+                                          ("[1, 2]\n", r":1 is not a JSON object"),
+                                          ('{"question": "x"}\n', r":1 is not a JSON object with question")])
+def test_bad_json_lines_name_the_file_and_line(tmp_path, text, message):
+  path = tmp_path / "bench.jsonl"
+  if text is not None:
+    path.write_text(text)
+  with pytest.raises(mcq.MCQError, match=message):
+    mcq.read_benchmark(str(path))
+  with pytest.raises(chat_data.ChatDataError, match=message.replace(" with question", "|neither")):
+    chat_data.read_jsonl(str(path))
+
+
 def test_dataset_converters_follow_the_paper_filters():
   from jaxreplay import instruct_data as idata
   meta = "{'description': 'A four bit counter with reset.', 'rank': '12', 'compile_status': 'No error!'}"
