@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreplay import model as model_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -145,11 +147,8 @@ class Block(nn.Module):
         mask_BTS = mask_BTS & (segments_BT[:, None, :] == segments_BT[:, :, None])
       new_cache = None
     else:
-      k_BSKH = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k_BTKH.astype(layer_cache["k"].dtype),
-                                                   cache_index, axis=1)
-      v_BSKH = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v_BTKH.astype(layer_cache["v"].dtype),
-                                                   cache_index, axis=1)
-      new_cache = dict(k=k_BSKH, v=v_BSKH)
+      new_cache = model_lib.write_cache(layer_cache, k_BTKH, v_BTKH, cache_index)
+      k_BSKH, v_BSKH = new_cache["k"], new_cache["v"]
       S = k_BSKH.shape[1]
       # Cache slot s holds the token at position s; a query sees the slots written at or before its own.
       slot_BTS = jnp.arange(S)[None, None, :]

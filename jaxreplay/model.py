@@ -114,11 +114,8 @@ class Block(nn.Module):
       new_cache = None
     else:
       # Write this chunk at cache_index; attend to everything written so far.
-      k_BSNH = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k_BTNH.astype(layer_cache["k"].dtype),
-                                                   cache_index, axis=1)
-      v_BSNH = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v_BTNH.astype(layer_cache["v"].dtype),
-                                                   cache_index, axis=1)
-      new_cache = dict(k=k_BSNH, v=v_BSNH)
+      new_cache = write_cache(layer_cache, k_BTNH, v_BTNH, cache_index)
+      k_BSNH, v_BSNH = new_cache["k"], new_cache["v"]
       S = k_BSNH.shape[1]
       key_pos_BS = jnp.broadcast_to(jnp.arange(S), (x_BTD.shape[0], S))
       k_BSNH, v_BSNH = k_BSNH.astype(dt), v_BSNH.astype(dt)
@@ -172,6 +169,13 @@ class Transformer(nn.Module):
 def init_params(cfg: ModelConfig, key) -> dict:
   tokens = jnp.zeros((1, 1), jnp.int32)
   return Transformer(cfg).init(key, tokens)["params"]
+
+
+def write_cache(layer_cache: dict, k_BTNH, v_BTNH, cache_index) -> dict:
+  """One layer's cache {k, v: [B, S, N, H]} with a chunk's keys and values written at slot `cache_index`."""
+  return {name: jax.lax.dynamic_update_slice_in_dim(layer_cache[name], x.astype(layer_cache[name].dtype),
+                                                    cache_index, axis=1)
+          for name, x in (("k", k_BTNH), ("v", v_BTNH))}
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, length: int | None = None, dtype=None) -> dict:
