@@ -6,6 +6,12 @@ The replay batch equals the downstream batch. Steps are timed interleaved (plain
 that load on a shared machine hits every variant alike; the minimum over repetitions is reported.
 `kl_sampled_teacher` is kl with the frozen model's logits on the replay rows passed in (as self-generated
 replay keeps them from sampling, `replay.teacher`): no forward pass of the frozen model in the step.
+`kl_half_replay` is the same with half as many replay rows (`replay.batch_size` = batch / 2).
+
+A train step is not all that self-generated replay costs: its rows must be sampled first. `sampling_s` is the
+time to sample one replay batch with its logits (the sampler `replay_self` uses), and
+`kl_self_replay_with_sampling` = (kl_sampled_teacher step + sampling_s) ÷ plain step: the cost per step when
+each run samples its own replay (a sweep sharing the disk cache of samples pays a fraction of sampling_s).
 Prints one JSON object.
 """
 
@@ -19,8 +25,24 @@ import jax
 
 import common
 from jaxreplay import config as config_lib
-from jaxreplay import metrics, sharding
+from jaxreplay import metrics, sampling, sharding
 from jaxreplay import model as model_lib
+
+
+def sampling_seconds(b: common.Setup, params, rows: int, reps: int) -> float:
+  """Best time to sample `rows` replay rows with their logits, as replay_self does (prompt: a dataset id)."""
+  T = b.size["seq_len"]
+  sampler = sampling.make_sampler(b.model, sampling.SamplingConfig(), rows, 1, T, b.mesh, return_logits=True)
+  prompt = sharding.put_batch(jax.device_get(sampling.id_prompt(0, rows)), b.mesh)
+  run = sampler.program.lower(params, prompt, sampler.uniforms(jax.random.key(0))).compile()
+  jax.block_until_ready(run(params, prompt, sampler.uniforms(jax.random.key(0))))
+  times = []
+  for i in range(reps):
+    u = sampler.uniforms(jax.random.key(i + 1))
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(params, prompt, u))
+    times.append(time.perf_counter() - t0)
+  return min(times)
 
 
 def main():
@@ -32,33 +54,37 @@ def main():
   s, cfg = b.size, b.model
   frozen = b.state(seed=1)["params"]
   batch, replay = b.batches(2)
-  teacher = jax.jit(lambda p, t: model_lib.logits(cfg, p, t),
-                    out_shardings=sharding.batch_sharding(b.mesh, 3))(frozen, replay)
+  half = replay[: s["batch"] // 2]
+  teacher_of = jax.jit(lambda p, t: model_lib.logits(cfg, p, t), out_shardings=sharding.batch_sharding(b.mesh, 3))
 
-  compiled, states, extra = {}, {}, {}
-  for variant in ("none", "kl", "kl_sampled_teacher", "ntp", "replace"):
-    method = "kl" if variant == "kl_sampled_teacher" else variant
+  compiled, args_of, states = {}, {}, {}
+  for variant in ("none", "kl", "kl_sampled_teacher", "kl_half_replay", "ntp", "replace"):
+    method = variant if variant in ("none", "kl", "ntp", "replace") else "kl"
     rc = config_lib.default().replay
     rc.unlock()
     rc.update(method=method, coeff=0.25 if method == "replace" else 1.0)
-    sampled = variant == "kl_sampled_teacher"
-    extra[variant] = (teacher,) if sampled else ()  # the teacher's logits, as kept from sampling
+    rows = half if variant == "kl_half_replay" else replay
+    sampled = variant in ("kl_sampled_teacher", "kl_half_replay")
+    args_of[variant] = (frozen, batch, rows) + ((teacher_of(frozen, rows),) if sampled else ())
     step = b.train_step(rc, teacher=sampled)
     states[variant] = b.state()
-    compiled[variant] = step.lower(states[variant], frozen, batch, replay, *extra[variant]).compile()
-    states[variant], aux = compiled[variant](states[variant], frozen, batch, replay, *extra[variant])
+    compiled[variant] = step.lower(states[variant], *args_of[variant]).compile()
+    states[variant], aux = compiled[variant](states[variant], *args_of[variant])
     jax.block_until_ready(aux)
 
   times = {m: [] for m in compiled}
   for _ in range(args.reps):
-    for method, f in compiled.items():
+    for variant, f in compiled.items():
       t0 = time.perf_counter()
-      states[method], aux = f(states[method], frozen, batch, replay, *extra[method])
+      states[variant], aux = f(states[variant], *args_of[variant])
       jax.block_until_ready(aux)
-      times[method].append(time.perf_counter() - t0)
+      times[variant].append(time.perf_counter() - t0)
   best = {m: min(t) for m, t in times.items()}
+  cost = {m: round(best[m] / best["none"], 3) for m in best}
+  sampling_s = sampling_seconds(b, frozen, s["batch"], args.reps)
+  cost["kl_self_replay_with_sampling"] = round((best["kl_sampled_teacher"] + sampling_s) / best["none"], 3)
   print(json.dumps(dict(backend=jax.default_backend(), size=args.size, **s, step_s=best,
-                        cost_vs_plain={m: round(best[m] / best["none"], 3) for m in best},
+                        sampling_s=round(sampling_s, 4), cost_vs_plain=cost,
                         peak_memory_bytes=metrics.peak_memory_bytes()), indent=1))
 
 

@@ -27,8 +27,10 @@ def test_train_throughput():
 def test_finetune_step_cost():
   r = run("finetune_step_cost.py", "--size=tiny", "--reps=2")
   cost = r["cost_vs_plain"]
-  assert set(cost) == {"none", "kl", "kl_sampled_teacher", "ntp", "replace"} and cost["none"] == 1.0
+  assert set(cost) == {"none", "kl", "kl_sampled_teacher", "kl_half_replay", "ntp", "replace",
+                       "kl_self_replay_with_sampling"} and cost["none"] == 1.0
   assert all(v > 0.3 for v in cost.values())
+  assert r["sampling_s"] > 0 and cost["kl_self_replay_with_sampling"] > cost["kl_sampled_teacher"]
 
 
 @pytest.mark.slow
