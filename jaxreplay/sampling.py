@@ -193,7 +193,7 @@ def decode_step(cfg: model_lib.ModelConfig, w: dict, cache: dict, token_B, pos, 
     e_old_SX = jnp.exp(old_SX - top_X)
     e_new_X = jnp.exp(new_X - top_X)
     attn_HX = (jnp.sum(e_old_SX[:, None] * vc_SHX[:span].astype(jnp.float32), axis=0)
-                + e_new_X * v_HX.astype(jnp.float32))
+               + e_new_X * v_HX.astype(jnp.float32))
     attn_BNH = (attn_HX / (jnp.sum(e_old_SX, axis=0) + e_new_X)).T.reshape(B, N, H).astype(dt)
     # XLA updates a loop-carried buffer in place only if the value written provably comes after every read
     # of the old buffer: a zero that depends on the attention output (x·0 is not folded for floats) says so,
@@ -279,9 +279,11 @@ def _make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: in
       return (tokens_BT, model_lib.logits(cfg, params, prompt_BP)) if return_logits else tokens_BT
     # Prefill: the whole prompt in one forward pass; its keys/values start the decode cache.
     logits_BPV, pre = model_lib.apply(cfg, params, prompt_BP, cache=model_lib.init_cache(cfg, B, Pl), cache_index=0)
-    cache = {name: [jax.lax.dynamic_update_slice(constrain(empty, batch_dim=2),
-                                                 pre[name][l].transpose(1, 3, 0, 2).reshape(Pl, H, B * N).astype(cfg.dtype), (0, 0, 0))
-                    for l, empty in enumerate(layers)] for name, layers in decode_cache(cfg, B, T).items()}
+    cache = {}
+    for name, layers in decode_cache(cfg, B, T).items():
+      prefix = [pre[name][l].transpose(1, 3, 0, 2).reshape(Pl, H, B * N).astype(cfg.dtype) for l in range(len(layers))]
+      cache[name] = [jax.lax.dynamic_update_slice(constrain(empty, batch_dim=2), x, (0, 0, 0))
+                     for empty, x in zip(layers, prefix)]
     token_B = sample_from_logits(u_TB[Pl], logits_BPV[:, -1], sc)
     tokens_BT = tokens_BT.at[:, Pl].set(token_B)
     done_B = token_B == sc.eos_id if stop else jnp.zeros((B,), bool)
