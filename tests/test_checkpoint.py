@@ -91,7 +91,11 @@ DRIVER = textwrap.dedent("""
         json.dump(dict(specs=specs, devices=jax.device_count()), f)
 
     if mode == "train":
-      from jaxreplay import train
+      from jaxreplay import preemption, train
+      if args.get("step_delay"):  # slower steps: time for the coordination service to agree on a stop step
+        import time
+        reached = preemption.Preemption.reached
+        preemption.Preemption.reached = lambda self, step: (time.sleep(args["step_delay"]), reached(self, step))[1]
       spec = __import__("importlib.util").util.spec_from_file_location("cfg", args["config"])
       module = __import__("importlib.util").util.module_from_spec(spec)
       spec.loader.exec_module(module)
@@ -490,12 +494,12 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _start_hosts(env, workdir, n=2):
+def _start_hosts(env, workdir, n=2, step_delay=0.0):
   coordinator = f"localhost:{_free_port()}"
   return [subprocess.Popen(
       [sys.executable, env["driver"], "train", json.dumps(dict(
           coordinator=coordinator, num_processes=n, process_id=i, config=env["config"], workdir=workdir,
-          overrides={"mesh.data": -1}))],
+          overrides={"mesh.data": -1}, step_delay=step_delay))],
       cwd=ROOT, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
 
 
@@ -518,7 +522,8 @@ def test_two_processes_checkpoint_and_stop_together(env, tmp_path):
 @pytest.mark.slow
 def test_two_processes_save_on_sigterm_and_restore_together(env, reference, tmp_path):
   workdir = str(tmp_path / "hosts")
-  procs = _start_hosts(env, workdir)
+  # Without the delay the two hosts can finish all 40 steps before the service has picked a stop step.
+  procs = _start_hosts(env, workdir, step_delay=0.1)
   wait_for(procs[0], lambda: logged_step(workdir) >= 15, "step 15", timeout=150)
   procs[1].send_signal(signal.SIGTERM)  # one host is told; both must stop at the same step
   results = [finish(p) for p in procs]
