@@ -263,22 +263,28 @@ class SelfGeneratedReplay:
     """Rows read from the disk cache, with their teacher logits computed now if the teacher is 'sampled'."""
     return tokens, (self._forward(self.frozen, tokens) if self.sampled_teacher else None)
 
+  def _cached(self, refill: int):
+    """Refill r from the disk cache as `_load` returns it, or None when it is not there. Process 0 looks;
+    every process agrees on the answer, then each reads the rows."""
+    shape, V = (self.buffer * self.rows, self.T), self.model_cfg.vocab_size
+    cached = self.cache.read(refill, shape, V) if jax.process_index() == 0 else None
+    if not _agree(cached is not None):
+      return None
+    return self._with_teacher(self._from_host(cached if cached is not None else self.cache.read(refill, shape, V)))
+
   def _load(self, refill: int):
     """Refill r as (tokens [buffer, rows, T], teacher logits [buffer, rows, T, V] or None) on the mesh: from the
     disk cache, or sampled (and then cached)."""
     if self.cache is None:
       return self._arranged(self._sample(refill))
-    shape = (self.buffer * self.rows, self.T)
-    V = self.model_cfg.vocab_size
-    cached = self.cache.read(refill, shape, V) if jax.process_index() == 0 else None
-    if _agree(cached is not None):
-      return self._with_teacher(self._from_host(cached if cached is not None else self.cache.read(refill, shape, V)))
+    hit = self._cached(refill)
+    if hit is not None:
+      return hit
     lock = self.cache.lock(refill) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
-      # Another run may have written it while this one waited for the lock.
-      cached = self.cache.read(refill, shape, V) if jax.process_index() == 0 else None
-      if _agree(cached is not None):
-        return self._with_teacher(self._from_host(cached if cached is not None else self.cache.read(refill, shape, V)))
+      hit = self._cached(refill)  # another run may have written it while this one waited for the lock
+      if hit is not None:
+        return hit
       sampled = self._sample(refill)
       tokens = sampled[0] if self.sampled_teacher else sampled
       if jax.process_count() > 1:
