@@ -400,12 +400,18 @@ def test_cli_tokenizer_and_tokenize(tmp_path, capsys):
   src.write_text("\n".join(lines("es_bible_rv1909.txt.xz", 1000)) + "\n")
   tok = str(tmp_path / "tok.json")
   assert commands.main(["jaxreplay data", "tokenizer", "--out", tok, "--vocab_size", "300", str(src)]) == 0
+  capsys.readouterr()
   out = str(tmp_path / "es")
   assert commands.main(["jaxreplay data", "tokenize", "--tokenizer", tok, "--out", out, "--dataset_id", "1",
                         "--valid_fraction", "0.1", str(src)]) == 0
   meta = open_token_dir(out, 300, 32).meta
   assert meta["documents"] == 1000 and meta["valid_documents"]["count"] == 100  # one block of 100 lines in 10
   assert meta["valid_documents"]["names"][:2] == [900, 901]
+  printed = capsys.readouterr().out.strip().splitlines()  # a short summary, not the document ids
+  total = meta["train_tokens"] + meta["valid_tokens"]
+  assert len(printed) == 3 and f"{total:,} tokens in 1,000 documents" in printed[0]
+  assert os.path.abspath(out) in printed[0] and f"validation: {meta['valid_tokens']:,} tokens" in printed[1]
+  assert "in 100 documents" in printed[1] and "901" not in "".join(printed)
   assert commands.main(["jaxreplay data", "tokenize", "--tokenizer", tok, "--out", out, "--dataset_id", "1",
                         str(tmp_path / "missing.txt")]) == 2
   assert "neither a file nor a corpus name" in capsys.readouterr().err

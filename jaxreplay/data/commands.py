@@ -188,5 +188,18 @@ def main(argv: list[str]) -> int:
   except DataError as e:
     print(f"jaxreplay: error: {e}", file=sys.stderr)
     return 2
-  print(json.dumps(result, indent=2))
+  print(tokenize_summary(a.out, result) if a.command == "tokenize" else json.dumps(result, indent=2))
   return 0
+
+
+def tokenize_summary(out_dir: str, meta: dict) -> str:
+  """Three lines: what was written where, and the validation split (its document ids stay in meta.json)."""
+  total = meta["train_tokens"] + meta["valid_tokens"]
+  valid = meta["valid_documents"]["count"]
+  share = meta["valid_tokens"] / total if total else 0.0
+  path = os.path.abspath(out_dir)
+  return (f"wrote {path}: {total:,} tokens in {meta['documents']:,} documents "
+          f"(dataset id {meta['dataset_id']}, vocabulary {meta['vocab_size']:,})\n"
+          f"train: {meta['train_tokens']:,} tokens; validation: {meta['valid_tokens']:,} tokens ({share:.1%}) "
+          f"in {valid:,} documents\n"
+          f"details (sources, validation document ids): {os.path.join(path, META_FILE)}")
