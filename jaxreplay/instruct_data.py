@@ -4,7 +4,8 @@
   python -m jaxreplay.instruct_data dclm data/dclm.jsonl       # real replay text ({"text"}), 200M tokens' worth
   python -m jaxreplay.instruct_data mcq data/mcq               # mmlu / arc_challenge / commonsense_qa .jsonl
 
-The converters are pure functions over dataset rows (tested with stand-in rows); only `build_*` touch the hub.
+The converters are pure functions over dataset rows; `build_*` load the hub datasets (tested with the real
+`datasets` library on local directories of the same names, tests/test_hf_datasets.py).
 PyraNet filters follow the paper: compile_status "No error!", description ≥ 16 characters, code containing
 `module` and `endmodule`. Its `description` column holds a dict-like string whose "description" is the text.
 """

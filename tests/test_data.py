@@ -357,41 +357,12 @@ def test_build_default_corpora_is_cached_and_parallel(tmp_path, monkeypatch):
   assert build_default_corpora(str(tmp_path), vocab_size=400) == dirs
 
 
-def test_records_to_texts_and_hf_local_dataset(tmp_path):
+def test_records_to_texts(tmp_path):
+  """(The `hf:` input itself is tested with the real `datasets` library in test_hf_datasets.py.)"""
   records = [{"text": "a page"}, {"text": "  "}, {"text": "another"}, {"text": "third"}]
   assert list(corpora.texts_from_records(records, limit=2)) == ["a page", "another"]
   with pytest.raises(DataError, match="no field 'content'"):
     list(corpora.texts_from_records(records, "content"))
-  pytest.importorskip("datasets", reason="the optional `datasets` package is not installed")
-  path = tmp_path / "pages.jsonl"
-  path.write_text("".join(json.dumps(r) + "\n" for r in records))
-  assert list(corpora.hf_documents(str(path), limit=3)) == ["a page", "another", "third"]
-
-
-def test_hf_documents_calls_datasets_streaming(tmp_path, monkeypatch):
-  """The wiring to `datasets` (whether or not it is installed): streaming, local-file builders, errors."""
-  import sys
-  import types
-  calls = []
-
-  def load_dataset(path, name=None, split=None, streaming=False, **kwargs):
-    calls.append((path, name, split, streaming, kwargs))
-    if path == "bad/name":
-      raise FileNotFoundError("Dataset 'bad/name' doesn't exist on the Hub\nmore lines")
-    return iter([{"text": "page one"}, {"text": ""}, {"text": "page two"}])
-
-  monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-  assert list(corpora.hf_documents("allenai/c4", "es", limit=5)) == ["page one", "page two"]
-  assert calls[-1] == ("allenai/c4", "es", "train", True, {})
-  local = tmp_path / "pages.jsonl"
-  local.write_text("{}")
-  assert list(corpora.hf_documents(str(local), limit=1)) == ["page one"]
-  assert calls[-1] == ("json", None, "train", True, {"data_files": str(local)})
-  with pytest.raises(DataError, match="Could not open Hugging Face dataset 'bad/name'.*doesn't exist on the Hub$"):
-    list(corpora.hf_documents("bad/name"))
-  docs, sources, group = commands.documents(["hf:allenai/c4:en:validation"], limit=1)
-  assert list(docs) == ["page one"] and sources == ["hf:allenai/c4:en:validation"] and group == 1
-  assert calls[-1][:3] == ("allenai/c4", "en", "validation")
 
 
 @needs_corpora
