@@ -1,27 +1,38 @@
 # `make quickstart` sets up and runs the main job; `make test` sets up and runs the tests.
+# Each installs only what it needs: the quickstart the package itself, the tests the `test` extra as well
+# (torch, datasets, lm-eval, W&B, TensorBoard). One stamp per set, so `make quickstart` stays light.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+CORE_STAMP := $(VENV)/.installed-core
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: setup quickstart test test-slow bench
+.PHONY: setup setup-test quickstart test test-slow bench
 
-$(STAMP): pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,hf-test]'
-	touch $(STAMP)
 
-setup: $(STAMP)
+$(CORE_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $(CORE_STAMP)
 
-quickstart: $(STAMP)
+$(TEST_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(TEST_STAMP)
+
+setup: $(CORE_STAMP)
+
+setup-test: $(TEST_STAMP)
+
+quickstart: $(CORE_STAMP)
 	$(VENV)/bin/jaxreplay quickstart --workdir=runs/quickstart
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -n 2 -q
 
-test-slow: $(STAMP)
+test-slow: $(TEST_STAMP)
 	$(PY) -m pytest -q -m slow
 
-bench: $(STAMP)
+bench: $(CORE_STAMP)
 	$(PY) benchmarks/train_throughput.py
