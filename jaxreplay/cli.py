@@ -25,11 +25,12 @@ commands:
   sweep        run a grid of runs (jaxreplay sweep --help)
   report       tables and plots from a results table
   quickstart   pretrain on English, finetune on Spanish with and without self-generated replay
+  eval         lm-evaluation-harness tasks on a run: --workdir=RUN --tasks=a,b [--limit=N] (jaxreplay eval --help)
   instruct     finetune a Hugging Face Llama/Qwen on chat data with BOS-prompted replay (one run;
                a grid of them: jaxreplay sweep sweeps/instruct.py[:small] --workdir=DIR)
 """
 
-COMMANDS = ("pretrain", "finetune", "data", "sweep", "report", "quickstart", "instruct")
+COMMANDS = ("pretrain", "finetune", "data", "sweep", "report", "quickstart", "instruct", "eval")
 
 
 def _user_errors():
@@ -138,6 +139,9 @@ def main(argv=None):
   elif command == "instruct":
     from jaxreplay import instruct
     return instruct.main(rest[1:])
+  elif command == "eval":
+    from jaxreplay import lm_eval_cli
+    return lm_eval_cli.main(rest)
   elif command == "quickstart":
     from jaxreplay import quickstart
     return quickstart.main(rest)

@@ -66,6 +66,8 @@ def default() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       every_tokens=10_000_000, tokens=1_000_000, batch_size=64,
       at_start=True,
+      # lm-evaluation-harness tasks scored at every evaluation (comma-separated; needs the `eval` extra)
+      lm_eval_tasks="", lm_eval_limit=0, lm_eval_include_path="",
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(

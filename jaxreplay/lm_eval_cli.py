@@ -1,0 +1,102 @@
+"""`jaxreplay eval`: lm-evaluation-harness tasks on a finished run; results in the run and its sweep.
+
+  jaxreplay eval --workdir=RUN --tasks=arc_easy,hellaswag [--limit=N] [--include_path=DIR] [--batch_size=16]
+
+RUN is a paper-model run (its export/), an instruct run (its hf/) or a Hugging Face model directory. The
+harness's results go to RUN/lm_eval.json; when RUN is a run of a sweep (SWEEP/runs/NAME), each score is also a
+row (name, task, metric, value) of the lm_eval table in SWEEP/results.sqlite. Needs the `eval` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+from jaxreplay import sweepdir
+
+RESULTS_FILE = "lm_eval.json"
+TABLE = ("CREATE TABLE IF NOT EXISTS lm_eval (name TEXT, task TEXT, metric TEXT, value REAL, evaluated REAL, "
+         "PRIMARY KEY (name, task, metric))")
+
+
+def sweep_of(workdir: str) -> tuple[str, str] | None:
+  """(sweep workdir, run name) when `workdir` is SWEEP/runs/NAME of a sweep, else None."""
+  parts = os.path.abspath(workdir).split(os.sep)
+  for i in range(len(parts) - 1, 0, -1):
+    if parts[i] == "runs" and i + 1 < len(parts):
+      root = os.sep.join(parts[:i]) or os.sep
+      if os.path.exists(os.path.join(root, sweepdir.SWEEP_FILE)):
+        return root, "/".join(parts[i + 1:])
+  return None
+
+
+def record_in_sweep(root: str, name: str, scores: dict) -> int:
+  db = sweepdir.connect(root)
+  db.execute(TABLE)
+  now = time.time()
+  rows = [(name, task, metric, value, now) for task, row in scores.items() for metric, value in row.items()]
+  db.executemany("INSERT OR REPLACE INTO lm_eval VALUES (?,?,?,?,?)", rows)
+  db.close()
+  return len(rows)
+
+
+def sweep_scores(root: str) -> list[dict]:
+  """Every lm_eval row of a sweep: {name, task, metric, value, evaluated}."""
+  db = sweepdir.connect(root)
+  db.execute(TABLE)
+  cur = db.execute("SELECT name, task, metric, value, evaluated FROM lm_eval ORDER BY name, task, metric")
+  out = [dict(zip(("name", "task", "metric", "value", "evaluated"), r)) for r in cur.fetchall()]
+  db.close()
+  return out
+
+
+def main(argv: list[str]) -> int:
+  p = argparse.ArgumentParser(prog=argv[0] if argv else "jaxreplay eval", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--tasks", required=True, help="comma-separated harness task names")
+  p.add_argument("--limit", type=float, default=None, help="at most this many documents per task")
+  p.add_argument("--include_path", default=None, help="a directory of your own task YAML files")
+  p.add_argument("--batch_size", type=int, default=16)
+  p.add_argument("--num_fewshot", type=int, default=None)
+  p.add_argument("--max_length", type=int, default=None)
+  p.add_argument("--encode_separately", action="store_true",
+                 help="tokenize context and continuation on their own (chat-formatted tasks)")
+  a = p.parse_args(argv[1:])
+  if importlib.util.find_spec("lm_eval") is None:
+    print("jaxreplay: error: `jaxreplay eval` needs lm-evaluation-harness: pip install 'jaxreplay[eval]'.",
+          file=sys.stderr)
+    return 2
+  from jaxreplay import checkpoint, hf_import, lm_eval_adapter as adapter
+  from jaxreplay.config import ConfigError
+  from jaxreplay.data.errors import DataError
+  tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+  limit = int(a.limit) if a.limit is not None and a.limit >= 1 else a.limit
+  try:
+    if not tasks:
+      raise adapter.LMEvalError("--tasks names no task: give comma-separated harness task names.")
+    lm = adapter.JaxReplayLM(a.workdir, batch_size=a.batch_size, max_length=a.max_length,
+                             encode_separately=a.encode_separately)
+    results = adapter.run_tasks(lm, tasks, limit, a.include_path, a.num_fewshot)
+  except (ConfigError, DataError, checkpoint.CheckpointError, hf_import.ImportError_) as e:
+    print(f"jaxreplay: error: {e}", file=sys.stderr)
+    return 2
+  scores = adapter.flat_scores(results)
+  out = dict(tasks=tasks, limit=limit, scores=scores, results=results["results"],
+             versions=results.get("versions", {}), n_samples=results.get("n-samples", {}))
+  path = os.path.join(a.workdir, RESULTS_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(out, f, indent=2, default=str)
+  os.replace(path + ".tmp", path)
+  for task, row in scores.items():
+    print(f"{task}: " + ", ".join(f"{m}={v:.4f}" for m, v in row.items() if not m.endswith("_stderr")))
+  print(f"results: {path}")
+  sweep = sweep_of(a.workdir)
+  if sweep:
+    n = record_in_sweep(*sweep, scores)
+    print(f"sweep table: {n} scores of {sweep[1]} in {os.path.join(sweep[0], sweepdir.DB_FILE)} (table lm_eval)")
+  return 0
