@@ -259,10 +259,21 @@ class JaxReplayLM(TemplateLM):
 
 # ----------------------------------------------------------------------------- running tasks
 
+@functools.lru_cache(maxsize=8)
+def task_manager(include_path: str | None, tasks: tuple[str, ...]) -> TaskManager:
+  """The harness's task index; only your own tasks when include_path holds them all (indexing the harness's
+  thousands of built-in tasks takes most of a minute on a small CPU)."""
+  if include_path:
+    own = TaskManager(include_path=include_path, include_defaults=False)
+    if all(t in own.all_tasks for t in tasks):
+      return own
+  return TaskManager(include_path=include_path) if include_path else TaskManager()
+
+
 def run_tasks(lm: JaxReplayLM, tasks: list[str], limit: int | float | None = None, include_path: str | None = None,
               num_fewshot: int | None = None, log_samples: bool = False) -> dict:
   """The harness's results dict for `tasks` (names known to the harness or defined under include_path)."""
-  manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+  manager = task_manager(include_path, tuple(tasks))
   unknown = [t for t in tasks if t not in manager.all_tasks]
   if unknown:
     raise LMEvalError(f"Unknown lm-eval task(s) {', '.join(unknown)}: list the harness's tasks with "

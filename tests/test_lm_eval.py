@@ -1,6 +1,7 @@
 """lm-evaluation-harness on jaxreplay checkpoints: tasks defined here over local JSON-lines files, a tiny model,
 and every score checked against a naive computation (one unpadded row at a time, log-softmax in float64)."""
 
+import functools
 import json
 import os
 import sqlite3
@@ -66,9 +67,21 @@ def paper_run(tmp_path_factory):
   return dict(run=str(run), root=str(root), tasks=str(tasks), cfg=cfg, params=params, tok=tok)
 
 
+@functools.lru_cache(maxsize=None)
+def naive_forward(cfg):
+  return jax.jit(functools.partial(model_lib.logits, cfg))
+
+
+def naive_logits(cfg, params, ids):
+  """Logits of one row, right-padded to the model's length (causal: padding after a token cannot change it)."""
+  row = np.zeros((1, SEQ_LEN), np.int32)
+  row[0, :len(ids)] = ids
+  return np.asarray(naive_forward(cfg)(params, row)[0, :len(ids)], np.float64)
+
+
 def naive_logprobs(cfg, params, ids):
-  """log p(ids[t] | ids[:t]) for t ≥ 1: one unpadded row, float64 log-softmax in numpy."""
-  logits = np.asarray(model_lib.logits(cfg, params, np.asarray([ids[:-1]], np.int32))[0], np.float64)
+  """log p(ids[t] | ids[:t]) for t ≥ 1: one row on its own, float64 log-softmax in numpy."""
+  logits = naive_logits(cfg, params, ids[:-1])
   logp = logits - logits.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
   return logp[np.arange(len(ids) - 1), ids[1:]], logits.argmax(-1) == np.asarray(ids[1:])
@@ -123,12 +136,11 @@ def test_rolling_loglikelihood_follows_the_harness_windows(paper_run):
 def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(paper_run):
   cfg, params, tok = paper_run["cfg"], paper_run["params"], paper_run["tok"]
   lm = adapter.JaxReplayLM(paper_run["run"], batch_size=2)
-  results = adapter.run_tasks(lm, ["tiny_gen"], include_path=paper_run["tasks"], log_samples=True)
+  results = adapter.run_tasks(lm, ["tiny_gen"], limit=2, include_path=paper_run["tasks"], log_samples=True)
   for i, sample in samples_by_doc(results, "tiny_gen").items():
     ids = tok.encode(TEXTS[i][:20]).ids
     for _ in range(6):  # naive greedy: a full forward pass per token
-      logits = np.asarray(model_lib.logits(cfg, params, np.asarray([ids], np.int32))[0, -1])
-      nxt = int(logits.argmax())
+      nxt = int(naive_logits(cfg, params, ids)[-1].argmax())
       if nxt == lm.eot_token_id:
         break
       ids.append(nxt)
@@ -151,15 +163,18 @@ def test_jaxreplay_eval_writes_the_run_and_the_sweep_table(paper_run):
   assert lm_eval_cli.sweep_of(paper_run["run"]) == (os.path.join(paper_run["root"], "sweep"), "pretrain/tiny")
 
 
-def test_eval_errors_are_one_sentence_with_exit_status_2(paper_run, tmp_path):
-  cmd = [sys.executable, "-m", "jaxreplay.cli", "eval"]
-  bad_task = subprocess.run(cmd + [f"--workdir={paper_run['run']}", "--tasks=no_such_task_xyz"],
-                            capture_output=True, text=True, timeout=600)
-  assert bad_task.returncode == 2 and "Unknown lm-eval task(s) no_such_task_xyz" in bad_task.stderr
-  no_model = subprocess.run(cmd + [f"--workdir={tmp_path}", "--tasks=tiny_mc"], capture_output=True, text=True,
-                            timeout=600)
+def test_eval_errors_are_one_sentence_with_exit_status_2(tmp_path):
+  no_model = subprocess.run([sys.executable, "-m", "jaxreplay.cli", "eval", f"--workdir={tmp_path}",
+                             "--tasks=tiny_mc"], capture_output=True, text=True, timeout=600)
   assert no_model.returncode == 2 and "holds no model to evaluate" in no_model.stderr
-  assert "Traceback" not in bad_task.stderr + no_model.stderr
+  assert "Traceback" not in no_model.stderr
+
+
+@pytest.mark.slow  # indexes the harness's ~15,000 built-in tasks: most of a minute
+def test_an_unknown_task_is_one_sentence(paper_run):
+  out = subprocess.run([sys.executable, "-m", "jaxreplay.cli", "eval", f"--workdir={paper_run['run']}",
+                        "--tasks=no_such_task_xyz"], capture_output=True, text=True, timeout=600)
+  assert out.returncode == 2 and "Unknown lm-eval task(s) no_such_task_xyz" in out.stderr
 
 
 def test_evaluator_hook_scores_tasks_at_an_evaluation(paper_run):
@@ -170,3 +185,30 @@ def test_evaluator_hook_scores_tasks_at_an_evaluation(paper_run):
   lm = adapter.JaxReplayLM(paper_run["run"])
   want = adapter.run_tasks(lm, ["tiny_mc"], limit=2, include_path=paper_run["tasks"])
   assert got == {"lm_eval/tiny_mc/acc": want["results"]["tiny_mc"]["acc,none"]}
+
+
+def test_the_instruct_mcq_scoring_equals_a_harness_task_on_the_same_items(tmp_path):
+  """mcq.evaluate (the instruct experiment's MMLU/ARC/CSQA scorer) and the harness task write_mcq_task makes
+  give the same per-choice scores and accuracy on an imported Llama; both match torch's forward pass."""
+  import torch
+  import transformers
+  from jaxreplay import chat_data, mcq, tiny_llama
+  paths = tiny_llama.ensure(str(tmp_path))
+  tok = chat_data.load_tokenizer(paths["model"])
+  scorer = adapter.load_scorer(paths["model"], max_length=256)
+  items = mcq.read_benchmark(paths["bench"]) * 2
+  items[2] = dict(items[2], answer=1)  # a wrong answer somewhere: accuracy is not trivially 0 or 1
+  want = mcq.evaluate(scorer.cfg, scorer.params, tok, items, batch_size=4)
+  adapter.write_mcq_task(items, tok, str(tmp_path / "tasks"), "tiny_bench")
+  lm = adapter.JaxReplayLM(scorer=scorer, batch_size=4, encode_separately=True)
+  results = adapter.run_tasks(lm, ["tiny_bench"], include_path=str(tmp_path / "tasks"), log_samples=True)
+  by_doc = samples_by_doc(results, "tiny_bench")
+  got = np.concatenate([[r[0][0] for r in by_doc[i]["resps"]] for i in range(len(items))])
+  np.testing.assert_allclose(got, want["scores"], rtol=1e-5, atol=1e-5)
+  assert results["results"]["tiny_bench"]["acc,none"] == pytest.approx(want["accuracy"])
+  model = transformers.AutoModelForCausalLM.from_pretrained(paths["model"]).eval()
+  rows, _ = mcq.encode(tok, items)
+  with torch.no_grad():
+    ref = [torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)[
+        torch.arange(start - 1, len(ids) - 1), torch.tensor(ids[start:])].sum().item() for ids, start in rows]
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
