@@ -155,6 +155,10 @@ def run(c, workdir: str, evaluators=()) -> dict:
   if stage.data.meta.get("toy"):  # toy continual tasks: greedy answer accuracy on every task at each eval
     from jaxreplay import toy
     evaluators = (*evaluators, toy.evaluator_for(c, stage.data.meta, c.data.path, stage.model_cfg))
+  if c.eval.get("lm_eval_tasks"):  # lm-evaluation-harness tasks at every evaluation (the `eval` extra)
+    from jaxreplay import lm_eval_adapter
+    evaluators = (*evaluators, lm_eval_adapter.evaluator_for(
+        c, stage.model_cfg, stage.dataset_id, os.path.join(c.data.path, "tokenizer.json")))
   if jax.process_index() == 0:
     config_lib.write(c, workdir)
     tokenizer = os.path.join(c.data.path, "tokenizer.json")

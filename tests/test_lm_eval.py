@@ -212,3 +212,28 @@ def test_the_instruct_mcq_scoring_equals_a_harness_task_on_the_same_items(tmp_pa
     ref = [torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)[
         torch.arange(start - 1, len(ids) - 1), torch.tensor(ids[start:])].sum().item() for ids, start in rows]
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_run_with_eval_lm_eval_tasks_logs_the_scores_at_every_evaluation(paper_run, tmp_path):
+  from jaxreplay import metrics, train
+  from jaxreplay.data import write_token_dir
+  from jaxreplay.data.tokenfile import every_kth
+  data = str(tmp_path / "data")
+  write_token_dir(data, (t for t in TEXTS * 40), os.path.join(paper_run["run"], "tokenizer.json"), dataset_id=3,
+                  is_valid=every_kth(0.2), progress=False)
+  c = config_lib.default()
+  c.data.path = data
+  c.model.update(d_model=32, n_layers=2, head_dim=16, seq_len=SEQ_LEN, vocab_size=300)
+  c.optim.update(batch_size=4, lr=1e-2, warmup_tokens=64)
+  c.eval.update(every_tokens=4 * SEQ_LEN * 3, tokens=256, batch_size=4, lm_eval_tasks="tiny_mc", lm_eval_limit=2,
+                lm_eval_include_path=paper_run["tasks"])
+  c.checkpoint.update(every_steps=100, every_minutes=0.0, async_save=False)
+  c.log.update(every_steps=3, progress=False)
+  c.stop.update(steps=3)
+  workdir = str(tmp_path / "run")
+  train.run(c, workdir)
+  evals = [r for r in metrics.read_metrics(workdir) if "valid_ntp" in r]
+  assert len(evals) >= 2 and all(0.0 <= r["lm_eval/tiny_mc/acc"] <= 1.0 for r in evals)
+  lm = adapter.JaxReplayLM(workdir)  # the exported (final) weights score as the last evaluation did
+  want = adapter.run_tasks(lm, ["tiny_mc"], limit=2, include_path=paper_run["tasks"])
+  assert evals[-1]["lm_eval/tiny_mc/acc"] == want["results"]["tiny_mc"]["acc,none"]
