@@ -19,6 +19,8 @@ def main(argv: list[str]) -> int:
   p = argparse.ArgumentParser(prog=argv[0] if argv else "jaxreplay quickstart", description=__doc__)
   p.add_argument("--workdir", default="runs/quickstart")
   p.add_argument("--config", default=None, help="experiment file (default: sweeps/quickstart.py in the package)")
+  p.add_argument("--cache_dir", default=None, help="where the default data is built (default: "
+                 "$JAXREPLAY_CACHE, $XDG_CACHE_HOME/jaxreplay or ~/.cache/jaxreplay)")
   p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's token budget (e.g. 0.1)")
   args = p.parse_args(argv[1:])
 
@@ -28,7 +30,7 @@ def main(argv: list[str]) -> int:
   workdirs = {}
   for arg, name in RUNS:
     c = get_config(arg)
-    c.data.path = resolve_path(c.data.path)
+    c.data.path = resolve_path(c.data.path, args.cache_dir)
     if c.stop.tokens:
       c.stop.tokens = int(c.stop.tokens * args.scale)
     workdir = os.path.join(args.workdir, name)
