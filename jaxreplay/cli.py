@@ -109,6 +109,11 @@ def _train_main(stage: str, init_from: str | None):
     c.stage = stage
     if init_from is not None:
       c.init["from"] = init_from
+    from jaxreplay.config import ConfigError, validate
+    try:
+      validate(c)  # a bad value fails at once, before the default data is built or jax starts
+    except ConfigError as e:
+      _fail(str(e))
     from jaxreplay import train
     from jaxreplay.data import resolve_path
     try:
@@ -150,7 +155,8 @@ def _load_experiment(value: str):
 
 
 def _check_overrides(argv: list[str]):
-  """Every --config.KEY=VALUE must name an existing setting; a misspelled one gets a 'did you mean'."""
+  """Every --config.KEY=VALUE must name an existing setting (a misspelled one gets a 'did you mean') and
+  give a value of its type."""
   value = _config_value(argv)
   if value is None:
     return
@@ -158,7 +164,7 @@ def _check_overrides(argv: list[str]):
   for arg in argv:
     if not arg.startswith("--config.") or arg.startswith("--config.init.from"):
       continue
-    key = arg[len("--config."):].split("=", 1)[0]
+    key, _, text = arg[len("--config."):].partition("=")
     node, seen = c, []
     for part in key.split("."):
       keys = list(node.keys()) if hasattr(node, "keys") else []
@@ -169,16 +175,57 @@ def _check_overrides(argv: list[str]):
                 f"{where} has {', '.join(sorted(map(str, keys)))}." if keys else f"{where} is not a group.")
         _fail(f"--config.{key} is not a setting: {hint}")
       node, seen = node[part], seen + [part]
+    _check_type(key, node, text)
+
+
+def _check_type(key: str, old, text: str):
+  kind = type(old)
+  if kind is bool:
+    ok = text.lower() in ("true", "false", "1", "0")
+  elif kind in (int, float):
+    try:
+      kind(text)
+      ok = True
+    except ValueError:
+      ok = kind is int and text.lstrip("-").replace("_", "").isdigit()
+  else:
+    return
+  if not ok:
+    _fail(f"--config.{key}={text!r} is not {'an' if kind is int else 'a'} {kind.__name__}: give a value of the "
+          f"setting's type (now {old!r}).")
 
 
 def _parse_flags(rest: list[str]) -> list[str]:
   try:
     return flags.FLAGS(rest)
-  except flags.UnrecognizedFlagError as e:
-    _fail(f"{_first_line(e)}: the flags are --config=FILE.py[:ARG], --config.KEY=VALUE, --workdir=DIR, "
-          "--cache_dir=DIR and --multihost.")
-  except flags.Error as e:  # a value of the wrong type for its setting
-    _fail(f"{_first_line(e).rstrip('.')}: give a value of the type the setting has in jaxreplay/config.py.")
+  except flags.Error as e:
+    _fail(f"{_first_line(e).rstrip('.')}: the flags are --config=FILE.py[:ARG], --config.KEY=VALUE, "
+          "--workdir=DIR, --cache_dir=DIR and --multihost.")
+
+
+def _check_sweep_file(rest: list[str]):
+  """Loads the sweep file once before the runner does, so that any error inside the user's file (a typo,
+  a bad argument) is one sentence rather than the runner's trace."""
+  specs, args = [], iter(rest[1:])
+  for a in args:
+    if a.startswith("-"):
+      if "=" not in a and a not in ("--dry-run", "--dry_run", "--status", "--multihost"):
+        next(args, None)  # the flag's value
+    else:
+      specs.append(a)
+  if not specs or any(a in ("-h", "--help") for a in rest):
+    return  # argparse says what is missing
+  from jaxreplay import sweeps
+  path = specs[0].partition(":")[0]
+  if not path.endswith(".py") or not os.path.isfile(path):
+    _fail(f"Sweep file {path!r} does not exist or is not a .py file: give the path to a file in sweeps/, "
+          "e.g. sweeps/quickstart.py:small.")
+  try:
+    sweeps.load(specs[0])
+  except Exception as e:  # the user's own file: any failure in it is theirs to fix, said in one line
+    _fail(f"{e}" if isinstance(e, sweeps.SweepError) else
+          f"sweep file {specs[0]} could not be loaded ({type(e).__name__}: {_first_line(e)}): fix the file or "
+          "its argument.")
 
 
 def main(argv=None):
@@ -212,12 +259,14 @@ def _dispatch(command: str, rest: list[str]) -> int:
     from jaxreplay.data import commands
     return commands.main(rest)
   elif command == "sweep":
+    _check_sweep_file(rest)
     from jaxreplay import sweeps
     return sweeps.main(rest)
   elif command == "report":
     from jaxreplay import report
     return report.main(rest)
   elif command == "instruct":
+    _check_overrides(rest)
     from jaxreplay import instruct
     return instruct.main(rest[1:])
   elif command == "quickstart":
