@@ -6,7 +6,6 @@ import sys
 import textwrap
 
 import jax
-import numpy as np
 import pytest
 
 from jaxreplay import config as config_lib
