@@ -227,10 +227,16 @@ def _cached(c, kind: str, key: list, build):
       return pickle.load(f)
   value = build()
   if jax.process_index() == 0:
-    try:
-      with open(path + ".tmp", "wb") as f:
-        pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
-      os.replace(path + ".tmp", path)
+    import tempfile
+    try:  # a temporary name of its own: two jobs of a sweep may build the same cache at once
+      fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+      try:
+        with os.fdopen(fd, "wb") as f:
+          pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+      finally:
+        if os.path.exists(tmp):
+          os.remove(tmp)
     except OSError:
       pass  # a read-only data directory: tokenize again next time
   return value

@@ -22,16 +22,26 @@ def main(argv: list[str]) -> int:
   p = argparse.ArgumentParser(prog=argv[0] if argv else "jaxreplay quickstart", description=__doc__)
   p.add_argument("--workdir", default="runs/quickstart")
   p.add_argument("--config", default=None, help="experiment file (default: sweeps/quickstart.py in the package)")
+  p.add_argument("--cache_dir", default=None, help="where the default data is built (default: "
+                 "$JAXREPLAY_CACHE, $XDG_CACHE_HOME/jaxreplay or ~/.cache/jaxreplay)")
   p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's token budget (e.g. 0.1)")
   args = p.parse_args(argv[1:])
+  if not args.scale > 0:
+    p.error(f"--scale={args.scale} must be > 0 (e.g. 0.1 for a tenth of every token budget)")
+  if args.config is not None and not os.path.isfile(args.config):
+    p.error(f"--config file {args.config!r} does not exist: give an experiment file like sweeps/quickstart.py")
 
   from jaxreplay import config as config_lib, train
-  from jaxreplay.data import resolve_path
+  from jaxreplay.data import DataError, resolve_path
   get_config = _load_experiment(args.config)
   workdirs = {}
   for arg, name in RUNS:
     c = get_config(arg)
-    c.data.path = resolve_path(c.data.path)
+    try:
+      c.data.path = resolve_path(c.data.path, args.cache_dir)
+    except DataError as e:
+      print(f"jaxreplay: error: {e}", file=sys.stderr)
+      return 2
     if c.stop.tokens:
       c.stop.tokens = int(c.stop.tokens * args.scale)
     workdir = os.path.join(args.workdir, name)
@@ -41,7 +51,7 @@ def main(argv: list[str]) -> int:
           f"replay={c.replay.method}/{c.replay.source}", flush=True)
     try:
       train.run(c, workdir)
-    except (config_lib.ConfigError, ValueError) as e:
+    except (config_lib.ConfigError, ValueError, train.TrainingError) as e:
       print(f"jaxreplay: error: {e}", file=sys.stderr)
       return 2
     workdirs[name] = workdir

@@ -29,6 +29,7 @@ import csv
 import json
 import math
 import os
+import sys
 from collections import defaultdict
 
 from jaxreplay import metrics as metrics_lib
@@ -449,12 +450,12 @@ def main(argv: list[str]) -> int:
       for path in report(first, args.out):
         print(path)
     except FileNotFoundError as e:
-      print(f"jaxreplay: error: {e}")
+      print(f"jaxreplay: error: {e}", file=sys.stderr)
       return 2
     return 0
   if len(args.paths) < 2:
     print(f"jaxreplay: error: {first} holds no results.sqlite: give a sweep workdir, or a pretraining workdir "
-          "followed by finetuning workdirs.")
+          "followed by finetuning workdirs.", file=sys.stderr)
     return 2
   dirs = {os.path.basename(os.path.normpath(d)): d for d in args.paths[1:]}
   rows = forgetting_table(first, dirs)

@@ -19,8 +19,18 @@ def run(script: str, *args) -> dict:
 
 
 def test_train_throughput():
-  r = run("train_throughput.py", "--sizes=tiny", "--steps=3")["results"][0]
-  assert r["size"] == "tiny" and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+  """The JSON's derived numbers follow from its measured ones: tokens/s from the step time, MFU from the
+  paper's FLOPs per token (6 · matmul params + 12 · L · T · D, worked out here) and the measured peak."""
+  out = run("train_throughput.py", "--sizes=tiny", "--steps=3")
+  r = out["results"][0]
+  D, L, T, B = (r[k] for k in ("d_model", "n_layers", "seq_len", "batch"))
+  V = r["params_paper"] - 12 * L * D * D
+  assert r["size"] == "tiny" and (D, L, T, B) == (32, 1, 16, 4) and V % D == 0
+  V //= D
+  assert r["tokens_per_s"] == pytest.approx(B * T / r["step_s"], rel=1e-3)
+  flops = 6.0 * (12 * L * D * D + D * V) + 12.0 * L * T * D
+  assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / out["matmul_peak_flops"], abs=1e-4)
+  assert 0 < r["mfu"] < 1 and r["compile_s"] > 0 and out["matmul_peak_flops"] > 0
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +149,11 @@ DRIVER = textwrap.dedent("""
         ck.close()
         print(json.dumps(dict(stopped_at=step)))
 """)
+
+
+def kill_step(name: str, lo: int, hi: int) -> int:
+  """The step a test interrupts at: spread over [lo, hi] across tests, and the same on every run of one."""
+  return random.Random(name).randint(lo, hi)
 
 
 # ---------------------------------------------------------------- helpers
@@ -282,7 +288,7 @@ def reference(env):
 def preempted(env):
   """A run stopped by SIGTERM after its first two checkpoints (kept for copies; never resumed in place)."""
   workdir = str(env["base"] / "preempted")
-  step, err = preempt(env, workdir, random.randint(21, 35))
+  step, err = preempt(env, workdir, kill_step("preempted", 21, 35))
   return workdir, step
 
 
@@ -290,7 +296,7 @@ def preempted(env):
 
 def test_sigkill_then_restart_equals_uninterrupted(env, reference):
   workdir = str(env["base"] / "killed")
-  kill_at = random.randint(11, STEPS - 3)
+  kill_at = kill_step("sigkill", 11, STEPS - 3)
   proc = start(env, workdir)
   wait_for(proc, lambda: 10 in steps_saved(workdir) and logged_step(workdir) >= kill_at, f"step {kill_at}")
   proc.kill()
@@ -415,13 +421,18 @@ def test_keep_policy_and_interval(tmp_path):
   assert not glob.glob(str(tmp_path / "checkpoints" / "*tmp*"))
 
 
-def test_time_based_saves(tmp_path):
+def test_time_based_saves(tmp_path, monkeypatch):
+  clock = [1000.0]  # the checkpointer's clock, moved by hand: a loaded machine cannot make this flaky
+  monkeypatch.setattr(ckpt_lib, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
   cfg = ml_collections.ConfigDict(dict(every_steps=1000, every_minutes=0.002, keep_last=2, keep_every_steps=0,
                                        async_save=True))
   ck = ckpt_lib.Checkpointer(str(tmp_path), cfg)
+  clock[0] += 0.11
   assert not ck.save(1, _tiny_state(1), {})  # 0.12 s have not passed since the start
-  time.sleep(0.15)
-  assert ck.save(2, _tiny_state(2), {}) and not ck.save(3, _tiny_state(3), {})  # the clock restarts at a save
+  clock[0] += 0.02
+  assert ck.save(2, _tiny_state(2), {})
+  clock[0] += 0.11
+  assert not ck.save(3, _tiny_state(3), {})  # the clock restarts at a save
   ck.close()
   assert ck.manager.all_steps() == [2]
 
@@ -468,7 +479,7 @@ def test_run_on_4_devices_resumes_on_1_and_exports_for_any_count(env, reference,
   # mesh fsdp=-1: parameters and optimizer state sharded over all 4 devices, then over the single one.
   mesh = ("--config.mesh.data=1", "--config.mesh.fsdp=-1")
   workdir = str(tmp_path / "four")
-  stopped_at, _ = preempt(env, workdir, random.randint(12, 30), *mesh, devices=4)
+  stopped_at, _ = preempt(env, workdir, kill_step("mesh4", 12, 30), *mesh, devices=4)
   train(env, workdir, *mesh, devices=1)
   assert [r["step"] for r in metrics(workdir) if "train_loss" in r] == list(range(1, STEPS + 1))
   assert_same_params(exported(workdir), exported(reference), exact=False)
@@ -481,7 +492,7 @@ def test_run_on_4_devices_resumes_on_1_and_exports_for_any_count(env, reference,
 def test_run_on_1_device_resumes_on_4(env, reference, tmp_path):
   mesh = ("--config.mesh.data=1", "--config.mesh.fsdp=-1")
   workdir = str(tmp_path / "one")
-  preempt(env, workdir, random.randint(12, 30), *mesh, devices=1)
+  preempt(env, workdir, kill_step("mesh1", 12, 30), *mesh, devices=1)
   train(env, workdir, *mesh, devices=4)
   assert_same_params(exported(workdir), exported(reference), exact=False)
 

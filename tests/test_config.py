@@ -61,11 +61,21 @@ def test_replay_needs_a_pretrained_run():
     config_lib.validate(c)
 
 
-def test_unknown_key_is_rejected():
+def test_unknown_key_is_rejected_in_every_group():
+  """default() is locked at every level: a typo in any group is an error that names the near key, and never
+  silently creates a setting (the CLI turns the error into one sentence; tests/test_cli_errors.py)."""
   c = valid()
+  before = c.to_dict()
+  with pytest.raises(AttributeError, match='Did you mean "d_model"'):
+    c.model.d_modle = 3
+  groups = [k for k, v in c.items() if hasattr(v, "keys")]
+  assert {"model", "data", "optim", "stop", "eval", "replay", "lora", "mesh", "init"} <= set(groups)
+  for group in groups:
+    with pytest.raises(AttributeError):
+      setattr(c[group], "no_such_setting", 1)
   with pytest.raises(AttributeError):
-    c.model.d_modle = 3  # ConfigDict is locked: a typo never silently creates a key
-  c.lock()
+    c.no_such_group = {}
+  assert c.to_dict() == before
 
 
 def test_differences_and_json_round_trip(tmp_path):

@@ -105,13 +105,36 @@ def test_segments_make_packed_examples_independent(checkpoints):
   np.testing.assert_allclose(out[:, 7:16], alone(b), atol=1e-4, rtol=1e-4)
 
 
+MESH_SCRIPT = """
+import json, sys
+import jax
+from jaxreplay import hf_import, sharding
+directory, out = sys.argv[1:3]
+mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=2))
+cfg, params, _ = hf_import.load(directory, seq_len=32, mesh=mesh)
+q, bias = params["blocks"]["q_proj"], params["blocks"]["q_bias"]
+hf_import.save_hf(params, cfg, directory, out)
+print(json.dumps(dict(devices=len(jax.devices()), shape=list(q.shape), spec=str(q.sharding.spec),
+                      shard=list(q.addressable_shards[0].data.shape), bias_mesh=dict(bias.sharding.mesh.shape))))
+"""
+
+
 def test_import_onto_a_mesh_and_export_round_trip(checkpoints, tmp_path):
+  """Onto a 4-device mesh (fsdp 2 × tensor 2, in a subprocess with 4 host devices): the weights arrive
+  sharded, and saved back from the shards they give the original model's logits."""
+  import json
+  import os
+  import subprocess
+  import sys
   directory, model = checkpoints["qwen2"]
-  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1))
-  cfg, params, _ = hf_import.load(directory, seq_len=32, mesh=mesh)
-  assert params["blocks"]["q_proj"].shape == (2, 64, 4, 16)
-  assert params["blocks"]["q_bias"].sharding.mesh.shape == mesh.shape
-  hf_import.save_hf(params, cfg, directory, str(tmp_path / "out"))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", MESH_SCRIPT, directory, str(tmp_path / "out")], env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  got = json.loads(r.stdout.strip().splitlines()[-1])
+  assert got["devices"] == 4 and got["shape"] == [2, 64, 4, 16]
+  assert got["shard"] == [2, 32, 2, 16] and "fsdp" in got["spec"] and "tensor" in got["spec"]
+  assert got["bias_mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
   again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
   tokens = torch.tensor(np.random.default_rng(3).integers(0, V, (1, 10)))
   with torch.no_grad():

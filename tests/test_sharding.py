@@ -6,7 +6,6 @@ import sys
 import textwrap
 
 import jax
-import numpy as np
 import pytest
 
 from jaxreplay import config as config_lib
@@ -75,6 +74,14 @@ def test_mesh_errors_name_the_fix():
 
 
 def test_indivisible_dims_stay_replicated():
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
-  spec = sharding.param_spec((jax.tree_util.DictKey("embed"),), (19, 64), mesh)
-  assert spec == jax.sharding.PartitionSpec(None, None)
+  """On a 2×2×2 mesh (abstract: the specs depend only on the axis sizes, so one CPU device suffices), a dim
+  the axis size divides is sharded and one it does not divide stays replicated."""
+  mesh = jax.sharding.AbstractMesh((2, 2, 2), sharding.AXES)
+  P = jax.sharding.PartitionSpec
+  spec = lambda name, shape: sharding.param_spec((jax.tree_util.DictKey(name),), shape, mesh)
+  assert spec("embed", (20, 64)) == P("tensor", "fsdp")  # both divisible
+  assert spec("embed", (19, 64)) == P(None, "fsdp")  # odd vocabulary: replicated over tensor only
+  assert spec("up", (2, 63, 256)) == P(None, None, "tensor")  # stacked layers, odd D
+  assert spec("qkv", (2, 64, 3, 3, 16)) == P(None, "fsdp", None, None, None)  # 3 heads over tensor=2
+  one = jax.sharding.AbstractMesh((1, 1, 1), sharding.AXES)
+  assert sharding.param_spec((jax.tree_util.DictKey("embed"),), (20, 64), one) == P(None, None)

@@ -157,3 +157,74 @@ def test_self_kl_replay_with_sampled_teacher_equals_forward_and_resumes_mid_buff
     assert after[s] == pytest.approx(sampled[s], rel=1e-6)
   for k in ("valid_ntp", "prev_ntp", "prev_kl"):
     assert resumed[k] == pytest.approx(out["sampled"][k], rel=1e-6)
+
+
+def _finetune(pre, data_path, **replay):
+  c = tiny_config(data_path, steps=20)
+  c.stage = "finetune"
+  c.init["from"] = pre
+  c.replay.update(**replay)
+  return c
+
+
+def test_nan_loss_is_a_training_error_that_keeps_the_last_checkpoint(data, tmp_path):
+  c = tiny_config(data["a"], steps=40)
+  c.optim.update(lr=1e30, warmup_tokens=0)  # the first update overflows the weights
+  c.checkpoint.every_steps = 1
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(train.TrainingError, match=r"became nan at step 5: lower optim.lr \(now 1e\+30\)"):
+    train.run(c, workdir)
+  assert not train.is_finished(workdir)
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())[-1] >= 1
+
+
+def test_early_stop_after_evals_without_a_new_best(data, tmp_path):
+  c = tiny_config(data["a"], steps=0)
+  c.stop.early_stop_evals = 2
+  c.optim.lr = 0.0  # the eval loss never improves on the first eval
+  result = train.run(c, str(tmp_path / "early"))
+  evals = [r["valid_ntp"] for r in metrics.read_metrics(str(tmp_path / "early")) if "valid_ntp" in r]
+  # The eval at step 10 sets the best (the start eval does not count); 20 and 30 are the two without a new one.
+  assert result["stop_reason"] == "early_stop" and result["step"] == 30
+  assert len(set(evals)) == 1
+
+
+def test_wall_time_stops_after_the_step_that_passes_it(data, tmp_path):
+  c = tiny_config(data["a"], steps=0)
+  c.stop.wall_time_s = 1e-9
+  result = train.run(c, str(tmp_path / "wall"))
+  assert result["stop_reason"] == "wall_time" and result["step"] == 1 and result["elapsed_s"] >= 1e-9
+
+
+def test_mix_fraction_puts_the_second_dataset_into_every_training_batch(data, tmp_path):
+  c = tiny_config(data["a"], steps=20)
+  c.data.update(mix_path=data["b"], mix_fraction=0.25)
+  stage = train.Stage(c, str(tmp_path / "stage"))
+  for step in (0, 7, 19):
+    assert (np.asarray(stage.batches.batch(step))[:, 0] == 1).sum() == 2  # 2 of 8 rows from b (dataset id 1)
+  mixed = train.run(c, str(tmp_path / "mixed"))
+  plain = train.run(tiny_config(data["a"], steps=20), str(tmp_path / "plain"))
+  assert mixed["train_step_compiles"] == 1 and mixed["valid_ntp"] != plain["valid_ntp"]
+
+
+def test_kl_downstream_holds_the_model_to_the_pretrained_one_on_downstream_rows(pretrained, data, tmp_path):
+  pre, _ = pretrained
+  none = train.run(_finetune(pre, data["b"], method="none"), str(tmp_path / "none"))
+  kl = train.run(_finetune(pre, data["b"], method="kl_downstream", coeff=10.0), str(tmp_path / "kl"))
+  rows = [r for r in metrics.read_metrics(str(tmp_path / "kl")) if "train_reg" in r]
+  assert rows and all(r["train_reg"] >= 0 for r in rows)
+  assert kl["prev_kl"] < 0.5 * none["prev_kl"] and kl["drift_ratio"] < none["drift_ratio"]
+
+
+def test_lora_export_holds_merged_weights_that_a_finetune_starts_from(pretrained, data, tmp_path):
+  pre, _ = pretrained
+  c = _finetune(pre, data["b"])
+  c.lora.update(rank=4, alpha=8.0)
+  lora = train.run(c, str(tmp_path / "lora"))
+  second = _finetune(str(tmp_path / "lora"), data["b"])
+  second.stop.steps = 1
+  train.run(second, str(tmp_path / "second"))
+  start = next(r for r in metrics.read_metrics(str(tmp_path / "second")) if r["step"] == 0 and "valid_ntp" in r)
+  assert start["valid_ntp"] == pytest.approx(lora["valid_ntp"], rel=1e-5)  # the export is the merged model
+  assert start["prev_kl"] == pytest.approx(0.0, abs=1e-6)  # ... and the second run's π_pre
+  assert lora["prev_kl"] > 1e-4  # LoRA did move the model

@@ -26,12 +26,28 @@ from .errors import DataError
 from .tokenfile import META_FILE, every_kth, read_meta, write_token_dir
 from .tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_hash, train_tokenizer
 
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxreplay")
 LINES_PER_GROUP = 100  # line-per-document files: validation takes whole blocks of consecutive lines
+CACHE_HINT = "pass --cache_dir=DIR, or set $XDG_CACHE_HOME (or $JAXREPLAY_CACHE) to a directory you can write"
 
 
 def cache_dir_default() -> str:
-  return os.environ.get("JAXREPLAY_CACHE", DEFAULT_CACHE)
+  """$JAXREPLAY_CACHE, else $XDG_CACHE_HOME/jaxreplay, else ~/.cache/jaxreplay (the XDG default)."""
+  if os.environ.get("JAXREPLAY_CACHE"):
+    return os.environ["JAXREPLAY_CACHE"]
+  xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(xdg, "jaxreplay")
+
+
+def writable_cache_dir(cache_dir: str | None) -> str:
+  """The cache directory, created; a home or disk that cannot be written is one sentence, not a trace."""
+  cache_dir = os.path.abspath(os.path.expanduser(cache_dir or cache_dir_default()))
+  try:
+    os.makedirs(cache_dir, exist_ok=True)
+    if not os.access(cache_dir, os.W_OK):
+      raise PermissionError(13, "Permission denied", cache_dir)
+  except OSError as e:
+    raise DataError(f"The data cache {cache_dir} cannot be written ({e.strerror}): {CACHE_HINT}.") from None
+  return cache_dir
 
 
 def documents(inputs: list[str], mode: str = "lines", cache_dir: str | None = None,
@@ -41,11 +57,11 @@ def documents(inputs: list[str], mode: str = "lines", cache_dir: str | None = No
     inputs = [inputs]
   if not inputs:
     raise DataError("No input given: name text files, bible-en / bible-es, or hf:DATASET.")
-  cache_dir = cache_dir or cache_dir_default()
   parts, sources, group = [], [], LINES_PER_GROUP if mode == "lines" else 1
   for inp in inputs:
     if inp.startswith("bible-"):
-      books, source = corpora.bible_books(inp.split("-", 1)[1], os.path.join(cache_dir, "debs"))
+      debs = os.path.join(writable_cache_dir(cache_dir), "debs")
+      books, source = corpora.bible_books(inp.split("-", 1)[1], debs)
       parts.append(corpora.bible_documents(books))
       sources.append(source)
       group = 1
@@ -114,17 +130,22 @@ def build_default_corpora(cache_dir: str | None = None, vocab_size: int = 4096, 
   """English (dataset id 0) and Spanish (id 1) Bible token dirs sharing one tokenizer trained on both.
 
   Cached under cache_dir/bible_v{vocab_size}; a second call returns at once. Whole books are held out for
-  validation, the same books in both languages.
+  validation, the same books in both languages. Says on stderr what it fetches and where, when it builds.
   """
-  cache_dir = os.path.abspath(cache_dir or cache_dir_default())
+  cache_dir = os.path.abspath(os.path.expanduser(cache_dir or cache_dir_default()))
   root = os.path.join(cache_dir, f"bible_v{vocab_size}")
   done = _built(root)
   if done:
     return done
+  cache_dir = writable_cache_dir(cache_dir)
   with _lock(os.path.join(cache_dir, ".bible.lock")):
     done = _built(root)
     if done:
       return done
+    packages = " and ".join(spec["package"] for spec in corpora.BIBLES.values())
+    print(f"jaxreplay: building the default English/Spanish data once, in {root}: downloading the Debian "
+          f"packages {packages} with `apt-get download` (nothing is installed), else reading the shared text; "
+          f"to cache elsewhere, {CACHE_HINT}.", file=sys.stderr, flush=True)
     books = {lang: corpora.bible_books(lang, os.path.join(cache_dir, "debs"), source) for lang in corpora.BIBLES}
     tok = os.path.join(root, TOKENIZER_FILE)
     verses = (v for lang in corpora.BIBLES for _, vs in books[lang][0] for v in vs if v)
@@ -138,9 +159,9 @@ def build_default_corpora(cache_dir: str | None = None, vocab_size: int = 4096, 
     return out
 
 
-def resolve_path(path: str) -> str:
+def resolve_path(path: str, cache_dir: str | None = None) -> str:
   """A data path from a config: a token directory, or `default:en` / `default:es[:VOCAB]` (the Bible pair,
-  built into the cache on first use). Returns an absolute directory path."""
+  built into `cache_dir` (default `cache_dir_default()`) on first use). Returns an absolute directory path."""
   if not path:
     raise DataError("config.data.path is empty: set it to a token directory made by `jaxreplay data tokenize` "
                     "(or default:en / default:es).")
@@ -150,7 +171,7 @@ def resolve_path(path: str) -> str:
       raise DataError(f"Data path {path!r} is not of the form default:LANG[:VOCAB_SIZE] with LANG in "
                       f"{', '.join(corpora.BIBLES)}: e.g. default:en or default:es:4096.")
     vocab = int(parts[2]) if len(parts) == 3 else 4096
-    return build_default_corpora(vocab_size=vocab)[parts[1]]
+    return build_default_corpora(cache_dir, vocab_size=vocab)[parts[1]]
   return os.path.abspath(os.path.expanduser(path))
 
 
@@ -160,7 +181,8 @@ def main(argv: list[str]) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
   d = sub.add_parser("default", help="the English/Spanish Bible pair (dataset ids 0 and 1)")
-  d.add_argument("--cache_dir", default=None)
+  d.add_argument("--cache_dir", default=None, help="default: $JAXREPLAY_CACHE, $XDG_CACHE_HOME/jaxreplay or "
+                 "~/.cache/jaxreplay")
   d.add_argument("--vocab_size", type=int, default=4096)
   d.add_argument("--source", default="auto", choices=("auto", "debian", "shared"))
   t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
