@@ -21,7 +21,7 @@ import time
 import jax
 
 import common
-from jaxreplay import checkpoint as ckpt_lib
+from jaxreplay.train import checkpoint as ckpt_lib
 from jaxreplay import config as config_lib
 from jaxreplay import model as model_lib
 

@@ -13,7 +13,9 @@ import numpy as np
 
 from jaxreplay import config as config_lib
 from jaxreplay import model as model_lib
-from jaxreplay import optim, sharding, steps
+from jaxreplay import sharding
+from jaxreplay.train import optim
+from jaxreplay.train import steps
 
 SIZES = {
     "small": dict(d_model=128, n_layers=4, head_dim=32, seq_len=128, batch=32),  # the quickstart model

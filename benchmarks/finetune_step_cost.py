@@ -25,7 +25,8 @@ import jax
 
 import common
 from jaxreplay import config as config_lib
-from jaxreplay import metrics, sampling, sharding
+from jaxreplay import sampling, sharding
+from jaxreplay.train import metrics
 from jaxreplay import model as model_lib
 
 

@@ -14,7 +14,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxreplay import instruct, llama
+from jaxreplay import llama
+from jaxreplay.train import instruct
 
 LLAMA_32_1B = dict(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, d_mlp=8192,
                    norm_eps=1e-5, rope_theta=500000.0, rope_llama3=(32.0, 1.0, 4.0, 8192.0), tie_embeddings=True)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 import common
-from jaxreplay import metrics
+from jaxreplay.train import metrics
 from jaxreplay import model as model_lib
 
 

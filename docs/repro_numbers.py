@@ -15,7 +15,7 @@ import statistics as st
 import sys
 from collections import defaultdict
 
-from jaxreplay import report
+from jaxreplay.experiments import report
 
 FIGURES = dict(toy_cpu=["toy_continual.png"], en_es=["trajectories.png"], tpp=["capacity_slices.png"],
                batch_size=["batch_size.png"])

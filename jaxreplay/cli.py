@@ -39,13 +39,13 @@ COMMANDS = ("pretrain", "finetune", "data", "sweep", "report", "quickstart", "in
 
 def _user_errors():
   from jaxreplay.config import ConfigError
-  from jaxreplay.checkpoint import CheckpointError
+  from jaxreplay.train.checkpoint import CheckpointError
   from jaxreplay.data.errors import DataError
   from jaxreplay.sharding import MeshError
-  from jaxreplay.train import TrainingError
-  from jaxreplay.chat_data import ChatDataError
+  from jaxreplay.train.loop import TrainingError
+  from jaxreplay.data.chat import ChatDataError
   from jaxreplay.hf_import import ImportError_
-  from jaxreplay.mcq import MCQError
+  from jaxreplay.evals.mcq import MCQError
   return (ConfigError, CheckpointError, DataError, MeshError, TrainingError, ChatDataError, ImportError_, MCQError)
 
 
@@ -115,7 +115,7 @@ def _train_main(stage: str, init_from: str | None):
       validate(c)  # a bad value fails at once, before the default data is built or jax starts
     except ConfigError as e:
       _fail(str(e))
-    from jaxreplay import train
+    from jaxreplay.train import loop as train
     from jaxreplay.data import resolve_path
     try:
       c.data.path = resolve_path(c.data.path, FLAGS.cache_dir)
@@ -216,7 +216,7 @@ def _check_sweep_file(rest: list[str]):
       specs.append(a)
   if not specs or any(a in ("-h", "--help") for a in rest):
     return  # argparse says what is missing
-  from jaxreplay import sweeps
+  from jaxreplay.experiments import sweeps
   path = specs[0].partition(":")[0]
   if not path.endswith(".py") or not os.path.isfile(path):
     _fail(f"Sweep file {path!r} does not exist or is not a .py file: give the path to a file in sweeps/, "
@@ -261,20 +261,20 @@ def _dispatch(command: str, rest: list[str]) -> int:
     return commands.main(rest)
   elif command == "sweep":
     _check_sweep_file(rest)
-    from jaxreplay import sweeps
+    from jaxreplay.experiments import sweeps
     return sweeps.main(rest)
   elif command == "report":
-    from jaxreplay import report
+    from jaxreplay.experiments import report
     return report.main(rest)
   elif command == "instruct":
     _check_overrides(rest)
-    from jaxreplay import instruct
+    from jaxreplay.train import instruct
     return instruct.main(rest[1:])
   elif command == "eval":
-    from jaxreplay import lm_eval_cli
+    from jaxreplay.experiments import lm_eval_run as lm_eval_cli
     return lm_eval_cli.main(rest)
   elif command == "quickstart":
-    from jaxreplay import quickstart
+    from jaxreplay.experiments import quickstart
     return quickstart.main(rest)
   return 0
 

@@ -7,7 +7,7 @@
 Ray is the engine here because it already does what a sweep needs beyond one machine: placing tasks by
 resources (CPUs, GPUs, TPU chips or custom resources), retrying tasks whose node died, and ordering tasks by
 passing the parent's result to the child. Each task runs the run in its own process
-(`python -m jaxreplay.runner worker`), which claims it with flock, resumes it from its checkpoints, and adds
+(`python -m jaxreplay.experiments.runner worker`), which claims it with flock, resumes it from its checkpoints, and adds
 its row to WORKDIR/results.sqlite; the workdir must be on storage every node sees. A run whose parent failed
 is reported, not started. Finished runs return at once, so starting the same command again is safe.
 """
@@ -22,7 +22,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from jaxreplay import runner  # noqa: E402
+from jaxreplay.experiments import runner  # noqa: E402
 
 
 def run_sweep(spec: str, workdir: str, cpus: float = 1, gpus: float = 0, resources: dict | None = None,

@@ -6,7 +6,7 @@
 
 Writes WORKDIR/slurm/level{K}.sbatch (array task i trains the i-th run of level K: level 0 = runs that start
 from nothing, level K+1 = runs that start from a level-K run) and WORKDIR/slurm/submit.sh; --submit runs it.
-Each task runs `python -m jaxreplay.runner worker`, which claims its run with flock (a second copy of the
+Each task runs `python -m jaxreplay.experiments.runner worker`, which claims its run with flock (a second copy of the
 same task skips it), trains or resumes it, and adds its row to WORKDIR/results.sqlite. Slurm sends SIGTERM
 two minutes before the time limit (--signal): the run checkpoints, and the requeued task resumes it. Finished
 runs return at once, so resubmitting the whole sweep is safe. WORKDIR must be on a shared filesystem that
@@ -43,14 +43,14 @@ def sbatch_script(a, workdir: str, level: int, n: int) -> str:
   if a.setup:
     lines.append(a.setup)
   lines += [f"export JAX_COMPILATION_CACHE_DIR=${{JAX_COMPILATION_CACHE_DIR:-{os.path.join(workdir, 'jax_cache')}}}",
-            f"exec python -m jaxreplay.runner worker --workdir={shlex.quote(workdir)} --level={level} "
+            f"exec python -m jaxreplay.experiments.runner worker --workdir={shlex.quote(workdir)} --level={level} "
             "--index=$SLURM_ARRAY_TASK_ID", ""]
   return "\n".join(lines)
 
 
 def generate(a) -> list[str]:
   """Validates the sweep (recording it in the workdir) and writes one sbatch script per level."""
-  from jaxreplay import runner
+  from jaxreplay.experiments import runner
   workdir = os.path.abspath(a.workdir)
   runs, _ = runner.prepare(a.spec, workdir)
   os.makedirs(os.path.join(workdir, "slurm", "logs"), exist_ok=True)
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
   p.add_argument("--submit", action="store_true", help="submit the arrays now")
   a = p.parse_args(sys.argv[1:] if argv is None else argv)
   from jaxreplay.config import ConfigError
-  from jaxreplay.sweeps import SweepError
+  from jaxreplay.experiments.sweeps import SweepError
   try:
     paths = generate(a)
   except (SweepError, ConfigError) as e:

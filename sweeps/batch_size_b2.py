@@ -11,7 +11,7 @@ agree there); and t½ = 10M tokens (the paper's optimum for a 30M model). β₂ 
 import math
 
 import _paper
-from jaxreplay import sweeps
+from jaxreplay.experiments import sweeps
 
 BATCHES = [4, 8, 16, 32, 64, 128, 256]
 

@@ -11,7 +11,7 @@ count 12·L·D² + D·V, and so the TPP, does not depend on it.
 """
 
 import _paper
-from jaxreplay import sweeps
+from jaxreplay.experiments import sweeps
 
 WIDTHS = list(range(256, 641, 32))
 TPP = [20, 28, 40, 57, 80, 113, 160, 226, 320, 453, 640, 905, 1280]

@@ -8,7 +8,7 @@ tokens, no EOS stop (buffer 32). Arms: no replay, and {KL, NTP} × {real, self} 
 (the paper's plot shows coefficient 1). Evaluations: Verilog next-token accuracy on held-out assistant
 tokens, and chat-formatted MCQ accuracy on MMLU (2,048), ARC-Challenge (1,024), CommonsenseQA (1,024).
 
-Paper scale reads local files (run from the directory that holds them; `jaxreplay.instruct_data` builds
+Paper scale reads local files (run from the directory that holds them; `jaxreplay.data.instruct_sources` builds
 the data from the Hugging Face datasets where the hub can be reached): the checkpoint in
 models/Llama-3.2-1B-Instruct (config.json, model.safetensors, tokenizer files), data/pyranet/{train,valid}.jsonl,
 data/dclm.jsonl, data/mcq/{mmlu,arc_challenge,commonsense_qa}.jsonl. `:small` builds a tiny random Llama-3
@@ -21,7 +21,8 @@ checkpoint with toy data under runs/instruct_small_assets and trains each arm fo
 Data and model paths are read relative to the directory the sweep runs from (every worker's too).
 """
 
-from jaxreplay import instruct, sweeps
+from jaxreplay.train import instruct
+from jaxreplay.experiments import sweeps
 
 MODEL = "models/Llama-3.2-1B-Instruct"  # a local copy of meta-llama/Llama-3.2-1B-Instruct
 MCQ = "mmlu:data/mcq/mmlu.jsonl,arc:data/mcq/arc_challenge.jsonl,csqa:data/mcq/commonsense_qa.jsonl"

@@ -9,7 +9,7 @@ FineWeb-Edu and on self-generated samples (coefficient 10, replay batch 64, buff
 """
 
 import _paper
-from jaxreplay import sweeps
+from jaxreplay.experiments import sweeps
 
 ARMS = [
     {"replay.method": "none"},

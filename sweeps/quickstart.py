@@ -39,7 +39,7 @@ def get_config(arg: str = "pretrain"):
 def get_sweep(arg: str = ""):
   """`jaxreplay sweep sweeps/quickstart.py --workdir=runs/qs`: pretrain, then finetune without and with
   self-generated KL replay. `:small` shrinks the vocabulary and lengths to run in a few minutes."""
-  from jaxreplay import sweeps
+  from jaxreplay.experiments import sweeps
   pre, ft = get_config("pretrain"), get_config("finetune")
   if arg == "small":
     for c in (pre, ft):

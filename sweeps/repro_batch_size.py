@@ -12,7 +12,7 @@ rules agree there, as in sweeps/batch_size_b2.py). Seeds 0 and 1.
 
 import _paper
 from batch_size_b2 import half_life
-from jaxreplay import sweeps
+from jaxreplay.experiments import sweeps
 
 BATCHES = [4, 16, 64, 256]
 SEEDS = [0, 1]

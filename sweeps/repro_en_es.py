@@ -13,7 +13,7 @@ Forgetting is compared at matched Spanish loss (`jaxreplay report`: matched.md).
 """
 
 import _paper
-from jaxreplay import sweeps
+from jaxreplay.experiments import sweeps
 
 SEEDS = [0, 1, 2]
 ARMS = [{"replay.method": "none"},

@@ -16,7 +16,7 @@ that target).
 """
 
 import _paper
-from jaxreplay import sweeps
+from jaxreplay.experiments import sweeps
 
 TPP = [1, 4, 16, 64]
 COEFFS = [0.1, 1.0, 10.0]

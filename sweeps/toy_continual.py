@@ -13,13 +13,13 @@ to data/toy*/ under the current directory when the sweep is loaded.
 Variants: `:cpu` is the CPU-scale reproduction in docs/results.md (D=128, batch 128, LR 3e-3, 600 steps per
 task, seeds 0–1); `:small` only checks the wiring (a few steps).
 
-  python -m jaxreplay.toy --workdir=runs/toy_continual [--variant=cpu]
+  python -m jaxreplay.evals.toy --workdir=runs/toy_continual [--variant=cpu]
   jaxreplay sweep sweeps/toy_continual.py[:cpu|:small] --workdir=runs/toy_continual
 """
 
 from jaxreplay import config as config_lib
-from jaxreplay import sweeps
-from jaxreplay import toy
+from jaxreplay.experiments import sweeps
+from jaxreplay.evals import toy
 
 TASKS = list(toy.TASKS)
 T = toy.SEQ_LEN

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxreplay import checkpoint as ckpt_lib
+from jaxreplay.train import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
@@ -58,7 +58,9 @@ DRIVER = textwrap.dedent("""
     import jax.numpy as jnp
     import ml_collections
     import numpy as np
-    from jaxreplay import checkpoint as ckpt_lib, config as config_lib, model as M, optim, sharding
+    from jaxreplay import config as config_lib, model as M, sharding
+    from jaxreplay.train import checkpoint as ckpt_lib
+    from jaxreplay.train import optim
 
     def make_config():
       c = config_lib.default()
@@ -92,7 +94,8 @@ DRIVER = textwrap.dedent("""
         json.dump(dict(specs=specs, devices=jax.device_count()), f)
 
     if mode == "train":
-      from jaxreplay import preemption, train
+      from jaxreplay.train import preemption
+      from jaxreplay.train import loop as train
       if args.get("step_delay"):  # slower steps: time for the coordination service to agree on a stop step
         import time
         reached = preemption.Preemption.reached
@@ -126,7 +129,7 @@ DRIVER = textwrap.dedent("""
         dump(params, args["out"])
       elif mode == "hosts":  # one of several processes: save together, stop together on SIGTERM, restore
         import signal, time
-        from jaxreplay import preemption
+        from jaxreplay.train import preemption
         ck = ckpt_lib.Checkpointer(args["workdir"], ckpt_cfg)
         ck.save(7, state, {"replay": {"position": 3}}, force=True)
         ck.close()
@@ -555,7 +558,7 @@ def test_two_processes_save_on_sigterm_and_restore_together(env, reference, tmp_
 # ---------------------------------------------------------------- bad input
 
 def test_missing_or_unfinished_init_from_is_one_error(env, preempted, tmp_path):
-  from jaxreplay import train
+  from jaxreplay.train import loop as train
   c = _config(env)
   c.stage = "finetune"
   for source, message in ((str(tmp_path / "nowhere"), "does not exist"), (preempted[0], "holds no finished export")):
@@ -575,7 +578,7 @@ def _config(env):
 
 @pytest.mark.slow  # compiles a second model in this process; the Checkpointer-level check above is fast
 def test_checkpoints_of_a_different_shape_are_one_error_and_untouched(env, preempted, tmp_path):
-  from jaxreplay import train
+  from jaxreplay.train import loop as train
   source, _ = preempted
   workdir = str(tmp_path / "other")
   shutil.copytree(source, workdir)

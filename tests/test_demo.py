@@ -10,7 +10,7 @@ import os
 import pytest
 
 from jaxreplay import config as config_lib
-from jaxreplay import train
+from jaxreplay.train import loop as train
 from jaxreplay.data import build_default_corpora, commands
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")

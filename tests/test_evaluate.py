@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxreplay import evaluate
+from jaxreplay.evals import forgetting as evaluate
 
 TOKENS = np.array([100.0, 200.0, 300.0, 400.0])
 

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import datasets  # noqa: E402  (the test extra installs it; no stand-in)
 import pytest  # noqa: E402
 
-from jaxreplay import instruct_data  # noqa: E402
+from jaxreplay.data import instruct_sources as instruct_data  # noqa: E402
 from jaxreplay.data import DataError, commands, corpora, open_token_dir, train_tokenizer  # noqa: E402
 
 

@@ -7,7 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxreplay import chat_data, hf_import, instruct, mcq, tiny_llama
+from jaxreplay import hf_import, tiny_llama
+from jaxreplay.data import chat as chat_data
+from jaxreplay.train import instruct
+from jaxreplay.evals import mcq
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +179,7 @@ def test_bad_json_lines_name_the_file_and_line(tmp_path, text, message):
 
 
 def test_dataset_converters_follow_the_paper_filters():
-  from jaxreplay import instruct_data as idata
+  from jaxreplay.data import instruct_sources as idata
   meta = "{'description': 'A four bit counter with reset.', 'rank': '12', 'compile_status': 'No error!'}"
   assert idata.pyranet_example(dict(description=meta, code="module c; endmodule")) == dict(
       prompt="A four bit counter with reset.", response="module c; endmodule")

@@ -6,7 +6,7 @@ import threading
 
 import ml_collections
 
-from jaxreplay import instruct
+from jaxreplay.train import instruct
 
 
 def test_two_jobs_writing_one_token_cache_at_once_leave_it_whole(tmp_path):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from jaxreplay import instruct
+from jaxreplay.train import instruct
 
 from test_instruct import _write_data, checkpoint, tiny_config  # noqa: F401 (a module fixture)
 

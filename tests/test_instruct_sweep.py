@@ -9,7 +9,10 @@ import textwrap
 import pytest
 
 from jaxreplay import config as config_lib
-from jaxreplay import instruct, report, sweepdir, sweeps
+from jaxreplay.train import instruct
+from jaxreplay.experiments import report
+from jaxreplay.experiments import sweepdir
+from jaxreplay.experiments import sweeps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = os.path.join(ROOT, "sweeps", "instruct.py") + ":small"
@@ -74,7 +77,7 @@ def test_instruct_sweep_runs_records_skips_finished_and_reports(cwd):
   """The KL self-replay arm of the :small setup, 2 steps, through `jaxreplay sweep`; run again: nothing to train."""
   spec = cwd / "tiny.py"
   spec.write_text(textwrap.dedent(f"""
-      from jaxreplay import sweeps
+      from jaxreplay.experiments import sweeps
 
       def get_sweep(arg=""):
         c = sweeps.load({SMALL!r}).stages[0].base

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from jaxreplay import runner
+from jaxreplay.experiments import runner
 
 from helpers import token_dir
 from test_sweeps import rows, shared_compile_cache, write_sweep  # noqa: F401 (a module fixture)
@@ -134,7 +134,7 @@ def test_slurm_arrays_chained_by_level(tmp_path):
   text = open(level1).read()
   assert "#SBATCH --array=0-48%8" in text and "#SBATCH --gres=gpu:1" in text and "#SBATCH --partition=gpu" in text
   assert "#SBATCH --signal=B:TERM@120" in text and "#SBATCH --requeue" in text
-  assert f"exec python -m jaxreplay.runner worker --workdir={w} --level=1 --index=$SLURM_ARRAY_TASK_ID" in text
+  assert f"exec python -m jaxreplay.experiments.runner worker --workdir={w} --level=1 --index=$SLURM_ARRAY_TASK_ID" in text
   assert "#SBATCH --array=0-6%8" in open(level0).read()
   assert subprocess.run(["bash", "-n", level0]).returncode == 0
   assert subprocess.run(["bash", "-n", os.path.join(w, "slurm", "submit.sh")]).returncode == 0

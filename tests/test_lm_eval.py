@@ -12,7 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxreplay import checkpoint, config as config_lib, lm_eval_adapter as adapter, lm_eval_cli, model as model_lib
+from jaxreplay import config as config_lib, model as model_lib
+from jaxreplay.train import checkpoint
+from jaxreplay.evals import lm_eval as adapter
+from jaxreplay.experiments import lm_eval_run as lm_eval_cli
 from jaxreplay.data import load_tokenizer, train_tokenizer
 
 TEXTS = ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void.",
@@ -192,7 +195,9 @@ def test_the_instruct_mcq_scoring_equals_a_harness_task_on_the_same_items(tmp_pa
   give the same per-choice scores and accuracy on an imported Llama; both match torch's forward pass."""
   import torch
   import transformers
-  from jaxreplay import chat_data, mcq, tiny_llama
+  from jaxreplay import tiny_llama
+  from jaxreplay.data import chat as chat_data
+  from jaxreplay.evals import mcq
   paths = tiny_llama.ensure(str(tmp_path))
   tok = chat_data.load_tokenizer(paths["model"])
   scorer = adapter.load_scorer(paths["model"], max_length=256)
@@ -215,7 +220,8 @@ def test_the_instruct_mcq_scoring_equals_a_harness_task_on_the_same_items(tmp_pa
 
 
 def test_a_run_with_eval_lm_eval_tasks_logs_the_scores_at_every_evaluation(paper_run, tmp_path):
-  from jaxreplay import metrics, train
+  from jaxreplay.train import metrics
+  from jaxreplay.train import loop as train
   from jaxreplay.data import write_token_dir
   from jaxreplay.data.tokenfile import every_kth
   data = str(tmp_path / "data")

@@ -9,7 +9,7 @@ from jaxreplay import config as config_lib
 from jaxreplay import lora
 from jaxreplay import model as M
 from jaxreplay import sharding
-from jaxreplay import steps
+from jaxreplay.train import steps
 
 TINY = M.ModelConfig(d_model=32, n_layers=2, head_dim=8, seq_len=16, vocab_size=40)
 

@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from jaxreplay import metrics
+from jaxreplay.train import metrics
 
 
 def log_cfg(**kw):

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from jaxreplay import config as config_lib
-from jaxreplay import optim
+from jaxreplay.train import optim
 
 
 def make_config(batch_size=1, seq_len=512, **optim_overrides):

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from jaxreplay import quickstart
+from jaxreplay.experiments import quickstart
 
 from helpers import token_dir
 

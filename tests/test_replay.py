@@ -12,11 +12,11 @@ import pytest
 from jaxreplay import config as config_lib
 from jaxreplay import losses
 from jaxreplay import model as M
-from jaxreplay import replay
-from jaxreplay import replay_self
+from jaxreplay.replay import sources as replay
+from jaxreplay.replay import self_generated as replay_self
 from jaxreplay import sampling
 from jaxreplay import sharding
-from jaxreplay import steps
+from jaxreplay.train import steps
 
 TINY = M.ModelConfig(d_model=32, n_layers=2, head_dim=8, seq_len=12, vocab_size=50)
 

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from jaxreplay import report
-from jaxreplay import sweepdir
+from jaxreplay.experiments import report
+from jaxreplay.experiments import sweepdir
 
 
 def add_run(workdir, name, parent=None, config=None, metrics=None, history=()):

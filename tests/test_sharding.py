@@ -14,7 +14,9 @@ from jaxreplay import sharding
 SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp
-    from jaxreplay import config as config_lib, model as M, optim, sharding, steps
+    from jaxreplay import config as config_lib, model as M, sharding
+    from jaxreplay.train import optim
+    from jaxreplay.train import steps
     data, fsdp, tensor = map(int, sys.argv[1:4])
     c = config_lib.default()
     c.model.update(d_model=64, n_layers=2, head_dim=16, seq_len=16, vocab_size=64)

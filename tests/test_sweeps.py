@@ -11,8 +11,10 @@ import time
 import pytest
 
 from jaxreplay import config as config_lib
-from jaxreplay import runner, sweepdir, sweeps
-from jaxreplay.sweeps import SweepError
+from jaxreplay.experiments import runner
+from jaxreplay.experiments import sweepdir
+from jaxreplay.experiments import sweeps
+from jaxreplay.experiments.sweeps import SweepError
 
 from helpers import tiny_config, token_dir
 
@@ -117,7 +119,8 @@ def write_sweep(path, data_a, data_b, steps=20, n_pre=2, ckpt_every=10):
   """A sweep file of tiny real runs: n_pre pretraining runs, one finetuning run after each. It imports no JAX
   (the runner process stays light); the config is tests/helpers.tiny_config with one layer."""
   path.write_text(textwrap.dedent(f"""
-      from jaxreplay import config, sweeps
+      from jaxreplay import config
+      from jaxreplay.experiments import sweeps
 
       def tiny(data, steps):
         c = config.default()

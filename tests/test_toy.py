@@ -12,10 +12,10 @@ import pytest
 
 from jaxreplay import config as config_lib
 from jaxreplay import model as M
-from jaxreplay import replay_self
+from jaxreplay.replay import self_generated as replay_self
 from jaxreplay import sampling
 from jaxreplay import sharding
-from jaxreplay import toy
+from jaxreplay.evals import toy
 from jaxreplay.data import loader
 
 TINY = M.ModelConfig(d_model=32, n_layers=2, head_dim=16, seq_len=toy.SEQ_LEN, vocab_size=toy.VOCAB_SIZE)
@@ -134,7 +134,7 @@ def fake_export(workdir):
 
 @pytest.mark.slow  # two stages through train.run with sampling: ~30 s alone, minutes on a busy 2-core CPU
 def test_two_task_chain_with_replay_logs_accuracy_on_every_task(tmp_path):
-  from jaxreplay import train
+  from jaxreplay.train import loop as train
   dirs = toy.build(str(tmp_path / "data"), train_examples=256, valid_examples=32)
   c = config_lib.default()
   c.model.update(d_model=32, n_layers=1, head_dim=16, seq_len=14, vocab_size=19)
@@ -150,7 +150,7 @@ def test_two_task_chain_with_replay_logs_accuracy_on_every_task(tmp_path):
   c.replay.update(method="ntp", source="self", coeff=10.0, batch_size=16, buffer=2, prompt_ids="0")
   second = train.run(c, str(tmp_path / "reversal"))
   # Each logged accuracy is greedy decoding from the prompts, redone here with the sampler on the export.
-  from jaxreplay import checkpoint as ckpt_lib
+  from jaxreplay.train import checkpoint as ckpt_lib
   params = ckpt_lib.load_exported(str(tmp_path / "reversal"))
   cfg = M.ModelConfig.from_config(c.model)
   for t in toy.TASKS:

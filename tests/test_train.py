@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from jaxreplay import config as config_lib
-from jaxreplay import metrics, train
+from jaxreplay.train import metrics
+from jaxreplay.train import loop as train
 from jaxreplay.data import DataError
 
 from helpers import tiny_config, token_dir

@@ -15,7 +15,8 @@ import functools
 import jax
 import numpy as np
 
-from jaxreplay import chat_data, llama, losses
+from jaxreplay import llama, losses
+from jaxreplay.data import chat as chat_data
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 TEMPLATE = ("Answer the following multiple choice question. The entire content of your response should be of the "

@@ -11,7 +11,7 @@ The pieces are the framework's: `optim` (AdamW, schedules), `losses`, `sharding`
 (resumable state), `metrics` (JSONL). Data order and replay rows are pure functions of the step, so a
 resumed run equals an uninterrupted one. Run it with
 
-  python -m jaxreplay.instruct --config=sweeps/instruct.py:small --workdir=runs/instruct_small   # one run
+  python -m jaxreplay.train.instruct --config=sweeps/instruct.py:small --workdir=runs/instruct_small   # one run
   jaxreplay sweep sweeps/instruct.py:small --workdir=runs/instruct_sweep                         # every arm
 
 In a sweep, a stage whose base config has stage='instruct' (this module's `default()`) is validated by
@@ -30,9 +30,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxreplay import chat_data, config as config_lib, hf_import, llama, mcq, optim, sharding
-from jaxreplay import preemption as preemption_lib
-from jaxreplay.instruct_steps import (RealReplay, SelfReplay, local_rows, make_eval_step, make_objective,  # noqa: F401
+from jaxreplay import config as config_lib, hf_import, llama, sharding
+from jaxreplay.data import chat as chat_data
+from jaxreplay.evals import mcq
+from jaxreplay.train import optim
+from jaxreplay.train import preemption as preemption_lib
+from jaxreplay.train.instruct_steps import (RealReplay, SelfReplay, local_rows, make_eval_step, make_objective,  # noqa: F401
                                       make_replay_eval_step, make_train_step, sample_bos)
 
 METHODS = ("none", "kl", "ntp")
@@ -253,8 +256,8 @@ def _sums(fn, batches) -> dict:
 def run(c, workdir: str) -> dict:
   """Runs (or resumes, or returns the result of) one instruct finetuning run; returns its final metrics."""
   from tqdm import tqdm
-  from jaxreplay import checkpoint as ckpt_lib
-  from jaxreplay import metrics as metrics_lib
+  from jaxreplay.train import checkpoint as ckpt_lib
+  from jaxreplay.train import metrics as metrics_lib
   config_path = os.path.join(workdir, "config.json")
   if os.path.exists(config_path):  # refuse a workdir that holds a different run, before anything is written
     diff = config_lib.differences(config_lib.from_json_file(config_path), c)
@@ -371,7 +374,7 @@ def run(c, workdir: str) -> dict:
         aux = jax.device_get(aux)
         if not np.isfinite(aux["train_loss"]):
           checkpointer.close()
-          from jaxreplay.train import TrainingError  # a user error: the CLI prints its one sentence
+          from jaxreplay.train.loop import TrainingError  # a user error: the CLI prints its one sentence
           raise TrainingError(f"The training loss became {aux['train_loss']} at step {step}: lower optim.lr "
                               f"(now {c.optim.lr}); the last good checkpoint is kept.")
         row.update({k: float(v) for k, v in aux.items()})
@@ -418,15 +421,15 @@ def _load_file(spec: str, fn: str):
 
 
 def main(argv=None) -> int:
-  """`python -m jaxreplay.instruct --config=FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]` runs one
+  """`python -m jaxreplay.train.instruct --config=FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]` runs one
   config (the file's get_config). A grid (the file's get_sweep) runs with the sweep runner:
   `jaxreplay sweep FILE.py[:ARG] --workdir=DIR` (`... instruct sweep ...` is the same command)."""
   import argparse
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] == "sweep":
-    from jaxreplay import runner
+    from jaxreplay.experiments import runner
     return runner.main(["jaxreplay sweep"] + argv[1:])
-  p = argparse.ArgumentParser(prog="python -m jaxreplay.instruct", epilog="a grid of runs: jaxreplay sweep "
+  p = argparse.ArgumentParser(prog="python -m jaxreplay.train.instruct", epilog="a grid of runs: jaxreplay sweep "
                               "sweeps/instruct.py[:small] --workdir=DIR")
   p.add_argument("--config", required=True)
   p.add_argument("--workdir", required=True)

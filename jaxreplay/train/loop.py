@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxreplay import checkpoint as ckpt_lib
+from jaxreplay.train import checkpoint as ckpt_lib
 from jaxreplay import config as config_lib
-from jaxreplay import metrics as metrics_lib
+from jaxreplay.train import metrics as metrics_lib
 from jaxreplay import model as model_lib
-from jaxreplay import optim
-from jaxreplay import preemption as preemption_lib
+from jaxreplay.train import optim
+from jaxreplay.train import preemption as preemption_lib
 from jaxreplay import sharding
-from jaxreplay import steps
+from jaxreplay.train import steps
 from jaxreplay.data import loader, tokenfile
 
 
@@ -153,10 +153,10 @@ def run(c, workdir: str, evaluators=()) -> dict:
   stage = Stage(c, workdir)
   ckpt_lib.check_writable(workdir)  # before anything is written
   if stage.data.meta.get("toy"):  # toy continual tasks: greedy answer accuracy on every task at each eval
-    from jaxreplay import toy
+    from jaxreplay.evals import toy
     evaluators = (*evaluators, toy.evaluator_for(c, stage.data.meta, c.data.path, stage.model_cfg))
   if c.eval.get("lm_eval_tasks"):  # lm-evaluation-harness tasks at every evaluation (the `eval` extra)
-    from jaxreplay import lm_eval_adapter
+    from jaxreplay.evals import lm_eval as lm_eval_adapter
     evaluators = (*evaluators, lm_eval_adapter.evaluator_for(
         c, stage.model_cfg, stage.dataset_id, os.path.join(c.data.path, "tokenizer.json")))
   if jax.process_index() == 0:
@@ -164,7 +164,7 @@ def run(c, workdir: str, evaluators=()) -> dict:
     tokenizer = os.path.join(c.data.path, "tokenizer.json")
     if os.path.exists(tokenizer):  # every run carries the tokenizer that reads its samples
       shutil.copyfile(tokenizer, os.path.join(workdir, "tokenizer.json"))
-  from jaxreplay import replay as replay_lib  # finetuning pieces; imported here to keep pretraining light
+  from jaxreplay.replay import sources as replay_lib  # finetuning pieces; imported here to keep pretraining light
 
   mesh, model_cfg = stage.mesh, stage.model_cfg
   lr_schedule = optim.lr_schedule(c, stage.total_steps)
@@ -282,7 +282,7 @@ def run(c, workdir: str, evaluators=()) -> dict:
   if replay is not None:  # what replay.teacher='auto' resolved to
     result["replay_teacher"] = "sampled" if replay.sampled_teacher else "forward"
   if frozen is not None:
-    from jaxreplay import evaluate as evaluate_lib
+    from jaxreplay.evals import forgetting as evaluate_lib
     result.update(evaluate_lib.forgetting_metrics(c, final_params, frozen, result))
   checkpointer.save(step, state, extra, force=True)
   checkpointer.close()

@@ -24,8 +24,8 @@ import time
 import ml_collections
 
 from jaxreplay import config as config_lib
-from jaxreplay import sweeps
-from jaxreplay.sweeps import Run, SweepError
+from jaxreplay.experiments import sweeps
+from jaxreplay.experiments.sweeps import Run, SweepError
 
 SWEEP_FILE = "sweep.json"
 DB_FILE = "results.sqlite"

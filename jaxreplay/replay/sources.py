@@ -52,5 +52,5 @@ def make_source(c, stage, frozen, state: dict | None):
   if c.replay.source == "real":
     path = c.replay.path or stage.prev_data_path
     return RealReplay(c, stage, path, stage.prev_dataset_id)
-  from jaxreplay import replay_self  # self-generated replay: sampling from the frozen model
+  from jaxreplay.replay import self_generated as replay_self  # self-generated replay: sampling from the frozen model
   return replay_self.SelfGeneratedReplay(c, stage, frozen, state)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxreplay import checkpoint as ckpt_lib
+from jaxreplay.train import checkpoint as ckpt_lib
 from jaxreplay import config as config_lib
 from jaxreplay import model as model_lib
 from jaxreplay import sampling

@@ -4,7 +4,7 @@
 paper-model run (WORKDIR/export), an instruct run (WORKDIR/hf) or a Hugging Face Llama/Qwen directory.
 
   from lm_eval import simple_evaluate
-  import jaxreplay.lm_eval_adapter  # registers the model
+  import jaxreplay.evals.lm_eval  # registers the model
   simple_evaluate(model="jaxreplay", model_args="path=runs/en,batch_size=16", tasks=["arc_easy"])
 
 `loglikelihood` and `loglikelihood_rolling` run batches of rows through one jitted forward pass (rows sorted by
@@ -33,7 +33,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from jaxreplay import checkpoint, hf_import, llama, mcq, model as model_lib, sampling
+from jaxreplay import hf_import, llama, model as model_lib, sampling
+from jaxreplay.train import checkpoint
+from jaxreplay.evals import mcq
 from jaxreplay.config import ConfigError
 from jaxreplay.data import load_tokenizer
 from jaxreplay.data.tokenizer import eos_id

@@ -13,7 +13,8 @@ import json
 import os
 import sys
 
-from jaxreplay import metrics as metrics_lib, report
+from jaxreplay.train import metrics as metrics_lib
+from jaxreplay.experiments import report
 
 RUNS = (("pretrain", "pretrain"), ("finetune", "finetune_none"), ("finetune_kl", "finetune_kl_self"))
 
@@ -31,7 +32,8 @@ def main(argv: list[str]) -> int:
   if args.config is not None and not os.path.isfile(args.config):
     p.error(f"--config file {args.config!r} does not exist: give an experiment file like sweeps/quickstart.py")
 
-  from jaxreplay import config as config_lib, train
+  from jaxreplay import config as config_lib
+  from jaxreplay.train import loop as train
   from jaxreplay.data import DataError, resolve_path
   get_config = _load_experiment(args.config)
   workdirs = {}

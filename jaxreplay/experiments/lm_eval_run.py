@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from jaxreplay import sweepdir
+from jaxreplay.experiments import sweepdir
 
 RESULTS_FILE = "lm_eval.json"
 TABLE = ("CREATE TABLE IF NOT EXISTS lm_eval (name TEXT, task TEXT, metric TEXT, value REAL, evaluated REAL, "
@@ -71,7 +71,9 @@ def main(argv: list[str]) -> int:
     print("jaxreplay: error: `jaxreplay eval` needs lm-evaluation-harness: pip install 'jaxreplay[eval]'.",
           file=sys.stderr)
     return 2
-  from jaxreplay import checkpoint, hf_import, lm_eval_adapter as adapter
+  from jaxreplay import hf_import
+  from jaxreplay.train import checkpoint
+  from jaxreplay.evals import lm_eval as adapter
   from jaxreplay.config import ConfigError
   from jaxreplay.data.errors import DataError
   tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]

@@ -32,7 +32,7 @@ import os
 import sys
 from collections import defaultdict
 
-from jaxreplay import metrics as metrics_lib
+from jaxreplay.train import metrics as metrics_lib
 
 # ----------------------------------------------------------------------------------------- run workdirs
 
@@ -89,7 +89,7 @@ def _fmt(fmt, v) -> str:
 
 def plot_trajectories(pretrain_dir: str, finetune_dirs: dict[str, str], out_path: str) -> str:
   """Previous-dataset loss (y) against downstream loss (x) along each finetuning run."""
-  from jaxreplay import plots
+  from jaxreplay.experiments import plots
   trajs = {name: _traj(metrics_lib.read_metrics(d)) for name, d in finetune_dirs.items()}
   return plots.trajectories(trajs, out_path, prev_before=_final(pretrain_dir)["valid_ntp"])
 
@@ -375,7 +375,7 @@ def batch_size_rules(res: Results) -> dict:
 
 def report(path: str, out: str) -> list[str]:
   """Writes every table and figure the results table supports into `out`; returns the files written."""
-  from jaxreplay import plots
+  from jaxreplay.experiments import plots
   res = Results(path)
   os.makedirs(out, exist_ok=True)
   table = runs_table(res)

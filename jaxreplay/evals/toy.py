@@ -23,7 +23,7 @@ toy task directory (its meta.json names the sibling task directories). The whole
 finetuning stages from each previous stage's export, without replay and with NTP replay on samples from the
 model at the start of the current task, prompted by every earlier task's token — is `sweeps/toy_continual.py`:
 
-  python -m jaxreplay.toy --workdir=runs/toy_continual [--variant=cpu] [--jobs=2]
+  python -m jaxreplay.evals.toy --workdir=runs/toy_continual [--variant=cpu] [--jobs=2]
 """
 
 from __future__ import annotations
@@ -200,14 +200,14 @@ def sweep_file() -> str:
 
 def main(argv: list[str]) -> int:
   import argparse
-  p = argparse.ArgumentParser(prog="python -m jaxreplay.toy", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m jaxreplay.evals.toy", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True)
   p.add_argument("--variant", default="", help="sweep variant: '' (the paper's), 'cpu' or 'small'")
   p.add_argument("--jobs", type=int, default=1)
   p.add_argument("--only", default=None)
   a = p.parse_args(argv[1:])
-  from jaxreplay import runner
+  from jaxreplay.experiments import runner
   spec = sweep_file() + (f":{a.variant}" if a.variant else "")
   args = ["jaxreplay sweep", spec, "--workdir", a.workdir, "--jobs", str(a.jobs)]
   if a.only:

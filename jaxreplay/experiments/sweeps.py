@@ -19,7 +19,7 @@ Run names are `STAGE/LABEL` for runs that start from nothing and `STAGE/PARENT_N
 (short keys, see ABBREV) or, past MAX_LABEL characters, a readable prefix and a hash. `expand` turns a Sweep
 into plain `Run`s and checks everything (keys, types, dependencies, cycles, config.validate) before anything
 runs; `jaxreplay/runner.py` runs them and `jaxreplay/sweepdir.py` keeps their state. A stage whose base has
-stage='instruct' (`jaxreplay.instruct.default()`, e.g. sweeps/instruct.py) holds instruct runs: validated by
+stage='instruct' (`jaxreplay.train.instruct.default()`, e.g. sweeps/instruct.py) holds instruct runs: validated by
 `instruct.validate` and trained by `instruct.run`; they start from a Hugging Face checkpoint, never after= a run.
 """
 
@@ -243,7 +243,7 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
       try:
         c = configs[run.name]
         if is_instruct(c):
-          from jaxreplay import instruct
+          from jaxreplay.train import instruct
           instruct.validate(c)
         else:
           config_lib.validate(c)
@@ -253,7 +253,7 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
 
 
 def is_instruct(config) -> bool:
-  """A config of `jaxreplay.instruct` (a Hugging Face model finetuned on chat data), not of `jaxreplay.train`."""
+  """A config of `jaxreplay.train.instruct` (a Hugging Face model finetuned on chat data), not of `jaxreplay.train.loop`."""
   return config.get("stage") == "instruct"
 
 
@@ -331,7 +331,7 @@ def load(spec: str) -> Sweep:
   sys.modules[mod_name] = module
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_sweep"):
-    raise SweepError(f"{path} has no get_sweep(arg) function: add one that returns a jaxreplay.sweeps.Sweep.")
+    raise SweepError(f"{path} has no get_sweep(arg) function: add one that returns a jaxreplay.experiments.sweeps.Sweep.")
   try:
     sweep = module.get_sweep(arg) if arg else module.get_sweep()
   except (KeyError, ValueError) as e:
@@ -339,11 +339,11 @@ def load(spec: str) -> Sweep:
       raise
     raise SweepError(f"{path}: get_sweep({arg!r}) failed: {e}") from None
   if not isinstance(sweep, Sweep):
-    raise SweepError(f"{path}: get_sweep returned {type(sweep).__name__}, not a jaxreplay.sweeps.Sweep.")
+    raise SweepError(f"{path}: get_sweep returned {type(sweep).__name__}, not a jaxreplay.experiments.sweeps.Sweep.")
   return sweep
 
 
 def main(argv: list[str]) -> int:
   """`jaxreplay sweep ...`; argv[0] is the program name."""
-  from jaxreplay import runner
+  from jaxreplay.experiments import runner
   return runner.main(argv)

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxreplay import chat_data, config as config_lib, llama, losses, sharding
+from jaxreplay import config as config_lib, llama, losses, sharding
+from jaxreplay.data import chat as chat_data
 
 
 # -------------------------------------------------------------------------------------------------- steps

@@ -1,6 +1,6 @@
 """Runs a sweep on one machine (or one multi-host slice): claims runs, trains them in dependency order.
 
-Each run trains in its own process (`python -m jaxreplay.runner worker ...`) that holds the run's flock
+Each run trains in its own process (`python -m jaxreplay.experiments.runner worker ...`) that holds the run's flock
 claim (see sweepdir.py): the lock dies with the process, so a killed runner's claims are released, and two
 runners never train the same run at once. Workers get SIGTERM when their runner dies (train.run then
 checkpoints and exits), so starting the runner again resumes every interrupted run.
@@ -19,9 +19,9 @@ import sys
 import time
 
 from jaxreplay import config as config_lib
-from jaxreplay.sweepdir import (Claim, SweepError, connect, dry_run, is_finished, is_locked, levels,  # noqa: F401 (re-exported)
+from jaxreplay.experiments.sweepdir import (Claim, SweepError, connect, dry_run, is_finished, is_locked, levels,  # noqa: F401 (re-exported)
                                 load_runs, prepare, record, resolved_config, run_dir, select, status, sync)
-from jaxreplay.sweeps import Run, is_instruct
+from jaxreplay.experiments.sweeps import Run, is_instruct
 
 EXIT_CLAIMED, EXIT_WAITING = 3, 4
 
@@ -42,10 +42,10 @@ def train_one(workdir: str, run: Run, fp: str, db=None) -> dict:
   c = resolved_config(workdir, run)
   started = time.time()
   if is_instruct(c):
-    from jaxreplay import instruct
+    from jaxreplay.train import instruct
     result = instruct.run(c, run_dir(workdir, run.name))
   else:
-    from jaxreplay import train
+    from jaxreplay.train import loop as train
     result = train.run(c, run_dir(workdir, run.name))
   if db is not None and jax.process_index() == 0:
     record(db, workdir, run, fp, started)
@@ -111,7 +111,7 @@ def train_in_subprocess(workdir: str, name: str, cwd: str, *parents) -> dict:
   env = dict(os.environ)
   env.update(compile_cache_env(workdir, env))
   while True:
-    r = subprocess.run([sys.executable, "-m", "jaxreplay.runner", "worker", "--workdir", workdir, "--run", name],
+    r = subprocess.run([sys.executable, "-m", "jaxreplay.experiments.runner", "worker", "--workdir", workdir, "--run", name],
                        cwd=cwd, env=env, capture_output=True, text=True)
     if r.returncode == EXIT_CLAIMED and not is_finished(workdir, name):
       time.sleep(2.0)
@@ -153,7 +153,7 @@ class LocalRunner:
     elif self.jobs > 1:  # several runs share the accelerators: no process may take most of their memory
       env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     log = open(os.path.join(d, "worker.log"), "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "jaxreplay.runner", "worker", "--workdir", self.workdir,
+    proc = subprocess.Popen([sys.executable, "-m", "jaxreplay.experiments.runner", "worker", "--workdir", self.workdir,
                              "--run", run.name], env=env, pass_fds=(claim.fd,), stdout=log,
                             stderr=subprocess.STDOUT)
     log.close()
@@ -376,7 +376,7 @@ def main(argv: list[str]) -> int:
 
 
 def _worker_main(argv: list[str]) -> int:
-  p = argparse.ArgumentParser(prog="python -m jaxreplay.runner worker")
+  p = argparse.ArgumentParser(prog="python -m jaxreplay.experiments.runner worker")
   p.add_argument("--workdir", required=True)
   p.add_argument("--run", default=None, help="run name")
   p.add_argument("--level", type=int, default=None, help="with --index: the index-th run of this dependency level")

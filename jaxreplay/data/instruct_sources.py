@@ -1,8 +1,8 @@
 """Builds the instruct experiment's local files from Hugging Face datasets (needs the hub and `datasets`).
 
-  python -m jaxreplay.instruct_data pyranet data/pyranet      # train.jsonl, valid.jsonl (description → code)
-  python -m jaxreplay.instruct_data dclm data/dclm.jsonl       # real replay text ({"text"}), 200M tokens' worth
-  python -m jaxreplay.instruct_data mcq data/mcq               # mmlu / arc_challenge / commonsense_qa .jsonl
+  python -m jaxreplay.data.instruct_sources pyranet data/pyranet      # train.jsonl, valid.jsonl (description → code)
+  python -m jaxreplay.data.instruct_sources dclm data/dclm.jsonl       # real replay text ({"text"}), 200M tokens' worth
+  python -m jaxreplay.data.instruct_sources mcq data/mcq               # mmlu / arc_challenge / commonsense_qa .jsonl
 
 The converters are pure functions over dataset rows; `build_*` load the hub datasets (tested with the real
 `datasets` library on local directories of the same names, tests/test_hf_datasets.py).

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxreplay import config as config_lib
-from jaxreplay import metrics as metrics_lib
+from jaxreplay.train import metrics as metrics_lib
 from jaxreplay import model as model_lib
 
 

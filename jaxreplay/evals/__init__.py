@@ -1,0 +1,1 @@
+"""Evaluations: forgetting metrics, multiple-choice scoring, toy tasks, lm-eval."""

@@ -1,0 +1,1 @@
+"""Experiments: sweep definitions and expansion, the runner, reports and the quickstart."""

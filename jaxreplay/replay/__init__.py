@@ -1,0 +1,1 @@
+"""Where replay rows come from: real pretraining data or self-generated samples."""

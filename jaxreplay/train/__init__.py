@@ -1,0 +1,1 @@
+"""The training stage: optimizer, steps, checkpoints, metrics and the loop."""
