@@ -236,7 +236,7 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
         runs[name] = run
         names.append((name, overrides))
     by_stage[st.name] = names
-  ordered = _toposort(runs)
+  ordered = [_inherit_shape(r, configs, runs) for r in _toposort(runs)]
   _check_prefixes(ordered)
   if validate:
     for run in ordered:
@@ -250,6 +250,23 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
       except config_lib.ConfigError as e:
         raise config_lib.ConfigError(f"Run {run.name!r}: {e}") from None
   return ordered
+
+
+def _inherit_shape(run: Run, configs: dict, runs: dict) -> Run:
+  """A finetuning run's model keys that its weights depend on come from its parent (already resolved: runs
+  arrive parents first); one of them set explicitly by the child's grid to another value is an error."""
+  if not run.parent:
+    return run
+  c, parent = configs[run.name], configs[run.parent].to_dict()
+  explicit = [k[len("model."):] for k in run.overrides if k.startswith("model.")]
+  conflicts = config_lib.inherit_model_shape(c, parent, explicit)
+  if conflicts:
+    k = conflicts[0]
+    raise SweepError(f"Run {run.name!r} sets model.{k}={c.model[k]!r}, but the run it starts from, {run.parent!r}, "
+                     f"has model.{k}={parent['model'][k]!r}: a finetuning run keeps its parent's model shape, so drop "
+                     f"model.{k} from the finetuning stage's grid.")
+  runs[run.name] = dataclasses.replace(run, config=c.to_dict())
+  return runs[run.name]
 
 
 def is_instruct(config) -> bool:
@@ -315,11 +332,9 @@ def fingerprint(runs: list[Run]) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def load(spec: str) -> Sweep:
-  """A sweep from `path/to/file.py[:ARG]`: the file's get_sweep(ARG) (get_sweep() without an ARG)."""
+def _module(path: str):
   import importlib.util
   import os
-  path, _, arg = spec.partition(":")
   if not os.path.exists(path):
     raise SweepError(f"Sweep file {path!r} does not exist: give the path to a file in sweeps/.")
   folder = os.path.dirname(os.path.abspath(path))
@@ -330,8 +345,46 @@ def load(spec: str) -> Sweep:
   module = importlib.util.module_from_spec(module_spec)
   sys.modules[mod_name] = module
   module_spec.loader.exec_module(module)
+  return module
+
+
+def variants(path: str) -> dict[str, str]:
+  """The variants a sweep file declares: its VARIANTS dict, {ARG: what it runs}; '' is the file with no ARG.
+
+  An upper-case N in an ARG stands for any whole number (`seed=N`).
+  """
+  module = _module(path)
+  declared = getattr(module, "VARIANTS", None)
+  if not isinstance(declared, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in declared.items()):
+    raise SweepError(f"{path} declares no VARIANTS: add VARIANTS = {{'': 'what the file runs', 'small': ...}} "
+                     "listing every ARG its get_sweep accepts.")
+  return dict(declared)
+
+
+def format_variants(path: str) -> str:
+  return "\n".join(f"  {(':' + k) if k else '(none)':<12} {v}" for k, v in variants(path).items())
+
+
+def _variant_pattern(name: str) -> str:
+  return "".join(r"\d+" if ch == "N" else re.escape(ch) for ch in name)
+
+
+def check_variant(path: str, arg: str):
+  """One clear error for an ARG the file does not declare, before get_sweep runs."""
+  declared = variants(path)
+  if not any(re.fullmatch(_variant_pattern(k), arg) for k in declared):
+    names = ", ".join(f"{k!r}" if k else "'' (no argument)" for k in declared)
+    raise SweepError(f"{path} has no variant {arg!r}: use one of {names} (see `jaxreplay sweep {path} --variants`).")
+
+
+def load(spec: str) -> Sweep:
+  """A sweep from `path/to/file.py[:ARG]`: the file's get_sweep(ARG) (get_sweep() without an ARG)."""
+  path, _, arg = spec.partition(":")
+  module = _module(path)
   if not hasattr(module, "get_sweep"):
     raise SweepError(f"{path} has no get_sweep(arg) function: add one that returns a jaxreplay.sweeps.Sweep.")
+  if hasattr(module, "VARIANTS"):  # a file of one's own may leave them out; every file in sweeps/ declares them
+    check_variant(path, arg)
   try:
     sweep = module.get_sweep(arg) if arg else module.get_sweep()
   except (KeyError, ValueError) as e:

@@ -14,6 +14,11 @@ SMALL_DATA = dict(en="default:en:1024", es="default:es:1024", fineweb="default:e
 SMALL_PARAMS = 12 * 2 * 64 ** 2 + 64 * 1024  # the small model's paper-convention parameter count (163,840)
 
 
+# Every paper sweep file declares these (jaxreplay.sweeps.variants lists them; `--variants` prints them).
+VARIANTS = {"": "the paper's grid at paper scale", "paper": "the same as no argument",
+            "small": "the same grid shrunk to run on a 2-core CPU in minutes (checks the wiring, not the numbers)"}
+
+
 def is_small(arg: str) -> bool:
   if arg not in ("", "paper", "small"):
     raise ValueError(f"unknown variant {arg!r}: use no argument (the paper's grid) or 'small'")
