@@ -374,7 +374,7 @@ def main(argv: list[str]) -> int:
   workdir = os.path.abspath(a.workdir)
   try:
     readonly = a.dry_run or a.status
-    runs, fp = prepare(a.spec, workdir, write=not readonly)
+    runs, fp = prepare(a.spec, workdir, write=not readonly, only=None if a.status else a.only)
     if a.status:
       print(status(workdir, runs))
       return 0

@@ -54,9 +54,11 @@ def connect(workdir: str) -> sqlite3.Connection:
   return db
 
 
-def prepare(spec: str, workdir: str, write: bool = True) -> tuple[list[Run], str]:
-  """Loads, expands and validates the sweep; checks (and records) that the workdir holds this sweep."""
+def prepare(spec: str, workdir: str, write: bool = True, only: str | None = None) -> tuple[list[Run], str]:
+  """Loads, expands and validates the sweep (and checks that `only` selects some run) before writing anything;
+  checks (and records) that the workdir holds this sweep. Returns every run, not only the selected ones."""
   runs = sweeps.expand(sweeps.load(spec))
+  select(runs, only)
   fp = sweeps.fingerprint(runs)
   path = os.path.join(workdir, SWEEP_FILE)
   rewrite = not os.path.exists(path)
