@@ -114,15 +114,19 @@ def _num(x: float | None) -> str:
 
 def format_costs(runs, pricing: PricingAssumptions = PricingAssumptions()) -> str:
   """One line per run (parent, shape, tokens, steps, FLOPs) and the sweep's total compute and device-hours."""
-  costs = [run_cost(r) for r in runs if "d_model" in r.config.get("model", {})]  # instruct runs: not priced
-  if not costs:
-    return "no runs of jaxreplay's own models to price"
+  # instruct runs (a Hugging Face model) are listed, not priced
+  costs = [run_cost(r) if "d_model" in r.config.get("model", {}) else RunCost(r.name, r.parent, "-", 0, None, None,
+                                                                               None, False) for r in runs]
+  priced = [c for c in costs if c.shape != "-"]
   w = max(len(c.name) for c in costs)
   lines = [f"{'run':<{w}}  {'shape':<34} {'params':>8} {'tokens':>8} {'steps':>8} {'FLOPs':>8}  parent"]
   for c in costs:
     cap = "≤" if c.bound and c.flops is not None else ""
-    lines.append(f"{c.name:<{w}}  {c.shape:<34} {_num(c.params):>8} {cap + _num(c.tokens):>8} {cap + _num(c.steps):>8} "
+    lines.append(f"{c.name:<{w}}  {c.shape:<34} {_num(c.params) if c.params else '-':>8} {cap + _num(c.tokens):>8} {cap + _num(c.steps):>8} "
                  f"{cap + _num(c.flops):>8}  {c.parent or '-'}")
+  if not priced:
+    return "\n".join(lines)
+  costs = priced
   known = [c for c in costs if c.flops is not None]
   total = sum(c.flops for c in known)
   unknown = len(costs) - len(known)
