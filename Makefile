@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart test test-slow bench
+.PHONY: setup quickstart test test-slow sweeps-small bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Every `:small` sweep of sweeps/ end to end, one after the other, then `jaxreplay report` on each; prints each
+# wall time and appends it to $(SMALL_ROOT)/times.jsonl. Starts afresh (a kept workdir would resume, not time).
+SMALL_ROOT ?= $(CURDIR)/runs/sweeps_small
+sweeps-small: $(STAMP)
+	rm -rf $(SMALL_ROOT) && mkdir -p $(SMALL_ROOT)
+	JAXREPLAY_SMALL_ROOT=$(SMALL_ROOT) JAXREPLAY_SMALL_TIMES=$(SMALL_ROOT)/times.jsonl \
+	  $(PY) -m pytest -m slow -s -q -p no:xdist tests/test_sweeps_small_e2e.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
