@@ -44,6 +44,7 @@ class RunCost:
   tokens: int | None  # downstream tokens trained on
   flops: float | None
   bound: bool  # the length is a cap (target loss / early stop may end it sooner)
+  unknown: str = ""  # why the length is not known: 'epochs' (its data is not here) or 'target' (no cap)
 
 
 def _epoch_tokens(path: str, seq_len: int) -> int | None:
@@ -94,8 +95,9 @@ def run_cost(run) -> RunCost:
   heads = m["d_model"] // m["head_dim"]
   shape = f"D={m['d_model']} L={m['n_layers']} H={heads} V={m['vocab_size']} T={m['seq_len']}"
   flops = None if steps is None else steps * flops_per_step(c)
+  unknown = "" if steps is not None else ("epochs" if s["epochs"] else "target")
   return RunCost(run.name, run.parent, shape, params, steps, None if steps is None else steps * tps, flops,
-                 bool(s["target_loss"] or s["early_stop_evals"]))
+                 bool(s["target_loss"] or s["early_stop_evals"]), unknown)
 
 
 class _Attrs(dict):
@@ -129,13 +131,17 @@ def format_costs(runs, pricing: PricingAssumptions = PricingAssumptions()) -> st
   costs = priced
   known = [c for c in costs if c.flops is not None]
   total = sum(c.flops for c in known)
-  unknown = len(costs) - len(known)
+  by_epochs = sum(c.unknown == "epochs" for c in costs)
+  by_target = sum(c.unknown == "target" for c in costs)
   capped = sum(c.bound for c in known)
   lines.append(f"total training compute: {total:.3e} FLOPs over {len(known)} of {len(costs)} runs"
                + (f" ({capped} of them at their cap: target loss or early stop may end them sooner)" if capped else "")
-               + (f"; {unknown} runs stop at a target loss with no cap (or read data not found here) and are not "
-                  "counted" if unknown else ""))
-  lines.append(f"= {pricing.device_hours(total):,.1f} device-hours at {pricing.peak_tflops:g} TFLOP/s peak and "
+               + (f"; not counted: {by_target} runs that stop at a target loss or early stop with no cap" if by_target
+                  else "")
+               + (f"; not counted: {by_epochs} runs whose length is in epochs of data not found here (make it with "
+                  "`jaxreplay data tokenize`, or run the dry run where it is)" if by_epochs else ""))
+  hours = pricing.device_hours(total)
+  lines.append(f"= {f'{hours:,.1f}' if hours >= 1 else f'{hours:.2g}'} device-hours at {pricing.peak_tflops:g} TFLOP/s peak and "
                f"{pricing.mfu:.0%} MFU (--peak_tflops, --mfu; defaults {DEFAULT_PEAK_TFLOPS:g}: one H100 bf16 dense, "
                f"{DEFAULT_MFU:.0%})")
   return "\n".join(lines)
