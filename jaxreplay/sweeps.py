@@ -1,6 +1,7 @@
 """Sweep definitions: a grid of runs in stages, each run named by its overrides, in dependency order.
 
-A sweep file (`sweeps/*.py`) has `get_sweep(arg) -> Sweep` (`jaxreplay sweep FILE.py:ARG` passes ARG):
+A sweep file (`sweeps/*.py`) has `get_sweep(arg) -> Sweep` (`jaxreplay sweep FILE.py:ARG` passes ARG) and
+`VARIANTS = {ARG: what it runs}` listing every ARG it accepts ('' for none; N stands for a number, `seed=N`):
 
   s = sweeps.Sweep("what this sweep measures")
   pre = s.stage("pretrain", base=pre_config, grid=sweeps.product({"model.d_model": [256, 384]},
@@ -12,7 +13,9 @@ and a plain dict {key: [values]} is the product of its lists. A grid over one st
 stop.tokens_per_param) replaces the base's length criterion. `after=` makes each run of this stage a
 finetuning run of each named run: a stage (every run of it), (stage, {key: value}) (its runs with those
 overrides), or a list of run names; `match=` pairs a child only with parents that agree on the given keys.
-A child's `init.from` is the NAME of its parent; the runner turns it into that run's workdir.
+A child's `init.from` is the NAME of its parent; the runner turns it into that run's workdir. A child takes
+every model key its weights depend on from its parent (`config.inherit_model_shape`); a child grid key that
+contradicts its parent is an error at expansion.
 
 Run names are `STAGE/LABEL` for runs that start from nothing and `STAGE/PARENT_NAME/LABEL` for the others
 (`/LABEL` left out when the run has no overrides of its own); LABEL is `key=value,...` over the overrides
