@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CORE_STAMP := $(VENV)/.installed-core
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: setup setup-test quickstart test test-slow bench
+.PHONY: setup setup-test quickstart test test-slow sweeps-small bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ test: $(TEST_STAMP)
 
 test-slow: $(TEST_STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Every `:small` sweep of sweeps/ end to end, one after the other, then `jaxreplay report` on each; prints each
+# wall time and appends it to $(SMALL_ROOT)/times.jsonl. Starts afresh (a kept workdir would resume, not time).
+SMALL_ROOT ?= $(CURDIR)/runs/sweeps_small
+sweeps-small: $(TEST_STAMP)
+	rm -rf $(SMALL_ROOT) && mkdir -p $(SMALL_ROOT)
+	JAXREPLAY_SMALL_ROOT=$(SMALL_ROOT) JAXREPLAY_SMALL_TIMES=$(SMALL_ROOT)/times.jsonl \
+	  $(PY) -m pytest -m slow -s -q -p no:xdist tests/test_sweeps_small_e2e.py
 
 bench: $(CORE_STAMP)
 	$(PY) benchmarks/train_throughput.py

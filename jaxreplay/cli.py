@@ -118,6 +118,9 @@ def _train_main(stage: str, init_from: str | None):
     from jaxreplay.train import loop as train
     from jaxreplay.data import resolve_path
     try:
+      if init_from:  # the model shape is the parent's; a --config.model.X that contradicts it is an error
+        explicit = [a[len("--config.model."):].split("=")[0] for a in sys.argv if a.startswith("--config.model.")]
+        train.inherit_parent_shape(c, init_from, explicit)
       c.data.path = resolve_path(c.data.path, FLAGS.cache_dir)
       if c.data.mix_path:
         c.data.mix_path = resolve_path(c.data.mix_path, FLAGS.cache_dir)

@@ -24,6 +24,10 @@ REPLAY_TEACHERS = ("auto", "forward", "sampled")
 SAMPLED_TEACHER_MAX_BYTES = 1 << 30  # per device, for teacher='auto'
 SCHEDULES = ("constant", "cosine", "wsd")
 NUM_RESERVED_IDS = 10
+# Model keys that say how a run computes, not what its weights are: a finetuning run keeps its own. Every other
+# model key its parent's export records (d_model, n_layers, head_dim, vocab_size, mlp_ratio, rope_base, ...,
+# and any key added later) is the parent's.
+RUN_MODEL_KEYS = ("seq_len", "compute_dtype", "remat", "scan_unroll", "param_count")
 
 
 def default() -> ml_collections.ConfigDict:
@@ -207,6 +211,23 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if c.stage == "finetune" and not c.init["from"]:
     raise ConfigError("config.stage='finetune' needs config.init.from: set it to the pretraining run's workdir.")
   return c
+
+
+def weight_model_keys(parent_model: dict) -> list[str]:
+  """The model keys a finetuning run takes from the run it starts from (what the weights depend on)."""
+  return [k for k in parent_model if k not in RUN_MODEL_KEYS]
+
+
+def inherit_model_shape(c: ml_collections.ConfigDict, parent_config: dict, explicit=()) -> list[str]:
+  """Sets c's model keys that the parent's weights depend on to the parent's values (keys c's schema lacks are
+  skipped); returns those of `explicit` (keys like 'd_model' the user set) whose value contradicts the parent."""
+  parent_model = parent_config.get("model", {})
+  conflicts = [k for k in explicit if k in parent_model and k in weight_model_keys(parent_model)
+               and k in c.model and c.model[k] != parent_model[k]]
+  for k in weight_model_keys(parent_model):
+    if k in c.model and k not in conflicts:
+      c.model[k] = type(c.model[k])(parent_model[k]) if isinstance(c.model[k], float) else parent_model[k]
+  return conflicts
 
 
 def replay_teacher(c: ml_collections.ConfigDict, data_parallel_devices: int = 1) -> str:

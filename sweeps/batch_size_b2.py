@@ -13,6 +13,8 @@ import math
 import _paper
 from jaxreplay.experiments import sweeps
 
+VARIANTS = _paper.VARIANTS
+
 BATCHES = [4, 8, 16, 32, 64, 128, 256]
 
 

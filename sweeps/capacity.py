@@ -17,6 +17,8 @@ frontier) points to the smallest Spanish fraction, 1/128, which is used here.
 import _paper
 from jaxreplay.experiments import sweeps
 
+VARIANTS = _paper.VARIANTS
+
 FRACTIONS = [1 / 128, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 7 / 8, 15 / 16, 31 / 32, 63 / 64, 127 / 128]
 COEFFS = [0.01, 0.018, 0.032, 0.056, 0.1, 0.18, 0.32, 0.56, 1.0, 1.78, 3.16, 5.62, 10.0]
 SELF_KL = {"method": "kl", "source": "self", "batch_size": 64, "buffer": 16}

@@ -13,6 +13,8 @@ count 12·L·D² + D·V, and so the TPP, does not depend on it.
 import _paper
 from jaxreplay.experiments import sweeps
 
+VARIANTS = _paper.VARIANTS
+
 WIDTHS = list(range(256, 641, 32))
 TPP = [20, 28, 40, 57, 80, 113, 160, 226, 320, 453, 640, 905, 1280]
 ARMS = [{"replay.method": "none"}, _paper.kl_real(10.0)]

@@ -15,6 +15,8 @@ English loss in the plot).
 import _paper
 from jaxreplay.experiments import sweeps
 
+VARIANTS = _paper.VARIANTS
+
 LRS = [m * 10.0 ** e for e in range(-7, -3) for m in (1.0, 1.78, 3.16, 5.62)] + [1e-3]
 FRACTIONS = [1 / 256, 1 / 128, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2]
 

@@ -32,6 +32,10 @@ ARMS = [{"replay.method": "none"}] + sweeps.product(
     {"replay.method": ["ntp", "kl"]}, {"replay.source": ["real", "self"]}, {"replay.coeff": [1.0, 3.0, 10.0]})
 
 
+VARIANTS = {"": "Llama-3.2-1B-Instruct on PyraNet-Verilog (local model and data files)", "paper": "the same as no argument",
+            "small": "a tiny random Llama-3 checkpoint with toy chat data, a few steps per arm"}
+
+
 def _small(arg: str) -> bool:
   if arg not in ("", "paper", "small"):
     raise ValueError(f"unknown variant {arg!r}: use no argument (the paper's setup) or 'small'")

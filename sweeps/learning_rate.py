@@ -11,6 +11,8 @@ The number of steps each run needed (its `step` in the results) gives the LR × 
 import _paper
 from jaxreplay.experiments import sweeps
 
+VARIANTS = _paper.VARIANTS
+
 PRE_LRS = [1e-2, 4.64e-3, 2.15e-3, 1e-3, 4.64e-4, 2.15e-4]
 FT_LRS = [1e-3, 3.16e-4, 1e-4, 3.16e-5, 1e-5, 3.16e-6, 1e-6]
 ARMS = [{"replay.method": "none"}, _paper.kl_real(10.0)]

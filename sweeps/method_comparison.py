@@ -11,6 +11,8 @@ FineWeb-Edu and on self-generated samples (coefficient 10, replay batch 64, buff
 import _paper
 from jaxreplay.experiments import sweeps
 
+VARIANTS = _paper.VARIANTS
+
 ARMS = [
     {"replay.method": "none"},
     {"lora.rank": 16},

@@ -10,6 +10,8 @@ epochs), LR 3e-4 cosine, real-data KL replay with replay batch 256, coefficient 
 import _paper
 from jaxreplay.experiments import sweeps
 
+VARIANTS = _paper.VARIANTS
+
 WIDTHS = [256, 384, 512, 640, 768]
 COEFFS = [0.01, 0.022, 0.046, 0.1, 0.22, 0.46, 1.0, 2.2, 4.6, 10.0]
 

@@ -11,6 +11,8 @@ the target.
 import _paper
 from jaxreplay.experiments import sweeps
 
+VARIANTS = _paper.VARIANTS
+
 TPP = [10, 31.6, 100, 316, 1000, 3162, 10000]
 COEFFS = [0.01, 0.032, 0.1, 0.32, 1.0, 3.2, 10.0]
 

@@ -8,6 +8,9 @@ with and without self-generated KL replay. Runs in minutes on a 2-core CPU.
 from jaxreplay import config as config_lib
 
 
+VARIANTS = {"": "the quickstart sweep (minutes on a 2-core CPU)", "small": "a smaller vocabulary and shorter runs"}
+
+
 def base():
   c = config_lib.default()
   c.model.update(d_model=128, n_layers=2, head_dim=32, seq_len=128, vocab_size=1024)

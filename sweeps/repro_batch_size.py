@@ -14,6 +14,8 @@ import _paper
 from batch_size_b2 import half_life
 from jaxreplay.experiments import sweeps
 
+VARIANTS = {"": "the CPU-scale reproduction (seeds 0 and 1)"}
+
 BATCHES = [4, 16, 64, 256]
 SEEDS = [0, 1]
 TOKENS = 2_000_000

@@ -15,6 +15,8 @@ Forgetting is compared at matched Spanish loss (`jaxreplay report`: matched.md).
 import _paper
 from jaxreplay.experiments import sweeps
 
+VARIANTS = {"": "the CPU-scale reproduction (seeds 0, 1, 2)"}
+
 SEEDS = [0, 1, 2]
 ARMS = [{"replay.method": "none"},
         {"replay.method": "kl", "replay.source": "self", "replay.coeff": 1.0},

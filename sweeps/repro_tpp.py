@@ -18,6 +18,8 @@ that target).
 import _paper
 from jaxreplay.experiments import sweeps
 
+VARIANTS = {"": "the CPU-scale reproduction, seed 0", "seed=N": "the same with seed N, in its own workdir"}
+
 TPP = [1, 4, 16, 64]
 COEFFS = [0.1, 1.0, 10.0]
 

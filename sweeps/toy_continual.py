@@ -26,15 +26,20 @@ T = toy.SEQ_LEN
 ARMS = [{"replay.method": "none"},
         {"replay.method": "ntp", "replay.source": "self", "replay.coeff": 10.0}]
 # variant: (d_model, batch, lr, warmup steps, steps per task, eval every (steps), eval examples, seeds, data)
-VARIANTS = {
+SETTINGS = {
     "": (256, 2048, 1e-4, 200, 2000, 20, 4096, [0], (65_536, 4_096)),
     "cpu": (128, 128, 3e-3, 20, 600, 50, 512, [0, 1], (65_536, 4_096)),
     "small": (32, 32, 3e-3, 2, 6, 3, 64, [0], (2_048, 256)),
 }
 
 
+VARIANTS = {"": "the paper's setup (D=256, batch 2,048, 2,000 steps per task)", "paper": "the same as no argument",
+            "cpu": "the CPU-scale reproduction in docs/results.md (D=128, 600 steps per task, seeds 0-1)",
+            "small": "a few steps per task: checks the wiring"}
+
+
 def task_config(task: str, variant: str):
-  d, batch, lr, warmup, steps, every, n_eval, _, _ = VARIANTS[variant]
+  d, batch, lr, warmup, steps, every, n_eval, _, _ = SETTINGS[variant]
   c = config_lib.default()
   c.data.path = f"data/toy{'_' + variant if variant else ''}/{task}"
   c.model.update(d_model=d, n_layers=2, head_dim=16, seq_len=T, vocab_size=toy.VOCAB_SIZE)
@@ -50,9 +55,9 @@ def task_config(task: str, variant: str):
 
 def get_sweep(arg: str = ""):
   variant = "" if arg == "paper" else arg
-  if variant not in VARIANTS:
+  if variant not in SETTINGS:
     raise ValueError(f"unknown variant {arg!r}: use no argument (the paper's setup), 'cpu' or 'small'")
-  *_, seeds, (n_train, n_valid) = VARIANTS[variant]
+  *_, seeds, (n_train, n_valid) = SETTINGS[variant]
   toy.build(f"data/toy{'_' + variant if variant else ''}", n_train, n_valid)
   s = sweeps.Sweep(__doc__)
   prev = s.stage(TASKS[0], task_config(TASKS[0], variant), {"seed": seeds})

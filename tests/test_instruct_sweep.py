@@ -68,8 +68,9 @@ def test_small_sweep_dry_run_lists_every_arm(cwd):
   r = sweep_cli(cwd, SMALL, "--workdir=w_small", "--dry-run")
   assert r.returncode == 0, r.stderr
   lines = r.stdout.splitlines()
-  assert lines[0] == "13 runs (in dependency order):" and lines[1] == "  instruct/method=none"
-  assert "  instruct/method=kl,src=self,coeff=1" in lines
+  names = [line.split()[0] for line in lines[2:]]
+  assert lines[0] == "13 runs in dependency order (13 instruct):" and names[0] == "instruct/method=none"
+  assert "instruct/method=kl,src=self,coeff=1" in names and len(names) == 13
   assert not os.path.exists(cwd / "w_small")  # a dry run writes nothing
 
 

@@ -44,7 +44,8 @@ def test_grids_names_and_dependencies():
   assert "finetune/pretrain/d=64,tpp=20/coeff=10,method=kl" in names and len(runs) == 6
   child = next(r for r in runs if r.parent == "pretrain/d=32,tpp=20")
   assert child.config["init"]["from"] == "pretrain/d=32,tpp=20" and child.config["stage"] == "finetune"
-  assert child.config["model"]["d_model"] == 32 or child.config["model"]["d_model"] == base().model.d_model
+  wide = next(r for r in runs if r.parent == "pretrain/d=64,tpp=20")
+  assert base().model.d_model == 32 and wide.config["model"]["d_model"] == 64  # the parent's width, not the base's
   assert [r.name for r in sweeps.expand(s)] == names  # deterministic
   assert sweeps.fingerprint(sweeps.expand(s)) == sweeps.fingerprint(runs)
   # Matching parents: each arm continues its own chain; a selected parent by its overrides.
@@ -191,7 +192,8 @@ def test_cli_errors_before_anything_runs(tmp_path, data):
     r = cli(two, f"--workdir={tmp_path}/w2", *extra)
     assert r.returncode == 2 and "holds results of a different sweep definition (2 runs added" in r.stderr, r.stderr
   r = cli(one, f"--workdir={tmp_path}/w2", "--dry-run", "--only=seed=1")
-  assert r.returncode == 0 and r.stdout.split("\n")[1:3] == ["  pretrain/seed=1", "  finetune/pretrain/seed=1"]
+  names = [line.split()[0] for line in r.stdout.split("\n")[2:4]]
+  assert r.returncode == 0 and names == ["pretrain/seed=1", "finetune/pretrain/seed=1"], r.stdout
 
 
 def test_runner_runs_in_order_skips_finished_and_records(tmp_path, data):

@@ -19,6 +19,8 @@ import sys
 import time
 
 from jaxreplay import config as config_lib
+from jaxreplay.experiments import sweepcost as cost
+from jaxreplay.experiments import sweeps
 from jaxreplay.experiments.sweepdir import (Claim, SweepError, connect, dry_run, is_finished, is_locked, levels,  # noqa: F401 (re-exported)
                                 load_runs, prepare, record, resolved_config, run_dir, select, status, sync)
 from jaxreplay.experiments.sweeps import Run, is_instruct
@@ -334,10 +336,17 @@ def main(argv: list[str]) -> int:
   from jaxreplay import cli
   prog = argv[0] if argv else "jaxreplay sweep"
   p = argparse.ArgumentParser(prog=prog, description="Run a sweep file's grid: dependency order, skip finished runs, "
-                              "resume interrupted ones, one results table.")
+                              "resume interrupted ones, one results table.", epilog=_variants_epilog(argv[1:]),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("spec", help="sweep file and argument, e.g. sweeps/pretrain_length.py:small")
-  p.add_argument("--workdir", required=True, help="directory of the sweep's runs, locks and results table")
-  p.add_argument("--dry-run", "--dry_run", action="store_true", help="validate and list the runs; run nothing")
+  p.add_argument("--workdir", default=None, help="directory of the sweep's runs, locks and results table")
+  p.add_argument("--variants", action="store_true", help="list the sweep file's variants (its :ARGs); run nothing")
+  p.add_argument("--dry-run", "--dry_run", action="store_true",
+                 help="validate and list the runs with their parent, shape, length and FLOPs; run nothing")
+  p.add_argument("--peak_tflops", type=float, default=cost.DEFAULT_PEAK_TFLOPS,
+                 help="with --dry-run: peak TFLOP/s per device for device-hours (default %(default)s: H100 bf16 dense)")
+  p.add_argument("--mfu", type=float, default=cost.DEFAULT_MFU,
+                 help="with --dry-run: model FLOPs utilization assumed for device-hours (default %(default)s)")
   p.add_argument("--status", action="store_true", help="show each run's state and final metrics")
   p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
   p.add_argument("--only", default=None, help="glob(s) or substring(s), comma-separated; their parents run too")
@@ -350,18 +359,29 @@ def main(argv: list[str]) -> int:
   p.add_argument("--num_processes", type=int, default=None)
   p.add_argument("--process_id", type=int, default=None)
   a = p.parse_args(argv[1:])
+  if a.variants:
+    try:
+      print(sweeps.format_variants(a.spec.partition(":")[0]))
+    except SweepError as e:
+      cli._fail(str(e))
+    return 0
+  if a.workdir is None:
+    cli._fail("--workdir is required: name the directory of the sweep's runs (or use --variants).")
+  if not a.peak_tflops > 0 or not 0 < a.mfu <= 1:
+    cli._fail(f"--peak_tflops={a.peak_tflops} must be > 0 and --mfu={a.mfu} in (0, 1].")
   if a.jobs < 1:
     cli._fail(f"--jobs={a.jobs} must be ≥ 1.")
   workdir = os.path.abspath(a.workdir)
   try:
     readonly = a.dry_run or a.status
-    runs, fp = prepare(a.spec, workdir, write=not readonly)
+    runs, fp = prepare(a.spec, workdir, write=not readonly, only=None if a.status else a.only)
     if a.status:
       print(status(workdir, runs))
       return 0
     runs = select(runs, a.only)
     if a.dry_run:
       print(dry_run(workdir, runs))
+      print(cost.format_costs(runs, cost.PricingAssumptions(a.peak_tflops, a.mfu)))
       return 0
     if a.multihost:
       import jax
@@ -373,6 +393,17 @@ def main(argv: list[str]) -> int:
     return LocalRunner(workdir, runs, fp, a.jobs, devices=a.devices, device_env=a.device_env).loop()
   except (SweepError, config_lib.ConfigError) as e:
     cli._fail(str(e))
+
+
+def _variants_epilog(args: list[str]) -> str:
+  """`jaxreplay sweep FILE --help` ends with FILE's variants."""
+  files = [a.partition(":")[0] for a in args if not a.startswith("-") and a.partition(":")[0].endswith(".py")]
+  if not files or not os.path.exists(files[0]):
+    return ""
+  try:
+    return f"variants of {files[0]} (give one as FILE.py:ARG):\n" + sweeps.format_variants(files[0])
+  except SweepError:
+    return ""
 
 
 def _worker_main(argv: list[str]) -> int:

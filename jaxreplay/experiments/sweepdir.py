@@ -54,9 +54,11 @@ def connect(workdir: str) -> sqlite3.Connection:
   return db
 
 
-def prepare(spec: str, workdir: str, write: bool = True) -> tuple[list[Run], str]:
-  """Loads, expands and validates the sweep; checks (and records) that the workdir holds this sweep."""
+def prepare(spec: str, workdir: str, write: bool = True, only: str | None = None) -> tuple[list[Run], str]:
+  """Loads, expands and validates the sweep (and checks that `only` selects some run) before writing anything;
+  checks (and records) that the workdir holds this sweep. Returns every run, not only the selected ones."""
   runs = sweeps.expand(sweeps.load(spec))
+  select(runs, only)
   fp = sweeps.fingerprint(runs)
   path = os.path.join(workdir, SWEEP_FILE)
   rewrite = not os.path.exists(path)
@@ -278,11 +280,13 @@ def status(workdir: str, runs: list[Run]) -> str:
 
 
 def dry_run(workdir: str, runs: list[Run]) -> str:
-  lines = [f"{len(runs)} runs (in dependency order):"]
+  """The header of `--dry-run`: how many runs each stage has and how many are done (sweepcost lists them)."""
+  stages: dict[str, int] = {}
   for r in runs:
-    state = " [done]" if is_finished(workdir, r.name) else ""
-    lines.append(f"  {r.name}{state}")
-  return "\n".join(lines)
+    stages[r.stage] = stages.get(r.stage, 0) + 1
+  done = sum(is_finished(workdir, r.name) for r in runs)
+  return (f"{len(runs)} runs in dependency order (" + ", ".join(f"{n} {s}" for s, n in stages.items()) + ")"
+          + (f", {done} already done" if done else "") + ":")
 
 
 def results(workdir: str) -> list[dict]:

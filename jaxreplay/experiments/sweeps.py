@@ -1,6 +1,7 @@
 """Sweep definitions: a grid of runs in stages, each run named by its overrides, in dependency order.
 
-A sweep file (`sweeps/*.py`) has `get_sweep(arg) -> Sweep` (`jaxreplay sweep FILE.py:ARG` passes ARG):
+A sweep file (`sweeps/*.py`) has `get_sweep(arg) -> Sweep` (`jaxreplay sweep FILE.py:ARG` passes ARG) and
+`VARIANTS = {ARG: what it runs}` listing every ARG it accepts ('' for none; N stands for a number, `seed=N`):
 
   s = sweeps.Sweep("what this sweep measures")
   pre = s.stage("pretrain", base=pre_config, grid=sweeps.product({"model.d_model": [256, 384]},
@@ -12,7 +13,9 @@ and a plain dict {key: [values]} is the product of its lists. A grid over one st
 stop.tokens_per_param) replaces the base's length criterion. `after=` makes each run of this stage a
 finetuning run of each named run: a stage (every run of it), (stage, {key: value}) (its runs with those
 overrides), or a list of run names; `match=` pairs a child only with parents that agree on the given keys.
-A child's `init.from` is the NAME of its parent; the runner turns it into that run's workdir.
+A child's `init.from` is the NAME of its parent; the runner turns it into that run's workdir. A child takes
+every model key its weights depend on from its parent (`config.inherit_model_shape`); a child grid key that
+contradicts its parent is an error at expansion.
 
 Run names are `STAGE/LABEL` for runs that start from nothing and `STAGE/PARENT_NAME/LABEL` for the others
 (`/LABEL` left out when the run has no overrides of its own); LABEL is `key=value,...` over the overrides
@@ -236,7 +239,7 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
         runs[name] = run
         names.append((name, overrides))
     by_stage[st.name] = names
-  ordered = _toposort(runs)
+  ordered = [_inherit_shape(r, configs, runs) for r in _toposort(runs)]
   _check_prefixes(ordered)
   if validate:
     for run in ordered:
@@ -250,6 +253,23 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
       except config_lib.ConfigError as e:
         raise config_lib.ConfigError(f"Run {run.name!r}: {e}") from None
   return ordered
+
+
+def _inherit_shape(run: Run, configs: dict, runs: dict) -> Run:
+  """A finetuning run's model keys that its weights depend on come from its parent (already resolved: runs
+  arrive parents first); one of them set explicitly by the child's grid to another value is an error."""
+  if not run.parent:
+    return run
+  c, parent = configs[run.name], configs[run.parent].to_dict()
+  explicit = [k[len("model."):] for k in run.overrides if k.startswith("model.")]
+  conflicts = config_lib.inherit_model_shape(c, parent, explicit)
+  if conflicts:
+    k = conflicts[0]
+    raise SweepError(f"Run {run.name!r} sets model.{k}={c.model[k]!r}, but the run it starts from, {run.parent!r}, "
+                     f"has model.{k}={parent['model'][k]!r}: a finetuning run keeps its parent's model shape, so drop "
+                     f"model.{k} from the finetuning stage's grid.")
+  runs[run.name] = dataclasses.replace(run, config=c.to_dict())
+  return runs[run.name]
 
 
 def is_instruct(config) -> bool:
@@ -315,11 +335,9 @@ def fingerprint(runs: list[Run]) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def load(spec: str) -> Sweep:
-  """A sweep from `path/to/file.py[:ARG]`: the file's get_sweep(ARG) (get_sweep() without an ARG)."""
+def _module(path: str):
   import importlib.util
   import os
-  path, _, arg = spec.partition(":")
   if not os.path.exists(path):
     raise SweepError(f"Sweep file {path!r} does not exist: give the path to a file in sweeps/.")
   folder = os.path.dirname(os.path.abspath(path))
@@ -330,8 +348,46 @@ def load(spec: str) -> Sweep:
   module = importlib.util.module_from_spec(module_spec)
   sys.modules[mod_name] = module
   module_spec.loader.exec_module(module)
+  return module
+
+
+def variants(path: str) -> dict[str, str]:
+  """The variants a sweep file declares: its VARIANTS dict, {ARG: what it runs}; '' is the file with no ARG.
+
+  An upper-case N in an ARG stands for any whole number (`seed=N`).
+  """
+  module = _module(path)
+  declared = getattr(module, "VARIANTS", None)
+  if not isinstance(declared, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in declared.items()):
+    raise SweepError(f"{path} declares no VARIANTS: add VARIANTS = {{'': 'what the file runs', 'small': ...}} "
+                     "listing every ARG its get_sweep accepts.")
+  return dict(declared)
+
+
+def format_variants(path: str) -> str:
+  return "\n".join(f"  {(':' + k) if k else '(none)':<12} {v}" for k, v in variants(path).items())
+
+
+def _variant_pattern(name: str) -> str:
+  return "".join(r"\d+" if ch == "N" else re.escape(ch) for ch in name)
+
+
+def check_variant(path: str, arg: str):
+  """One clear error for an ARG the file does not declare, before get_sweep runs."""
+  declared = variants(path)
+  if not any(re.fullmatch(_variant_pattern(k), arg) for k in declared):
+    names = ", ".join(f"{k!r}" if k else "'' (no argument)" for k in declared)
+    raise SweepError(f"{path} has no variant {arg!r}: use one of {names} (see `jaxreplay sweep {path} --variants`).")
+
+
+def load(spec: str) -> Sweep:
+  """A sweep from `path/to/file.py[:ARG]`: the file's get_sweep(ARG) (get_sweep() without an ARG)."""
+  path, _, arg = spec.partition(":")
+  module = _module(path)
   if not hasattr(module, "get_sweep"):
     raise SweepError(f"{path} has no get_sweep(arg) function: add one that returns a jaxreplay.experiments.sweeps.Sweep.")
+  if hasattr(module, "VARIANTS"):  # a file of one's own may leave them out; every file in sweeps/ declares them
+    check_variant(path, arg)
   try:
     sweep = module.get_sweep(arg) if arg else module.get_sweep()
   except (KeyError, ValueError) as e:

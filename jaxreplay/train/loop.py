@@ -100,8 +100,8 @@ class Stage:
     self.eval_every = max(1, round(c.eval.every_tokens / self.tokens_per_step))
 
   def _check_same_model(self, prev):
-    for key in ("d_model", "n_layers", "head_dim", "vocab_size", "mlp_ratio"):
-      if prev.model[key] != self.c.model[key]:
+    for key in config_lib.weight_model_keys(prev.model.to_dict()):
+      if key in self.c.model and prev.model[key] != self.c.model[key]:
         raise config_lib.ConfigError(
             f"config.model.{key}={self.c.model[key]} differs from the run in init.from "
             f"({prev.model[key]}): finetuning keeps the pretrained model's shape, so drop the override.")
@@ -124,6 +124,18 @@ class Stage:
     else:
       return None
     return max(1, int(round(tokens / tps)))
+
+
+def inherit_parent_shape(c, init_from: str, explicit=()):
+  """`jaxreplay finetune`: every model key the weights in init_from depend on comes from that run's export,
+  unless the user set it (`explicit`) to another value, which is an error."""
+  parent = ckpt_lib.exported_config(init_from)
+  conflicts = config_lib.inherit_model_shape(c, parent, explicit)
+  if conflicts:
+    k = conflicts[0]
+    raise config_lib.ConfigError(
+        f"config.model.{k}={c.model[k]!r} differs from the run in init.from ({parent['model'][k]!r}): finetuning "
+        f"keeps the pretrained model's shape, so drop --config.model.{k}.")
 
 
 def _eval(stage, eval_fn, params, frozen) -> dict:

@@ -1,0 +1,147 @@
+"""What a sweep costs before it runs: each run's shape, length in tokens and steps, and training FLOPs.
+
+FLOPs per processed token are the model's `flops_per_token`: 6·N (N the paper's count 12·L·D² + D·V: every
+matmul weight, the unembedding included, the embedding lookup not) plus 12·L·T·D for attention (PaLM's
+count, no causal discount), forward and backward. A step processes its B downstream rows and, for kl/ntp
+replay, its R replay rows (R = replay.batch_size, or B when 0) at that cost; KL replay adds a forward of the
+frozen model (a third of it) on the replay rows, and kl_downstream on the downstream rows; self-generated
+replay adds a forward per sampled token for its R rows a step. Evaluations are not counted.
+
+A run's length is known when it is set in steps, tokens or tokens per parameter (epochs: when the data's
+meta.json can be read here); a run that stops at a target loss or early stop has only its cap (an upper bound),
+or no known length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+from jaxreplay import model as model_lib
+
+DEFAULT_PEAK_TFLOPS = 989.0  # one H100 SXM, dense bf16
+DEFAULT_MFU = 0.4
+
+
+@dataclasses.dataclass(frozen=True)
+class PricingAssumptions:
+  peak_tflops: float = DEFAULT_PEAK_TFLOPS
+  mfu: float = DEFAULT_MFU
+
+  def device_hours(self, flops: float) -> float:
+    return flops / (self.peak_tflops * 1e12 * self.mfu) / 3600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunCost:
+  name: str
+  parent: str | None
+  shape: str  # D, L, heads, V, T
+  params: int  # the count stop.tokens_per_param uses (model.param_count)
+  steps: int | None  # None: stops at a target loss (or early stop) with no cap
+  tokens: int | None  # downstream tokens trained on
+  flops: float | None
+  bound: bool  # the length is a cap (target loss / early stop may end it sooner)
+  unknown: str = ""  # why the length is not known: 'epochs' (its data is not here) or 'target' (no cap)
+
+
+def _epoch_tokens(path: str, seq_len: int) -> int | None:
+  meta = os.path.join(path, "meta.json")
+  if not os.path.exists(meta):
+    return None
+  with open(meta) as f:
+    m = json.load(f)
+  n = m.get("train_tokens") or m.get("num_train_tokens")
+  return None if n is None else (int(n) // seq_len) * seq_len
+
+
+def flops_per_step(c: dict) -> float:
+  """Training FLOPs of one optimizer step of the run with config c (a dict)."""
+  m, r = c["model"], c["replay"]
+  B, T = c["optim"]["batch_size"], m["seq_len"]
+  per_token = model_lib.flops_per_token(model_lib.ModelConfig.from_config(_Attrs(m)))
+  rows = B
+  if r["method"] in ("kl", "ntp"):
+    R = r["batch_size"] or B
+    rows += R
+    if r["method"] == "kl":
+      rows += R / 3  # the frozen model's forward on the replay rows
+    if r["source"] == "self":
+      rows += R / 3  # sampling them: one forward per generated token
+  elif r["method"] == "kl_downstream":
+    rows += B / 3
+  return per_token * rows * T
+
+
+def run_cost(run) -> RunCost:
+  c = run.config
+  m, s = c["model"], c["stop"]
+  cfg = model_lib.ModelConfig.from_config(_Attrs(m))
+  params = model_lib.param_counts(cfg)[m.get("param_count", "paper")]
+  tps = c["optim"]["batch_size"] * m["seq_len"]
+  tokens = None
+  if s["steps"]:
+    tokens = s["steps"] * tps
+  elif s["tokens"]:
+    tokens = s["tokens"]
+  elif s["tokens_per_param"]:
+    tokens = s["tokens_per_param"] * params
+  elif s["epochs"]:
+    epoch = _epoch_tokens(c["data"]["path"], m["seq_len"])
+    tokens = None if epoch is None else s["epochs"] * epoch
+  steps = None if tokens is None else (int(s["steps"]) if s["steps"] else max(1, int(round(tokens / tps))))
+  heads = m["d_model"] // m["head_dim"]
+  shape = f"D={m['d_model']} L={m['n_layers']} H={heads} V={m['vocab_size']} T={m['seq_len']}"
+  flops = None if steps is None else steps * flops_per_step(c)
+  unknown = "" if steps is not None else ("epochs" if s["epochs"] else "target")
+  return RunCost(run.name, run.parent, shape, params, steps, None if steps is None else steps * tps, flops,
+                 bool(s["target_loss"] or s["early_stop_evals"]), unknown)
+
+
+class _Attrs(dict):
+  """A config dict read as attributes, as ModelConfig.from_config reads a ConfigDict."""
+  __getattr__ = dict.__getitem__
+
+
+def _num(x: float | None) -> str:
+  if x is None:
+    return "?"
+  if x == 0:
+    return "0"
+  e = int(math.floor(math.log10(abs(x))))
+  return f"{x:.0f}" if e < 6 else f"{x / 10 ** (e // 3 * 3):.3g}{' KMGTPEZY'[e // 3]}"
+
+
+def format_costs(runs, pricing: PricingAssumptions = PricingAssumptions()) -> str:
+  """One line per run (parent, shape, tokens, steps, FLOPs) and the sweep's total compute and device-hours."""
+  # instruct runs (a Hugging Face model) are listed, not priced
+  costs = [run_cost(r) if "d_model" in r.config.get("model", {}) else RunCost(r.name, r.parent, "-", 0, None, None,
+                                                                               None, False) for r in runs]
+  priced = [c for c in costs if c.shape != "-"]
+  w = max(len(c.name) for c in costs)
+  lines = [f"{'run':<{w}}  {'shape':<34} {'params':>8} {'tokens':>8} {'steps':>8} {'FLOPs':>8}  parent"]
+  for c in costs:
+    cap = "≤" if c.bound and c.flops is not None else ""
+    lines.append(f"{c.name:<{w}}  {c.shape:<34} {_num(c.params) if c.params else '-':>8} {cap + _num(c.tokens):>8} {cap + _num(c.steps):>8} "
+                 f"{cap + _num(c.flops):>8}  {c.parent or '-'}")
+  if not priced:
+    return "\n".join(lines)
+  costs = priced
+  known = [c for c in costs if c.flops is not None]
+  total = sum(c.flops for c in known)
+  by_epochs = sum(c.unknown == "epochs" for c in costs)
+  by_target = sum(c.unknown == "target" for c in costs)
+  capped = sum(c.bound for c in known)
+  lines.append(f"total training compute: {total:.3e} FLOPs over {len(known)} of {len(costs)} runs"
+               + (f" ({capped} of them at their cap: target loss or early stop may end them sooner)" if capped else "")
+               + (f"; not counted: {by_target} runs that stop at a target loss or early stop with no cap" if by_target
+                  else "")
+               + (f"; not counted: {by_epochs} runs whose length is in epochs of data not found here (make it with "
+                  "`jaxreplay data tokenize`, or run the dry run where it is)" if by_epochs else ""))
+  hours = pricing.device_hours(total)
+  lines.append(f"= {f'{hours:,.1f}' if hours >= 1 else f'{hours:.2g}'} device-hours at {pricing.peak_tflops:g} TFLOP/s peak and "
+               f"{pricing.mfu:.0%} MFU (--peak_tflops, --mfu; defaults {DEFAULT_PEAK_TFLOPS:g}: one H100 bf16 dense, "
+               f"{DEFAULT_MFU:.0%})")
+  return "\n".join(lines)
