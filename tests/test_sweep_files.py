@@ -150,7 +150,7 @@ def test_bad_input_is_one_error_before_anything_runs(args, message, tmp_path):
 def test_a_child_that_sets_another_shape_than_its_parent_fails_at_expansion(tmp_path):
   path = tmp_path / "bad_grid.py"
   path.write_text(
-      "from jaxreplay import config, sweeps\n"
+      "from jaxreplay import config\nfrom jaxreplay.experiments import sweeps\n"
       "VARIANTS = {'': 'a bad grid'}\n"
       "def get_sweep(arg=''):\n"
       "  c = config.default(); c.data.path = 'x'; c.stop.steps = 1\n"

@@ -177,7 +177,7 @@ def cli(*args, **kw):
 
 def test_cli_errors_before_anything_runs(tmp_path, data):
   bad = tmp_path / "bad.py"
-  bad.write_text("from jaxreplay import sweeps, config\n"
+  bad.write_text("from jaxreplay import config\nfrom jaxreplay.experiments import sweeps\n"
                  "def get_sweep(arg=''):\n  s = sweeps.Sweep()\n  s.stage('p', config.default(), {'optim.lrr': [1]})\n"
                  "  return s\n")
   r = cli(str(bad), f"--workdir={tmp_path}/w")
