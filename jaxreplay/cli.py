@@ -39,7 +39,7 @@ def _user_errors():
   from jaxreplay.sharding import MeshError
   from jaxreplay.train import TrainingError
   from jaxreplay.chat_data import ChatDataError
-  from jaxreplay.hf_import import ImportError_
+  from jaxreplay.models.hf_import import ImportError_
   from jaxreplay.mcq import MCQError
   return (ConfigError, CheckpointError, DataError, MeshError, TrainingError, ChatDataError, ImportError_, MCQError)
 

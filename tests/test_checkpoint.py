@@ -57,7 +57,8 @@ DRIVER = textwrap.dedent("""
     import jax.numpy as jnp
     import ml_collections
     import numpy as np
-    from jaxreplay import checkpoint as ckpt_lib, config as config_lib, model as M, optim, sharding
+    from jaxreplay import checkpoint as ckpt_lib, config as config_lib, optim, sharding
+    from jaxreplay.models import decoder as M
 
     def make_config():
       c = config_lib.default()
