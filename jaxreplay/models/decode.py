@@ -61,8 +61,8 @@ def heads_minor_cache(cfg: dec.ModelConfig, prefill: dict, batch_size: int, leng
     empty = constrain(jnp.zeros((length, H, B * cfg.n_heads), cfg.dtype), 2)
     kv_LBPNH = jnp.repeat(prefill[name], G, axis=3) if G > 1 else prefill[name]
     P = kv_LBPNH.shape[2]
-    cache[name] = [jax.lax.dynamic_update_slice(empty, x.transpose(1, 3, 0, 2).reshape(P, H, -1).astype(cfg.dtype),
-                                                (0, 0, 0)) for x in kv_LBPNH]
+    prefix = [x.transpose(1, 3, 0, 2).reshape(P, H, B * cfg.n_heads).astype(cfg.dtype) for x in kv_LBPNH]
+    cache[name] = [jax.lax.dynamic_update_slice(empty, x, (0, 0, 0)) for x in prefix]
   return cache
 
 
