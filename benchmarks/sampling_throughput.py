@@ -1,4 +1,4 @@
-"""Sampled tokens/s of `jaxreplay.sampling` at the issue's two shapes; prints one JSON object.
+"""Sampled tokens/s of `jaxreplay.models.sampler` at the issue's two shapes; prints one JSON object.
 
 Each shape runs in its own subprocess so that its peak memory (process max RSS, taken after the sampler's
 first run) is its own. Compile time is measured apart from the timed runs; a run samples every position after

@@ -2,7 +2,8 @@
 
 One compiled program per (model, batch, prompt length, length, sampling settings, mesh): the prompt is
 prefilled in one forward pass, then a loop over positions inside the same program decodes one token per row
-per step, so nothing returns to the host until the whole batch is done.
+per step, so nothing returns to the host until the whole batch is done. It serves every block type of the
+decoder; the KV cache's layout is the platform's (`decode.default_layout`).
 
 Tokens are drawn by inversion: one uniform number per row per step, located in the cumulative sum of the
 (unnormalised) probabilities. That is exact, and much cheaper on a CPU than Gumbel noise over the whole
