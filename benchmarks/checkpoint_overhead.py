@@ -23,7 +23,7 @@ import jax
 import common
 from jaxreplay.train import checkpoint as ckpt_lib
 from jaxreplay import config as config_lib
-from jaxreplay import model as model_lib
+from jaxreplay.models import decoder
 
 
 def _dir_bytes(path: str) -> int:
@@ -80,7 +80,7 @@ def bench(size: str, num_steps: int, repeats: int) -> dict:
   if c.checkpoint.every_minutes:
     interval_steps = min(interval_steps, max(1, int(60 * c.checkpoint.every_minutes / step_s)))
   return dict(
-      size=size, params=model_lib.param_counts(b.model)["true"], checkpoint_bytes=size_bytes,
+      size=size, params=decoder.param_counts(b.model)["true"], checkpoint_bytes=size_bytes,
       step_s=step_s, save_blocking_s=statistics.median(blocking), save_total_s=statistics.median(background),
       added_per_save_s=added_s, added_per_save_steps=added_s / step_s,
       default_interval_steps=interval_steps,

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from jaxreplay import config as config_lib
-from jaxreplay import model as model_lib
+from jaxreplay.models import decoder
 from jaxreplay import sharding
 from jaxreplay.train import optim
 from jaxreplay.train import steps
@@ -30,7 +30,7 @@ TOTAL_STEPS = 10_000  # the schedule's length; only the LR's shape depends on it
 class Setup:
   size: dict
   config: Any  # the ml_collections config
-  model: model_lib.ModelConfig
+  model: decoder.ModelConfig
   mesh: Any
   optimizer: Any
   state_shardings: Any
@@ -66,7 +66,7 @@ def setup(size: str, dtype: str = "auto") -> Setup:
   c.optim.batch_size = s["batch"]
   c.stop.steps = TOTAL_STEPS
   platform = jax.default_backend()
-  cfg = model_lib.ModelConfig.from_config(
+  cfg = decoder.ModelConfig.from_config(
       c.model, config_lib.compute_dtype_name(c, platform) if dtype == "auto" else dtype, platform)
   mesh = sharding.make_mesh(c.mesh)
   opt = optim.make_optimizer(c, TOTAL_STEPS)

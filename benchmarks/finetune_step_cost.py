@@ -25,16 +25,17 @@ import jax
 
 import common
 from jaxreplay import config as config_lib
-from jaxreplay import sampling, sharding
+from jaxreplay import sharding
 from jaxreplay.train import metrics
-from jaxreplay import model as model_lib
+from jaxreplay.models import decoder
+from jaxreplay.models import sampler as sampler_lib
 
 
 def sampling_seconds(b: common.Setup, params, rows: int, reps: int) -> float:
   """Best time to sample `rows` replay rows with their logits, as replay_self does (prompt: a dataset id)."""
   T = b.size["seq_len"]
-  sampler = sampling.make_sampler(b.model, sampling.SamplingConfig(), rows, 1, T, b.mesh, return_logits=True)
-  prompt = sharding.put_batch(jax.device_get(sampling.id_prompt(0, rows)), b.mesh)
+  sampler = sampler_lib.make_sampler(b.model, sampler_lib.SamplingConfig(), rows, 1, T, b.mesh, return_logits=True)
+  prompt = sharding.put_batch(jax.device_get(sampler_lib.id_prompt(0, rows)), b.mesh)
   run = sampler.program.lower(params, prompt, sampler.uniforms(jax.random.key(0))).compile()
   jax.block_until_ready(run(params, prompt, sampler.uniforms(jax.random.key(0))))
   times = []
@@ -56,7 +57,7 @@ def main():
   frozen = b.state(seed=1)["params"]
   batch, replay = b.batches(2)
   half = replay[: s["batch"] // 2]
-  teacher_of = jax.jit(lambda p, t: model_lib.logits(cfg, p, t), out_shardings=sharding.batch_sharding(b.mesh, 3))
+  teacher_of = jax.jit(lambda p, t: decoder.logits(cfg, p, t), out_shardings=sharding.batch_sharding(b.mesh, 3))
 
   compiled, args_of, states = {}, {}, {}
   for variant in ("none", "kl", "kl_sampled_teacher", "kl_half_replay", "ntp", "replace"):

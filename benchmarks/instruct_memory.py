@@ -14,11 +14,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxreplay import llama
 from jaxreplay.train import instruct
+from jaxreplay.models import decoder
 
 LLAMA_32_1B = dict(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, d_mlp=8192,
-                   norm_eps=1e-5, rope_theta=500000.0, rope_llama3=(32.0, 1.0, 4.0, 8192.0), tie_embeddings=True)
+                   norm_eps=1e-5, rope_base=500000.0, rope_llama3=(32.0, 1.0, 4.0, 8192.0), tie_embeddings=True,
+                   mlp="swiglu", norm_scale=True, qk_norm=False)
 
 
 def main():
@@ -33,12 +34,12 @@ def main():
   a = p.parse_args()
   for remat in map(int, a.remat.split(",")):
     for micro in map(int, a.microbatches.split(",")):
-      cfg = llama.LlamaConfig(**LLAMA_32_1B, seq_len=a.seq, dtype=jnp.dtype(a.dtype), remat=bool(remat))
+      cfg = decoder.ModelConfig(**LLAMA_32_1B, seq_len=a.seq, dtype=jnp.dtype(a.dtype), remat=bool(remat))
       c = instruct.default()
       c.model.seq_len = a.seq
       c.optim.batch_size = a.batch
       opt, sched = instruct.optim.make_optimizer(c, 1000), instruct.optim.lr_schedule(c, 1000)
-      params = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0)))
+      params = jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.key(0)))
       state = dict(params=params, opt_state=jax.eval_shape(opt.init, params), step=jax.ShapeDtypeStruct((), jnp.int32))
       tok = jax.ShapeDtypeStruct((a.batch, a.seq), jnp.int32)
       batch = dict(tokens=tok, mask=jax.ShapeDtypeStruct((a.batch, a.seq), jnp.bool_), segments=tok)
@@ -47,7 +48,7 @@ def main():
       t = time.time()
       m = jax.jit(step, donate_argnums=(0,)).lower(state, params, batch, replay).compile().memory_analysis()
       print(json.dumps(dict(backend=jax.default_backend(), remat=remat, microbatches=micro, batch=a.batch,
-                            replay=a.replay, seq=a.seq, params=llama.param_count(cfg),
+                            replay=a.replay, seq=a.seq, params=decoder.param_counts(cfg)["true"],
                             argument_gb=round(m.argument_size_in_bytes / 2**30, 2),
                             output_gb=round(m.output_size_in_bytes / 2**30, 2),
                             temp_gb=round(m.temp_size_in_bytes / 2**30, 2), compile_s=round(time.time() - t, 1))),

@@ -1,4 +1,4 @@
-"""Sampled tokens/s of `jaxreplay.sampling` at the issue's two shapes; prints one JSON object.
+"""Sampled tokens/s of `jaxreplay.models.sampler` at the issue's two shapes; prints one JSON object.
 
 Each shape runs in its own subprocess so that its peak memory (process max RSS, taken after the sampler's
 first run) is its own. Compile time is measured apart from the timed runs; a run samples every position after
@@ -26,10 +26,10 @@ VOCAB = 4096
 
 def reference_program(cfg, B: int, T: int):
   """The straightforward decode, for comparison under the same machine load: one `model.apply` per token on the
-  model's own [L, B, S, N, H] cache, attention over the whole cache, Gumbel-max draws over the vocabulary."""
+  model's own [L, B, S, K, H] cache, attention over the whole cache, Gumbel-max draws over the vocabulary."""
   import jax
   import jax.numpy as jnp
-  from jaxreplay import model as model_lib
+  from jaxreplay.models import decoder
 
   def run(params, key):
     tokens = jnp.zeros((B, T), jnp.int32)
@@ -38,11 +38,11 @@ def reference_program(cfg, B: int, T: int):
       tokens, cache, key = carry
       key, sub = jax.random.split(key)
       prev = jax.lax.dynamic_slice_in_dim(tokens, pos - 1, 1, axis=1)
-      logits, cache = model_lib.apply(cfg, params, prev, cache=cache, cache_index=pos - 1)
+      logits, cache = decoder.apply(cfg, params, prev, cache=cache, cache_index=pos - 1)
       new = jax.random.categorical(sub, logits[:, 0]).astype(jnp.int32)
       return jax.lax.dynamic_update_slice(tokens, new[:, None], (0, pos)), cache, key
 
-    return jax.lax.fori_loop(1, T, body, (tokens, model_lib.init_cache(cfg, B, T), key))[0]
+    return jax.lax.fori_loop(1, T, body, (tokens, decoder.init_cache(cfg, B, T), key))[0]
 
   return jax.jit(run)
 
@@ -50,22 +50,21 @@ def reference_program(cfg, B: int, T: int):
 def measure(shape: dict, repeats: int) -> dict:
   import jax
   from jaxreplay import config as config_lib
-  from jaxreplay import model as model_lib
-  from jaxreplay import sampling
   from jaxreplay import sharding
+  from jaxreplay.models import decoder, sampler
 
   c = config_lib.default()
   c.model.update(d_model=shape["d_model"], n_layers=shape["n_layers"], seq_len=shape["seq_len"], vocab_size=VOCAB)
   dtype = config_lib.compute_dtype_name(c, jax.default_backend())
-  cfg = model_lib.ModelConfig.from_config(c.model, dtype)
+  cfg = decoder.ModelConfig.from_config(c.model, dtype)
   mesh = sharding.make_mesh(c.mesh)
-  abstract = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
-  params = jax.jit(lambda: model_lib.init_params(cfg, jax.random.key(0)),
+  abstract = jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.key(0)))
+  params = jax.jit(lambda: decoder.init_params(cfg, jax.random.key(0)),
                    out_shardings=sharding.param_shardings(abstract, mesh))()
   B, T = shape["batch"], shape["seq_len"]
-  sc = sampling.SamplingConfig(temperature=1.0)
-  prompt = sharding.put_batch(jax.device_get(sampling.id_prompt(0, B)), mesh)
-  fn = sampling.make_sampler(cfg, sc, B, 1, T, mesh)
+  sc = sampler.SamplingConfig(temperature=1.0)
+  prompt = sharding.put_batch(jax.device_get(sampler.id_prompt(0, B)), mesh)
+  fn = sampler.make_sampler(cfg, sc, B, 1, T, mesh)
 
   t0 = time.perf_counter()
   u = fn.uniforms(jax.random.key(0))

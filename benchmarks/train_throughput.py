@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 import common
 from jaxreplay.train import metrics
-from jaxreplay import model as model_lib
+from jaxreplay.models import decoder
 
 
 def bench(size: str, num_steps: int, dtype: str, peak: float) -> dict:
@@ -35,8 +35,8 @@ def bench(size: str, num_steps: int, dtype: str, peak: float) -> dict:
   jax.block_until_ready((state, aux))
   elapsed = time.perf_counter() - t0
   tokens_per_s = num_steps * s["batch"] * s["seq_len"] / elapsed
-  flops = model_lib.flops_per_token(cfg)
-  return dict(size=size, **s, dtype=str(cfg.dtype), params_paper=model_lib.param_counts(cfg)["paper"],
+  flops = decoder.flops_per_token(cfg)
+  return dict(size=size, **s, dtype=str(cfg.dtype), params_paper=decoder.param_counts(cfg)["paper"],
               compile_s=round(compile_s, 3), step_s=elapsed / num_steps, tokens_per_s=round(tokens_per_s, 1),
               mfu=round(tokens_per_s * flops / peak, 4))
 

@@ -44,7 +44,7 @@ def _user_errors():
   from jaxreplay.sharding import MeshError
   from jaxreplay.train.loop import TrainingError
   from jaxreplay.data.chat import ChatDataError
-  from jaxreplay.hf_import import ImportError_
+  from jaxreplay.models.hf_import import ImportError_
   from jaxreplay.evals.mcq import MCQError
   return (ConfigError, CheckpointError, DataError, MeshError, TrainingError, ChatDataError, ImportError_, MCQError)
 

@@ -44,20 +44,12 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
 
 
-# Rules for the transformer's parameters, keyed by leaf name; dims in the order of the unstacked weight.
-# Leading stacked-layer dims are replicated. A dim that the axis size does not divide stays replicated.
+# Rules for the decoder's parameters (jaxreplay/models/decoder.py), keyed by leaf name; dims in the order of the
+# unstacked weight. Leading stacked-layer dims are replicated, as are norm scales. A dim that the axis size does
+# not divide stays replicated.
 _RULES = {
     "embed": ("tensor", "fsdp"),  # [V, D]
     "unembed": ("fsdp", "tensor"),  # [D, V]
-    "qkv": ("fsdp", None, "tensor", None),  # [D, 3, N, H]
-    "out": ("tensor", None, "fsdp"),  # [N, H, D]
-    "up": ("fsdp", "tensor"),  # [D, F]
-    "down": ("tensor", "fsdp"),  # [F, D]
-    "lora_a": (),
-    "lora_b": (),
-}
-# Hugging Face-named leaves of jaxreplay/llama.py (Llama/Qwen); norms and biases' model dims stay replicated.
-_LLAMA_RULES = {
     "q_proj": ("fsdp", "tensor", None),  # [D, N, H]
     "k_proj": ("fsdp", "tensor", None),  # [D, K, H]
     "v_proj": ("fsdp", "tensor", None),  # [D, K, H]
@@ -66,8 +58,9 @@ _LLAMA_RULES = {
     "up_proj": ("fsdp", "tensor"),  # [D, F]
     "down_proj": ("tensor", "fsdp"),  # [F, D]
     "q_bias": ("tensor", None), "k_bias": ("tensor", None), "v_bias": ("tensor", None),  # [N or K, H]
+    "lora_a": (),
+    "lora_b": (),
 }
-_RULES.update(_LLAMA_RULES)
 
 
 def _leaf_name(path) -> str:

@@ -56,8 +56,8 @@ def get_config(arg: str = ""):
                   path="data/dclm.jsonl", max_tokens=200_000_000)
   c.checkpoint.update(every_steps=500, every_minutes=30.0)
   if _small(arg):
-    from jaxreplay import tiny_llama
-    paths = tiny_llama.ensure(SMALL_ASSETS)
+    import _tiny_llama  # next to this file
+    paths = _tiny_llama.ensure(SMALL_ASSETS)
     c.model.update(path=paths["model"], seq_len=96, remat=False)
     c.train.microbatches = 1
     c.data.update(train=paths["chat"], valid="", valid_fraction=0.25, prompt_key="prompt", response_key="response")

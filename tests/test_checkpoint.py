@@ -58,9 +58,10 @@ DRIVER = textwrap.dedent("""
     import jax.numpy as jnp
     import ml_collections
     import numpy as np
-    from jaxreplay import config as config_lib, model as M, sharding
+    from jaxreplay import config as config_lib, sharding
     from jaxreplay.train import checkpoint as ckpt_lib
     from jaxreplay.train import optim
+    from jaxreplay.models import decoder as M
 
     def make_config():
       c = config_lib.default()

@@ -2,15 +2,19 @@
 
 import json
 import os
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from jaxreplay import hf_import, tiny_llama
 from jaxreplay.data import chat as chat_data
 from jaxreplay.train import instruct
 from jaxreplay.evals import mcq
+from jaxreplay.models import decoder, hf_import
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sweeps"))
+import _tiny_llama as tiny_llama  # noqa: E402 (the :small instruct sweep's checkpoint builder)
 
 
 @pytest.fixture(scope="module")
@@ -194,10 +198,9 @@ def test_dataset_converters_follow_the_paper_filters():
 
 
 def test_microbatched_step_equals_one_big_step():
-  from jaxreplay import llama
-  cfg = llama.LlamaConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_mlp=32,
-                          seq_len=16)
-  init = jax.jit(llama.init_params, static_argnums=0)  # eager flax init compiles op by op: slow
+  cfg = decoder.ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_mlp=32,
+                            seq_len=16, mlp="swiglu", norm_scale=True, qk_norm=False)
+  init = jax.jit(decoder.init_params, static_argnums=0)  # eager flax init compiles op by op: slow
   params = init(cfg, jax.random.key(0))
   c = instruct.default()
   c.optim.update(lr=1e-2, warmup_tokens=0, batch_size=4)

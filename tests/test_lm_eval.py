@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxreplay import config as config_lib, model as model_lib
+from jaxreplay import config as config_lib
+from jaxreplay.models import decoder as model_lib
 from jaxreplay.train import checkpoint
 from jaxreplay.evals import lm_eval as adapter
 from jaxreplay.experiments import lm_eval_run as lm_eval_cli
@@ -195,7 +196,8 @@ def test_the_instruct_mcq_scoring_equals_a_harness_task_on_the_same_items(tmp_pa
   give the same per-choice scores and accuracy on an imported Llama; both match torch's forward pass."""
   import torch
   import transformers
-  from jaxreplay import tiny_llama
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sweeps"))
+  import _tiny_llama as tiny_llama  # the :small instruct sweep's checkpoint builder
   from jaxreplay.data import chat as chat_data
   from jaxreplay.evals import mcq
   paths = tiny_llama.ensure(str(tmp_path))

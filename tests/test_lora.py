@@ -6,10 +6,10 @@ import optax
 import pytest
 
 from jaxreplay import config as config_lib
-from jaxreplay import lora
-from jaxreplay import model as M
 from jaxreplay import sharding
 from jaxreplay.train import steps
+from jaxreplay.models import decoder as M
+from jaxreplay.models import lora
 
 TINY = M.ModelConfig(d_model=32, n_layers=2, head_dim=8, seq_len=16, vocab_size=40)
 
@@ -43,10 +43,32 @@ def test_adapter_shapes_init_and_count(frozen):
     assert adapters["blocks"][name]["lora_a"].shape == (L, fi, r)
     assert adapters["blocks"][name]["lora_b"].shape == (L, r, fo)
     assert not np.any(adapters["blocks"][name]["lora_b"])
-  big = lora.init_adapters(dict(blocks=dict(up=jnp.zeros((2, 256, 1024)))), 64, jax.random.key(2))
+  big = lora.init_adapters(dict(blocks={n: jnp.zeros((2, 256, 1024)) for n in ("q_proj", "k_proj", "v_proj",
+                                                                               "o_proj", "up_proj", "down_proj")}),
+                           64, jax.random.key(2))
   assert np.std(big["blocks"]["up"]["lora_a"]) == pytest.approx(256 ** -0.5, rel=0.03)
   # r · Σ(fan_in + fan_out) per layer, by hand for D=32, N·H=32, F=128: (32+96)+(32+32)+(32+128)+(128+32) = 512.
   assert lora.count(adapters) == L * r * 512 == lora.expected_count(TINY, r)
+
+
+def test_grouped_heads_and_swiglu_adapt_every_matrix():
+  """A Llama-type block: q/k/v of different widths (K < N) share one adapter, gate and up another."""
+  import dataclasses
+  cfg = dataclasses.replace(TINY, n_kv_heads=2, mlp="swiglu", norm_scale=True, qk_norm=False)
+  frozen = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
+  frozen = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), frozen)
+  adapters = jax.tree.map(lambda x: x + 0.1, lora.init_adapters(frozen, 2, jax.random.key(1)))
+  D, F, H = cfg.d_model, cfg.d_mlp, cfg.head_dim
+  assert adapters["blocks"]["qkv"]["lora_b"].shape == (cfg.n_layers, 2, (4 + 2 * 2) * H)
+  assert adapters["blocks"]["up"]["lora_b"].shape == (cfg.n_layers, 2, 2 * F)
+  assert lora.count(adapters) == lora.expected_count(cfg, 2)
+  merged = lora.merge(adapters, frozen, 1.0)
+  up = adapters["blocks"]["up"]
+  delta = up["lora_a"][0] @ up["lora_b"][0]
+  np.testing.assert_allclose(merged["blocks"]["gate_proj"][0], delta[:, :F], rtol=1e-6)
+  np.testing.assert_allclose(merged["blocks"]["up_proj"][0], delta[:, F:], rtol=1e-6)
+  assert merged["blocks"]["k_proj"].shape == (cfg.n_layers, D, 2, H)
+  np.testing.assert_array_equal(merged["blocks"]["input_layernorm"], frozen["blocks"]["input_layernorm"])
 
 
 def test_scale_and_merge_formula(frozen):
@@ -56,11 +78,15 @@ def test_scale_and_merge_formula(frozen):
   adapters = jax.tree.map(lambda x: x + 0.1, adapters)  # non-zero B
   merged = jax.jit(lora.merge, static_argnums=2)(adapters, frozen, 2.0)
   qkv = adapters["blocks"]["qkv"]
-  want = frozen["blocks"]["qkv"][1] + 2.0 * (qkv["lora_a"][1] @ qkv["lora_b"][1]).reshape(frozen["blocks"]["qkv"][1].shape)
-  np.testing.assert_allclose(merged["blocks"]["qkv"][1], want, rtol=1e-5, atol=1e-6)
+  delta = 2.0 * (qkv["lora_a"][1] @ qkv["lora_b"][1])  # [D, 3·N·H]: q, k, v side by side
+  for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+    w = frozen["blocks"][name][1]
+    want = w + delta[:, i * w[0].size:(i + 1) * w[0].size].reshape(w.shape)
+    np.testing.assert_allclose(merged["blocks"][name][1], want, rtol=1e-5, atol=1e-6)
   out = adapters["blocks"]["out"]
-  want = frozen["blocks"]["out"][0] + 2.0 * (out["lora_a"][0] @ out["lora_b"][0]).reshape(frozen["blocks"]["out"][0].shape)
-  np.testing.assert_allclose(merged["blocks"]["out"][0], want, rtol=1e-5, atol=1e-6)
+  w = frozen["blocks"]["o_proj"][0]
+  want = w + 2.0 * (out["lora_a"][0] @ out["lora_b"][0]).reshape(w.shape)
+  np.testing.assert_allclose(merged["blocks"]["o_proj"][0], want, rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_flows_only_to_adapters(frozen):
@@ -90,7 +116,7 @@ def test_a_few_steps_reduce_the_loss(frozen):
   assert losses[-1] < losses[0] - 0.3, losses
   merged = jax.jit(merge_fn)(state["params"], frozen)
   np.testing.assert_array_equal(merged["embed"], frozen["embed"])
-  assert not np.allclose(merged["blocks"]["up"], frozen["blocks"]["up"])
+  assert not np.allclose(merged["blocks"]["up_proj"], frozen["blocks"]["up_proj"])
 
 
 def test_adapters_are_replicated_and_rank_zero_is_refused(frozen):

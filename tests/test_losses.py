@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreplay import losses
+from jaxreplay.models import losses
 
 
 def _naive_nll(logits, tokens):

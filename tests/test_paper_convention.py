@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxreplay import losses
+from jaxreplay.models import losses
 from jaxreplay.experiments import sweeps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

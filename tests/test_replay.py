@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from jaxreplay import config as config_lib
-from jaxreplay import losses
-from jaxreplay import model as M
 from jaxreplay.replay import sources as replay
 from jaxreplay.replay import self_generated as replay_self
-from jaxreplay import sampling
 from jaxreplay import sharding
 from jaxreplay.train import steps
+from jaxreplay.models import decoder as M
+from jaxreplay.models import losses
+from jaxreplay.models import sampler as sampler_lib
 
 TINY = M.ModelConfig(d_model=32, n_layers=2, head_dim=8, seq_len=12, vocab_size=50)
 
@@ -98,7 +98,7 @@ def test_kl_objective_with_teacher_logits_from_sampling_equals_the_frozen_forwar
   does not run (NaN frozen weights leave the result untouched)."""
   rc = types.SimpleNamespace(method="kl", coeff=2.0)
   batch = np.asarray(jax.random.randint(jax.random.key(1), (4, 12), 0, 50), np.int32)
-  sampler = sampling.make_sampler(TINY, sampling.SamplingConfig(), 4, 1, 12, return_logits=True)
+  sampler = sampler_lib.make_sampler(TINY, sampler_lib.SamplingConfig(), 4, 1, 12, return_logits=True)
   rows, teacher = sampler(frozen, np.full((4, 1), 3, np.int32), jax.random.key(5))
   theta = jax.tree.map(lambda p: p * 1.1, frozen)  # away from π_pre: the KL term and its gradient are not 0
   grad = jax.jit(jax.value_and_grad(steps.make_objective(TINY, rc, None), has_aux=True))
@@ -172,7 +172,7 @@ def test_rows_come_from_the_frozen_model_once_each_and_deterministically(tmp_pat
   rows = {tuple(r) for b in batches for r in b}
   assert len(rows) == 20  # every row is used once
   # Refill 1 is exactly the frozen model's samples under the key derived from (seed, 1).
-  sampler = sampling.make_sampler(TINY, sampling.SamplingConfig(), 8, 1, 12)
+  sampler = sampler_lib.make_sampler(TINY, sampler_lib.SamplingConfig(), 8, 1, 12)
   want = np.asarray(sampler(frozen, np.full((8, 1), 3, np.int32), replay_self.refill_key(c.seed, 1)))
   np.testing.assert_array_equal(np.concatenate(batches[2:4]), want)
   assert source.next(2)[0].sharding.is_equivalent_to(sharding.batch_sharding(source.mesh), 2)

@@ -14,9 +14,10 @@ from jaxreplay import sharding
 SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp
-    from jaxreplay import config as config_lib, model as M, sharding
+    from jaxreplay import config as config_lib, sharding
     from jaxreplay.train import optim
     from jaxreplay.train import steps
+    from jaxreplay.models import decoder as M
     data, fsdp, tensor = map(int, sys.argv[1:4])
     c = config_lib.default()
     c.model.update(d_model=64, n_layers=2, head_dim=16, seq_len=16, vocab_size=64)
@@ -57,8 +58,8 @@ def test_eight_device_mesh_matches_one_device():
   one = _run(1, (1, 1, 1))
   eight = _run(8, (2, 2, 2))
   assert eight["devices"] == 8
-  assert eight["specs"]["qkv"] == str(jax.sharding.PartitionSpec(None, "fsdp", None, "tensor", None))
-  assert eight["specs"]["down"] == str(jax.sharding.PartitionSpec(None, "tensor", "fsdp"))
+  assert eight["specs"]["q_proj"] == str(jax.sharding.PartitionSpec(None, "fsdp", "tensor", None))
+  assert eight["specs"]["down_proj"] == str(jax.sharding.PartitionSpec(None, "tensor", "fsdp"))
   assert eight["compiles"] == 1
   for a, b in zip(one["losses"], eight["losses"]):
     assert abs(a - b) / abs(a) <= 1e-5, (one["losses"], eight["losses"])

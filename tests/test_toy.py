@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from jaxreplay import config as config_lib
-from jaxreplay import model as M
 from jaxreplay.replay import self_generated as replay_self
-from jaxreplay import sampling
 from jaxreplay import sharding
 from jaxreplay.evals import toy
 from jaxreplay.data import loader
+from jaxreplay.models import decoder as M
+from jaxreplay.models import sampler
 
 TINY = M.ModelConfig(d_model=32, n_layers=2, head_dim=16, seq_len=toy.SEQ_LEN, vocab_size=toy.VOCAB_SIZE)
 
@@ -93,8 +93,8 @@ def test_accuracy_equals_greedy_decoding_with_the_sampler():
   params = jax.tree.map(lambda p: p * 3.0, _params(0))  # sharper logits: decisive argmaxes
   prompts = np.concatenate([toy.examples(t, 16, np.random.default_rng(i))[:, :toy.PROMPT_LEN]
                             for i, t in enumerate(toy.TASKS)])
-  greedy = np.asarray(sampling.sample(TINY, params, prompts, jax.random.key(0), length=14,
-                                      sc=sampling.SamplingConfig(temperature=0.0)))
+  greedy = np.asarray(sampler.sample(TINY, params, prompts, jax.random.key(0), length=14,
+                                      sc=sampler.SamplingConfig(temperature=0.0)))
   wrong = greedy.copy()
   wrong[::2, 11] = (wrong[::2, 11] - toy.DIGIT0 + 1) % 10 + toy.DIGIT0  # other digit at answer position 3
   wrong[::2, 11] = np.where(greedy[::2, 11] < toy.DIGIT0, toy.DIGIT0, wrong[::2, 11])

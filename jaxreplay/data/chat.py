@@ -5,7 +5,7 @@ boundaries: the text up to each assistant turn (with the generation prompt, exac
 it answers) and the assistant turn itself (its text and end-of-turn token). The loss mask is True on the
 assistant pieces only. Examples are packed greedily into rows of T tokens without splitting one across
 rows; each carries its own segment id (1, 2, ...; 0 = padding), so attention stays within an example and
-positions restart at 0 in each (see `llama.py`). Data order is a pure function of the step.
+positions restart at 0 in each (see `models/decoder.py`). Data order is a pure function of the step.
 
 Also the text source of *real* replay: plain documents ({"text": ...} lines), each BOS + text + EOS, packed
 contiguously and cut into T-token rows, as pretraining data is.

@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxreplay import config as config_lib
 from jaxreplay.train import metrics as metrics_lib
-from jaxreplay import model as model_lib
+from jaxreplay.models import decoder
 
 
 def pretraining_curve(workdir: str) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +66,7 @@ def forgetting_metrics(c, params, frozen, result: dict) -> dict:
     tokens, loss = pretraining_curve(prev_dir)
     out["compute_multiplier"] = compute_multiplier(tokens, loss, result["prev_ntp"])
   prev_cfg = config_lib.from_json_file(os.path.join(prev_dir, "config.json"))
-  model_cfg = model_lib.ModelConfig.from_config(prev_cfg.model)
-  init = jax.jit(model_lib.init_params, static_argnums=0)(model_cfg, jax.random.key(prev_cfg.seed))
+  model_cfg = decoder.ModelConfig.from_config(prev_cfg.model)
+  init = jax.jit(decoder.init_params, static_argnums=0)(model_cfg, jax.random.key(prev_cfg.seed))
   out["drift_ratio"] = drift_ratio(params, frozen, init)
   return out

@@ -33,7 +33,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from jaxreplay import hf_import, llama, model as model_lib, sampling
+from jaxreplay.models import decoder, hf_import, sampler
 from jaxreplay.train import checkpoint
 from jaxreplay.evals import mcq
 from jaxreplay.config import ConfigError
@@ -52,7 +52,7 @@ class LMEvalError(ConfigError):
 @dataclasses.dataclass(frozen=True)
 class Scorer:
   """Everything the adapter needs of a checkpoint. `kind` picks the forward pass and sampler below."""
-  kind: str  # "paper" (model.py) or "llama" (llama.py: imported Llama/Qwen)
+  kind: str  # "paper" (a jaxreplay export) or "llama" (an imported Llama/Qwen): which tokenizer and prefix
   cfg: Any
   params: Any
   encode: Callable[[str], list[int]]
@@ -66,18 +66,14 @@ class Scorer:
 
 def forward(kind: str, cfg, params, tokens_BT):
   """fp32 logits [B, T, V] of the checkpoint's model (traced inside the adapter's jitted scorer)."""
-  fn = model_lib.logits if kind == "paper" else llama.logits
-  return fn(cfg, params, tokens_BT).astype(jnp.float32)
+  del kind  # one decoder serves both kinds
+  return decoder.logits(cfg, params, tokens_BT).astype(jnp.float32)
 
 
 def greedy_generate(s: Scorer, prompt_BP: np.ndarray, length: int) -> np.ndarray:
   """Rows of `length` tokens: the prompt, then greedy tokens (pad after eos)."""
-  if s.kind == "paper":
-    sc = sampling.SamplingConfig(temperature=0.0, eos_id=s.eos_id, pad_id=s.pad_id)
-    out = sampling.sample(s.cfg, s.params, jnp.asarray(prompt_BP, jnp.int32), jax.random.key(0), length, sc)
-  else:
-    out = llama.generate(s.cfg, s.params, prompt_BP, jax.random.key(0), length,
-                         llama.Sampling(temperature=0.0, eos_id=s.eos_id, pad_id=s.pad_id))
+  sc = sampler.SamplingConfig(temperature=0.0, eos_id=s.eos_id, pad_id=s.pad_id)
+  out = sampler.sample(s.cfg, s.params, jnp.asarray(prompt_BP, jnp.int32), jax.random.key(0), length, sc)
   return np.asarray(jax.device_get(out))
 
 
@@ -93,8 +89,8 @@ def load_scorer(path: str, max_length: int | None = None, prefix_id: int | None 
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.exists(os.path.join(path, "export", "info.json")):
     config, info = checkpoint.exported_config(path), checkpoint.exported_info(path)
-    cfg = model_lib.ModelConfig.from_config(ml_collections.ConfigDict(config["model"]), "float32",
-                                            jax.default_backend())
+    cfg = decoder.ModelConfig.from_config(ml_collections.ConfigDict(config["model"]), "float32",
+                                          jax.default_backend())
     tok_path = info.get("tokenizer", {}).get("tokenizer_path") or os.path.join(path, "tokenizer.json")
     if not os.path.exists(tok_path):
       raise LMEvalError(f"The run in {path} names no tokenizer that exists ({tok_path}): copy the tokenizer.json "

@@ -15,8 +15,8 @@ import functools
 import jax
 import numpy as np
 
-from jaxreplay import llama, losses
 from jaxreplay.data import chat as chat_data
+from jaxreplay.models import decoder, losses
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 TEMPLATE = ("Answer the following multiple choice question. The entire content of your response should be of the "
@@ -67,9 +67,9 @@ def encode(tokenizer, items: list[dict], system: str = ""):
 
 
 @functools.lru_cache(maxsize=8)
-def _scorer(cfg: llama.LlamaConfig, mesh=None):
+def _scorer(cfg: decoder.ModelConfig, mesh=None):
   def score(params, tokens_BT, mask_BT):
-    nll_BT = losses.token_nll(llama.logits(cfg, params, tokens_BT), tokens_BT)
+    nll_BT = losses.token_nll(decoder.logits(cfg, params, tokens_BT), tokens_BT)
     return -(nll_BT * mask_BT[:, 1:]).sum(axis=1)
   # Scores come back replicated, so every host can read all of them.
   out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

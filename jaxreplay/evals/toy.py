@@ -153,10 +153,10 @@ class AccuracyEvaluator:
 
   def __init__(self, model_cfg, valid: dict, batch_size: int = 512):
     import jax
-    from jaxreplay import model as model_lib
+    from jaxreplay.models import decoder
     self.valid = {t: np.asarray(v, np.int32) for t, v in valid.items()}
     self.batch_size = max(1, min(batch_size, max(len(v) for v in self.valid.values())))
-    self._matches = jax.jit(lambda params, tokens: exact_match(model_lib.logits(model_cfg, params, tokens), tokens))
+    self._matches = jax.jit(lambda params, tokens: exact_match(decoder.logits(model_cfg, params, tokens), tokens))
 
   def __call__(self, params) -> dict:
     import jax

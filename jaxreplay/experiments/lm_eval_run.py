@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     print("jaxreplay: error: `jaxreplay eval` needs lm-evaluation-harness: pip install 'jaxreplay[eval]'.",
           file=sys.stderr)
     return 2
-  from jaxreplay import hf_import
+  from jaxreplay.models import hf_import
   from jaxreplay.train import checkpoint
   from jaxreplay.evals import lm_eval as adapter
   from jaxreplay.config import ConfigError

@@ -19,7 +19,7 @@ import json
 import math
 import os
 
-from jaxreplay import model as model_lib
+from jaxreplay.models import decoder as model_lib
 
 DEFAULT_PEAK_TFLOPS = 989.0  # one H100 SXM, dense bf16
 DEFAULT_MFU = 0.4

@@ -37,9 +37,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxreplay.train import checkpoint as ckpt_lib
 from jaxreplay import config as config_lib
-from jaxreplay import model as model_lib
-from jaxreplay import sampling
 from jaxreplay import sharding
+from jaxreplay.models import decoder, sampler
 
 FORMAT = 1
 _KEY_TAG = 0x5E1F  # separates the replay key stream from every other use of the seed
@@ -195,12 +194,12 @@ class SelfGeneratedReplay:
     if self.rows % div:
       raise config_lib.ConfigError(f"config.replay.batch_size={self.rows} replay rows are not divisible by the "
                                    f"{div} data-parallel devices: choose a multiple of mesh.data × mesh.fsdp.")
-    self.sc = sampling.SamplingConfig(temperature=float(c.replay.temperature), top_k=int(c.replay.top_k),
-                                      top_p=float(c.replay.top_p))
+    self.sc = sampler.SamplingConfig(temperature=float(c.replay.temperature), top_k=int(c.replay.top_k),
+                                     top_p=float(c.replay.top_p))
     self.teacher = config_lib.replay_teacher(c, div)  # 'sampled': keep the frozen model's logits from sampling
     self.sampled_teacher = self.teacher == "sampled"
-    self.sampler = sampling.make_sampler(self.model_cfg, self.sc, self.buffer * self.rows, 1, self.T, self.mesh,
-                                         return_logits=self.sampled_teacher)
+    self.sampler = sampler.make_sampler(self.model_cfg, self.sc, self.buffer * self.rows, 1, self.T, self.mesh,
+                                        return_logits=self.sampled_teacher)
     self.position = int((state or {}).get("position", 0))
     self.cache = None
     if c.replay.cache_dir:
@@ -214,7 +213,7 @@ class SelfGeneratedReplay:
       self._arrange_logits = jax.jit(lambda x: x.reshape(self.buffer, self.rows, self.T, V),
                                      out_shardings=logits_sh, donate_argnums=0)
       self._forward = jax.jit(  # teacher logits for rows read from the disk cache, one batch at a time
-          lambda p, buf: jax.lax.map(lambda t: model_lib.logits(self.model_cfg, p, t), buf), out_shardings=logits_sh)
+          lambda p, buf: jax.lax.map(lambda t: decoder.logits(self.model_cfg, p, t), buf), out_shardings=logits_sh)
       self._take_logits = jax.jit(lambda buf, j: buf[j], out_shardings=sharding.batch_sharding(self.mesh, 3))
     self._refill, self._tokens, self._logits = None, None, None
     self.sampled_refills = 0  # refills this process drew itself (the rest came from the disk cache)

@@ -22,7 +22,7 @@ def replay_batch_size(c) -> int:
 def parameterization(c, frozen):
   """(trainable_fn, merge_fn): full finetuning trains the parameters themselves; LoRA trains adapters."""
   if c.lora.rank > 0:
-    from jaxreplay import lora
+    from jaxreplay.models import lora
     return lora.parameterization(c.lora, jax.random.key(c.seed + 1))
   return (lambda params: params), None
 

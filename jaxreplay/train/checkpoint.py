@@ -29,6 +29,8 @@ import orbax.checkpoint as ocp
 from jax import lax
 from jax.experimental import multihost_utils
 
+from jaxreplay.models import decoder
+
 INTEGRITY_VERSION = 1
 TIME_SYNC_STEPS = 10  # multi-host: how often the time-based save decision is agreed on
 
@@ -258,6 +260,10 @@ class Checkpointer:
         if shape != tuple(x.shape):
           where = f"{k} has shape {shape} there, {tuple(x.shape)} here"
           break
+    if where and any("blocks/qkv" in k for k in saved):  # format 1, written before the decoders became one
+      raise CheckpointError(f"The checkpoints in {self.directory} hold the paper model's parameters in the format "
+                            "of jaxreplay before its decoders became one: finish the run with that version (its "
+                            "export then loads in this one), or start it again in a new --workdir.")
     if where:
       raise CheckpointError(f"The checkpoints in {self.directory} were written by a run with a different model "
                             f"or optimizer ({where}): resume with the config that wrote them, or use a new "
@@ -358,7 +364,7 @@ def export(workdir: str, params, config_dict: dict, info: dict):
   ckptr.wait_until_finished()
   ckptr.close()
   if jax.process_index() == 0:
-    info = dict(info, tokenizer=_tokenizer_reference(workdir, config_dict))
+    info = dict(info, tokenizer=_tokenizer_reference(workdir, config_dict), params_format=decoder.PARAMS_FORMAT)
     for name, obj in (("config.json", config_dict), ("info.json", info)):
       tmp = os.path.join(directory, name + ".tmp")
       with open(tmp, "w") as f:
@@ -388,9 +394,10 @@ def exported_info(workdir: str) -> dict:
 
 def load_exported(workdir: str, like_params=None):
   """Restores exported weights onto the shardings of `like_params` (any mesh or device count); without
-  `like_params`, onto this process's first device (for tools that only read them)."""
+  `like_params`, onto this process's first device (for tools that only read them). An export of an earlier
+  parameter format (info.json's params_format, 1 when absent) is converted by `decoder.upgrade_params`."""
   quiet_orbax_logs()
-  exported_config(workdir)
+  old_format = exported_info(workdir).get("params_format", 1) < decoder.PARAMS_FORMAT
   params_dir = os.path.abspath(os.path.join(workdir, "export", "params"))
   ckptr = ocp.StandardCheckpointer()
   with _no_unraisable():
@@ -398,18 +405,18 @@ def load_exported(workdir: str, like_params=None):
       meta = ckptr.metadata(params_dir)
       meta = getattr(meta, "item_metadata", meta)
       meta = meta.tree if hasattr(meta, "tree") else meta
-      if like_params is None:
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        like_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
-      saved, want = _flat(meta), _flat(like_params)
-      for k, x in want.items():
-        m = saved.get(k)
-        if m is None or tuple(m.shape) != tuple(x.shape):
-          got = "nothing" if m is None else f"shape {tuple(m.shape)}"
-          raise CheckpointError(f"The weights exported in {params_dir} do not fit this run's model ({k}: "
-                                f"{got} there, shape {tuple(x.shape)} here): use the same model config as the "
-                                "run that exported them.")
-      return ckptr.restore(params_dir, _abstract(like_params))
+      one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      on_host = lambda tree: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree)
+      if old_format:  # restored whole on this host, converted, then placed
+        saved = decoder.upgrade_params(jax.device_get(ckptr.restore(params_dir, on_host(meta))))
+      else:
+        saved = meta
+      like_params = on_host(saved) if like_params is None else like_params
+      _check_export_fits(params_dir, _flat(saved), _flat(like_params))
+      if not old_format:
+        return ckptr.restore(params_dir, _abstract(like_params))
+      return jax.tree.map(lambda x, like: jax.make_array_from_callback(x.shape, like.sharding, lambda i: x[i]),
+                          saved, like_params)
     except CheckpointError:
       raise
     except Exception as e:
@@ -417,3 +424,13 @@ def load_exported(workdir: str, like_params=None):
                             "pretraining run in that workdir to export them again.") from None
     finally:
       ckptr.close()
+
+
+def _check_export_fits(params_dir: str, saved: dict, want: dict):
+  for k, x in want.items():
+    m = saved.get(k)
+    if m is None or tuple(m.shape) != tuple(x.shape):
+      got = "nothing" if m is None else f"shape {tuple(m.shape)}"
+      raise CheckpointError(f"The weights exported in {params_dir} do not fit this run's model ({k}: "
+                            f"{got} there, shape {tuple(x.shape)} here): use the same model config as the "
+                            "run that exported them.")

@@ -30,10 +30,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxreplay import config as config_lib, hf_import, llama, sharding
+from jaxreplay import config as config_lib, sharding
 from jaxreplay.data import chat as chat_data
 from jaxreplay.evals import mcq
 from jaxreplay.train import optim
+from jaxreplay.models import decoder, hf_import, sampler
 from jaxreplay.train import preemption as preemption_lib
 from jaxreplay.train.instruct_steps import (RealReplay, SelfReplay, local_rows, make_eval_step, make_objective,  # noqa: F401
                                       make_replay_eval_step, make_train_step, sample_bos)
@@ -312,7 +313,7 @@ def run(c, workdir: str) -> dict:
   if c.eval.replay_rows:
     n = -(-c.eval.replay_rows // sharding.batch_divisor(mesh)) * sharding.batch_divisor(mesh)
     if r.bos_id >= 0:
-      samp = llama.Sampling(temperature=float(c.replay.temperature), top_k=int(c.replay.top_k))
+      samp = sampler.SamplingConfig(temperature=float(c.replay.temperature), top_k=int(c.replay.top_k))
       probes["self"] = sample_bos(cfg, frozen, n, r.bos_id, samp, mesh, jax.random.fold_in(key, 2))
     div = sharding.batch_divisor(mesh)
     m = 0 if r.replay_probe is None else len(r.replay_probe[:n]) // div * div
@@ -396,7 +397,7 @@ def run(c, workdir: str) -> dict:
   checkpointer.save(step, state, extra, force=True)
   checkpointer.close()
   result = dict(step=step, tokens=step * r.tokens_per_step, elapsed_s=extra["elapsed_s"],
-                params=llama.param_count(cfg), train_step_compiles=train_step._cache_size(), **last_eval)
+                params=decoder.param_counts(cfg)["true"], train_step_compiles=train_step._cache_size(), **last_eval)
   if c.export.hf:
     hf_import.save_hf(state["params"], cfg, r.directory, os.path.join(workdir, "hf"))
   writer.write(step, dict(final=True, **{k: v for k, v in result.items() if k != "step"}))

@@ -11,14 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxreplay import config as config_lib, llama, losses, sharding
+from jaxreplay import config as config_lib, sharding
 from jaxreplay.data import chat as chat_data
+from jaxreplay.models import decoder, losses, sampler
 
 
 # -------------------------------------------------------------------------------------------------- steps
 
 def _forward(cfg, params, tokens, segments):
-  return llama.logits(cfg, params, tokens, segments, llama.segment_positions(segments))
+  return decoder.logits(cfg, params, tokens, segments, decoder.segment_positions(segments))
 
 
 def make_objective(cfg, method: str, coeff: float):
@@ -38,7 +39,7 @@ def make_objective(cfg, method: str, coeff: float):
     ntp = ntp_weight * losses.next_token_loss(logits, tokens, mask)
     loss = aux["train_ntp"] = ntp
     if method == "kl":
-      teacher = llama.logits(cfg, frozen, replay_BT)
+      teacher = decoder.logits(cfg, frozen, replay_BT)
       aux["train_reg"] = losses.kl_loss(teacher, replay_logits)
     elif method == "ntp":
       aux["train_reg"] = losses.next_token_loss(replay_logits, replay_BT)
@@ -96,9 +97,9 @@ def make_eval_step(cfg):
 
 def make_replay_eval_step(cfg):
   def eval_step(params, frozen, replay_BT):
-    logits = llama.logits(cfg, params, replay_BT)
+    logits = decoder.logits(cfg, params, replay_BT)
     return dict(nll=losses.token_nll(logits, replay_BT).sum(),
-                kl=losses.kl_per_position(llama.logits(cfg, frozen, replay_BT), logits).sum(),
+                kl=losses.kl_per_position(decoder.logits(cfg, frozen, replay_BT), logits).sum(),
                 count=jnp.asarray(replay_BT.shape[0] * (replay_BT.shape[1] - 1), jnp.float32))
 
   return eval_step
@@ -116,7 +117,7 @@ class SelfReplay:
                                    "config.json names no bos_token_id: use replay.source='real'.")
     self.cfg, self.frozen, self.mesh, self.key = cfg, frozen, mesh, key
     self.R, self.buffer = c.replay.batch_size, c.replay.buffer
-    self.sampling = llama.Sampling(temperature=float(c.replay.temperature), top_k=int(c.replay.top_k))
+    self.sampling = sampler.SamplingConfig(temperature=float(c.replay.temperature), top_k=int(c.replay.top_k))
     self.bos_id = bos_id
     self._cache = (None, None)
     self._take = jax.jit(lambda rows, at: jax.lax.dynamic_slice_in_dim(rows, at, self.R),
@@ -134,11 +135,11 @@ class SelfReplay:
     return self._take(self.rows(first // self.buffer), first % self.buffer)
 
 
-def sample_bos(cfg, frozen, n: int, bos_id: int, s: llama.Sampling, mesh, key):
+def sample_bos(cfg, frozen, n: int, bos_id: int, s: sampler.SamplingConfig, mesh, key):
   """n full-length rows sampled from BOS alone; each process supplies its share of the prompt rows."""
   local = np.full((n, 1), bos_id, np.int32)
   local = np.array_split(local, jax.process_count())[jax.process_index()]
-  return llama.generate(cfg, frozen, local, key, cfg.seq_len, s, mesh)
+  return sampler.sample(cfg, frozen, local, key, cfg.seq_len, s, mesh)
 
 
 def local_rows(x: np.ndarray) -> np.ndarray:

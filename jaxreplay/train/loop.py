@@ -19,7 +19,7 @@ from tqdm import tqdm
 from jaxreplay.train import checkpoint as ckpt_lib
 from jaxreplay import config as config_lib
 from jaxreplay.train import metrics as metrics_lib
-from jaxreplay import model as model_lib
+from jaxreplay.models import decoder
 from jaxreplay.train import optim
 from jaxreplay.train import preemption as preemption_lib
 from jaxreplay import sharding
@@ -59,8 +59,8 @@ class Stage:
     self.c, self.workdir = c, workdir
     self.mesh = sharding.make_mesh(c.mesh)
     dtype = config_lib.compute_dtype_name(c, jax.default_backend())
-    self.model_cfg = model_lib.ModelConfig.from_config(c.model, dtype, jax.default_backend())
-    self.counts = model_lib.param_counts(self.model_cfg)
+    self.model_cfg = decoder.ModelConfig.from_config(c.model, dtype, jax.default_backend())
+    self.counts = decoder.param_counts(self.model_cfg)
     self.prev = None  # the pretraining run a finetuning run starts from
     if c.init["from"]:
       self.prev = config_lib.ml_collections.ConfigDict(ckpt_lib.exported_config(c.init["from"]))
@@ -184,7 +184,7 @@ def run(c, workdir: str, evaluators=()) -> dict:
   key = jax.random.key(c.seed)
 
   # Parameters: fresh for pretraining; the exported weights (and a frozen copy, π_pre) for finetuning.
-  abstract_params = jax.eval_shape(lambda: model_lib.init_params(model_cfg, key))
+  abstract_params = jax.eval_shape(lambda: decoder.init_params(model_cfg, key))
   param_sh = sharding.param_shardings(abstract_params, mesh)
   frozen = None
   if stage.prev is not None:
@@ -193,7 +193,7 @@ def run(c, workdir: str, evaluators=()) -> dict:
   trainable_fn, merge_fn = replay_lib.parameterization(c, frozen)
 
   def init_fn(k, frozen_params):
-    params = frozen_params if frozen_params is not None else model_lib.init_params(model_cfg, k)
+    params = frozen_params if frozen_params is not None else decoder.init_params(model_cfg, k)
     params = trainable_fn(params)
     return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
 
@@ -223,7 +223,7 @@ def run(c, workdir: str, evaluators=()) -> dict:
 
   writer = metrics_lib.MetricWriter(workdir, c.log, c.to_dict(), resume_step=start_step)
   peak = metrics_lib.cached_matmul_peak(model_cfg.dtype) if jax.process_index() == 0 else None
-  throughput = metrics_lib.Throughput(stage.tokens_per_step, model_lib.flops_per_token(model_cfg), peak)
+  throughput = metrics_lib.Throughput(stage.tokens_per_step, decoder.flops_per_token(model_cfg), peak)
   bar = tqdm(total=stage.total_steps, initial=start_step, disable=not (c.log.progress and jax.process_index() == 0),
              desc=os.path.basename(os.path.abspath(workdir)), unit="step", dynamic_ncols=True)
 

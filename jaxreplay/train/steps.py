@@ -12,13 +12,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxreplay import losses
-from jaxreplay import model as model_lib
+from jaxreplay.models import decoder, losses
 
 
 def init_state(model_cfg, optimizer, key, trainable_fn: Callable | None = None):
   """{params, opt_state, step}; `trainable_fn` maps fresh params to what is trained (LoRA adapters)."""
-  params = model_lib.init_params(model_cfg, key)
+  params = decoder.init_params(model_cfg, key)
   if trainable_fn is not None:
     params = trainable_fn(params)
   return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
@@ -41,22 +40,22 @@ def make_objective(model_cfg, replay_cfg, merge_fn: Callable | None = None):
     aux = {}
     if method == "replace":
       batch_BT = losses.replace_rows(batch_BT, replay_BT, coeff)
-    logits_BTV = model_lib.logits(model_cfg, params, batch_BT)
+    logits_BTV = decoder.logits(model_cfg, params, batch_BT)
     if method in ("kl", "ntp"):
       # A second forward pass rather than one over both batches concatenated: splitting the joint [2B, T, V]
       # logits afterwards would copy them, which costs more than reading the weights twice.
-      replay_logits = model_lib.logits(model_cfg, params, replay_BT)
+      replay_logits = decoder.logits(model_cfg, params, replay_BT)
     ntp = losses.next_token_loss(logits_BTV, batch_BT)
     aux["train_ntp"] = ntp
     loss = ntp
     if method == "kl":
       if teacher_BTV is None:
-        teacher_BTV = model_lib.logits(model_cfg, frozen, replay_BT)
+        teacher_BTV = decoder.logits(model_cfg, frozen, replay_BT)
       reg = losses.kl_loss(teacher_BTV, replay_logits)  # stop_gradient on the teacher inside
     elif method == "ntp":
       reg = losses.next_token_loss(replay_logits, replay_BT)
     elif method == "kl_downstream":
-      reg = losses.kl_loss(model_lib.logits(model_cfg, frozen, batch_BT), logits_BTV)
+      reg = losses.kl_loss(decoder.logits(model_cfg, frozen, batch_BT), logits_BTV)
     else:
       reg = None
     if reg is not None:
@@ -85,13 +84,13 @@ def make_eval_step(model_cfg, with_kl: bool):
   """Sums over one batch: nll, second-half nll, position count, and KL to the frozen model if asked."""
 
   def eval_step(params, frozen, batch_BT):
-    logits_BTV = model_lib.logits(model_cfg, params, batch_BT)
+    logits_BTV = decoder.logits(model_cfg, params, batch_BT)
     nll_BT = losses.token_nll(logits_BTV, batch_BT)
     half = nll_BT.shape[1] // 2
     out = dict(nll=nll_BT.sum(), nll_h2=nll_BT[:, half:].sum(),
                count=jnp.asarray(nll_BT.size, jnp.float32), count_h2=jnp.asarray(nll_BT[:, half:].size, jnp.float32))
     if with_kl:
-      kl_BT = losses.kl_per_position(model_lib.logits(model_cfg, frozen, batch_BT), logits_BTV)
+      kl_BT = losses.kl_per_position(decoder.logits(model_cfg, frozen, batch_BT), logits_BTV)
       out["kl"] = kl_BT.sum()
     return out
 

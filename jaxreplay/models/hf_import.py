@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints (Llama 3.x, Qwen2/2.5, Qwen3, Mistral-style) into `llama.py`'s parameters.
+"""Hugging Face checkpoints (Llama 3.x, Qwen2/2.5, Qwen3, Mistral-style) into the decoder's parameters.
 
 Reads config.json and the safetensors files of a local directory (one file or a sharded index), maps each
 tensor to its place in the stacked Flax tree and builds every parameter directly on the mesh with
@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jaxreplay import llama
+from jaxreplay import sharding
+from jaxreplay.models import decoder as dec
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
@@ -84,7 +85,7 @@ def _ids(v) -> tuple:
 
 
 def config_from_hf(hf: dict, seq_len: int = 512, dtype="float32", remat: bool = False,
-                   scan_unroll: int = 1) -> llama.LlamaConfig:
+                   scan_unroll: int = 1) -> dec.ModelConfig:
   family = hf.get("model_type", "")
   if family not in SUPPORTED:
     raise ImportError_(f"model_type={family!r} is not supported: use a checkpoint of {', '.join(SUPPORTED)}.")
@@ -102,11 +103,12 @@ def config_from_hf(hf: dict, seq_len: int = 512, dtype="float32", remat: bool = 
   eos = _ids(hf.get("eos_token_id"))
   bos = _ids(hf.get("bos_token_id"))
   pad = _ids(hf.get("pad_token_id"))
-  return llama.LlamaConfig(
+  return dec.ModelConfig(
       vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]), n_layers=int(hf["num_hidden_layers"]),
       n_heads=N, n_kv_heads=int(hf.get("num_key_value_heads") or N),
       head_dim=int(hf.get("head_dim") or hf["hidden_size"] // N), d_mlp=int(hf["intermediate_size"]),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_llama3=scaling,
+      mlp="swiglu", norm_scale=True, norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_base=theta,
+      rope_llama3=scaling,
       tie_embeddings=bool(hf.get("tie_word_embeddings", family != "mistral")),
       qkv_bias=family == "qwen2" or bool(hf.get("attention_bias") and family != "llama"),
       qk_norm=family == "qwen3", seq_len=int(seq_len), bos_id=bos[0] if bos else -1, eos_ids=eos,
@@ -152,7 +154,7 @@ def read_tensor(entry) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------------- mapping
 
-def _layer_map(cfg: llama.LlamaConfig) -> dict:
+def _layer_map(cfg: dec.ModelConfig) -> dict:
   """Flax block leaf → (HF name within a layer, transform from the HF array [out, in] to ours)."""
   D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   m = {
@@ -175,7 +177,7 @@ def _layer_map(cfg: llama.LlamaConfig) -> dict:
   return m
 
 
-def _sources(cfg: llama.LlamaConfig, index: dict) -> dict:
+def _sources(cfg: dec.ModelConfig, index: dict) -> dict:
   """{flax path tuple: fn(index tuple) -> np.ndarray of that slice, float32}."""
   def need(name):
     if name not in index:
@@ -201,10 +203,9 @@ def _sources(cfg: llama.LlamaConfig, index: dict) -> dict:
   return out
 
 
-def load_params(directory: str, cfg: llama.LlamaConfig, mesh=None):
+def load_params(directory: str, cfg: dec.ModelConfig, mesh=None):
   """Parameters of `cfg`'s shapes, fp32, each placed with `sharding.param_shardings` on `mesh` (or device 0)."""
-  from jaxreplay import sharding
-  abstract = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0)))
+  abstract = jax.eval_shape(lambda: dec.init_params(cfg, jax.random.key(0)))
   if mesh is None:
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
   shardings = sharding.param_shardings(abstract, mesh)
@@ -225,7 +226,7 @@ def _normalise(idx, shape):
 
 def load(path_or_id: str, seq_len: int = 512, dtype="float32", mesh=None, remat: bool = False,
          scan_unroll: int = 1):
-  """(LlamaConfig, params, local directory) of a Hugging Face checkpoint."""
+  """(ModelConfig, params, local directory) of a Hugging Face checkpoint."""
   directory = resolve(path_or_id)
   cfg = config_from_hf(read_config(directory), seq_len, dtype, remat, scan_unroll)
   return cfg, load_params(directory, cfg, mesh), directory
@@ -233,7 +234,7 @@ def load(path_or_id: str, seq_len: int = 512, dtype="float32", mesh=None, remat:
 
 # ----------------------------------------------------------------------------------------------------- export
 
-def save_hf(params, cfg: llama.LlamaConfig, source_dir: str, out_dir: str):
+def save_hf(params, cfg: dec.ModelConfig, source_dir: str, out_dir: str):
   """Writes params as OUT_DIR/model.safetensors (float32) with SOURCE_DIR's config and tokenizer files."""
   import shutil
   from safetensors.numpy import save_file

@@ -2,7 +2,8 @@
 
 One compiled program per (model, batch, prompt length, length, sampling settings, mesh): the prompt is
 prefilled in one forward pass, then a loop over positions inside the same program decodes one token per row
-per step, so nothing returns to the host until the whole batch is done.
+per step, so nothing returns to the host until the whole batch is done. It serves every block type of the
+decoder; the KV cache's layout is the platform's (`decode.default_layout`).
 
 Tokens are drawn by inversion: one uniform number per row per step, located in the cumulative sum of the
 (unnormalised) probabilities. That is exact, and much cheaper on a CPU than Gumbel noise over the whole
@@ -21,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxreplay import model as model_lib
 from jaxreplay import sharding
+from jaxreplay.models import decode
+from jaxreplay.models import decoder as dec
 
 
 class SamplingError(ValueError):
@@ -129,89 +131,6 @@ def _batch_spec(mesh, ndim: int, batch_dim: int = 0):
   return NamedSharding(mesh, P(*spec))
 
 
-def decode_weights(cfg: model_lib.ModelConfig, params) -> dict:
-  """Per-layer matrices in the compute dtype, sliced and reshaped once per sampling call, not once per token."""
-  D, NH, dt = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.dtype
-  b = params["blocks"]
-  layers = [dict(qkv=b["qkv"][l].reshape(D, 3 * NH).astype(dt), out=b["out"][l].reshape(NH, D).astype(dt),
-                 up=b["up"][l].astype(dt), down=b["down"][l].astype(dt)) for l in range(cfg.n_layers)]
-  return dict(embed=params["embed"], unembed=params["unembed"].astype(dt), layers=layers)
-
-
-def rope_table(cfg: model_lib.ModelConfig, length: int):
-  """sin, cos [length, H/2] of every position (model.rope's arithmetic), computed once per sampling call:
-  computed inside the decode step, XLA fuses them into every use and evaluates them per element."""
-  H = cfg.head_dim
-  freq_h = cfg.rope_base ** (-jnp.arange(0, H // 2, dtype=jnp.float32) * 2.0 / H)
-  angle_Sh = jnp.arange(length, dtype=jnp.float32)[:, None] * freq_h
-  return jnp.sin(angle_Sh), jnp.cos(angle_Sh)
-
-
-def decode_cache(cfg: model_lib.ModelConfig, batch_size: int, length: int) -> dict:
-  """An empty decode cache: per layer k, v [S, H, B·N] in the compute dtype (the layout `decode_step` reads)."""
-  shape = (length, cfg.head_dim, batch_size * cfg.n_heads)
-  return {name: [jnp.zeros(shape, cfg.dtype)] * cfg.n_layers for name in ("k", "v")}
-
-
-def decode_step(cfg: model_lib.ModelConfig, w: dict, cache: dict, token_B, pos, span: int, rope_sin_cos):
-  """Logits [B, V] for one new token per row at position `pos`, and the cache with its key/value written.
-
-  The same computation as `model.Transformer` for a single query, arranged for decoding: layers unrolled, the
-  cache (per layer k, v [S, H, B·N]) updated in place, and attention as a multiply-reduce over the first
-  `span` cache entries (a static bound ≥ pos) plus the token itself. A batched matrix-vector product runs
-  slowly on XLA's CPU backend; the multiply-reduce with rows × heads as the minor, contiguous dimension
-  vectorises over it (XLA:CPU's loops vectorise the minor dimension only) and slices the cache for free.
-  """
-  N, H, eps, dt = cfg.n_heads, cfg.head_dim, cfg.norm_eps, cfg.dtype
-  B = token_B.shape[0]
-  x_BD = jnp.take(w["embed"], token_B, axis=0).astype(dt)
-  mask_S = (jnp.arange(span) < pos)[:, None]  # entries written by earlier tokens
-  # Every row is at the same position: one rotation for all rows, heads and layers.
-  sin_h, cos_h = (jax.lax.dynamic_index_in_dim(t, pos, keepdims=False) for t in rope_sin_cos)
-
-  def norm_rope(x_B2NH):  # QK-norm and RoPE on q and k together
-    x_B2NH = model_lib.rms_norm(x_B2NH, eps)
-    x1, x2 = jnp.split(x_B2NH.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos_h - x2 * sin_h, x2 * cos_h + x1 * sin_h], axis=-1).astype(dt)
-
-  new_k, new_v = [], []
-  for l, lw in enumerate(w["layers"]):
-    h_BD = model_lib.rms_norm(x_BD, eps)
-    qkv_B3NH = (h_BD @ lw["qkv"]).reshape(B, 3, N, H)
-    qk_B2NH = norm_rope(qkv_B3NH[:, :2])
-    q_BNH, k_BNH = qk_B2NH[:, 0], qk_B2NH[:, 1]
-    v_BNH = qkv_B3NH[:, 2]
-    # Attend to the cached entries before pos and to the token's own key/value, then write those into the cache.
-    kc_SHX, vc_SHX = cache["k"][l], cache["v"][l]
-    # X = B·N: every (row, head) pair, the minor dimension.
-    q32_HX = q_BNH.astype(jnp.float32).reshape(B * N, H).T * (H ** -0.5)
-    k_HX, v_HX = k_BNH.reshape(B * N, H).T, v_BNH.reshape(B * N, H).T
-    old_SX = jnp.sum(q32_HX * kc_SHX[:span].astype(jnp.float32), axis=1)
-    old_SX = jnp.where(mask_S, old_SX, -jnp.inf)
-    new_X = jnp.sum(q32_HX * k_HX.astype(jnp.float32), axis=0)
-    top_X = jnp.maximum(jnp.max(old_SX, axis=0), new_X)
-    e_old_SX = jnp.exp(old_SX - top_X)
-    e_new_X = jnp.exp(new_X - top_X)
-    attn_HX = (jnp.sum(e_old_SX[:, None] * vc_SHX[:span].astype(jnp.float32), axis=0)
-               + e_new_X * v_HX.astype(jnp.float32))
-    attn_BNH = (attn_HX / (jnp.sum(e_old_SX, axis=0) + e_new_X)).T.reshape(B, N, H).astype(dt)
-    # XLA updates a loop-carried buffer in place only if the value written provably comes after every read
-    # of the old buffer: a zero that depends on the attention output (x·0 is not folded for floats) says so,
-    # and the barrier keeps the attention from being fused into the update (which would read the old buffer).
-    attn_BNH, k_HX, v_HX = jax.lax.optimization_barrier((attn_BNH, k_HX, v_HX))
-    after_reads = 0.0 * attn_BNH[:1, :1, 0].astype(kc_SHX.dtype)
-    new_k.append(jax.lax.dynamic_update_slice(kc_SHX, (k_HX.astype(kc_SHX.dtype) + after_reads)[None],
-                                              (pos, 0, 0)))
-    new_v.append(jax.lax.dynamic_update_slice(vc_SHX, (v_HX.astype(vc_SHX.dtype) + after_reads)[None],
-                                              (pos, 0, 0)))
-    x_BD = x_BD + attn_BNH.reshape(B, N * H) @ lw["out"]
-    h_BD = model_lib.rms_norm(x_BD, eps)
-    x_BD = x_BD + jax.nn.gelu(h_BD @ lw["up"]) @ lw["down"]
-  h_BD = model_lib.rms_norm(x_BD, eps)
-  logits_BV = jnp.dot(h_BD, w["unembed"], preferred_element_type=jnp.float32)
-  return logits_BV, dict(k=new_k, v=new_v)
-
-
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
@@ -235,12 +154,13 @@ def _chunks(start: int, stop: int, n: int):
   return list(zip(edges[:-1], edges[1:]))
 
 
-def make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: int, prompt_len: int, length: int,
-                 mesh=None, chunks: int | None = None, return_logits: bool = False):
+def make_sampler(cfg: dec.ModelConfig, sc: SamplingConfig, batch_size: int, prompt_len: int, length: int,
+                 mesh=None, chunks: int | None = None, return_logits: bool = False, layout: str | None = None):
   """A `Sampler`: sampler(params, prompt_BP, key) -> tokens [B, length] int32, the first P being the prompt.
 
   Decoding runs as `chunks` loops over consecutive position ranges, each attending only to the cache entries
   its last position can see: shapes stay static and the average cache read drops to ~(chunks+1)/(2·chunks).
+  `layout` is the KV cache's (`decode.LAYOUTS`); None = the platform's (`decode.default_layout`).
 
   With `return_logits` the sampler returns (tokens [B, T], logits [B, T, V] fp32), where logits[:, t] are the
   model's raw logits (before temperature, top-k, top-p) predicting token t+1 from tokens 0..t: what a full
@@ -249,46 +169,64 @@ def make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: int
   after every row stopped at `eos_id`, if the loop ends early). Cached per argument values (one compiled
   program each); arguments left at their defaults and passed explicitly share it.
   """
-  return _make_sampler(cfg, sc, batch_size, prompt_len, length, mesh, chunks, bool(return_logits))
+  platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+  layout = layout or decode.default_layout(platform)
+  if layout not in decode.LAYOUTS:
+    raise SamplingError(f"layout={layout!r} is not a cache layout: use one of {', '.join(decode.LAYOUTS)}.")
+  if chunks is None:  # each range is one more loop to compile: worth it only for long rows that it shortens
+    chunks = max(1, min(8, (length - prompt_len) // 32)) if layout == "heads_minor" else 1
+  return _make_sampler(cfg, sc, batch_size, prompt_len, length, mesh, chunks, bool(return_logits), layout)
 
 
-@functools.lru_cache(maxsize=32)
-def _make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: int, prompt_len: int, length: int,
-                  mesh, chunks: int | None, return_logits: bool):
+def _check(cfg: dec.ModelConfig, sc: SamplingConfig, B: int, Pl: int, T: int, mesh):
   sc.check(cfg.vocab_size)
-  B, Pl, T = batch_size, prompt_len, length
-  if chunks is None:  # each range is one more loop to compile: worth it only for long rows
-    chunks = max(1, min(8, (T - Pl) // 32))
   if not 1 <= Pl <= T:
     raise SamplingError(f"The prompt length {Pl} must lie in [1, length={T}]: give at least one prompt token "
                         "(a dataset id or BOS) and a length no shorter than the prompt.")
   if mesh is not None and B % sharding.batch_divisor(mesh):
     raise SamplingError(f"The sampling batch of {B} rows is not divisible by the {sharding.batch_divisor(mesh)} "
                         "data-parallel devices: choose a multiple of mesh.data × mesh.fsdp.")
+
+
+def _decode_loops(carry, body, start: int, stop: int, chunks: int, early_stop: bool):
+  """Runs body(pos, carry, span) for pos in [start, stop), as one loop per chunk; with `early_stop` each loop
+  also ends once every row is done (carry[3])."""
+  for a, b in _chunks(start, stop, chunks):
+    span = max(2, b - 2)  # the range's last step decodes the token at b-2, which attends to entries 0..b-3
+    if early_stop:
+      def cond(c, b=b):
+        return (c[0] < b) & ~jnp.all(c[1][3])
+      def step(c, span=span):
+        return c[0] + 1, body(c[0], c[1], span)
+      carry = jax.lax.while_loop(cond, step, (jnp.int32(a), carry))[1]
+    else:
+      carry = jax.lax.fori_loop(a, b, functools.partial(body, span=span), carry)
+  return carry
+
+
+@functools.lru_cache(maxsize=32)
+def _make_sampler(cfg: dec.ModelConfig, sc: SamplingConfig, batch_size: int, prompt_len: int, length: int,
+                  mesh, chunks: int, return_logits: bool, layout: str):
+  B, Pl, T = batch_size, prompt_len, length
+  _check(cfg, sc, B, Pl, T, mesh)
   stop = sc.eos_id >= 0
-  N, H = cfg.n_heads, cfg.head_dim
 
   def constrain(x, batch_dim=0):
     return x if mesh is None else jax.lax.with_sharding_constraint(x, _batch_spec(mesh, x.ndim, batch_dim))
 
   def run(params, prompt_BP, u_TB):
+    # Tokens are written by position, never where a slot holds pad_id: a prompt may contain that id.
     prompt_BP = constrain(prompt_BP.astype(jnp.int32))
     tokens_BT = constrain(jnp.full((B, T), sc.pad_id, jnp.int32))
     tokens_BT = jax.lax.dynamic_update_slice(tokens_BT, prompt_BP, (0, 0))
     if Pl == T:
-      return (tokens_BT, model_lib.logits(cfg, params, prompt_BP)) if return_logits else tokens_BT
+      return (tokens_BT, dec.logits(cfg, params, prompt_BP)) if return_logits else tokens_BT
     # Prefill: the whole prompt in one forward pass; its keys/values start the decode cache.
-    logits_BPV, pre = model_lib.apply(cfg, params, prompt_BP, cache=model_lib.init_cache(cfg, B, Pl), cache_index=0)
-    cache = {}
-    for name, layers in decode_cache(cfg, B, T).items():
-      prefix = [pre[name][l].transpose(1, 3, 0, 2).reshape(Pl, H, B * N).astype(cfg.dtype) for l in range(len(layers))]
-      cache[name] = [jax.lax.dynamic_update_slice(constrain(empty, batch_dim=2), x, (0, 0, 0))
-                     for empty, x in zip(layers, prefix)]
+    logits_BPV, pre = dec.apply(cfg, params, prompt_BP, cache=dec.init_cache(cfg, B, Pl), cache_index=0)
+    cache, decode_step = decode.make_step(cfg, layout, params, pre, B, T, constrain)
     token_B = sample_from_logits(u_TB[Pl], logits_BPV[:, -1], sc)
     tokens_BT = tokens_BT.at[:, Pl].set(token_B)
     done_B = token_B == sc.eos_id if stop else jnp.zeros((B,), bool)
-    w = decode_weights(cfg, params)
-    rope_sin_cos = rope_table(cfg, T)
     extra = ()
     if return_logits:  # a preallocated buffer in the loop carry, written one position per step
       logits_BTV = constrain(jnp.zeros((B, T, cfg.vocab_size), jnp.float32))
@@ -297,7 +235,7 @@ def _make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: in
     def body(pos, carry, span):
       tokens_BT, cache, token_B, done_B, *extra = carry
       # The token at pos-1 goes into the cache at pos-1; its logits choose the token at pos.
-      logits_BV, cache = decode_step(cfg, w, cache, token_B, pos - 1, span, rope_sin_cos)
+      logits_BV, cache = decode_step(cache, token_B, pos - 1, span)
       new_B = sample_from_logits(u_TB[pos], logits_BV, sc)
       if stop:
         new_B = jnp.where(done_B, sc.pad_id, new_B)
@@ -307,17 +245,7 @@ def _make_sampler(cfg: model_lib.ModelConfig, sc: SamplingConfig, batch_size: in
         extra = [jax.lax.dynamic_update_slice(extra[0], logits_BV[:, None], (0, pos - 1, 0))]
       return (tokens_BT, cache, new_B, done_B, *extra)
 
-    carry = (tokens_BT, cache, token_B, done_B, *extra)
-    for a, b in _chunks(Pl + 1, T, chunks):
-      span = max(2, b - 2)  # the range's last step decodes the token at b-2, which attends to entries 0..b-3
-      if stop:
-        def cond(c, b=b):
-          return (c[0] < b) & ~jnp.all(c[1][3])
-        def step(c, span=span):
-          return c[0] + 1, body(c[0], c[1], span)
-        carry = jax.lax.while_loop(cond, step, (jnp.int32(a), carry))[1]
-      else:
-        carry = jax.lax.fori_loop(a, b, functools.partial(body, span=span), carry)
+    carry = _decode_loops((tokens_BT, cache, token_B, done_B, *extra), body, Pl + 1, T, chunks, stop)
     return (carry[0], carry[4]) if return_logits else carry[0]
 
   out_sh = sharding.batch_sharding(mesh) if mesh is not None else None
@@ -349,7 +277,7 @@ class Sampler:
     return self.program(params, prompt_BP, self.uniforms(key))
 
 
-def sample(cfg: model_lib.ModelConfig, params, prompt_BP, key, length: int | None = None,
+def sample(cfg: dec.ModelConfig, params, prompt_BP, key, length: int | None = None,
            sc: SamplingConfig = SamplingConfig(), mesh=None):
   """Samples rows of `length` tokens (default cfg.seq_len) continuing `prompt_BP` (same length for every row).
 

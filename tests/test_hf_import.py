@@ -1,4 +1,4 @@
-"""The Flax Llama against Hugging Face transformers on tiny random checkpoints made here (CPU, no downloads)."""
+"""The decoder, imported from Hugging Face checkpoints, against transformers on tiny random checkpoints made here (CPU, no downloads)."""
 
 import json
 import os
@@ -11,11 +11,12 @@ import pytest
 torch = pytest.importorskip("torch", reason="the Llama import tests compare against torch (pip install torch)")
 transformers = pytest.importorskip("transformers", reason="the Llama import tests need transformers")
 
-from jaxreplay import hf_import, llama, sharding  # noqa: E402
+from jaxreplay import sharding  # noqa: E402
+from jaxreplay.models import decoder, hf_import, sampler  # noqa: E402
 
 V = 300
-_logits = jax.jit(llama.logits, static_argnums=0)  # eager flax compiles op by op: slow on a shared 2-core CPU
-_apply_cached = jax.jit(lambda cfg, p, t, c, i: llama.apply(cfg, p, t, cache=c, cache_index=i), static_argnums=0)
+_logits = jax.jit(decoder.logits, static_argnums=0)  # eager flax compiles op by op: slow on a shared 2-core CPU
+_apply_cached = jax.jit(lambda cfg, p, t, c, i: decoder.apply(cfg, p, t, cache=c, cache_index=i), static_argnums=0)
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=V, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
 
@@ -71,8 +72,11 @@ def test_logits_and_greedy_generation_match_transformers(checkpoints, family):
   model.generation_config.pad_token_id = 0
   with torch.no_grad():
     want = model.generate(torch.tensor(prompt), do_sample=False, max_new_tokens=26).numpy()
-  got = np.asarray(llama.generate(cfg, params, prompt, jax.random.key(0), length=32, s=llama.Sampling(temperature=0)))
+  greedy = sampler.SamplingConfig(temperature=0)
+  got = np.asarray(sampler.sample(cfg, params, prompt, jax.random.key(0), length=32, sc=greedy))
   np.testing.assert_array_equal(got, want)
+  general = sampler.make_sampler(cfg, greedy, 2, 6, 32, layout="general")  # the layout off CPU
+  np.testing.assert_array_equal(np.asarray(general(params, prompt, jax.random.key(0))), want)
   assert len(set(got[0, 6:].tolist())) > 3  # greedy decoding does not collapse onto one token
 
 
@@ -80,7 +84,7 @@ def test_cache_prefill_plus_decode_equals_full_forward(checkpoints):
   cfg, params, _ = hf_import.load(checkpoints["llama"][0], seq_len=32)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, V, (2, 12)))
   full = _logits(cfg, params, tokens)
-  cache = llama.init_cache(cfg, 2, 16)
+  cache = decoder.init_cache(cfg, 2, 16)
   first, cache = _apply_cached(cfg, params, tokens[:, :8], cache, 0)
   rest = []
   for t in range(8, 12):
@@ -95,7 +99,7 @@ def test_segments_make_packed_examples_independent(checkpoints):
   a, b = rng.integers(0, V, (1, 7)), rng.integers(0, V, (1, 9))
   packed = jnp.asarray(np.concatenate([a, b, np.zeros((1, 4), int)], axis=1))
   segments = jnp.asarray([[1] * 7 + [2] * 9 + [0] * 4])
-  positions = llama.segment_positions(segments)
+  positions = decoder.segment_positions(segments)
   assert positions[0, 7] == 0 and positions[0, 15] == 8
   out = _logits(cfg, params, packed, segments, positions)
   # Each example alone, right-padded to the same shape (one compilation): causal, so the padding is unseen.
@@ -108,7 +112,8 @@ def test_segments_make_packed_examples_independent(checkpoints):
 MESH_SCRIPT = """
 import json, sys
 import jax
-from jaxreplay import hf_import, sharding
+from jaxreplay import sharding
+from jaxreplay.models import hf_import
 directory, out = sys.argv[1:3]
 mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=2))
 cfg, params, _ = hf_import.load(directory, seq_len=32, mesh=mesh)
@@ -143,7 +148,7 @@ def test_import_onto_a_mesh_and_export_round_trip(checkpoints, tmp_path):
 
 def test_partition_rules_shard_heads_and_mlp_over_tensor(checkpoints):
   cfg = hf_import.config_from_hf(hf_import.read_config(checkpoints["llama"][0]))
-  abstract = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0)))
+  abstract = jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.key(0)))
 
   class FakeMesh:
     shape = {"data": 1, "fsdp": 2, "tensor": 2}
@@ -177,7 +182,8 @@ SHARDED = r"""
 import os, sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import PartitionSpec as P
-from jaxreplay import hf_import, llama, sharding
+from jaxreplay import sharding
+from jaxreplay.models import decoder, hf_import, sampler
 d = sys.argv[1]
 cfg, one, _ = hf_import.load(d, seq_len=32)
 mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=2))
@@ -185,11 +191,11 @@ _, four, _ = hf_import.load(d, seq_len=32, mesh=mesh)
 assert four["blocks"]["q_proj"].sharding.spec == P(None, "fsdp", "tensor", None), four["blocks"]["q_proj"].sharding
 assert four["embed"].sharding.spec == P("tensor", "fsdp")
 tokens = np.random.default_rng(0).integers(0, 300, (4, 16)).astype(np.int32)
-f = jax.jit(llama.logits, static_argnums=0)
+f = jax.jit(decoder.logits, static_argnums=0)
 np.testing.assert_allclose(f(cfg, four, sharding.put_batch(tokens, mesh)), f(cfg, one, tokens), atol=2e-4, rtol=1e-4)
-greedy = llama.Sampling(temperature=0)
-a = llama.generate(cfg, one, tokens[:, :3], jax.random.key(0), 16, greedy)
-b = llama.generate(cfg, four, tokens[:, :3], jax.random.key(0), 16, greedy, mesh)
+greedy = sampler.SamplingConfig(temperature=0)
+a = sampler.sample(cfg, one, tokens[:, :3], jax.random.key(0), 16, greedy)
+b = sampler.sample(cfg, four, tokens[:, :3], jax.random.key(0), 16, greedy, mesh)
 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 print("SHARDED_OK")
 """

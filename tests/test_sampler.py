@@ -1,4 +1,5 @@
 """The KV-cache sampler against a naive sampler, greedy decoding, and exactly known distributions."""
+import dataclasses
 import json
 import math
 import os
@@ -11,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxreplay import model as M
-from jaxreplay import sampling as S
+from jaxreplay.models import decode
+from jaxreplay.models import decoder as M
+from jaxreplay.models import sampler as S
 
 TINY = M.ModelConfig(d_model=32, n_layers=2, head_dim=8, seq_len=12, vocab_size=50)
 
@@ -56,10 +58,11 @@ def naive_sample(full_logits, params, prompt, u_TB, sc):
 def test_decode_step_matches_full_forward(params, full_logits):
   toks = np.asarray(jax.random.randint(jax.random.key(1), (4, 12), 0, 50))
   full = full_logits(params, toks)
-  w = S.decode_weights(TINY, params)
-  cache = S.decode_cache(TINY, 4, 12)
-  rope = S.rope_table(TINY, 12)
-  step = jax.jit(lambda c, t, p: S.decode_step(TINY, w, c, t, p, 12, rope))
+  w = decode.decode_weights(TINY, params)
+  empty = dict(k=jnp.zeros((TINY.n_layers, 4, 0, TINY.n_heads, TINY.head_dim)))
+  cache = decode.heads_minor_cache(TINY, dict(empty, v=empty["k"]), 4, 12, lambda x, _: x)
+  rope = decode.rope_table(TINY, 12)
+  step = jax.jit(lambda c, t, p: decode.heads_minor_step(TINY, w, c, t, p, 12, rope))
   outs = []
   for t in range(12):
     lg, cache = step(cache, toks[:, t], t)
@@ -127,24 +130,87 @@ def test_eos_stops_rows_and_pads_the_rest(params, full_logits):
   assert n_stopped >= 1
 
 
-# --- Exactly known distributions ------------------------------------------------------------------------------
-# With every block weight zero, attention and MLP add nothing: logits = rms_norm(embed[prev]) @ unembed, so each
-# token depends only on the previous one, through a transition matrix computed here in float64.
-V = 8
-MARKOV = M.ModelConfig(d_model=16, n_layers=1, head_dim=8, seq_len=3, vocab_size=V)
+# --- One sampler for every block type -------------------------------------------------------------------------
+# Llama/Qwen's fields: grouped key/value heads, SwiGLU, learned norm scales, q/k/v biases, tied embeddings, RoPE
+# with Llama-3 scaling.
+LLAMA = dataclasses.replace(TINY, n_heads=4, n_kv_heads=2, mlp="swiglu", norm_scale=True, qk_norm=False,
+                            qkv_bias=True, tie_embeddings=True, rope_base=5e5, rope_llama3=(8.0, 1.0, 4.0, 4.0))
+QWEN3 = dataclasses.replace(TINY, n_heads=2, n_kv_heads=1, mlp="swiglu", norm_scale=True, d_mlp=48)  # N·H ≠ D
 
 
-def markov_params():
-  p = np_params(MARKOV, 1)
-  p["blocks"] = jax.tree.map(np.zeros_like, p["blocks"])
-  p["unembed"] = p["unembed"] * 1.5
+def scaled_params(cfg, seed):
+  p = np_params(cfg, seed, scale=2.0)
+  if cfg.norm_scale:  # scales near 1, biases small: a peaky model whose every field matters
+    p = jax.tree_util.tree_map_with_path(lambda path, x: 1.0 + 0.3 * x if "norm" in str(path[-1]) else (
+        0.3 * x if "bias" in str(path[-1]) else x), p)
   return p
 
 
-def transition_logits(p):
+@pytest.mark.parametrize("cfg", [TINY, LLAMA, QWEN3], ids=["paper", "llama", "qwen3"])
+def test_the_cpu_cache_layout_equals_the_general_path(cfg):
+  """The [S, H, B·N] layout (picked on CPU) and the decoder's own cache give the same rows and logits."""
+  assert decode.default_layout("cpu") == "heads_minor" and decode.default_layout("gpu") == "general"
+  p = scaled_params(cfg, 3)
+  prompt = np.asarray(jax.random.randint(jax.random.key(2), (4, 2), 0, 50), np.int32)
+  sc = S.SamplingConfig(temperature=0.8)
+  out = {layout: S.make_sampler(cfg, sc, 4, 2, 12, return_logits=True, layout=layout)(p, prompt, jax.random.key(3))
+         for layout in decode.LAYOUTS}
+  np.testing.assert_array_equal(out["general"][0], out["heads_minor"][0])
+  np.testing.assert_allclose(out["general"][1], out["heads_minor"][1], atol=2e-5, rtol=1e-5)
+  full = jax.jit(lambda p, t: M.logits(cfg, p, t))(p, out["general"][0])
+  np.testing.assert_allclose(out["heads_minor"][1][:, :-1], full[:, :-1], atol=1e-4, rtol=1e-4)
+  assert len({tuple(r) for r in np.asarray(out["general"][0])}) > 1
+
+
+@pytest.mark.parametrize("cfg", [TINY, LLAMA], ids=["paper", "llama"])
+def test_a_prompt_holding_the_pad_id_keeps_it_as_a_token(cfg):
+  """The pad id 0 is also the pretraining data's dataset id (reserved ids 0-9): prompt slots holding it are
+  prompt, never free slots to write. The sampler writes by position: the rows equal a naive sampler's, in which
+  the model reads those 0s as tokens, and equal the rows sampled with a pad id no prompt holds."""
+  p = scaled_params(cfg, 4)
+  full = jax.jit(lambda p, t: M.logits(cfg, p, t))
+  prompt = np.array([[0, 0, 7], [5, 0, 0], [0, 3, 0], [0, 0, 0]], np.int32)
+  key, sc = jax.random.key(6), S.SamplingConfig(pad_id=0)
+  sampler = S.make_sampler(cfg, sc, 4, 3, 12)
+  got = np.asarray(sampler(p, prompt, key))
+  np.testing.assert_array_equal(got[:, :3], prompt)
+  np.testing.assert_array_equal(got, naive_sample(full, p, prompt, sampler.uniforms(key), sc))
+  np.testing.assert_array_equal(got, S.make_sampler(cfg, S.SamplingConfig(pad_id=49), 4, 3, 12)(p, prompt, key))
+  # With an EOS stop, pad 0 fills the stopped rows only after their EOS; the prompt's 0s stay.
+  eos = int(np.bincount(got[:, 3:].ravel(), minlength=50).argmax())
+  stopped = np.asarray(S.make_sampler(cfg, S.SamplingConfig(pad_id=0, eos_id=eos), 4, 3, 12)(p, prompt, key))
+  np.testing.assert_array_equal(stopped[:, :3], prompt)
+  for row_free, row in zip(got, stopped):
+    end = 3 + np.flatnonzero(row_free[3:] == eos)[0] + 1 if eos in row_free[3:] else 12
+    np.testing.assert_array_equal(row[:end], row_free[:end])
+    assert np.all(row[end:] == 0)
+
+
+# --- Exactly known distributions ------------------------------------------------------------------------------
+# With every block weight zero, attention and MLP add nothing: logits = rms_norm(embed[prev]) · scale @ unembed,
+# so each token depends only on the previous one, through a transition matrix computed here in float64.
+V = 8
+MARKOV = M.ModelConfig(d_model=16, n_layers=1, head_dim=8, seq_len=3, vocab_size=V)
+MARKOV_LLAMA = dataclasses.replace(MARKOV, n_kv_heads=1, mlp="swiglu", norm_scale=True, qkv_bias=True,
+                                   tie_embeddings=True, rope_llama3=(8.0, 1.0, 4.0, 2.0))
+
+
+def markov_params(cfg):
+  p = np_params(cfg, 1)
+  p["blocks"] = jax.tree.map(np.zeros_like, p["blocks"])
+  if cfg.tie_embeddings:
+    p["norm"] = p["norm"] * 1.5 + 0.5
+  else:
+    p["unembed"] = p["unembed"] * 1.5
+  return p
+
+
+def transition_logits(cfg, p):
   e = p["embed"].astype(np.float64)
-  h = e / np.sqrt(np.mean(e * e, -1, keepdims=True) + MARKOV.norm_eps)
-  return h @ p["unembed"].astype(np.float64)
+  h = e / np.sqrt(np.mean(e * e, -1, keepdims=True) + cfg.norm_eps)
+  if cfg.norm_scale:
+    h = h * p["norm"].astype(np.float64)
+  return h @ (e.T if cfg.tie_embeddings else p["unembed"].astype(np.float64))
 
 
 def softmax(x):
@@ -178,13 +244,14 @@ def truncated(logits, top_k=0, top_p=1.0):
   return softmax(np.where(keep, logits, -np.inf))
 
 
+@pytest.mark.parametrize("cfg", [MARKOV, MARKOV_LLAMA], ids=["paper", "llama"])
 @pytest.mark.parametrize("sc", [S.SamplingConfig(temperature=1.0), S.SamplingConfig(temperature=0.6),
                                 S.SamplingConfig(top_k=3), S.SamplingConfig(top_p=0.6)])
-def test_empirical_frequencies_match_the_exact_distribution(sc):
-  p = markov_params()
-  logits = transition_logits(p) / sc.temperature
+def test_empirical_frequencies_match_the_exact_distribution(cfg, sc):
+  p = markov_params(cfg)
+  logits = transition_logits(cfg, p) / sc.temperature
   B, first = 6000, 2
-  out = np.asarray(S.make_sampler(MARKOV, sc, B, 1, 3)(p, np.full((B, 1), first, np.int32), jax.random.key(11)))
+  out = np.asarray(S.make_sampler(cfg, sc, B, 1, 3)(p, np.full((B, 1), first, np.int32), jax.random.key(11)))
   dist = np.stack([truncated(lg, sc.top_k, sc.top_p) for lg in logits])
   check_frequencies(out[:, 1], dist[first])
   if sc.top_k:
@@ -203,6 +270,8 @@ def test_bad_arguments_are_refused():
     S.make_sampler(TINY, S.SamplingConfig(top_p=0.0), 2, 1, 12)
   with pytest.raises(S.SamplingError, match="eos_id"):
     S.make_sampler(TINY, S.SamplingConfig(eos_id=50), 2, 1, 12)
+  with pytest.raises(S.SamplingError, match="layout"):
+    S.make_sampler(TINY, S.SamplingConfig(), 2, 1, 12, layout="rows_minor")
 
 
 SHARDED = textwrap.dedent("""
@@ -210,8 +279,9 @@ SHARDED = textwrap.dedent("""
     import jax, numpy as np
     import ml_collections
     sys.path.insert(0, "tests")
-    from test_sampling import TINY, np_params
-    from jaxreplay import model as M, sampling as S, sharding
+    from test_sampler import TINY, np_params
+    from jaxreplay import sharding
+    from jaxreplay.models import decoder as M, sampler as S
     out = {}
     for name, mesh_cfg in (("one", None), ("four", dict(data=2, fsdp=2, tensor=1)),
                            ("tensor", dict(data=1, fsdp=2, tensor=2))):
