@@ -145,14 +145,41 @@ class Block(nn.Module):
     scale = self.param(name, nn.initializers.ones, (dim,), jnp.float32) if cfg.norm_scale else None
     return rms_norm(x, cfg.norm_eps, scale)
 
+  def matrices(self):
+    """The block's weight matrices (q, k, v, o, gate or None, up, down), declared as parameters."""
+    cfg = self.cfg
+    D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_mlp
+    if cfg.family == "paper" and cfg.mlp == "gelu" and K == N:
+      return self.paper_matrices()
+    p = lambda name, shape, std=D ** -0.5: self.param(name, _normal(std), shape, jnp.float32)
+    w_gate = p("gate_proj", (D, F)) if cfg.mlp == "swiglu" else None
+    w_q, w_k, w_v, w_o = p("q_proj", (D, N, H)), p("k_proj", (D, K, H)), p("v_proj", (D, K, H)), p("o_proj", (N, H, D))
+    return w_q, w_k, w_v, w_o, w_gate, p("up_proj", (D, F)), p("down_proj", (F, D), F ** -0.5)
+
+  def paper_matrices(self):
+    """The paper model's matrices, initialised with what its fused-qkv code drew (format 1): one [D, 3, N, H]
+    matrix split into q, k, v, then out, up, down, each from the next of the layer's keys (flax numbers the
+    keys by call), so that a fresh model and the quickstart's numbers did not change when the decoders became
+    one. `tests/test_decoder.py` rebuilds the old draw."""
+    cfg = self.cfg
+    D, N, H, F = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_mlp
+    drawn = {}
+    if self.is_initializing():
+      k_qkv, k_out, k_up, k_down = (self.make_rng("params") for _ in range(4))
+      qkv = _normal(D ** -0.5)(k_qkv, (D, 3, N, H), jnp.float32)
+      drawn = dict(q_proj=qkv[:, 0], k_proj=qkv[:, 1], v_proj=qkv[:, 2],
+                   o_proj=_normal(D ** -0.5)(k_out, (N, H, D), jnp.float32),
+                   up_proj=_normal(D ** -0.5)(k_up, (D, F), jnp.float32),
+                   down_proj=_normal(F ** -0.5)(k_down, (F, D), jnp.float32))
+    w = {name: self.variable("params", name, lambda name=name: drawn[name]).value
+         for name in ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")}
+    return w["q_proj"], w["k_proj"], w["v_proj"], w["o_proj"], None, w["up_proj"], w["down_proj"]
+
   @nn.compact
   def __call__(self, x_BTD, layer_cache, positions_BT, segments_BT, cache_index):
     cfg = self.cfg
     D, N, K, G, H, F, dt = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.n_groups, cfg.head_dim, cfg.d_mlp, cfg.dtype
-    p = lambda name, shape, std=D ** -0.5: self.param(name, _normal(std), shape, jnp.float32)
-    w_q, w_k, w_v, w_o = p("q_proj", (D, N, H)), p("k_proj", (D, K, H)), p("v_proj", (D, K, H)), p("o_proj", (N, H, D))
-    w_gate = p("gate_proj", (D, F)) if cfg.mlp == "swiglu" else None
-    w_up, w_down = p("up_proj", (D, F)), p("down_proj", (F, D), F ** -0.5)
+    w_q, w_k, w_v, w_o, w_gate, w_up, w_down = self.matrices()
     B, T = x_BTD.shape[:2]
 
     # Projections on [B·T, D] rows: XLA:CPU runs a 2-D matmul faster than the same contraction in 3-D.
