@@ -12,6 +12,8 @@ import os
 
 import ml_collections
 
+from jaxreplay import platform as platform_lib
+
 
 class ConfigError(ValueError):
   """A value a user set is wrong; the message names the key and how to fix it."""
@@ -251,7 +253,7 @@ def replay_teacher(c: ml_collections.ConfigDict, data_parallel_devices: int = 1)
 def compute_dtype_name(c: ml_collections.ConfigDict, platform: str) -> str:
   if c.model.compute_dtype != "auto":
     return c.model.compute_dtype
-  return "float32" if platform == "cpu" else "bfloat16"
+  return platform_lib.choices(platform).compute_dtype
 
 
 def tokens_per_step(c: ml_collections.ConfigDict) -> int:

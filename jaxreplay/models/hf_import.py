@@ -85,7 +85,7 @@ def _ids(v) -> tuple:
 
 
 def config_from_hf(hf: dict, seq_len: int = 512, dtype="float32", remat: bool = False,
-                   scan_unroll: int = 1) -> dec.ModelConfig:
+                   scan_unroll: int = 1, attention: str = "einsum") -> dec.ModelConfig:
   family = hf.get("model_type", "")
   if family not in SUPPORTED:
     raise ImportError_(f"model_type={family!r} is not supported: use a checkpoint of {', '.join(SUPPORTED)}.")
@@ -113,7 +113,7 @@ def config_from_hf(hf: dict, seq_len: int = 512, dtype="float32", remat: bool = 
       qkv_bias=family == "qwen2" or bool(hf.get("attention_bias") and family != "llama"),
       qk_norm=family == "qwen3", seq_len=int(seq_len), bos_id=bos[0] if bos else -1, eos_ids=eos,
       pad_id=pad[0] if pad else (eos[0] if eos else 0), family=family, dtype=jnp.dtype(dtype), remat=remat,
-      scan_unroll=max(1, min(int(scan_unroll), int(hf["num_hidden_layers"]))))
+      scan_unroll=max(1, min(int(scan_unroll), int(hf["num_hidden_layers"]))), attention=attention)
 
 
 # ------------------------------------------------------------------------------------------------ safetensors
@@ -225,10 +225,10 @@ def _normalise(idx, shape):
 
 
 def load(path_or_id: str, seq_len: int = 512, dtype="float32", mesh=None, remat: bool = False,
-         scan_unroll: int = 1):
+         scan_unroll: int = 1, attention: str = "einsum"):
   """(ModelConfig, params, local directory) of a Hugging Face checkpoint."""
   directory = resolve(path_or_id)
-  cfg = config_from_hf(read_config(directory), seq_len, dtype, remat, scan_unroll)
+  cfg = config_from_hf(read_config(directory), seq_len, dtype, remat, scan_unroll, attention)
   return cfg, load_params(directory, cfg, mesh), directory
 
 
