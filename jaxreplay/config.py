@@ -12,9 +12,8 @@ import os
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """A value a user set is wrong; the message names the key and how to fix it."""
+from jaxreplay.io import write_text
+from jaxreplay.errors import ConfigError
 
 
 LENGTH_KEYS = ("tokens", "tokens_per_param", "epochs", "steps", "wall_time_s")
@@ -271,10 +270,7 @@ def write(c: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes the resolved config atomically as workdir/config.json."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(to_json(c))
-  os.replace(tmp, path)
+  write_text(path, to_json(c))
   return path
 
 

@@ -16,7 +16,8 @@ import subprocess
 import tempfile
 from typing import Iterable, Iterator
 
-from .errors import DataError
+from jaxreplay.errors import DataError
+
 from .sword import find_module, read_zText
 from .versification import BOOKS, chapters
 

@@ -19,6 +19,8 @@ import sys
 
 import numpy as np
 
+from jaxreplay.io import atomic_open
+
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -49,11 +51,10 @@ def mcq_item(row: dict, kind: str) -> dict:
 def _write(path, rows):
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   n = 0
-  with open(path + ".tmp", "w") as f:
+  with atomic_open(path) as f:
     for r in rows:
       f.write(json.dumps(r) + "\n")
       n += 1
-  os.replace(path + ".tmp", path)
   return n
 
 

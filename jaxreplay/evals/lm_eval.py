@@ -33,18 +33,14 @@ from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from jaxreplay.errors import LMEvalError
 from jaxreplay.models import decoder, hf_import, sampler
 from jaxreplay.train import checkpoint
 from jaxreplay.evals import mcq
-from jaxreplay.config import ConfigError
 from jaxreplay.data import load_tokenizer
 from jaxreplay.data.tokenizer import eos_id
 
 PAD_MULTIPLE = 64
-
-
-class LMEvalError(ConfigError):
-  """A checkpoint or task the harness cannot run; the message names it and the fix (exit status 2)."""
 
 
 # ----------------------------------------------------------------------------- the seam to the model code

@@ -25,13 +25,16 @@ The assembly of each figure's numbers lives here (pure, tested); drawing lives i
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
 import os
-import sys
+import sqlite3
 from collections import defaultdict
 
+from jaxreplay.errors import SweepError, UsageError
+from jaxreplay.experiments import plots
 from jaxreplay.train import metrics as metrics_lib
 
 # ----------------------------------------------------------------------------------------- run workdirs
@@ -89,7 +92,6 @@ def _fmt(fmt, v) -> str:
 
 def plot_trajectories(pretrain_dir: str, finetune_dirs: dict[str, str], out_path: str) -> str:
   """Previous-dataset loss (y) against downstream loss (x) along each finetuning run."""
-  from jaxreplay.experiments import plots
   trajs = {name: _traj(metrics_lib.read_metrics(d)) for name, d in finetune_dirs.items()}
   return plots.trajectories(trajs, out_path, prev_before=_final(pretrain_dir)["valid_ntp"])
 
@@ -105,11 +107,10 @@ class Results:
   """The rows of a sweep's results table, with each run's config, metrics and logged trajectory."""
 
   def __init__(self, path: str):
-    import sqlite3
     self.db_path = path if path.endswith(".sqlite") else os.path.join(path, "results.sqlite")
     if not os.path.exists(self.db_path):
-      raise FileNotFoundError(f"{self.db_path} does not exist: give a sweep workdir (`jaxreplay sweep ... "
-                              "--workdir=DIR`) or its results.sqlite.")
+      raise SweepError(f"{self.db_path} does not exist: give a sweep workdir (`jaxreplay sweep ... "
+                       "--workdir=DIR`) or its results.sqlite.")
     self.workdir = os.path.dirname(os.path.abspath(self.db_path))
     db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)
     cur = db.execute("SELECT name, stage, parent, overrides, config, metrics FROM results")
@@ -375,7 +376,6 @@ def batch_size_rules(res: Results) -> dict:
 
 def report(path: str, out: str) -> list[str]:
   """Writes every table and figure the results table supports into `out`; returns the files written."""
-  from jaxreplay.experiments import plots
   res = Results(path)
   os.makedirs(out, exist_ok=True)
   table = runs_table(res)
@@ -438,7 +438,6 @@ def _write(path: str, text: str, written: list):
 
 
 def main(argv: list[str]) -> int:
-  import argparse
   p = argparse.ArgumentParser(prog=argv[0] if argv else "jaxreplay report", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("paths", nargs="+", help="RESULTS (a sweep workdir or its results.sqlite), or PRETRAIN FINETUNE...")
@@ -446,17 +445,12 @@ def main(argv: list[str]) -> int:
   args = p.parse_args(argv[1:])
   first = args.paths[0]
   if len(args.paths) == 1 and (first.endswith(".sqlite") or os.path.exists(os.path.join(first, "results.sqlite"))):
-    try:
-      for path in report(first, args.out):
-        print(path)
-    except FileNotFoundError as e:
-      print(f"jaxreplay: error: {e}", file=sys.stderr)
-      return 2
+    for path in report(first, args.out):
+      print(path)
     return 0
   if len(args.paths) < 2:
-    print(f"jaxreplay: error: {first} holds no results.sqlite: give a sweep workdir, or a pretraining workdir "
-          "followed by finetuning workdirs.", file=sys.stderr)
-    return 2
+    raise UsageError(f"{first} holds no results.sqlite: give a sweep workdir, or a pretraining workdir followed "
+                     "by finetuning workdirs.")
   dirs = {os.path.basename(os.path.normpath(d)): d for d in args.paths[1:]}
   rows = forgetting_table(first, dirs)
   os.makedirs(args.out, exist_ok=True)

@@ -23,6 +23,7 @@ import time
 
 import ml_collections
 
+from jaxreplay.io import write_json
 from jaxreplay import config as config_lib
 from jaxreplay.experiments import sweeps
 from jaxreplay.experiments.sweeps import Run, SweepError
@@ -73,10 +74,7 @@ def prepare(spec: str, workdir: str, write: bool = True, only: str | None = None
       rewrite = True  # only settings that do not change results (logging, checkpointing, new default keys)
   if write and rewrite:
     os.makedirs(workdir, exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump(dict(fingerprint=fp, spec=spec, created=time.time(), runs=[r.to_json() for r in runs]), f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, dict(fingerprint=fp, spec=spec, created=time.time(), runs=[r.to_json() for r in runs]), indent=1)
   if write:
     os.makedirs(os.path.join(workdir, "locks"), exist_ok=True)
     connect(workdir).close()
