@@ -68,8 +68,8 @@ BIBLES = {
 }
 # Verse slots (0-based, KJV order) that the Reina-Valera module leaves empty (their text sits in a
 # neighbouring verse); the shared one-verse-per-line copy omits them, so they are put back to find books.
-_EMPTY_VERSES = {"es": (4075, 4648, 7839, 8580, 11933, 13736, 13832, 13833, 13834, 13884, 13885, 13886, 13887,
-                        13888, 22252, 22548, 27626, 29057), "en": ()}
+EMPTY_VERSES = {"es": (4075, 4648, 7839, 8580, 11933, 13736, 13832, 13833, 13834, 13884, 13885, 13886, 13887,
+                       13888, 22252, 22548, 27626, 29057), "en": ()}
 NUM_VERSES = 31102
 
 
@@ -149,7 +149,7 @@ def bible_books(lang: str, cache_dir: str, source: str = "auto") -> tuple[list[t
                     "shared/data/corpora.")
   with open_text(path) as f:
     lines = [line.rstrip("\n") for line in f]
-  return split_verses_into_books(lines, _EMPTY_VERSES[lang], path), f"file:{spec['shared']}"
+  return split_verses_into_books(lines, EMPTY_VERSES[lang], path), f"file:{spec['shared']}"
 
 
 def split_verses_into_books(lines: list[str], empty: Iterable[int] = (), where: str = "text"

@@ -13,7 +13,7 @@ import json
 import os
 
 from jaxreplay.data import resolve_path
-from jaxreplay.experiments import config_files, report
+from jaxreplay.experiments import config_files, report, results_table
 from jaxreplay.io import write_json
 from jaxreplay.train import loop as training
 from jaxreplay.train import metrics as metrics_lib
@@ -61,7 +61,7 @@ def matched_table(pretrain_dir: str, finetune_dirs: dict[str, str]) -> list[dict
   """One row per finetune: its English loss where its Spanish loss first reached the matched Spanish loss.
 
   The matched loss is the highest of the runs' lowest evaluated Spanish losses (one every run reached); each
-  run's English loss there is interpolated between its evaluations (`report.at_matched`), and its rise over
+  run's English loss there is interpolated between its evaluations (`results_table.at_matched`), and its rise over
   the pretrained model's English loss is compared with the run without replay ('cut' = 1 − rise / rise
   without replay). End-of-run numbers would favour whichever run trained its Spanish least.
   """
@@ -78,7 +78,7 @@ def matched_table(pretrain_dir: str, finetune_dirs: dict[str, str]) -> list[dict
   target = max(reached) if reached else None
   table = []
   for name, traj in trajs.items():
-    at = report.at_matched(traj, target) if traj else None
+    at = results_table.at_matched(traj, target) if traj else None
     table.append(dict(run=name, prev_before=before, matched_downstream=target, prev_at_matched=at,
                       rise=None if at is None else at - before, downstream=finals[name].get("valid_ntp"),
                       compute_multiplier=finals[name].get("compute_multiplier")))

@@ -39,8 +39,8 @@ import sys
 
 import ml_collections
 
-from jaxreplay.errors import ConfigError, SweepError
 from jaxreplay import config as config_lib
+from jaxreplay.errors import ConfigError, SweepError
 from jaxreplay.train import instruct
 
 
@@ -239,7 +239,7 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
         runs[name] = run
         names.append((name, overrides))
     by_stage[st.name] = names
-  ordered = [_inherit_shape(r, configs, runs) for r in _toposort(runs)]
+  ordered = [_inherit_shape(r, configs, runs) for r in dependency_order(runs)]
   _check_prefixes(ordered)
   if validate:
     for run in ordered:
@@ -299,7 +299,7 @@ def _parents(st: Stage, sweep: Sweep, by_stage: dict):
   raise SweepError(f"Stage {st.name!r}: after= must be a stage, a stage name or a list of run names, got {after!r}.")
 
 
-def _toposort(runs: dict[str, Run]) -> list[Run]:
+def dependency_order(runs: dict[str, Run]) -> list[Run]:
   for run in runs.values():
     if run.parent and run.parent not in runs:
       close = [n for n in runs if n.split("/")[0] == run.parent.split("/")[0]][:3]
