@@ -29,7 +29,7 @@ from jaxreplay.experiments import runner, sweepdir  # noqa: E402
 def run_sweep(spec: str, workdir: str, cpus: float = 1, gpus: float = 0, resources: dict | None = None,
               only: str | None = None, address: str | None = None, ray_init: dict | None = None) -> dict:
   """Submits every run as a Ray task in dependency order; returns {name: final metrics or the error}."""
-  import ray
+  import ray  # lazy: the optional `ray` extra
   workdir = os.path.abspath(workdir)
   runs, fp = sweepdir.prepare(spec, workdir)  # validates everything before any task starts
   runs = sweepdir.select(runs, only)

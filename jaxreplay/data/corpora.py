@@ -186,7 +186,7 @@ def hf_documents(path: str, name: str | None = None, split: str = "train", text_
   Needs the optional `datasets` package (pip install 'jaxreplay[hf]').
   """
   try:
-    import datasets  # pylint: disable=import-outside-toplevel
+    import datasets  # lazy: the optional `hf` extra
   except ImportError:
     raise DataError("Reading Hugging Face datasets needs the `datasets` package: "
                     "pip install 'jaxreplay[hf]'.") from None

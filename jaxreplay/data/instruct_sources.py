@@ -60,7 +60,7 @@ def _write(path, rows):
 
 def build_pyranet(out_dir: str, valid_examples: int = 20_000, seed: int = 0):
   """~20M held-out tokens in the paper; 20,000 examples here (set valid_examples to match your tokenizer)."""
-  import datasets
+  import datasets  # lazy: the optional `hf` extra
   ds = datasets.load_dataset("bnadimi/PyraNet-Verilog", split="train")
   examples = [e for e in map(pyranet_example, ds) if e is not None]
   order = np.random.default_rng(seed).permutation(len(examples))
@@ -71,7 +71,7 @@ def build_pyranet(out_dir: str, valid_examples: int = 20_000, seed: int = 0):
 
 def build_dclm(path: str, max_chars: int = 800_000_000):
   """Streams dolmino-mix-1124's dclm subset into {"text"} lines until ~max_chars (≈ 4 characters a token)."""
-  import datasets
+  import datasets  # lazy: the optional `hf` extra
   ds = datasets.load_dataset("allenai/dolmino-mix-1124", "dclm", split="train", streaming=True)
 
   def rows():
@@ -86,7 +86,7 @@ def build_dclm(path: str, max_chars: int = 800_000_000):
 
 def build_mcq(out_dir: str, seed: int = 42):
   """MMLU test (first 2,048 after a seed-42 shuffle), ARC-Challenge test (1,024), CommonsenseQA validation (1,024)."""
-  import datasets
+  import datasets  # lazy: the optional `hf` extra
   specs = [("mmlu", ("cais/mmlu", "all", "test"), 2048),
            ("arc_challenge", ("allenai/ai2_arc", "ARC-Challenge", "test"), 1024),
            ("commonsense_qa", ("tau/commonsense_qa", None, "validation"), 1024)]

@@ -100,7 +100,7 @@ def load_scorer(path: str, max_length: int | None = None, prefix_id: int | None 
   if hf_dir is None:
     raise LMEvalError(f"{path} holds no model to evaluate: give the workdir of a finished run (with export/ or "
                       "hf/) or a Hugging Face model directory.")
-  from transformers import AutoTokenizer
+  from transformers import AutoTokenizer  # lazy: only Hugging Face directories need it (`hf` extra)
   hf = hf_import.read_config(hf_dir)
   length = max_length or min(int(hf.get("max_position_embeddings", 2048)), 2048)
   cfg, params, _ = hf_import.load(hf_dir, seq_len=length)

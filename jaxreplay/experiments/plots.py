@@ -12,6 +12,7 @@ import numpy as np
 
 
 def _plt():
+  """pyplot on the Agg backend (files only, no display); imported on first use, since only drawing needs it."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt

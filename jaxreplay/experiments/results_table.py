@@ -161,7 +161,7 @@ def matched_forgetting(res: Results) -> list[dict]:
   return out
 
 
-def _x_of(row: dict, res: Results, key: str):
+def x_of(row: dict, res: Results, key: str):
   parent = res.by_name.get(row["parent"])
   if key == "params":
     return parent["metrics"].get("params_paper") if parent else None
@@ -178,7 +178,7 @@ def capacity_slice(res: Results, x: str) -> list[dict]:
   some runs reach would leave the best replay coefficient undefined wherever only the no-replay run got there."""
   groups = defaultdict(list)
   for r in res.finetunes():
-    v = _x_of(r, res, x)
+    v = x_of(r, res, x)
     if v:
       groups[v].append(r)
   matched = None
@@ -206,7 +206,7 @@ def grid_2d(res: Results) -> dict:
   """{method: {(params, tpp): (loss delta, compute multiplier)}} over finetuning runs."""
   out = defaultdict(dict)
   for r in res.finetunes():
-    p, t = _x_of(r, res, "params"), _x_of(r, res, "tpp")
+    p, t = x_of(r, res, "params"), x_of(r, res, "tpp")
     if p and t:
       out[method_label(r)][(p, t)] = (r["metrics"].get("prev_ntp_delta"), r["metrics"].get("compute_multiplier"))
   return dict(out)
