@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxreplay.errors import CheckpointError
 from jaxreplay.models import decoder as M
 
 TINY = M.ModelConfig(d_model=64, n_layers=2, head_dim=16, seq_len=16, vocab_size=50)
@@ -200,7 +201,7 @@ def test_a_format_1_export_loads_converted(tmp_path):
                                 v_proj=old["blocks"]["qkv"][:, :, 2], o_proj=old["blocks"]["out"],
                                 up_proj=old["blocks"]["up"], down_proj=old["blocks"]["down"]))
   np.testing.assert_allclose(M.logits(TINY, params, toks), np_forward(TINY, fused, toks), atol=2e-4, rtol=1e-4)
-  with pytest.raises(ckpt_lib.CheckpointError, match="do not fit"):
+  with pytest.raises(CheckpointError, match="do not fit"):
     ckpt_lib.load_exported(str(tmp_path), jax.eval_shape(lambda: M.init_params(VARIANTS["llama"], jax.random.key(0))))
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxreplay.errors import ConfigError
 from jaxreplay import config as config_lib
 from jaxreplay.replay import sources as replay
 from jaxreplay.replay import self_generated as replay_self
@@ -194,9 +195,9 @@ def test_rows_come_from_the_frozen_model_once_each_and_deterministically(tmp_pat
 
 def test_dataset_id_outside_the_reserved_ids_is_refused(tmp_path, frozen):
   c = make_config(tmp_path)
-  with pytest.raises(config_lib.ConfigError, match="reserved ids 0–9"):
+  with pytest.raises(ConfigError, match="reserved ids 0–9"):
     replay_self.SelfGeneratedReplay(c, make_stage(prev_dataset_id=12), frozen, None)
-  with pytest.raises(config_lib.ConfigError, match="init.from"):
+  with pytest.raises(ConfigError, match="init.from"):
     replay_self.SelfGeneratedReplay(c, make_stage(), None, None)
 
 
@@ -236,16 +237,16 @@ def test_disk_cache_is_shared_and_never_reused_for_other_settings(tmp_path, froz
 
   # Pointing cache_dir at the first cache with other settings is an error naming what differs.
   wrong = make_config(tmp_path, cache_dir=first.cache.directory, temperature=0.5)
-  with pytest.raises(config_lib.ConfigError, match="sampling.temperature"):
+  with pytest.raises(ConfigError, match="sampling.temperature"):
     replay_self.SelfGeneratedReplay(wrong, make_stage(), frozen, None)
   # So is a re-exported checkpoint (its info.json changed) or a tampered fingerprint.
   (tmp_path / "pretrain" / "export" / "info.json").write_text(json.dumps(dict(step=200, dataset_id=0)))
-  with pytest.raises(config_lib.ConfigError, match="checkpoint"):
+  with pytest.raises(ConfigError, match="checkpoint"):
     replay_self.SelfGeneratedReplay(make_config(tmp_path, cache_dir=first.cache.directory), make_stage(), frozen,
                                     None)
   # A damaged refill file is reported, not used.
   fake_pretrain(tmp_path)
   np.save(cache_dir / "refill_000000.npy", np.zeros((3, 3), np.int32))
   broken = replay_self.SelfGeneratedReplay(c, make_stage(), frozen, None)
-  with pytest.raises(config_lib.ConfigError, match="refill_000000"):
+  with pytest.raises(ConfigError, match="refill_000000"):
     broken.next(0)

@@ -8,6 +8,7 @@ import textwrap
 import jax
 import pytest
 
+from jaxreplay.errors import MeshError
 from jaxreplay import config as config_lib
 from jaxreplay import sharding
 
@@ -69,10 +70,10 @@ def test_eight_device_mesh_matches_one_device():
 def test_mesh_errors_name_the_fix():
   c = config_lib.default()
   c.mesh.update(data=3, fsdp=1, tensor=1)
-  with pytest.raises(sharding.MeshError, match="config.mesh"):
+  with pytest.raises(MeshError, match="config.mesh"):
     sharding.make_mesh(c.mesh)
   c.mesh.update(data=-1, fsdp=-1)
-  with pytest.raises(sharding.MeshError, match="Only one mesh axis"):
+  with pytest.raises(MeshError, match="Only one mesh axis"):
     sharding.make_mesh(c.mesh)
 
 

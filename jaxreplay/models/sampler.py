@@ -23,13 +23,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxreplay import platform as platform_lib
+from jaxreplay.errors import SamplingError
 from jaxreplay import sharding
 from jaxreplay.models import decode
 from jaxreplay.models import decoder as dec
-
-
-class SamplingError(ValueError):
-  """Sampling arguments that cannot work; the message names the value and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,7 @@ import numpy as np
 
 from jaxreplay import config as config_lib, sharding
 from jaxreplay.data import chat as chat_data
+from jaxreplay.errors import TrainingError, UserError
 from jaxreplay.evals import mcq
 from jaxreplay.train import optim
 from jaxreplay.models import decoder, hf_import, sampler
@@ -375,7 +376,6 @@ def run(c, workdir: str) -> dict:
         aux = jax.device_get(aux)
         if not np.isfinite(aux["train_loss"]):
           checkpointer.close()
-          from jaxreplay.train.loop import TrainingError  # a user error: the CLI prints its one sentence
           raise TrainingError(f"The training loss became {aux['train_loss']} at step {step}: lower optim.lr "
                               f"(now {c.optim.lr}); the last good checkpoint is kept.")
         row.update({k: float(v) for k, v in aux.items()})
@@ -446,7 +446,7 @@ def main(argv=None) -> int:
       node[parts[-1]] = type(old)(v) if not isinstance(old, bool) else v.lower() in ("1", "true")
     print(json.dumps(run(c, args.workdir), sort_keys=True))
     return 0
-  except (config_lib.ConfigError, chat_data.ChatDataError, mcq.MCQError, hf_import.ImportError_) as e:
+  except UserError as e:
     print(f"jaxreplay instruct: {e}", file=sys.stderr)
     return 2
 

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from jaxreplay.io import write_json
+from jaxreplay.errors import TrainingError
 from jaxreplay.train import checkpoint as ckpt_lib
 from jaxreplay import config as config_lib
 from jaxreplay.train import metrics as metrics_lib
@@ -25,10 +27,6 @@ from jaxreplay.train import preemption as preemption_lib
 from jaxreplay import sharding
 from jaxreplay.train import steps
 from jaxreplay.data import loader, tokenfile
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (e.g. the loss became NaN); checkpoints already written are kept."""
 
 
 DONE_FILE = "final.json"
@@ -302,10 +300,7 @@ def run(c, workdir: str, evaluators=()) -> dict:
   writer.write(step, dict(final=True, **{k: v for k, v in result.items() if k != "step"}))
   writer.close()
   if jax.process_index() == 0:
-    tmp = os.path.join(workdir, DONE_FILE + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump(result, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(workdir, DONE_FILE))
+    write_json(os.path.join(workdir, DONE_FILE), result, sort_keys=True)
   return result
 
 
