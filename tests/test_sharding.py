@@ -85,7 +85,7 @@ def test_indivisible_dims_stay_replicated():
   spec = lambda name, shape: sharding.param_spec((jax.tree_util.DictKey(name),), shape, mesh)
   assert spec("embed", (20, 64)) == P("tensor", "fsdp")  # both divisible
   assert spec("embed", (19, 64)) == P(None, "fsdp")  # odd vocabulary: replicated over tensor only
-  assert spec("up", (2, 63, 256)) == P(None, None, "tensor")  # stacked layers, odd D
-  assert spec("qkv", (2, 64, 3, 3, 16)) == P(None, "fsdp", None, None, None)  # 3 heads over tensor=2
+  assert spec("up_proj", (2, 63, 256)) == P(None, None, "tensor")  # stacked layers, odd D
+  assert spec("q_proj", (2, 64, 3, 16)) == P(None, "fsdp", None, None)  # 3 heads over tensor=2
   one = jax.sharding.AbstractMesh((1, 1, 1), sharding.AXES)
   assert sharding.param_spec((jax.tree_util.DictKey("embed"),), (20, 64), one) == P(None, None)
