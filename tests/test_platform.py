@@ -103,11 +103,11 @@ def test_the_accelerator_sampler_gives_the_cpu_samples(temperature, params, monk
   """The GPU's sampler (general cache layout, scanned layers, XLA's attention, no XLA options) against the
   CPU's (heads_minor layout, unrolled, einsum, YNNPACK off): the same tokens, logits to rounding."""
   want = sample(CPU, params, "heads_minor", temperature)
-  S._make_sampler.cache_clear()
+  S.clear_compiled()
   gpu = cfg_for("gpu", attention="xla")
   got = sample(gpu, params, platform_lib.choices("gpu").cache_layout, temperature, monkeypatch,
                options=platform_lib.sampler_compiler_options("gpu"))
-  S._make_sampler.cache_clear()
+  S.clear_compiled()
   np.testing.assert_array_equal(got[0], want[0])
   np.testing.assert_allclose(got[1], want[1], atol=5e-5, rtol=1e-5)
   assert len({tuple(r) for r in np.asarray(want[0])}) > 1

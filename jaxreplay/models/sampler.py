@@ -275,3 +275,8 @@ def sample(cfg: dec.ModelConfig, params, prompt_BP, key, length: int | None = No
 def id_prompt(dataset_id: int, batch_size: int):
   """The replay prompt: every row starts from the dataset-id token alone."""
   return jnp.full((batch_size, 1), dataset_id, jnp.int32)
+
+
+def clear_compiled():
+  """Forgets the compiled samplers (a test that changes platform choices recompiles with the new ones)."""
+  _make_sampler.cache_clear()
