@@ -424,12 +424,9 @@ def _load_file(spec: str, fn: str):
 def main(argv=None) -> int:
   """`python -m jaxreplay.train.instruct --config=FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]` runs one
   config (the file's get_config). A grid (the file's get_sweep) runs with the sweep runner:
-  `jaxreplay sweep FILE.py[:ARG] --workdir=DIR` (`... instruct sweep ...` is the same command)."""
+  `jaxreplay sweep FILE.py[:ARG] --workdir=DIR`."""
   import argparse
   argv = list(sys.argv[1:] if argv is None else argv)
-  if argv and argv[0] == "sweep":
-    from jaxreplay.experiments import runner
-    return runner.main(["jaxreplay sweep"] + argv[1:])
   p = argparse.ArgumentParser(prog="python -m jaxreplay.train.instruct", epilog="a grid of runs: jaxreplay sweep "
                               "sweeps/instruct.py[:small] --workdir=DIR")
   p.add_argument("--config", required=True)
