@@ -30,14 +30,12 @@ SPLITTING = "being split by the trainer/accelerator helper"
 EXPORTS = "reads run exports through train.checkpoint until export reading moves below train/ (trainer helper)"
 # (importer, imported): imports against the layers, or inside functions, that are not fixed yet.
 ALLOWED_IMPORTS = {
-    ("jaxreplay.train.instruct", "jaxreplay.experiments.runner"): "train/instruct.py is " + SPLITTING,
     ("jaxreplay.evals.forgetting", "jaxreplay.train.metrics"): "evals/forgetting.py (trainer helper) logs "
                                                               "through train.metrics; " + SPLITTING,
     ("jaxreplay.evals.lm_eval", "jaxreplay.train.checkpoint"): EXPORTS,
     ("jaxreplay.replay.self_generated", "jaxreplay.train.checkpoint"): EXPORTS,
 }
 ALLOWED_LAZY = {
-    ("jaxreplay.train.instruct", "jaxreplay.experiments.runner"): "train/instruct.py is " + SPLITTING,
     ("jaxreplay.train.instruct", "jaxreplay.train.checkpoint"): "train/instruct.py is " + SPLITTING,
     ("jaxreplay.train.instruct", "jaxreplay.train.metrics"): "train/instruct.py is " + SPLITTING,
     ("jaxreplay.train.loop", "jaxreplay.evals.forgetting"): "train/loop.py is " + SPLITTING,
