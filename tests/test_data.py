@@ -447,6 +447,6 @@ def test_cli_tokenizer_and_tokenize(tmp_path, capsys):
   assert len(printed) == 3 and f"{total:,} tokens in 1,000 documents" in printed[0]
   assert os.path.abspath(out) in printed[0] and f"validation: {meta['valid_tokens']:,} tokens" in printed[1]
   assert "in 100 documents" in printed[1] and "901" not in "".join(printed)
-  assert commands.main(["jaxreplay data", "tokenize", "--tokenizer", tok, "--out", out, "--dataset_id", "1",
-                        str(tmp_path / "missing.txt")]) == 2
-  assert "neither a file nor a corpus name" in capsys.readouterr().err
+  with pytest.raises(DataError, match="neither a file nor a corpus name"):  # the CLI prints it and exits 2
+    commands.main(["jaxreplay data", "tokenize", "--tokenizer", tok, "--out", out, "--dataset_id", "1",
+                   str(tmp_path / "missing.txt")])
