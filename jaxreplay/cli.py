@@ -30,8 +30,8 @@ commands:
   report       tables and plots from a results table
   quickstart   pretrain on English, finetune on Spanish with and without self-generated replay
   eval         lm-evaluation-harness tasks on a run: --workdir=RUN --tasks=a,b [--limit=N] (jaxreplay eval --help)
-  instruct     finetune a Hugging Face Llama/Qwen on chat data with BOS-prompted replay (one run;
-               a grid of them: jaxreplay sweep sweeps/instruct.py[:small] --workdir=DIR)
+  instruct     finetune with --config=sweeps/instruct.py[:ARG] (a Hugging Face Llama/Qwen on chat data with
+               BOS-prompted replay); a grid of them: jaxreplay sweep sweeps/instruct.py[:small] --workdir=DIR
 """
 
 COMMANDS = ("pretrain", "finetune", "data", "sweep", "report", "quickstart", "instruct", "eval")
@@ -121,7 +121,8 @@ def _train_main(stage: str, init_from: str | None):
       if init_from:  # the model shape is the parent's; a --config.model.X that contradicts it is an error
         explicit = [a[len("--config.model."):].split("=")[0] for a in sys.argv if a.startswith("--config.model.")]
         train.inherit_parent_shape(c, init_from, explicit)
-      c.data.path = resolve_path(c.data.path, FLAGS.cache_dir)
+      if c.data.kind == "tokens":  # chat data: JSON-lines files, read as given
+        c.data.path = resolve_path(c.data.path, FLAGS.cache_dir)
       if c.data.mix_path:
         c.data.mix_path = resolve_path(c.data.mix_path, FLAGS.cache_dir)
       result = train.run(c, FLAGS.workdir)
@@ -252,7 +253,14 @@ def main(argv=None):
           "that you can write.")
 
 
+INSTRUCT_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps", "instruct.py")
+
+
 def _dispatch(command: str, rest: list[str]) -> int:
+  if command == "instruct":  # a short alias: finetune, with sweeps/instruct.py unless --config names another file
+    command = "finetune"
+    if _config_value(rest) is None:
+      rest = rest[:1] + [f"--config={INSTRUCT_FILE}"] + rest[1:]
   if command in ("pretrain", "finetune"):
     rest, init_from = _take_init_from(rest)
     _check_overrides(rest)
@@ -269,10 +277,6 @@ def _dispatch(command: str, rest: list[str]) -> int:
   elif command == "report":
     from jaxreplay.experiments import report
     return report.main(rest)
-  elif command == "instruct":
-    _check_overrides(rest)
-    from jaxreplay.train import instruct
-    return instruct.main(rest[1:])
   elif command == "eval":
     from jaxreplay.experiments import lm_eval_run as lm_eval_cli
     return lm_eval_cli.main(rest)

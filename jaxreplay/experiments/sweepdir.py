@@ -126,7 +126,7 @@ def resolved_config(workdir: str, run: Run) -> ml_collections.ConfigDict:
   """The run's config with init.from pointing at the parent's workdir and data paths resolved."""
   from jaxreplay.data import resolve_path
   c = ml_collections.ConfigDict(copy.deepcopy(run.config))
-  if sweeps.is_instruct(c):  # its paths are plain files, read as given (relative to the working directory)
+  if c.data.get("kind") == "chat":  # its paths are plain files, read as given (relative to the working directory)
     c.lock()
     return c
   if run.parent:
