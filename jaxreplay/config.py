@@ -77,9 +77,8 @@ def default() -> ml_collections.ConfigDict:
       tokens=0, tokens_per_param=0.0, epochs=0.0, steps=0, wall_time_s=0.0,  # exactly one length criterion
       target_loss=0.0,  # stop once the eval loss on the training data reaches this (0: off)
       early_stop_evals=0,  # stop after this many evals without a new best (0: off)
-      # stop once the evaluated metric target_metric (e.g. 'acc_add', 'mcq_mean', 'valid_ntp') reaches target;
-      # target_mode 'max' (reach it from below), 'min' (from above) or 'auto' (max for accuracies: names with
-      # 'acc' or starting 'mcq'; min otherwise)
+      # stop once the evaluated metric target_metric (e.g. 'acc_add', 'mcq_mean') reaches target, from below
+      # (target_mode 'max') or above ('min'); 'auto': max for accuracies (names with 'acc', or 'mcq...'), else min
       target_metric="", target=0.0, target_mode="auto",
   ))
 
@@ -255,8 +254,6 @@ def _validate_data(c):
       raise ConfigError("config.data.train is empty: set it to a JSON-lines file of prompt/response pairs.")
     if d.long not in ("truncate", "drop"):
       raise ConfigError(f"config.data.long={d.long!r}: use 'truncate' or 'drop'.")
-    if d.mix_fraction:
-      raise ConfigError("config.data.mix_fraction mixes token directories: chat data (data.kind='chat') has none.")
   elif c.model.path:
     raise ConfigError("A config.model.path model is finetuned on chat data: set config.data.kind='chat'.")
   if not 0.0 <= d.valid_fraction < 1.0:
@@ -265,9 +262,8 @@ def _validate_data(c):
     raise ConfigError(f"config.data.mix_fraction={d.mix_fraction} must lie in [0, 1).")
   if d.mix_fraction and not d.mix_path:
     raise ConfigError("config.data.mix_fraction > 0 needs config.data.mix_path: name the dataset to mix in.")
-  if c.eval.mcq and not c.model.path:
+  if mcq_benchmarks(c) and not c.model.path:
     raise ConfigError("config.eval.mcq scores chat-formatted questions: it needs a config.model.path model.")
-  mcq_benchmarks(c)
 
 
 def _validate_replay(c):
@@ -372,8 +368,7 @@ def from_json_file(path: str) -> ml_collections.ConfigDict:
 def write(c: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes the resolved config atomically as workdir/config.json."""
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
+  path, tmp = os.path.join(workdir, "config.json"), os.path.join(workdir, "config.json.tmp")
   with open(tmp, "w") as f:
     f.write(to_json(c))
   os.replace(tmp, path)
