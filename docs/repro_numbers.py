@@ -15,7 +15,7 @@ import statistics as st
 import sys
 from collections import defaultdict
 
-from jaxreplay.experiments import report
+from jaxreplay.experiments import report, results_table
 
 FIGURES = dict(toy_cpu=["toy_continual.png"], en_es=["trajectories.png"], tpp=["capacity_slices.png"],
                batch_size=["batch_size.png"])
@@ -32,7 +32,7 @@ def _ms(xs, f="{:.3f}") -> str:
 
 
 def toy(res) -> str:
-  rows = report.toy_final(res)
+  rows = results_table.toy_final(res)
   lines = ["| arm | seed | last task trained | add | reversal | sort | modadd |", "|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['arm']} | {r['seed']} | {r['last']} | " + " | ".join(f"{r.get(t, float('nan')):.1%}" for t in
@@ -57,7 +57,7 @@ def toy(res) -> str:
 
 
 def en_es(res) -> str:
-  rows = report.matched_forgetting(res)
+  rows = results_table.matched_forgetting(res)
   by = defaultdict(list)
   for r in rows:
     by[r["method"]].append(r)
@@ -73,7 +73,7 @@ def en_es(res) -> str:
 
 
 def tpp(res) -> str:
-  rows = report.capacity_slice(res, "tpp")
+  rows = results_table.capacity_slice(res, "tpp")
   lines = ["| TPP | English loss before | best English loss after | forgetting | best run |", "|---|---|---|---|---|"]
   for r in rows:
     f = r["after"] - r["before"] if r["after"] is not None and r["before"] is not None else None
@@ -86,10 +86,10 @@ def tpp(res) -> str:
   # Every arm: English rise at that loss, and the compute multiplier at the end of finetuning.
   arms = defaultdict(dict)
   for r in res.finetunes():
-    tpp_ = report._x_of(r, res, "tpp")
-    label = report.method_label(r) + ("" if report.cfg(r, "replay.method") == "none"
-                                      else f" {report.cfg(r, 'replay.coeff'):g}")
-    y = report.at_matched(report._traj(res.history(r["name"])), target)
+    tpp_ = results_table.x_of(r, res, "tpp")
+    label = results_table.method_label(r) + ("" if results_table.cfg(r, "replay.method") == "none"
+                                      else f" {results_table.cfg(r, 'replay.coeff'):g}")
+    y = results_table.at_matched(results_table.trajectory(res.history(r["name"])), target)
     before = r["metrics"].get("prev_ntp_before")
     arms[label][tpp_] = (y - before if y is not None and before is not None else None,
                          r["metrics"].get("compute_multiplier"))
@@ -102,15 +102,15 @@ def tpp(res) -> str:
 
 
 def batch_size(res) -> str:
-  rules = report.batch_size_rules(res)
+  rules = results_table.batch_size_rules(res)
   sizes = sorted({b for by_bs in rules.values() for b in by_bs})
   lines = ["| rule | " + " | ".join(f"batch {b}" for b in sizes) + " | spread of means | spread per seed |",
            "|---" * (len(sizes) + 3) + "|"]
   seeds_by_rule = defaultdict(lambda: defaultdict(dict))
   for r in res.pretrains():
-    hl = report.cfg(r, "optim.b2_half_life_tokens", 0.0)
-    rule = f"half-life {hl / 1e6:.3g}M tokens" if hl else f"β₂ = {report.cfg(r, 'optim.b2')}"
-    seeds_by_rule[rule][report.cfg(r, "seed")][report.cfg(r, "optim.batch_size")] = r["metrics"]["valid_ntp"]
+    hl = results_table.cfg(r, "optim.b2_half_life_tokens", 0.0)
+    rule = f"half-life {hl / 1e6:.3g}M tokens" if hl else f"β₂ = {results_table.cfg(r, 'optim.b2')}"
+    seeds_by_rule[rule][results_table.cfg(r, "seed")][results_table.cfg(r, "optim.batch_size")] = r["metrics"]["valid_ntp"]
   for rule, by_bs in rules.items():
     means = {b: st.mean(v) for b, v in by_bs.items()}
     per_seed = [max(d.values()) - min(d.values()) for d in seeds_by_rule[rule].values() if len(d) > 1]
@@ -131,7 +131,7 @@ def main(argv) -> int:
     w = os.path.join(a.runs, name)
     if not os.path.exists(os.path.join(w, "results.sqlite")):
       continue
-    res = report.Results(w)
+    res = results_table.Results(w)
     if not res.rows:
       continue
     out = os.path.join(w, "report")

@@ -12,10 +12,9 @@ import os
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """A value a user set is wrong; the message names the key and how to fix it."""
-
+from jaxreplay import platform as platform_lib
+from jaxreplay.errors import ConfigError
+from jaxreplay.io import write_text
 
 LENGTH_KEYS = ("tokens", "tokens_per_param", "epochs", "steps", "wall_time_s")
 REPLAY_METHODS = ("none", "kl", "ntp", "kl_downstream", "replace")
@@ -349,7 +348,7 @@ def replay_teacher(c: ml_collections.ConfigDict, data_parallel_devices: int = 1)
 def compute_dtype_name(c: ml_collections.ConfigDict, platform: str) -> str:
   if c.model.compute_dtype != "auto":
     return c.model.compute_dtype
-  return "float32" if platform == "cpu" else "bfloat16"
+  return platform_lib.choices(platform).compute_dtype
 
 
 def tokens_per_step(c: ml_collections.ConfigDict) -> int:
@@ -368,10 +367,8 @@ def from_json_file(path: str) -> ml_collections.ConfigDict:
 def write(c: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes the resolved config atomically as workdir/config.json."""
   os.makedirs(workdir, exist_ok=True)
-  path, tmp = os.path.join(workdir, "config.json"), os.path.join(workdir, "config.json.tmp")
-  with open(tmp, "w") as f:
-    f.write(to_json(c))
-  os.replace(tmp, path)
+  path = os.path.join(workdir, "config.json")
+  write_text(path, to_json(c))
   return path
 
 
@@ -380,19 +377,20 @@ def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict,
   """Dotted keys whose values differ, ignoring keys that do not change the numbers (a run may resume on
   another mesh) and treating a key missing from either side (a config written before it existed) as its
   default."""
-  base = _flatten(default().to_dict())
-  fa, fb = {**base, **_flatten(a.to_dict())}, {**base, **_flatten(b.to_dict())}
+  base = flatten(default().to_dict())
+  fa, fb = {**base, **flatten(a.to_dict())}, {**base, **flatten(b.to_dict())}
   keys = sorted(set(fa) | set(fb))
   return [k for k in keys if fa.get(k) != fb.get(k)
           and not any(k == i or k.startswith(i + ".") for i in ignore)
           and not (isinstance(fa.get(k), float) and isinstance(fb.get(k), float) and math.isclose(fa[k], fb[k]))]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+  """{"a.b": v} for the nested {"a": {"b": v}}."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[prefix + k] = v
   return out

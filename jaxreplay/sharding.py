@@ -12,12 +12,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxreplay.errors import MeshError
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-
-
-class MeshError(ValueError):
-  """The requested mesh does not fit the devices."""
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:

@@ -22,16 +22,17 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from jaxreplay.experiments import runner  # noqa: E402
+from jaxreplay.errors import ConfigError, SweepError  # noqa: E402
+from jaxreplay.experiments import runner, sweepdir  # noqa: E402
 
 
 def run_sweep(spec: str, workdir: str, cpus: float = 1, gpus: float = 0, resources: dict | None = None,
               only: str | None = None, address: str | None = None, ray_init: dict | None = None) -> dict:
   """Submits every run as a Ray task in dependency order; returns {name: final metrics or the error}."""
-  import ray
+  import ray  # lazy: the optional `ray` extra
   workdir = os.path.abspath(workdir)
-  runs, fp = runner.prepare(spec, workdir)  # validates everything before any task starts
-  runs = runner.select(runs, only)
+  runs, fp = sweepdir.prepare(spec, workdir)  # validates everything before any task starts
+  runs = sweepdir.select(runs, only)
   if not ray.is_initialized():
     ray.init(address=None if address in (None, "local") else address, **(ray_init or {}))
   task = ray.remote(runner.train_in_subprocess).options(num_cpus=cpus, num_gpus=gpus, resources=resources or {},
@@ -46,8 +47,8 @@ def run_sweep(spec: str, workdir: str, cpus: float = 1, gpus: float = 0, resourc
       out[name] = ray.get(ref)
     except Exception as e:  # the run's own failure, or its parent's (Ray re-raises it in the child)
       out[name] = dict(name=name, error=str(e).strip().splitlines()[-1][:500])
-  db = runner.connect(workdir)
-  runner.sync(db, workdir, runs, fp)
+  db = sweepdir.connect(workdir)
+  sweepdir.sync(db, workdir, runs, fp)
   db.close()
   return out
 
@@ -65,10 +66,10 @@ def main(argv=None) -> int:
   a = p.parse_args(sys.argv[1:] if argv is None else argv)
   try:
     out = run_sweep(a.spec, a.workdir, a.cpus, a.gpus, json.loads(a.resources), a.only, a.address)
-  except (runner.SweepError, runner.config_lib.ConfigError) as e:
+  except (SweepError, ConfigError) as e:
     print(f"ray_sweep: error: {e}", file=sys.stderr)
     return 2
-  print(runner.status(os.path.abspath(a.workdir), runner.load_runs(os.path.abspath(a.workdir))[0]))
+  print(sweepdir.status(os.path.abspath(a.workdir), sweepdir.load_runs(os.path.abspath(a.workdir))[0]))
   failed = [n for n, r in out.items() if "error" in r]
   for n in failed:
     print(f"FAILED {n}: {out[n]['error']}", file=sys.stderr)

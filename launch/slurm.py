@@ -24,6 +24,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from jaxreplay.errors import ConfigError, SweepError  # noqa: E402
+from jaxreplay.experiments import sweepdir  # noqa: E402
+
 
 def sbatch_script(a, workdir: str, level: int, n: int) -> str:
   logs = os.path.join(workdir, "slurm", "logs")
@@ -50,12 +53,11 @@ def sbatch_script(a, workdir: str, level: int, n: int) -> str:
 
 def generate(a) -> list[str]:
   """Validates the sweep (recording it in the workdir) and writes one sbatch script per level."""
-  from jaxreplay.experiments import runner
   workdir = os.path.abspath(a.workdir)
-  runs, _ = runner.prepare(a.spec, workdir)
+  runs, _ = sweepdir.prepare(a.spec, workdir)
   os.makedirs(os.path.join(workdir, "slurm", "logs"), exist_ok=True)
   paths = []
-  for level, names in enumerate(runner.levels(runs)):
+  for level, names in enumerate(sweepdir.levels(runs)):
     path = os.path.join(workdir, "slurm", f"level{level}.sbatch")
     with open(path, "w") as f:
       f.write(sbatch_script(a, workdir, level, len(names)))
@@ -99,8 +101,6 @@ def main(argv=None) -> int:
   p.add_argument("--cwd", default=os.getcwd(), help="directory the tasks run in (relative data paths)")
   p.add_argument("--submit", action="store_true", help="submit the arrays now")
   a = p.parse_args(sys.argv[1:] if argv is None else argv)
-  from jaxreplay.config import ConfigError
-  from jaxreplay.experiments.sweeps import SweepError
   try:
     paths = generate(a)
   except (SweepError, ConfigError) as e:

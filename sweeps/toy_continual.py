@@ -1,6 +1,6 @@
 """Toy continual learning: four arithmetic tasks in sequence (digest §3.2 C; toy_continual plot).
 
-Tasks add → reversal → sort → modadd (3-digit operands, T = 14, vocabulary 19; jaxreplay/toy.py), 2,000
+Tasks add → reversal → sort → modadd (3-digit operands, T = 14, vocabulary 19; jaxreplay/evals/toy.py), 2,000
 steps each on a D=256, L=2, 16-head model (head_dim 16), AdamW β=(0.9, 0.99), wd 0.02, LR 1e-4 after a
 200-step warmup, batch 2,048; every task is a finetuning stage from the previous one's export, so the
 optimizer restarts at each task boundary as in the paper. Two arms (`match` keeps each arm's chain
@@ -13,7 +13,6 @@ to data/toy*/ under the current directory when the sweep is loaded.
 Variants: `:cpu` is the CPU-scale reproduction in docs/results.md (D=128, batch 128, LR 3e-3, 600 steps per
 task, seeds 0–1); `:small` only checks the wiring (a few steps).
 
-  python -m jaxreplay.evals.toy --workdir=runs/toy_continual [--variant=cpu]
   jaxreplay sweep sweeps/toy_continual.py[:cpu|:small] --workdir=runs/toy_continual
 """
 

@@ -115,13 +115,14 @@ def test_sweep_report_quickstart_instruct_bad_inputs(files, tmp_path):
   exp, w = files["exp"], str(tmp_path / "w")
   check_all([
       (["bogus"], "unknown command 'bogus'", {}),
-      (["sweep"], "required: spec, --workdir", {}),
+      (["sweep"], "required: spec", {}),
+      (["sweep", os.path.join(ROOT, "sweeps", "quickstart.py")], "--workdir is required", {}),
       (["sweep", "missing.py", f"--workdir={w}"], "'missing.py' does not exist", {}),
       (["sweep", files["text"] + "x", "--workdir", w], "does not exist", {}),
       (["sweep", files["broken"], f"--workdir={w}"], "SyntaxError", {}),
       (["sweep", exp, f"--workdir={w}"], "get_sweep is broken", {}),
       (["sweep", os.path.join(ROOT, "sweeps", "quickstart.py:bogus"), f"--workdir={w}"],
-       "unknown quickstart sweep 'bogus'", {}),
+       "has no variant 'bogus'", {}),
       (["sweep", os.path.join(ROOT, "sweeps", "quickstart.py"), f"--workdir={w}", "--jobs=abc"],
        "invalid int value: 'abc'", {}),
       (["report"], "required: paths", {}),

@@ -1,7 +1,7 @@
 import pytest
 
+from jaxreplay.errors import ConfigError
 from jaxreplay import config as config_lib
-from jaxreplay.config import ConfigError
 
 
 def valid():

@@ -45,7 +45,7 @@ def shared_bible(tmp_path_factory):
     labels = [verse_label(b, i) for b in range(66) for i in range(sum(versification.chapters(b)))]
     genesis = lines(name)
     verses = genesis + labels[len(genesis):]
-    empty = set(corpora._EMPTY_VERSES[lang])
+    empty = set(corpora.EMPTY_VERSES[lang])
     with lzma.open(d / name, "wt", preset=0) as f:
       f.write("".join(v + "\n" for i, v in enumerate(verses) if i not in empty))
   return str(d)

@@ -1,10 +1,12 @@
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxreplay.errors import CheckpointError
 from jaxreplay.models import decoder as M
 
 TINY = M.ModelConfig(d_model=64, n_layers=2, head_dim=16, seq_len=16, vocab_size=50)
@@ -199,5 +201,48 @@ def test_a_format_1_export_loads_converted(tmp_path):
                                 v_proj=old["blocks"]["qkv"][:, :, 2], o_proj=old["blocks"]["out"],
                                 up_proj=old["blocks"]["up"], down_proj=old["blocks"]["down"]))
   np.testing.assert_allclose(M.logits(TINY, params, toks), np_forward(TINY, fused, toks), atol=2e-4, rtol=1e-4)
-  with pytest.raises(ckpt_lib.CheckpointError, match="do not fit"):
+  with pytest.raises(CheckpointError, match="do not fit"):
     ckpt_lib.load_exported(str(tmp_path), jax.eval_shape(lambda: M.init_params(VARIANTS["llama"], jax.random.key(0))))
+
+
+class OldBlock(nn.Module):
+  """The paper model's parameter declarations at commit 266e90b (fused qkv), for the init-compat check."""
+  cfg: M.ModelConfig
+
+  @nn.compact
+  def __call__(self, x, _):
+    D, N, H, F = self.cfg.d_model, self.cfg.n_heads, self.cfg.head_dim, self.cfg.d_mlp
+    normal = nn.initializers.normal
+    self.param("qkv", normal(D ** -0.5), (D, 3, N, H), jnp.float32)
+    self.param("out", normal(D ** -0.5), (N, H, D), jnp.float32)
+    self.param("up", normal(D ** -0.5), (D, F), jnp.float32)
+    self.param("down", normal(F ** -0.5), (F, D), jnp.float32)
+    return x, None
+
+
+class OldTransformer(nn.Module):
+  cfg: M.ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens):
+    D, V = self.cfg.d_model, self.cfg.vocab_size
+    self.param("embed", nn.initializers.normal(D ** -0.5), (V, D), jnp.float32)
+    nn.scan(OldBlock, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast,),
+            length=self.cfg.n_layers)(self.cfg, name="blocks")(jnp.zeros((1, D)), None)
+    self.param("unembed", nn.initializers.normal(D ** -0.5), (D, V), jnp.float32)
+    return tokens
+
+
+@pytest.mark.parametrize("cfg", [TINY, M.ModelConfig(d_model=128, n_layers=4, head_dim=32, seq_len=128)])
+def test_paper_init_draws_what_the_fused_qkv_model_drew(cfg):
+  """A fresh paper model equals the old (fused-qkv) model's init at the same key, split into q, k, v: every
+  leaf, bit for bit, so `make quickstart` prints the numbers it printed before the decoders became one."""
+  key = jax.random.key(7)
+  old = OldTransformer(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+  new = M.init_params(cfg, key)
+  assert set(new["blocks"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
+  np.testing.assert_array_equal(new["embed"], old["embed"])
+  np.testing.assert_array_equal(new["unembed"], old["unembed"])
+  np.testing.assert_array_equal(M.upgrade_params(old)["blocks"]["q_proj"], old["blocks"]["qkv"][:, :, 0])
+  for name, leaf in M.upgrade_params(old)["blocks"].items():
+    np.testing.assert_array_equal(new["blocks"][name], leaf, err_msg=name)

@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the Llama import tests compare against torch (pip install torch)")
 transformers = pytest.importorskip("transformers", reason="the Llama import tests need transformers")
 
+from jaxreplay.errors import HFImportError
 from jaxreplay import sharding  # noqa: E402
 from jaxreplay.models import decoder, hf_import, sampler  # noqa: E402
 
@@ -163,18 +164,18 @@ def test_partition_rules_shard_heads_and_mlp_over_tensor(checkpoints):
 
 
 def test_unsupported_checkpoints_fail_with_one_sentence(tmp_path):
-  with pytest.raises(hf_import.ImportError_, match="model_type='gpt2'"):
+  with pytest.raises(HFImportError, match="model_type='gpt2'"):
     hf_import.config_from_hf(dict(model_type="gpt2"))
   bad = dict(model_type="llama", **{k: v for k, v in COMMON.items()}, rope_scaling=dict(rope_type="yarn", factor=4.0))
   bad = {k if k != "hidden_size" else "hidden_size": v for k, v in bad.items()}
-  with pytest.raises(hf_import.ImportError_, match="yarn"):
+  with pytest.raises(HFImportError, match="yarn"):
     hf_import.config_from_hf(bad)
-  with pytest.raises(hf_import.ImportError_, match="not a directory"):
+  with pytest.raises(HFImportError, match="not a directory"):
     hf_import.resolve(str(tmp_path / "missing"))
   os.makedirs(tmp_path / "empty")
   with open(tmp_path / "empty" / "config.json", "w") as f:
     json.dump(dict(model_type="llama", **COMMON), f)
-  with pytest.raises(hf_import.ImportError_, match="no \\*.safetensors"):
+  with pytest.raises(HFImportError, match="no \\*.safetensors"):
     hf_import.load(str(tmp_path / "empty"))
 
 
@@ -219,5 +220,5 @@ def test_unreachable_hub_id_fails_with_one_sentence(monkeypatch):
     raise OSError("no network")
 
   monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-  with pytest.raises(hf_import.ImportError_, match="could not be fetched"):
+  with pytest.raises(HFImportError, match="could not be fetched"):
     hf_import.resolve("no-such-org/no-such-model")

@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 
 from jaxreplay import config as config_lib
-from jaxreplay.models import decoder as model_lib
-from jaxreplay.train import checkpoint
+from jaxreplay.data import chat as chat_data
+from jaxreplay.data import load_tokenizer, train_tokenizer, write_token_dir
+from jaxreplay.data.tokenfile import every_kth
 from jaxreplay.evals import lm_eval as adapter
-from jaxreplay.experiments import lm_eval_run as lm_eval_cli
-from jaxreplay.data import load_tokenizer, train_tokenizer
+from jaxreplay.evals import mcq
+from jaxreplay.experiments import lm_eval_run
+from jaxreplay.models import decoder
+from jaxreplay.train import checkpoint, loop, metrics
 
 TEXTS = ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void.",
          "And God said, Let there be light: and there was light.", "And God saw the light, that it was good."]
@@ -49,8 +52,8 @@ def paper_run(tmp_path_factory):
   train_tokenizer(TEXTS * 20, 300, str(run / "tokenizer.json"))
   c = config_lib.default()
   c.model.update(d_model=32, n_layers=2, head_dim=16, seq_len=SEQ_LEN, vocab_size=300)
-  cfg = model_lib.ModelConfig.from_config(c.model, "float32", jax.default_backend())
-  params = model_lib.init_params(cfg, jax.random.key(0))
+  cfg = decoder.ModelConfig.from_config(c.model, "float32", jax.default_backend())
+  params = decoder.init_params(cfg, jax.random.key(0))
   params = jax.tree.map(lambda x: x * 3.0, params)  # sharper predictions than at init: scores differ by choice
   checkpoint.export(str(run), params, c.to_dict(), dict(step=0, dataset_id=3))
   tasks = root / "tasks"
@@ -73,7 +76,7 @@ def paper_run(tmp_path_factory):
 
 @functools.lru_cache(maxsize=None)
 def naive_forward(cfg):
-  return jax.jit(functools.partial(model_lib.logits, cfg))
+  return jax.jit(functools.partial(decoder.logits, cfg))
 
 
 def naive_logits(cfg, params, ids):
@@ -164,7 +167,7 @@ def test_jaxreplay_eval_writes_the_run_and_the_sweep_table(paper_run):
               if n == "pretrain/tiny")
   assert rows[("tiny_mc", "acc")] == saved["scores"]["tiny_mc"]["acc"]
   assert rows[("tiny_ppl", "word_perplexity")] == pytest.approx(saved["scores"]["tiny_ppl"]["word_perplexity"])
-  assert lm_eval_cli.sweep_of(paper_run["run"]) == (os.path.join(paper_run["root"], "sweep"), "pretrain/tiny")
+  assert lm_eval_run.sweep_of(paper_run["run"]) == (os.path.join(paper_run["root"], "sweep"), "pretrain/tiny")
 
 
 def test_eval_errors_are_one_sentence_with_exit_status_2(tmp_path):
@@ -198,8 +201,6 @@ def test_the_instruct_mcq_scoring_equals_a_harness_task_on_the_same_items(tmp_pa
   import transformers
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sweeps"))
   import _tiny_llama as tiny_llama  # the :small instruct sweep's checkpoint builder
-  from jaxreplay.data import chat as chat_data
-  from jaxreplay.evals import mcq
   paths = tiny_llama.ensure(str(tmp_path))
   tok = chat_data.load_tokenizer(paths["model"])
   scorer = adapter.load_scorer(paths["model"], max_length=256)
@@ -222,10 +223,6 @@ def test_the_instruct_mcq_scoring_equals_a_harness_task_on_the_same_items(tmp_pa
 
 
 def test_a_run_with_eval_lm_eval_tasks_logs_the_scores_at_every_evaluation(paper_run, tmp_path):
-  from jaxreplay.train import metrics
-  from jaxreplay.train import loop as train
-  from jaxreplay.data import write_token_dir
-  from jaxreplay.data.tokenfile import every_kth
   data = str(tmp_path / "data")
   write_token_dir(data, (t for t in TEXTS * 40), os.path.join(paper_run["run"], "tokenizer.json"), dataset_id=3,
                   is_valid=every_kth(0.2), progress=False)
@@ -239,7 +236,7 @@ def test_a_run_with_eval_lm_eval_tasks_logs_the_scores_at_every_evaluation(paper
   c.log.update(every_steps=3, progress=False)
   c.stop.update(steps=3)
   workdir = str(tmp_path / "run")
-  train.run(c, workdir)
+  loop.run(c, workdir)
   evals = [r for r in metrics.read_metrics(workdir) if "valid_ntp" in r]
   assert len(evals) >= 2 and all(0.0 <= r["lm_eval/tiny_mc/acc"] <= 1.0 for r in evals)
   lm = adapter.JaxReplayLM(workdir)  # the exported (final) weights score as the last evaluation did

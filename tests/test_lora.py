@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxreplay.errors import ConfigError
 from jaxreplay import config as config_lib
 from jaxreplay import sharding
 from jaxreplay.train import steps
@@ -128,5 +129,5 @@ def test_adapters_are_replicated_and_rank_zero_is_refused(frozen):
   assert jax.tree.leaves(specs) and all(all(d is None for d in s.spec) for s in jax.tree.leaves(specs))
   frozen_specs = sharding.param_shardings(frozen, mesh)
   assert any(d is not None for s in jax.tree.leaves(frozen_specs) for d in s.spec)  # the mesh does shard
-  with pytest.raises(config_lib.ConfigError, match="lora.rank"):
+  with pytest.raises(ConfigError, match="lora.rank"):
     lora.parameterization(lora_cfg(rank=0), jax.random.key(0))

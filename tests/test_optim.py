@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxreplay.errors import ConfigError
 from jaxreplay import config as config_lib
 from jaxreplay.train import optim
 
@@ -220,14 +221,14 @@ def test_schedule_shapes():
 
 def test_schedule_errors():
   c = make_config(schedule="cosine")
-  with pytest.raises(config_lib.ConfigError, match="no fixed length"):
+  with pytest.raises(ConfigError, match="no fixed length"):
     optim.lr_schedule(c, None)
   c = make_config(batch_size=1, seq_len=100, schedule="wsd", warmup_tokens=9000, decay_fraction=0.2)
   optim.lr_schedule(c, 112)  # 90 warmup + 22 decay steps fit
-  with pytest.raises(config_lib.ConfigError, match="warmup_tokens=9000 is 90 steps"):
+  with pytest.raises(ConfigError, match="warmup_tokens=9000 is 90 steps"):
     optim.lr_schedule(c, 100)
   c.optim.schedule = "cosine"
-  with pytest.raises(config_lib.ConfigError, match="train for longer"):
+  with pytest.raises(ConfigError, match="train for longer"):
     optim.lr_schedule(c, 90)
   with pytest.raises(ValueError, match="total_steps=0"):
     optim.lr_schedule(c, 0)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxreplay.errors import ConfigError
 from jaxreplay import config as config_lib
 from jaxreplay.replay import sources as replay
 from jaxreplay.replay import self_generated as replay_self

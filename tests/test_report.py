@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from jaxreplay.experiments import report
+from jaxreplay.errors import UsageError
+from jaxreplay.experiments import report, results_table
 from jaxreplay.experiments import sweepdir
 
 
@@ -56,15 +57,15 @@ def en_es(tmp_path):
 
 def test_at_matched_interpolates_between_evaluations():
   t = [(4.0, 3.0), (3.0, 3.2), (2.0, 3.6)]
-  assert report.at_matched(t, 3.5) == pytest.approx(3.1)
-  assert report.at_matched(t, 2.5) == pytest.approx(3.4)
-  assert report.at_matched(t, 1.0) is None  # never reached
-  assert report.at_matched([(2.0, 3.0)], 2.5) == 3.0  # already below at the start
+  assert results_table.at_matched(t, 3.5) == pytest.approx(3.1)
+  assert results_table.at_matched(t, 2.5) == pytest.approx(3.4)
+  assert results_table.at_matched(t, 1.0) is None  # never reached
+  assert results_table.at_matched([(2.0, 3.0)], 2.5) == 3.0  # already below at the start
 
 
 def test_matched_forgetting_compares_methods_at_equal_downstream_loss(en_es):
-  res = report.Results(str(en_es))
-  rows = {r["run"].split("/")[-1]: r for r in report.matched_forgetting(res)}
+  res = results_table.Results(str(en_es))
+  rows = {r["run"].split("/")[-1]: r for r in results_table.matched_forgetting(res)}
   assert rows["none"]["matched_downstream"] == pytest.approx(2.9)  # the loss every run reached
   # at 2.9 no-replay is halfway between 3.4 (at 3.0) and 3.6 (at 2.8): rise 0.5
   assert rows["none"]["rise"] == pytest.approx(0.5)
@@ -85,7 +86,8 @@ def test_report_writes_tables_and_figures(en_es, tmp_path):
   assert "75%" in (out / "matched.md").read_text()
   # the CLI form, given the results file itself
   assert report.main(["jaxreplay report", str(en_es / "results.sqlite"), "--out", str(tmp_path / "o2")]) == 0
-  assert report.main(["jaxreplay report", str(tmp_path / "nothing")]) == 2
+  with pytest.raises(UsageError, match="holds no results.sqlite"):  # the CLI prints it and exits 2
+    report.main(["jaxreplay report", str(tmp_path / "nothing")])
 
 
 def test_capacity_slices_take_the_best_run_that_reached_the_target(tmp_path):
@@ -98,8 +100,8 @@ def test_capacity_slices_take_the_best_run_that_reached_the_target(tmp_path):
       add_run(w, f"finetune/pretrain/tpp={tpp}/coeff={coeff}", parent=f"pretrain/tpp={tpp}",
               config=dict(replay=dict(method="kl", source="real", coeff=coeff), stop=dict(target_loss=2.0)),
               metrics=dict(prev_ntp=after, prev_ntp_before=before, stop_reason=reason, prev_ntp_delta=after - before))
-  res = report.Results(str(w))
-  rows = report.capacity_slice(res, "tpp")
+  res = results_table.Results(str(w))
+  rows = results_table.capacity_slice(res, "tpp")
   assert [r["x"] for r in rows] == [10, 100]
   assert [r["after"] for r in rows] == pytest.approx([4.1, 3.6])
   assert [r["best_coeff"] for r in rows] == [10.0, 10.0] and rows[0]["reached"] == 2
@@ -116,12 +118,12 @@ def test_toy_curves_lay_the_chain_end_to_end(tmp_path):
             config=dict(seed=0, replay=dict(method=method, source="self")),
             metrics=dict(step=30, acc_add=end_add, acc_reversal=1.0),
             history=[acc(0, 1.0, 0.0), acc(30, end_add, 1.0)])
-  res = report.Results(str(w))
-  curves = report.toy_curves(res)
+  res = results_table.Results(str(w))
+  curves = results_table.toy_curves(res)
   assert set(curves) == {"without replay", "with self-generated replay"}
   c = curves["without replay"][0]
   assert c["add"] == [(0, 0.0), (20, 1.0), (20, 1.0), (50, 0.1)] and c["_bounds"] == [20] and c["_last"] == "reversal"
-  final = {r["arm"]: r for r in report.toy_final(res)}
+  final = {r["arm"]: r for r in results_table.toy_final(res)}
   assert final["with self-generated replay"]["add"] == 0.97 and final["without replay"]["reversal"] == 1.0
   names = {os.path.basename(p) for p in report.report(str(w), str(tmp_path / "o"))}
   assert {"toy_continual.png", "toy_final.md"} <= names
@@ -135,7 +137,7 @@ def test_batch_size_rules_and_2d_grid(tmp_path):
           batch_size=bs, b2=0.999, b2_half_life_tokens=0.0)), metrics=dict(valid_ntp=3.0 + bs / 100 + seed / 10))
       add_run(w, f"pretrain/bs={bs},hl,seed={seed}", config=dict(seed=seed, optim=dict(
           batch_size=bs, b2=0.999, b2_half_life_tokens=1e6)), metrics=dict(valid_ntp=3.0))
-  rules = report.batch_size_rules(report.Results(str(w)))
+  rules = results_table.batch_size_rules(results_table.Results(str(w)))
   assert rules["β₂ = 0.999"] == {4: pytest.approx([3.04, 3.14]), 16: pytest.approx([3.16, 3.26])}
   assert rules["half-life 1M tokens"] == {4: [3.0, 3.0], 16: [3.0, 3.0]}
   assert "batch_size.png" in {os.path.basename(p) for p in report.report(str(w), str(tmp_path / "o"))}
@@ -148,7 +150,7 @@ def test_batch_size_rules_and_2d_grid(tmp_path):
       for method in ("none", "kl"):
         add_run(g, f"finetune/{pre}/method={method}", parent=pre, config=dict(replay=dict(method=method,
                 source="real")), metrics=dict(prev_ntp_delta=0.1 * d, compute_multiplier=0.5))
-  grid = report.grid_2d(report.Results(str(g)))
+  grid = results_table.grid_2d(results_table.Results(str(g)))
   assert grid["no replay"][(4000, 100)] == (0.2, 0.5) and len(grid["KL (real)"]) == 4
   assert "grid_2d.png" in {os.path.basename(p) for p in report.report(str(g), str(tmp_path / "o2"))}
 
@@ -164,11 +166,11 @@ def test_learning_rate_and_time_to_target(tmp_path):
     add_run(w, f"finetune/pretrain/lr=0.001/replace={frac}", parent="pretrain/lr=0.001",
             config=dict(optim=dict(lr=1e-3), replay=dict(method="replace", coeff=frac, source="real")),
             metrics=dict(prev_ntp=3.35 - frac, step=1000, elapsed_s=1.2))
-  res = report.Results(str(w))
-  panels = report.lr_panels(res)
+  res = results_table.Results(str(w))
+  panels = results_table.lr_panels(res)
   assert [p[0] for p in panels["no replay"][1e-3]] == [1e-5, 1e-4, 1e-3]
   assert panels["no replay"][1e-3][0][2] == pytest.approx(1.0)  # LR × steps
-  tt = report.time_to_target(res)
+  tt = results_table.time_to_target(res)
   assert [p[2] for p in tt["Increase replay"]] == [0.0, 0.125, 0.25]  # anchored at the top LR without replay
   names = {os.path.basename(p) for p in report.report(str(w), str(tmp_path / "o"))}
   assert {"learning_rate.png", "time_to_target.png"} <= names
@@ -195,7 +197,7 @@ def test_capacity_slices_without_targets_compare_at_a_matched_downstream_loss(tm
       add_run(w, f"finetune/pretrain/tpp={tpp}/coeff={coeff}", parent=f"pretrain/tpp={tpp}",
               config=dict(replay=dict(method="kl", source="real", coeff=coeff), stop=dict(target_loss=0.0)),
               metrics=dict(prev_ntp=ys[-1], prev_ntp_before=before), history=traj(xs, ys))
-  rows = report.capacity_slice(report.Results(str(w)), "tpp")
+  rows = results_table.capacity_slice(results_table.Results(str(w)), "tpp")
   assert all(r["matched_downstream"] == 2.5 for r in rows)  # the lowest loss every run reached
   # at 2.5: coefficient 1 is at before + 0.3, coefficient 10 (which stopped there) at before + 0.2
   assert [r["after"] for r in rows] == pytest.approx([4.2, 3.7]) and rows[0]["best"] == "KL (real) 10"

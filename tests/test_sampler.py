@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxreplay.errors import SamplingError
 from jaxreplay.models import decode
 from jaxreplay.models import decoder as M
 from jaxreplay.models import sampler as S
@@ -264,13 +265,13 @@ def test_empirical_frequencies_match_the_exact_distribution(cfg, sc):
 
 
 def test_bad_arguments_are_refused():
-  with pytest.raises(S.SamplingError, match="prompt length"):
+  with pytest.raises(SamplingError, match="prompt length"):
     S.make_sampler(TINY, S.SamplingConfig(), 2, 13, 12)
-  with pytest.raises(S.SamplingError, match="top_p"):
+  with pytest.raises(SamplingError, match="top_p"):
     S.make_sampler(TINY, S.SamplingConfig(top_p=0.0), 2, 1, 12)
-  with pytest.raises(S.SamplingError, match="eos_id"):
+  with pytest.raises(SamplingError, match="eos_id"):
     S.make_sampler(TINY, S.SamplingConfig(eos_id=50), 2, 1, 12)
-  with pytest.raises(S.SamplingError, match="layout"):
+  with pytest.raises(SamplingError, match="layout"):
     S.make_sampler(TINY, S.SamplingConfig(), 2, 1, 12, layout="rows_minor")
 
 

@@ -8,6 +8,7 @@ import textwrap
 import jax
 import pytest
 
+from jaxreplay.errors import MeshError
 from jaxreplay import config as config_lib
 from jaxreplay import sharding
 
@@ -69,10 +70,10 @@ def test_eight_device_mesh_matches_one_device():
 def test_mesh_errors_name_the_fix():
   c = config_lib.default()
   c.mesh.update(data=3, fsdp=1, tensor=1)
-  with pytest.raises(sharding.MeshError, match="config.mesh"):
+  with pytest.raises(MeshError, match="config.mesh"):
     sharding.make_mesh(c.mesh)
   c.mesh.update(data=-1, fsdp=-1)
-  with pytest.raises(sharding.MeshError, match="Only one mesh axis"):
+  with pytest.raises(MeshError, match="Only one mesh axis"):
     sharding.make_mesh(c.mesh)
 
 
@@ -84,7 +85,7 @@ def test_indivisible_dims_stay_replicated():
   spec = lambda name, shape: sharding.param_spec((jax.tree_util.DictKey(name),), shape, mesh)
   assert spec("embed", (20, 64)) == P("tensor", "fsdp")  # both divisible
   assert spec("embed", (19, 64)) == P(None, "fsdp")  # odd vocabulary: replicated over tensor only
-  assert spec("up", (2, 63, 256)) == P(None, None, "tensor")  # stacked layers, odd D
-  assert spec("qkv", (2, 64, 3, 3, 16)) == P(None, "fsdp", None, None, None)  # 3 heads over tensor=2
+  assert spec("up_proj", (2, 63, 256)) == P(None, None, "tensor")  # stacked layers, odd D
+  assert spec("q_proj", (2, 64, 3, 16)) == P(None, "fsdp", None, None)  # 3 heads over tensor=2
   one = jax.sharding.AbstractMesh((1, 1, 1), sharding.AXES)
   assert sharding.param_spec((jax.tree_util.DictKey("embed"),), (20, 64), one) == P(None, None)

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
+from jaxreplay.errors import SweepError
 from jaxreplay import config as config_lib
 from jaxreplay.experiments import sweepcost
 from jaxreplay.experiments import sweeps
-from jaxreplay.experiments.sweeps import SweepError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_DIR = os.path.join(ROOT, "sweeps")

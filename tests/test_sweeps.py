@@ -10,11 +10,11 @@ import time
 
 import pytest
 
+from jaxreplay.errors import ConfigError, SweepError
 from jaxreplay import config as config_lib
 from jaxreplay.experiments import runner
 from jaxreplay.experiments import sweepdir
 from jaxreplay.experiments import sweeps
-from jaxreplay.experiments.sweeps import SweepError
 
 from helpers import tiny_config, token_dir
 
@@ -86,10 +86,10 @@ def test_bad_definitions_are_one_clear_error(make, match):
 def test_cycles_and_invalid_configs_are_refused():
   runs = {n: sweeps.Run(n, "s", p, {}, {}) for n, p in [("a", "c"), ("b", "a"), ("c", "b"), ("d", None)]}
   with pytest.raises(SweepError, match="cycle"):
-    sweeps._toposort(runs)
+    sweeps.dependency_order(runs)
   s = sweeps.Sweep()
   s.stage("p", base(), {"optim.lr": [-1.0]})
-  with pytest.raises(config_lib.ConfigError, match=r"Run 'p/lr=-1': config.optim.lr=-1.0 is invalid"):
+  with pytest.raises(ConfigError, match=r"Run 'p/lr=-1': config.optim.lr=-1.0 is invalid"):
     sweeps.expand(s)
 
 

@@ -5,7 +5,6 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,10 +13,11 @@ from jaxreplay.replay import self_generated as replay_self
 from jaxreplay import sharding
 from jaxreplay.evals import toy
 from jaxreplay.data import loader
-from jaxreplay.models import decoder as M
+from jaxreplay.models import decoder
 from jaxreplay.models import sampler
+from jaxreplay.train import checkpoint, loop
 
-TINY = M.ModelConfig(d_model=32, n_layers=2, head_dim=16, seq_len=toy.SEQ_LEN, vocab_size=toy.VOCAB_SIZE)
+TINY = decoder.ModelConfig(d_model=32, n_layers=2, head_dim=16, seq_len=toy.SEQ_LEN, vocab_size=toy.VOCAB_SIZE)
 
 
 def test_answers_of_each_task():
@@ -84,7 +84,7 @@ def test_exact_match_counts_only_fully_correct_answers():
 
 
 def _params(seed):
-  return M.init_params(TINY, jax.random.key(seed))
+  return decoder.init_params(TINY, jax.random.key(seed))
 
 
 def test_accuracy_equals_greedy_decoding_with_the_sampler():
@@ -133,7 +133,6 @@ def fake_export(workdir):
 
 @pytest.mark.slow  # two stages through train.run with sampling: ~30 s alone, minutes on a busy 2-core CPU
 def test_two_task_chain_with_replay_logs_accuracy_on_every_task(tmp_path):
-  from jaxreplay.train import loop as train
   dirs = toy.build(str(tmp_path / "data"), train_examples=256, valid_examples=32)
   c = config_lib.default()
   c.model.update(d_model=32, n_layers=1, head_dim=16, seq_len=14, vocab_size=19)
@@ -143,15 +142,14 @@ def test_two_task_chain_with_replay_logs_accuracy_on_every_task(tmp_path):
   c.checkpoint.update(every_steps=100, every_minutes=0.0, async_save=False)
   c.log.update(every_steps=4, progress=False)
   c.stop.steps = 8
-  first = train.run(c, str(tmp_path / "add"))
+  first = loop.run(c, str(tmp_path / "add"))
   assert set(toy.TASKS) <= {k[4:] for k in first if k.startswith("acc_")}
   c.stage, c.data.path, c.init["from"] = "finetune", dirs["reversal"], str(tmp_path / "add")
   c.replay.update(method="ntp", source="self", coeff=10.0, batch_size=16, buffer=2, prompt_ids="0")
-  second = train.run(c, str(tmp_path / "reversal"))
+  second = loop.run(c, str(tmp_path / "reversal"))
   # Each logged accuracy is greedy decoding from the prompts, redone here with the sampler on the export.
-  from jaxreplay.train import checkpoint as ckpt_lib
-  params = ckpt_lib.load_exported(str(tmp_path / "reversal"))
-  cfg = M.ModelConfig.from_config(c.model)
+  params = checkpoint.load_exported(str(tmp_path / "reversal"))
+  cfg = decoder.ModelConfig.from_config(c.model)
   for t in toy.TASKS:
     rows = np.fromfile(os.path.join(dirs[t], "valid.bin"), np.uint16).reshape(-1, 14)[:32].astype(np.int32)
     greedy = np.asarray(sampling.sample(cfg, params, rows[:, :toy.PROMPT_LEN], jax.random.key(0), length=14,

@@ -22,9 +22,7 @@ import tempfile
 
 import numpy as np
 
-
-class ChatDataError(ValueError):
-  """Bad chat data or template; the message names the file/line and the fix."""
+from jaxreplay.errors import ChatDataError
 
 
 def load_tokenizer(directory: str):

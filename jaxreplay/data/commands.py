@@ -20,9 +20,10 @@ import sys
 from typing import Iterable, Iterator
 
 from jaxreplay.config import NUM_RESERVED_IDS
+from jaxreplay.errors import DataError
 
 from . import corpora
-from .errors import DataError
+
 from .tokenfile import META_FILE, every_kth, read_meta, write_token_dir
 from .tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_hash, train_tokenizer
 
@@ -176,7 +177,7 @@ def resolve_path(path: str, cache_dir: str | None = None) -> str:
 
 
 def main(argv: list[str]) -> int:
-  """Entry point for `jaxreplay data`; argv[0] is the program name."""
+  """Entry point for `jaxreplay data`; argv[0] is the program name. A user's mistake raises DataError."""
   p = argparse.ArgumentParser(prog=argv[0] if argv else "jaxreplay data", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
@@ -200,16 +201,12 @@ def main(argv: list[str]) -> int:
   k.add_argument("--valid_fraction", type=float, default=0.05)
   k.add_argument("--name", default="")
   a = p.parse_args(argv[1:])
-  try:
-    if a.command == "default":
-      result = build_default_corpora(a.cache_dir, a.vocab_size, a.source, progress=True)
-    elif a.command == "tokenizer":
-      result = dict(tokenizer=a.out, hash=cmd_tokenizer(a.inputs, a.out, a.vocab_size, a.mode, a.limit))
-    else:
-      result = cmd_tokenize(a.inputs, a.tokenizer, a.out, a.dataset_id, a.valid_fraction, a.mode, a.name, a.limit)
-  except DataError as e:
-    print(f"jaxreplay: error: {e}", file=sys.stderr)
-    return 2
+  if a.command == "default":
+    result = build_default_corpora(a.cache_dir, a.vocab_size, a.source, progress=True)
+  elif a.command == "tokenizer":
+    result = dict(tokenizer=a.out, hash=cmd_tokenizer(a.inputs, a.out, a.vocab_size, a.mode, a.limit))
+  else:
+    result = cmd_tokenize(a.inputs, a.tokenizer, a.out, a.dataset_id, a.valid_fraction, a.mode, a.name, a.limit)
   print(tokenize_summary(a.out, result) if a.command == "tokenize" else json.dumps(result, indent=2))
   return 0
 

@@ -16,7 +16,8 @@ import subprocess
 import tempfile
 from typing import Iterable, Iterator
 
-from .errors import DataError
+from jaxreplay.errors import DataError
+
 from .sword import find_module, read_zText
 from .versification import BOOKS, chapters
 
@@ -67,8 +68,8 @@ BIBLES = {
 }
 # Verse slots (0-based, KJV order) that the Reina-Valera module leaves empty (their text sits in a
 # neighbouring verse); the shared one-verse-per-line copy omits them, so they are put back to find books.
-_EMPTY_VERSES = {"es": (4075, 4648, 7839, 8580, 11933, 13736, 13832, 13833, 13834, 13884, 13885, 13886, 13887,
-                        13888, 22252, 22548, 27626, 29057), "en": ()}
+EMPTY_VERSES = {"es": (4075, 4648, 7839, 8580, 11933, 13736, 13832, 13833, 13834, 13884, 13885, 13886, 13887,
+                       13888, 22252, 22548, 27626, 29057), "en": ()}
 NUM_VERSES = 31102
 
 
@@ -148,7 +149,7 @@ def bible_books(lang: str, cache_dir: str, source: str = "auto") -> tuple[list[t
                     "shared/data/corpora.")
   with open_text(path) as f:
     lines = [line.rstrip("\n") for line in f]
-  return split_verses_into_books(lines, _EMPTY_VERSES[lang], path), f"file:{spec['shared']}"
+  return split_verses_into_books(lines, EMPTY_VERSES[lang], path), f"file:{spec['shared']}"
 
 
 def split_verses_into_books(lines: list[str], empty: Iterable[int] = (), where: str = "text"
@@ -185,7 +186,7 @@ def hf_documents(path: str, name: str | None = None, split: str = "train", text_
   Needs the optional `datasets` package (pip install 'jaxreplay[hf]').
   """
   try:
-    import datasets  # pylint: disable=import-outside-toplevel
+    import datasets  # lazy: the optional `hf` extra
   except ImportError:
     raise DataError("Reading Hugging Face datasets needs the `datasets` package: "
                     "pip install 'jaxreplay[hf]'.") from None

@@ -19,6 +19,8 @@ import sys
 
 import numpy as np
 
+from jaxreplay.io import atomic_open
+
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -49,17 +51,16 @@ def mcq_item(row: dict, kind: str) -> dict:
 def _write(path, rows):
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   n = 0
-  with open(path + ".tmp", "w") as f:
+  with atomic_open(path) as f:
     for r in rows:
       f.write(json.dumps(r) + "\n")
       n += 1
-  os.replace(path + ".tmp", path)
   return n
 
 
 def build_pyranet(out_dir: str, valid_examples: int = 20_000, seed: int = 0):
   """~20M held-out tokens in the paper; 20,000 examples here (set valid_examples to match your tokenizer)."""
-  import datasets
+  import datasets  # lazy: the optional `hf` extra
   ds = datasets.load_dataset("bnadimi/PyraNet-Verilog", split="train")
   examples = [e for e in map(pyranet_example, ds) if e is not None]
   order = np.random.default_rng(seed).permutation(len(examples))
@@ -70,7 +71,7 @@ def build_pyranet(out_dir: str, valid_examples: int = 20_000, seed: int = 0):
 
 def build_dclm(path: str, max_chars: int = 800_000_000):
   """Streams dolmino-mix-1124's dclm subset into {"text"} lines until ~max_chars (≈ 4 characters a token)."""
-  import datasets
+  import datasets  # lazy: the optional `hf` extra
   ds = datasets.load_dataset("allenai/dolmino-mix-1124", "dclm", split="train", streaming=True)
 
   def rows():
@@ -85,7 +86,7 @@ def build_dclm(path: str, max_chars: int = 800_000_000):
 
 def build_mcq(out_dir: str, seed: int = 42):
   """MMLU test (first 2,048 after a seed-42 shuffle), ARC-Challenge test (1,024), CommonsenseQA validation (1,024)."""
-  import datasets
+  import datasets  # lazy: the optional `hf` extra
   specs = [("mmlu", ("cais/mmlu", "all", "test"), 2048),
            ("arc_challenge", ("allenai/ai2_arc", "ARC-Challenge", "test"), 1024),
            ("commonsense_qa", ("tau/commonsense_qa", None, "validation"), 1024)]

@@ -17,8 +17,9 @@ import numpy as np
 from grain.experimental import index_shuffle
 
 from jaxreplay.config import NUM_RESERVED_IDS
+from jaxreplay.errors import DataError
 
-from .errors import DataError
+
 from .tokenfile import TokenDir, open_token_dir
 
 _ROUNDS = 4

@@ -18,7 +18,8 @@ import zlib
 
 import numpy as np
 
-from .errors import DataError
+from jaxreplay.errors import DataError
+
 from .versification import BOOKS, OT_BOOKS, chapters
 
 _BZS = np.dtype([("offset", "<u4"), ("size", "<u4"), ("raw", "<u4")])

@@ -17,7 +17,9 @@ from typing import Callable, Iterable
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import DataError
+from jaxreplay.errors import DataError
+from jaxreplay.io import atomic_dir
+
 from .tokenizer import TOKENIZER_FILE, eos_id, load_tokenizer, tokenizer_file, tokenizer_hash
 
 META_FILE = "meta.json"
@@ -58,51 +60,47 @@ def write_token_dir(out_dir: str, documents: Iterable, tokenizer_path: str, *, d
   vocab = tok.get_vocab_size()
   eos, dtype = eos_id(tok), dtype_for(vocab)
   is_valid = is_valid or (lambda i: False)
-  tmp = out_dir.rstrip("/") + ".partial"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  counts = dict(train=0, valid=0)
-  valid_docs, valid_names, n_docs = 0, [], 0
-  files = {s: open(os.path.join(tmp, f"{s}.bin"), "wb") for s in SPLITS}
-  bar = tqdm(total=total, unit="doc", desc=f"tokenize {name or out_dir}", disable=not progress)
-  try:
-    for chunk in _chunks(documents, chunk_docs):
-      texts, splits = [], []
-      for doc in chunk:
-        doc_name, text = doc if isinstance(doc, tuple) else (None, doc)
-        split = "valid" if is_valid(n_docs) else "train"
-        if split == "valid":
-          valid_docs += 1
-          if len(valid_names) < 1000:  # enough to see which documents; bounded for huge corpora
-            valid_names.append(doc_name if doc_name is not None else n_docs)
-        texts.append(text)
-        splits.append(split)
-        n_docs += 1
-      encoded = tok.encode_batch_fast(texts, add_special_tokens=False)
-      for split in SPLITS:
-        flat = []
-        for e, s in zip(encoded, splits):
-          if s == split:
-            flat.extend(e.ids)
-            flat.append(eos)
-        if flat:
-          np.array(flat, dtype=dtype).tofile(files[split])
-          counts[split] += len(flat)
-      bar.update(len(chunk))
-  finally:
-    bar.close()
-    for f in files.values():
-      f.close()
-  shutil.copyfile(tokenizer_file(tokenizer_path), os.path.join(tmp, TOKENIZER_FILE))
-  meta = dict(vocab_size=vocab, dtype=dtype.name, tokenizer_hash=tokenizer_hash(tokenizer_path),
-              dataset_id=int(dataset_id), name=name or os.path.basename(out_dir.rstrip("/")),
-              train_tokens=counts["train"], valid_tokens=counts["valid"], documents=n_docs,
-              sources=list(sources or []), eos_id=eos,
-              valid_documents=dict(count=valid_docs, names=valid_names))
-  with open(os.path.join(tmp, META_FILE), "w") as f:
-    json.dump(meta, f, indent=2)
-  shutil.rmtree(out_dir, ignore_errors=True)
-  os.replace(tmp, out_dir)
+  with atomic_dir(out_dir) as tmp:
+    counts = dict(train=0, valid=0)
+    valid_docs, valid_names, n_docs = 0, [], 0
+    files = {s: open(os.path.join(tmp, f"{s}.bin"), "wb") for s in SPLITS}
+    bar = tqdm(total=total, unit="doc", desc=f"tokenize {name or out_dir}", disable=not progress)
+    try:
+      for chunk in _chunks(documents, chunk_docs):
+        texts, splits = [], []
+        for doc in chunk:
+          doc_name, text = doc if isinstance(doc, tuple) else (None, doc)
+          split = "valid" if is_valid(n_docs) else "train"
+          if split == "valid":
+            valid_docs += 1
+            if len(valid_names) < 1000:  # enough to see which documents; bounded for huge corpora
+              valid_names.append(doc_name if doc_name is not None else n_docs)
+          texts.append(text)
+          splits.append(split)
+          n_docs += 1
+        encoded = tok.encode_batch_fast(texts, add_special_tokens=False)
+        for split in SPLITS:
+          flat = []
+          for e, s in zip(encoded, splits):
+            if s == split:
+              flat.extend(e.ids)
+              flat.append(eos)
+          if flat:
+            np.array(flat, dtype=dtype).tofile(files[split])
+            counts[split] += len(flat)
+        bar.update(len(chunk))
+    finally:
+      bar.close()
+      for f in files.values():
+        f.close()
+    shutil.copyfile(tokenizer_file(tokenizer_path), os.path.join(tmp, TOKENIZER_FILE))
+    meta = dict(vocab_size=vocab, dtype=dtype.name, tokenizer_hash=tokenizer_hash(tokenizer_path),
+                dataset_id=int(dataset_id), name=name or os.path.basename(out_dir.rstrip("/")),
+                train_tokens=counts["train"], valid_tokens=counts["valid"], documents=n_docs,
+                sources=list(sources or []), eos_id=eos,
+                valid_documents=dict(count=valid_docs, names=valid_names))
+    with open(os.path.join(tmp, META_FILE), "w") as f:
+      json.dump(meta, f, indent=2)
   return meta
 
 

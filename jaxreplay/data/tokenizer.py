@@ -13,9 +13,11 @@ from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from jaxreplay.io import write_text
 from jaxreplay.config import NUM_RESERVED_IDS
+from jaxreplay.errors import DataError
 
-from .errors import DataError
+
 
 RESERVED_TOKENS = tuple(f"<resv_{i}>" for i in range(NUM_RESERVED_IDS))
 EOS_TOKEN = "</s>"
@@ -41,9 +43,7 @@ def train_tokenizer(text_iter: Iterable[str], vocab_size: int = 4096, out_path: 
   tok.encode_special_tokens = True  # a literal "</s>" in the text is text, not EOS
   if out_path:
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
-    tok.save(tmp)
-    os.replace(tmp, out_path)
+    write_text(out_path, tok.to_str(pretty=True))  # the bytes tok.save writes
   return tok
 
 

@@ -33,18 +33,14 @@ from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from jaxreplay.errors import LMEvalError
 from jaxreplay.models import decoder, hf_import, sampler
 from jaxreplay.train import checkpoint
 from jaxreplay.evals import mcq
-from jaxreplay.config import ConfigError
 from jaxreplay.data import load_tokenizer
 from jaxreplay.data.tokenizer import eos_id
 
 PAD_MULTIPLE = 64
-
-
-class LMEvalError(ConfigError):
-  """A checkpoint or task the harness cannot run; the message names it and the fix (exit status 2)."""
 
 
 # ----------------------------------------------------------------------------- the seam to the model code
@@ -104,7 +100,7 @@ def load_scorer(path: str, max_length: int | None = None, prefix_id: int | None 
   if hf_dir is None:
     raise LMEvalError(f"{path} holds no model to evaluate: give the workdir of a finished run (with export/ or "
                       "hf/) or a Hugging Face model directory.")
-  from transformers import AutoTokenizer
+  from transformers import AutoTokenizer  # lazy: only Hugging Face directories need it (`hf` extra)
   hf = hf_import.read_config(hf_dir)
   length = max_length or min(int(hf.get("max_position_embeddings", 2048)), 2048)
   cfg, params, _ = hf_import.load(hf_dir, seq_len=length)

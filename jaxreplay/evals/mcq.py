@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from jaxreplay import config as config_lib
+from jaxreplay.errors import MCQError
 from jaxreplay.data import chat as chat_data
 from jaxreplay.models import decoder, losses
 
@@ -24,10 +25,6 @@ TEMPLATE = ("Answer the following multiple choice question. The entire content o
             "following format: 'ANSWER: $LETTER' (without quotes) where LETTER is one of {letters}.\n\n"
             "{question}\n\n{choices}")
 COMPLETION = "ANSWER: {letter}"
-
-
-class MCQError(ValueError):
-  """A benchmark file that cannot be read; the message names the file and line."""
 
 
 def read_benchmark(path: str, limit: int = 0, seed: int | None = None) -> list[dict]:

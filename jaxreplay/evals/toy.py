@@ -23,7 +23,7 @@ toy task directory (its meta.json names the sibling task directories). The whole
 finetuning stages from each previous stage's export, without replay and with NTP replay on samples from the
 model at the start of the current task, prompted by every earlier task's token — is `sweeps/toy_continual.py`:
 
-  python -m jaxreplay.evals.toy --workdir=runs/toy_continual [--variant=cpu] [--jobs=2]
+  jaxreplay sweep sweeps/toy_continual.py[:cpu|:small] --workdir=runs/toy_continual [--jobs=2]
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from jaxreplay.io import atomic_dir
+from jaxreplay.models import decoder
 
 TASKS = ("add", "reversal", "sort", "modadd")
 SEP, EQ, NULL, EOS, PAD = 4, 5, 6, 7, 8
@@ -101,23 +105,18 @@ def write_task_dir(path: str, task: str, train_examples: int = 65_536, valid_exa
   Rows of seq_len 14 cut from it are exactly the examples. Written to a temporary directory and renamed, so
   an interrupted write never leaves a directory that looks complete.
   """
-  import shutil
   rng = np.random.default_rng([seed, TASKS.index(task)])
   train, valid = examples(task, train_examples, rng), examples(task, valid_examples, rng)
-  tmp = path.rstrip("/") + f".partial{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  train.astype(np.uint16).tofile(os.path.join(tmp, "train.bin"))
-  valid.astype(np.uint16).tofile(os.path.join(tmp, "valid.bin"))
   meta = dict(vocab_size=VOCAB_SIZE, dtype="uint16", tokenizer_hash=TOKENIZER_HASH, dataset_id=TASKS.index(task),
               name=f"toy-{task}", train_tokens=int(train.size), valid_tokens=int(valid.size), eos_id=EOS,
               sources=[], valid_documents={}, toy=dict(task=task, tasks=list(TASKS), seed=seed,
                                                        train_examples=train_examples,
                                                        valid_examples=valid_examples))
-  with open(os.path.join(tmp, "meta.json"), "w") as f:
-    json.dump(meta, f, indent=2)
-  shutil.rmtree(path, ignore_errors=True)
-  os.replace(tmp, path)
+  with atomic_dir(path) as tmp:
+    train.astype(np.uint16).tofile(os.path.join(tmp, "train.bin"))
+    valid.astype(np.uint16).tofile(os.path.join(tmp, "valid.bin"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+      json.dump(meta, f, indent=2)
   return path
 
 
@@ -143,7 +142,6 @@ def build(root: str, train_examples: int = 65_536, valid_examples: int = 4_096, 
 
 def exact_match(logits_BTV, tokens_BT):
   """[B] bool: greedy decoding from the prompt reproduces the answer (4 digits + EOS) exactly."""
-  import jax.numpy as jnp
   pred_BA = jnp.argmax(logits_BTV[:, PROMPT_LEN - 1:SEQ_LEN - 1], axis=-1)
   return jnp.all(pred_BA == tokens_BT[:, ANSWER], axis=-1)
 
@@ -152,14 +150,11 @@ class AccuracyEvaluator:
   """params -> {acc_<task>: exact-match accuracy} over the given validation examples of each task."""
 
   def __init__(self, model_cfg, valid: dict, batch_size: int = 512):
-    import jax
-    from jaxreplay.models import decoder
     self.valid = {t: np.asarray(v, np.int32) for t, v in valid.items()}
     self.batch_size = max(1, min(batch_size, max(len(v) for v in self.valid.values())))
     self._matches = jax.jit(lambda params, tokens: exact_match(decoder.logits(model_cfg, params, tokens), tokens))
 
   def __call__(self, params) -> dict:
-    import jax
     out = {}
     for task, rows in self.valid.items():
       hits = 0
@@ -190,30 +185,3 @@ def evaluator_for(c, data_meta: dict, data_path: str, model_cfg):
     if os.path.exists(path):
       valid[task] = np.fromfile(path, np.uint16).reshape(-1, SEQ_LEN)[:n]
   return AccuracyEvaluator(model_cfg, valid, batch_size=int(c.eval.batch_size))
-
-
-# ----------------------------------------------------------------------------------------------- the driver
-
-def sweep_file() -> str:
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps", "toy_continual.py")
-
-
-def main(argv: list[str]) -> int:
-  import argparse
-  p = argparse.ArgumentParser(prog="python -m jaxreplay.evals.toy", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--variant", default="", help="sweep variant: '' (the paper's), 'cpu' or 'small'")
-  p.add_argument("--jobs", type=int, default=1)
-  p.add_argument("--only", default=None)
-  a = p.parse_args(argv[1:])
-  from jaxreplay.experiments import runner
-  spec = sweep_file() + (f":{a.variant}" if a.variant else "")
-  args = ["jaxreplay sweep", spec, "--workdir", a.workdir, "--jobs", str(a.jobs)]
-  if a.only:
-    args += ["--only", a.only]
-  return runner.main(args)
-
-
-if __name__ == "__main__":
-  sys.exit(main(sys.argv))

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
-import sys
 import time
 
+from jaxreplay.io import write_json
+from jaxreplay.errors import LMEvalError, UsageError
 from jaxreplay.experiments import sweepdir
 
 RESULTS_FILE = "lm_eval.json"
@@ -68,32 +68,20 @@ def main(argv: list[str]) -> int:
                  help="tokenize context and continuation on their own (chat-formatted tasks)")
   a = p.parse_args(argv[1:])
   if importlib.util.find_spec("lm_eval") is None:
-    print("jaxreplay: error: `jaxreplay eval` needs lm-evaluation-harness: pip install 'jaxreplay[eval]'.",
-          file=sys.stderr)
-    return 2
-  from jaxreplay.models import hf_import
-  from jaxreplay.train import checkpoint
-  from jaxreplay.evals import lm_eval as adapter
-  from jaxreplay.config import ConfigError
-  from jaxreplay.data.errors import DataError
+    raise UsageError("`jaxreplay eval` needs lm-evaluation-harness: pip install 'jaxreplay[eval]'.")
+  from jaxreplay.evals import lm_eval as adapter  # lazy: lm-eval is the optional `eval` extra
   tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
   limit = int(a.limit) if a.limit is not None and a.limit >= 1 else a.limit
-  try:
-    if not tasks:
-      raise adapter.LMEvalError("--tasks names no task: give comma-separated harness task names.")
-    lm = adapter.JaxReplayLM(a.workdir, batch_size=a.batch_size, max_length=a.max_length,
-                             encode_separately=a.encode_separately)
-    results = adapter.run_tasks(lm, tasks, limit, a.include_path, a.num_fewshot)
-  except (ConfigError, DataError, checkpoint.CheckpointError, hf_import.ImportError_) as e:
-    print(f"jaxreplay: error: {e}", file=sys.stderr)
-    return 2
+  if not tasks:
+    raise LMEvalError("--tasks names no task: give comma-separated harness task names.")
+  lm = adapter.JaxReplayLM(a.workdir, batch_size=a.batch_size, max_length=a.max_length,
+                           encode_separately=a.encode_separately)
+  results = adapter.run_tasks(lm, tasks, limit, a.include_path, a.num_fewshot)
   scores = adapter.flat_scores(results)
   out = dict(tasks=tasks, limit=limit, scores=scores, results=results["results"],
              versions=results.get("versions", {}), n_samples=results.get("n-samples", {}))
   path = os.path.join(a.workdir, RESULTS_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(out, f, indent=2, default=str)
-  os.replace(path + ".tmp", path)
+  write_json(path, out, default=str)
   for task, row in scores.items():
     print(f"{task}: " + ", ".join(f"{m}={v:.4f}" for m, v in row.items() if not m.endswith("_stderr")))
   print(f"results: {path}")

@@ -8,8 +8,11 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
+
 
 def _plt():
+  """pyplot on the Agg backend (files only, no display); imported on first use, since only drawing needs it."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -63,7 +66,6 @@ def method_comparison(trajs: dict, out_path: str) -> str:
 
 def grid_2d(grid: dict, out_path: str) -> str:
   """Heatmaps over model size × TPP: loss delta (top row) and compute multiplier (bottom), one column per method."""
-  import numpy as np
   plt = _plt()
   methods = sorted(grid)
   fig, axes = plt.subplots(2, len(methods), figsize=(4.2 * len(methods), 7), squeeze=False)
@@ -150,7 +152,6 @@ def time_to_target(arms: dict, out_path: str) -> str:
 
 def toy_continual(curves: dict, out_path: str) -> str:
   """Accuracy of each task along the chain, one panel per arm; mean over seeds with the min–max band."""
-  import numpy as np
   plt = _plt()
   arms = sorted(curves, key=lambda a: a != "without replay")
   fig, axes = plt.subplots(1, len(arms), figsize=(5.5 * len(arms), 4), squeeze=False, sharey=True)
@@ -177,7 +178,6 @@ def toy_continual(curves: dict, out_path: str) -> str:
 
 def batch_size(rules: dict, out_path: str) -> str:
   """Final validation loss against batch size for each β₂ rule (mean over seeds, min–max bars)."""
-  import numpy as np
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6, 4.2))
   for rule, by_bs in rules.items():

@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
+from jaxreplay.data import resolve_path
+from jaxreplay.experiments import config_files, report, results_table
+from jaxreplay.io import write_json
+from jaxreplay.train import loop as training
 from jaxreplay.train import metrics as metrics_lib
-from jaxreplay.experiments import report
 
 RUNS = (("pretrain", "pretrain"), ("finetune", "finetune_none"), ("finetune_kl", "finetune_kl_self"))
 
@@ -31,19 +33,11 @@ def main(argv: list[str]) -> int:
     p.error(f"--scale={args.scale} must be > 0 (e.g. 0.1 for a tenth of every token budget)")
   if args.config is not None and not os.path.isfile(args.config):
     p.error(f"--config file {args.config!r} does not exist: give an experiment file like sweeps/quickstart.py")
-
-  from jaxreplay import config as config_lib
-  from jaxreplay.train import loop as train
-  from jaxreplay.data import DataError, resolve_path
-  get_config = _load_experiment(args.config)
+  get_config = config_files.load_module(args.config or default_experiment(), "quickstart_experiment").get_config
   workdirs = {}
   for arg, name in RUNS:
     c = get_config(arg)
-    try:
-      c.data.path = resolve_path(c.data.path, args.cache_dir)
-    except DataError as e:
-      print(f"jaxreplay: error: {e}", file=sys.stderr)
-      return 2
+    c.data.path = resolve_path(c.data.path, args.cache_dir)
     if c.stop.tokens:
       c.stop.tokens = int(c.stop.tokens * args.scale)
     workdir = os.path.join(args.workdir, name)
@@ -51,19 +45,14 @@ def main(argv: list[str]) -> int:
       c.init["from"] = workdirs["pretrain"]
     print(f"== {name}: {c.stage} on {os.path.basename(c.data.path)}, {c.stop.tokens:,} tokens, "
           f"replay={c.replay.method}/{c.replay.source}", flush=True)
-    try:
-      train.run(c, workdir)
-    except (config_lib.ConfigError, ValueError, train.TrainingError) as e:
-      print(f"jaxreplay: error: {e}", file=sys.stderr)
-      return 2
+    training.run(c, workdir)
     workdirs[name] = workdir
 
   table = matched_table(workdirs["pretrain"], {k: v for k, v in workdirs.items() if k != "pretrain"})
   print(format_matched(table))
   plot = report.plot_trajectories(workdirs["pretrain"], {k: v for k, v in workdirs.items() if k != "pretrain"},
                                   os.path.join(args.workdir, "quickstart.png"))
-  with open(os.path.join(args.workdir, "quickstart.json"), "w") as f:
-    json.dump(table, f, indent=2)
+  write_json(os.path.join(args.workdir, "quickstart.json"), table)
   print(f"plot: {plot}")
   return 0
 
@@ -72,7 +61,7 @@ def matched_table(pretrain_dir: str, finetune_dirs: dict[str, str]) -> list[dict
   """One row per finetune: its English loss where its Spanish loss first reached the matched Spanish loss.
 
   The matched loss is the highest of the runs' lowest evaluated Spanish losses (one every run reached); each
-  run's English loss there is interpolated between its evaluations (`report.at_matched`), and its rise over
+  run's English loss there is interpolated between its evaluations (`results_table.at_matched`), and its rise over
   the pretrained model's English loss is compared with the run without replay ('cut' = 1 − rise / rise
   without replay). End-of-run numbers would favour whichever run trained its Spanish least.
   """
@@ -89,7 +78,7 @@ def matched_table(pretrain_dir: str, finetune_dirs: dict[str, str]) -> list[dict
   target = max(reached) if reached else None
   table = []
   for name, traj in trajs.items():
-    at = report.at_matched(traj, target) if traj else None
+    at = results_table.at_matched(traj, target) if traj else None
     table.append(dict(run=name, prev_before=before, matched_downstream=target, prev_at_matched=at,
                       rise=None if at is None else at - before, downstream=finals[name].get("valid_ntp"),
                       compute_multiplier=finals[name].get("compute_multiplier")))
@@ -109,12 +98,7 @@ def format_matched(rows: list[dict]) -> str:
   return report.markdown(rows, cols)
 
 
-def _load_experiment(path: str | None):
-  """The quickstart experiment file: sweeps/quickstart.py next to the package, or the one given."""
-  import importlib.util
-  if path is None:
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps", "quickstart.py")
-  spec = importlib.util.spec_from_file_location("quickstart_experiment", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config
+def default_experiment() -> str:
+  """sweeps/quickstart.py of the checkout the package is in (jaxreplay/experiments/ is two levels down)."""
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "sweeps",
+                      "quickstart.py")

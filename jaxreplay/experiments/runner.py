@@ -18,10 +18,10 @@ import subprocess
 import sys
 import time
 
-from jaxreplay import config as config_lib
+from jaxreplay.errors import SweepError, UsageError, UserError
 from jaxreplay.experiments import sweepcost as cost
 from jaxreplay.experiments import sweeps
-from jaxreplay.experiments.sweepdir import (Claim, SweepError, connect, dry_run, is_finished, is_locked, levels,  # noqa: F401 (re-exported)
+from jaxreplay.experiments.sweepdir import (Claim, connect, dry_run, is_finished, is_locked, levels,  # noqa: F401 (re-exported)
                                 load_runs, prepare, record, resolved_config, run_dir, select, status, sync)
 from jaxreplay.experiments.sweeps import Run
 
@@ -52,11 +52,10 @@ def train_one(workdir: str, run: Run, fp: str, db=None) -> dict:
 
 def worker(workdir: str, name: str) -> int:
   """Entry point of one run's process; exit status 0 finished, 2 user error, 3 claimed elsewhere, 4 waiting."""
-  from jaxreplay import cli
   runs, fp = load_runs(workdir)
   by_name = {r.name: r for r in runs}
   if name not in by_name:
-    cli._fail(f"Run {name!r} is not part of the sweep in {workdir}: see `jaxreplay sweep FILE --dry-run`.")
+    raise SweepError(f"Run {name!r} is not part of the sweep in {workdir}: see `jaxreplay sweep FILE --dry-run`.")
   run = by_name[name]
   if os.environ.get("JAXREPLAY_PARENT_PID"):
     _die_with_parent(int(os.environ["JAXREPLAY_PARENT_PID"]))
@@ -80,7 +79,7 @@ def worker(workdir: str, name: str) -> int:
     status = "done"
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}))
     return 0
-  except cli._user_errors() as e:
+  except UserError as e:
     message = str(e)
     print(f"jaxreplay: error: {e}", file=sys.stderr)
     return 2
@@ -275,7 +274,6 @@ def multihost_loop(workdir: str, runs: list[Run], fp: str, poll_s: float = 1.0) 
   import jax
   import numpy as np
   from jax.experimental import multihost_utils
-  from jaxreplay import cli
   lead = jax.process_index() == 0
   db = connect(workdir) if lead else None
   failed: set[str] = set()
@@ -316,7 +314,7 @@ def multihost_loop(workdir: str, runs: list[Run], fp: str, poll_s: float = 1.0) 
       train_one(workdir, by_name[name], fp, db)
       if lead:
         print(f"done   {name} ({jax.process_count()} processes)", flush=True)
-    except cli._user_errors() as e:
+    except UserError as e:
       if lead:
         failed.add(name)
         db.execute("INSERT INTO attempts (name, host, pid, started, ended, status, message) VALUES (?,?,?,?,?,?,?)",
@@ -329,7 +327,6 @@ def multihost_loop(workdir: str, runs: list[Run], fp: str, poll_s: float = 1.0) 
 
 
 def main(argv: list[str]) -> int:
-  from jaxreplay import cli
   prog = argv[0] if argv else "jaxreplay sweep"
   p = argparse.ArgumentParser(prog=prog, description="Run a sweep file's grid: dependency order, skip finished runs, "
                               "resume interrupted ones, one results table.", epilog=_variants_epilog(argv[1:]),
@@ -356,39 +353,33 @@ def main(argv: list[str]) -> int:
   p.add_argument("--process_id", type=int, default=None)
   a = p.parse_args(argv[1:])
   if a.variants:
-    try:
-      print(sweeps.format_variants(a.spec.partition(":")[0]))
-    except SweepError as e:
-      cli._fail(str(e))
+    print(sweeps.format_variants(a.spec.partition(":")[0]))
     return 0
   if a.workdir is None:
-    cli._fail("--workdir is required: name the directory of the sweep's runs (or use --variants).")
+    raise UsageError("--workdir is required: name the directory of the sweep's runs (or use --variants).")
   if not a.peak_tflops > 0 or not 0 < a.mfu <= 1:
-    cli._fail(f"--peak_tflops={a.peak_tflops} must be > 0 and --mfu={a.mfu} in (0, 1].")
+    raise UsageError(f"--peak_tflops={a.peak_tflops} must be > 0 and --mfu={a.mfu} in (0, 1].")
   if a.jobs < 1:
-    cli._fail(f"--jobs={a.jobs} must be ≥ 1.")
+    raise UsageError(f"--jobs={a.jobs} must be ≥ 1.")
   workdir = os.path.abspath(a.workdir)
-  try:
-    readonly = a.dry_run or a.status
-    runs, fp = prepare(a.spec, workdir, write=not readonly, only=None if a.status else a.only)
-    if a.status:
-      print(status(workdir, runs))
-      return 0
-    runs = select(runs, a.only)
-    if a.dry_run:
-      print(dry_run(workdir, runs))
-      print(cost.format_costs(runs, cost.PricingAssumptions(a.peak_tflops, a.mfu)))
-      return 0
-    if a.multihost:
-      import jax
-      kw = {k: v for k, v in dict(coordinator_address=a.coordinator, num_processes=a.num_processes,
-                                  process_id=a.process_id).items() if v is not None}
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; no effect on TPU/GPU
-      jax.distributed.initialize(**kw)
-      return multihost_loop(workdir, runs, fp)
-    return LocalRunner(workdir, runs, fp, a.jobs, devices=a.devices, device_env=a.device_env).loop()
-  except (SweepError, config_lib.ConfigError) as e:
-    cli._fail(str(e))
+  readonly = a.dry_run or a.status
+  runs, fp = prepare(a.spec, workdir, write=not readonly, only=None if a.status else a.only)
+  if a.status:
+    print(status(workdir, runs))
+    return 0
+  runs = select(runs, a.only)
+  if a.dry_run:
+    print(dry_run(workdir, runs))
+    print(cost.format_costs(runs, cost.PricingAssumptions(a.peak_tflops, a.mfu)))
+    return 0
+  if a.multihost:
+    import jax
+    kw = {k: v for k, v in dict(coordinator_address=a.coordinator, num_processes=a.num_processes,
+                                process_id=a.process_id).items() if v is not None}
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; no effect on TPU/GPU
+    jax.distributed.initialize(**kw)
+    return multihost_loop(workdir, runs, fp)
+  return LocalRunner(workdir, runs, fp, a.jobs, devices=a.devices, device_env=a.device_env).loop()
 
 
 def _variants_epilog(args: list[str]) -> str:
@@ -418,5 +409,9 @@ def _worker_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
   if len(sys.argv) > 1 and sys.argv[1] == "worker":
-    sys.exit(_worker_main(sys.argv[2:]))
+    try:
+      sys.exit(_worker_main(sys.argv[2:]))
+    except UserError as e:  # e.g. a run name the sweep does not hold: one sentence, exit 2
+      print(f"jaxreplay: error: {e}", file=sys.stderr)
+      sys.exit(2)
   sys.exit(main(["jaxreplay sweep"] + sys.argv[1:]))

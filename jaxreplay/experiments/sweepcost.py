@@ -19,7 +19,7 @@ import json
 import math
 import os
 
-from jaxreplay.models import decoder as model_lib
+from jaxreplay.models import decoder
 
 DEFAULT_PEAK_TFLOPS = 989.0  # one H100 SXM, dense bf16
 DEFAULT_MFU = 0.4
@@ -61,7 +61,7 @@ def flops_per_step(c: dict) -> float:
   """Training FLOPs of one optimizer step of the run with config c (a dict)."""
   m, r = c["model"], c["replay"]
   B, T = c["optim"]["batch_size"], m["seq_len"]
-  per_token = model_lib.flops_per_token(model_lib.ModelConfig.from_config(_Attrs(m)))
+  per_token = decoder.flops_per_token(decoder.ModelConfig.from_config(_Attrs(m)))
   rows = B
   if r["method"] in ("kl", "ntp"):
     R = r["batch_size"] or B
@@ -78,8 +78,8 @@ def flops_per_step(c: dict) -> float:
 def run_cost(run) -> RunCost:
   c = run.config
   m, s = c["model"], c["stop"]
-  cfg = model_lib.ModelConfig.from_config(_Attrs(m))
-  params = model_lib.param_counts(cfg)[m.get("param_count", "paper")]
+  cfg = decoder.ModelConfig.from_config(_Attrs(m))
+  params = decoder.param_counts(cfg)[m.get("param_count", "paper")]
   tps = c["optim"]["batch_size"] * m["seq_len"]
   tokens = None
   if s["steps"]:

@@ -23,7 +23,9 @@ import time
 
 import ml_collections
 
+from jaxreplay.io import write_json
 from jaxreplay import config as config_lib
+from jaxreplay.data import resolve_path
 from jaxreplay.experiments import sweeps
 from jaxreplay.experiments.sweeps import Run, SweepError
 
@@ -73,10 +75,7 @@ def prepare(spec: str, workdir: str, write: bool = True, only: str | None = None
       rewrite = True  # only settings that do not change results (logging, checkpointing, new default keys)
   if write and rewrite:
     os.makedirs(workdir, exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump(dict(fingerprint=fp, spec=spec, created=time.time(), runs=[r.to_json() for r in runs]), f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, dict(fingerprint=fp, spec=spec, created=time.time(), runs=[r.to_json() for r in runs]), indent=1)
   if write:
     os.makedirs(os.path.join(workdir, "locks"), exist_ok=True)
     connect(workdir).close()
@@ -100,9 +99,9 @@ def _describe_change(old_runs: list[dict], runs: list[Run]) -> str:
     if a["parent"] != b.parent:
       changed.append(n)
       continue
-    fa, fb = config_lib._flatten(a["config"]), config_lib._flatten(b.config)
+    fa, fb = config_lib.flatten(a["config"]), config_lib.flatten(b.config)
     diff = [k for k in fa if fa[k] != fb.get(k) and not any(k == i or k.startswith(i + ".") for i in IGNORED)]
-    diff += [k for k in fb if k not in fa and fb[k] != config_lib._flatten(config_lib.default().to_dict()).get(k)]
+    diff += [k for k in fb if k not in fa and fb[k] != config_lib.flatten(config_lib.default().to_dict()).get(k)]
     if diff:
       changed.append(n)
       keys.extend(k for k in diff if k not in keys)
@@ -124,7 +123,6 @@ def load_runs(workdir: str) -> tuple[list[Run], str]:
 
 def resolved_config(workdir: str, run: Run) -> ml_collections.ConfigDict:
   """The run's config with init.from pointing at the parent's workdir and data paths resolved."""
-  from jaxreplay.data import resolve_path
   c = ml_collections.ConfigDict(copy.deepcopy(run.config))
   if c.data.get("kind") == "chat":  # its paths are plain files, read as given (relative to the working directory)
     c.lock()

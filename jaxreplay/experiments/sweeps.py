@@ -21,26 +21,25 @@ Run names are `STAGE/LABEL` for runs that start from nothing and `STAGE/PARENT_N
 (`/LABEL` left out when the run has no overrides of its own); LABEL is `key=value,...` over the overrides
 (short keys, see ABBREV) or, past MAX_LABEL characters, a readable prefix and a hash. `expand` turns a Sweep
 into plain `Run`s and checks everything (keys, types, dependencies, cycles, config.validate) before anything
-runs; `jaxreplay/runner.py` runs them and `jaxreplay/sweepdir.py` keeps their state. A run whose config sets
-model.path (e.g. sweeps/instruct.py) starts from that Hugging Face checkpoint, never after= a run.
+runs; `runner.py` runs them and `sweepdir.py` keeps their state. A run whose config sets model.path (e.g.
+sweeps/instruct.py) starts from that Hugging Face checkpoint, never after= a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import itertools
 import json
+import os
 import re
 import sys
 
 import ml_collections
 
 from jaxreplay import config as config_lib
-
-
-class SweepError(ValueError):
-  """A sweep definition or sweep workdir is wrong; the message names the problem and the fix."""
+from jaxreplay.errors import ConfigError, SweepError
 
 
 # Short names for common keys in run labels; any other key shows its last component (or all of it when two
@@ -238,14 +237,14 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
         runs[name] = run
         names.append((name, overrides))
     by_stage[st.name] = names
-  ordered = [_inherit_shape(r, configs, runs) for r in _toposort(runs)]
+  ordered = [_inherit_shape(r, configs, runs) for r in dependency_order(runs)]
   _check_prefixes(ordered)
   if validate:
     for run in ordered:
       try:
         config_lib.validate(configs[run.name])
-      except config_lib.ConfigError as e:
-        raise config_lib.ConfigError(f"Run {run.name!r}: {e}") from None
+      except ConfigError as e:
+        raise ConfigError(f"Run {run.name!r}: {e}") from None
   return ordered
 
 
@@ -289,7 +288,7 @@ def _parents(st: Stage, sweep: Sweep, by_stage: dict):
   raise SweepError(f"Stage {st.name!r}: after= must be a stage, a stage name or a list of run names, got {after!r}.")
 
 
-def _toposort(runs: dict[str, Run]) -> list[Run]:
+def dependency_order(runs: dict[str, Run]) -> list[Run]:
   for run in runs.values():
     if run.parent and run.parent not in runs:
       close = [n for n in runs if n.split("/")[0] == run.parent.split("/")[0]][:3]
@@ -325,8 +324,6 @@ def fingerprint(runs: list[Run]) -> str:
 
 
 def _module(path: str):
-  import importlib.util
-  import os
   if not os.path.exists(path):
     raise SweepError(f"Sweep file {path!r} does not exist: give the path to a file in sweeps/.")
   folder = os.path.dirname(os.path.abspath(path))
@@ -380,15 +377,9 @@ def load(spec: str) -> Sweep:
   try:
     sweep = module.get_sweep(arg) if arg else module.get_sweep()
   except (KeyError, ValueError) as e:
-    if isinstance(e, (SweepError, config_lib.ConfigError)):
+    if isinstance(e, (SweepError, ConfigError)):
       raise
     raise SweepError(f"{path}: get_sweep({arg!r}) failed: {e}") from None
   if not isinstance(sweep, Sweep):
     raise SweepError(f"{path}: get_sweep returned {type(sweep).__name__}, not a jaxreplay.experiments.sweeps.Sweep.")
   return sweep
-
-
-def main(argv: list[str]) -> int:
-  """`jaxreplay sweep ...`; argv[0] is the program name."""
-  from jaxreplay.experiments import runner
-  return runner.main(argv)

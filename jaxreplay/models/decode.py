@@ -12,14 +12,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxreplay import platform as platform_lib
 from jaxreplay.models import decoder as dec
 
-LAYOUTS = ("general", "heads_minor")
+LAYOUTS = platform_lib.CACHE_LAYOUTS
 
 
 def default_layout(platform: str) -> str:
-  """The cache layout the sampler uses on `platform`: the one measured fastest there."""
-  return "heads_minor" if platform == "cpu" else "general"
+  """The cache layout the sampler uses on `platform` (`platform.choices`)."""
+  return platform_lib.choices(platform).cache_layout
 
 
 def decode_weights(cfg: dec.ModelConfig, params) -> dict:

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxreplay import platform as platform_lib
+
 PARAMS_FORMAT = 2  # 1: the paper model's fused qkv/out/up/down leaves (before the decoders became one)
 
 
@@ -52,6 +54,7 @@ class ModelConfig:
   dtype: Any = jnp.float32  # compute dtype
   remat: bool = False
   scan_unroll: int = 1  # layers per scan iteration; n_layers = a fully unrolled loop
+  attention: str = "einsum"  # the kernel, of platform.ATTENTION_KINDS (the platform's choice in from_config)
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -65,14 +68,15 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, m, dtype: str = "float32", platform: str = "cpu") -> "ModelConfig":
-    """The paper's model from the config's `model` section."""
+    """The paper's model from the config's `model` section, computing as `platform.choices` says."""
+    choice = platform_lib.choices(platform)
     unroll = m.get("scan_unroll", 0)
-    if unroll <= 0:  # auto: XLA:CPU runs a scanned backward pass ~15% slower than an unrolled one
-      unroll = m.n_layers if platform == "cpu" else 1
+    if unroll <= 0:  # auto: the platform's
+      unroll = choice.scan_unroll(m.n_layers)
     return cls(d_model=m.d_model, n_layers=m.n_layers, head_dim=m.head_dim, seq_len=m.seq_len,
                vocab_size=m.vocab_size, mlp_ratio=m.mlp_ratio, rope_base=float(m.rope_base),
-               norm_eps=float(m.norm_eps), dtype=jnp.dtype(dtype), remat=bool(m.remat),
-               scan_unroll=min(int(unroll), m.n_layers))
+               norm_eps=float(m.norm_eps), dtype=jnp.dtype(dtype), remat=bool(m.remat) or choice.remat,
+               scan_unroll=min(int(unroll), m.n_layers), attention=choice.attention)
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -137,22 +141,68 @@ def _normal(std: float):
   return nn.initializers.normal(stddev=std)
 
 
+def attention(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS, causal: bool):
+  """softmax(q·kᵀ/√H where mask)·v: [B, T, N, H] in the compute dtype, logits and softmax in fp32, with the
+  kernel `cfg.attention` names. `causal`: the mask is the plain causal one (cuDNN's fused kernel needs that)."""
+  B, T, N, H = q_BTNH.shape
+  K, dt = k_BSKH.shape[2], cfg.dtype
+  if cfg.attention == "einsum":
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    logits_BKGTS = logits_BKGTS * (H ** -0.5)
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
+    return jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH).reshape(B, T, N, H)
+  if causal:
+    impl = "cudnn" if cfg.attention == "cudnn" and platform_lib.cudnn_applies(dt, H) else "xla"
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation=impl)
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], implementation="xla")
+
+
 class Block(nn.Module):
   cfg: ModelConfig
+  default_positions: bool = False  # positions 0..T-1 (+ cache index) on every row
 
   def norm(self, name: str, x, dim: int):
     cfg = self.cfg
     scale = self.param(name, nn.initializers.ones, (dim,), jnp.float32) if cfg.norm_scale else None
     return rms_norm(x, cfg.norm_eps, scale)
 
+  def matrices(self):
+    """The block's weight matrices (q, k, v, o, gate or None, up, down), declared as parameters."""
+    cfg = self.cfg
+    D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_mlp
+    if cfg.family == "paper" and cfg.mlp == "gelu" and K == N:
+      return self.paper_matrices()
+    p = lambda name, shape, std=D ** -0.5: self.param(name, _normal(std), shape, jnp.float32)
+    w_gate = p("gate_proj", (D, F)) if cfg.mlp == "swiglu" else None
+    w_q, w_k, w_v, w_o = p("q_proj", (D, N, H)), p("k_proj", (D, K, H)), p("v_proj", (D, K, H)), p("o_proj", (N, H, D))
+    return w_q, w_k, w_v, w_o, w_gate, p("up_proj", (D, F)), p("down_proj", (F, D), F ** -0.5)
+
+  def paper_matrices(self):
+    """The paper model's matrices, initialised with what its fused-qkv code drew (format 1): one [D, 3, N, H]
+    matrix split into q, k, v, then out, up, down, each from the next of the layer's keys (flax numbers the
+    keys by call), so that a fresh model and the quickstart's numbers did not change when the decoders became
+    one. `tests/test_decoder.py` rebuilds the old draw."""
+    cfg = self.cfg
+    D, N, H, F = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_mlp
+    drawn = {}
+    if self.is_initializing():
+      k_qkv, k_out, k_up, k_down = (self.make_rng("params") for _ in range(4))
+      qkv = _normal(D ** -0.5)(k_qkv, (D, 3, N, H), jnp.float32)
+      drawn = dict(q_proj=qkv[:, 0], k_proj=qkv[:, 1], v_proj=qkv[:, 2],
+                   o_proj=_normal(D ** -0.5)(k_out, (N, H, D), jnp.float32),
+                   up_proj=_normal(D ** -0.5)(k_up, (D, F), jnp.float32),
+                   down_proj=_normal(F ** -0.5)(k_down, (F, D), jnp.float32))
+    w = {name: self.variable("params", name, lambda name=name: drawn[name]).value
+         for name in ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")}
+    return w["q_proj"], w["k_proj"], w["v_proj"], w["o_proj"], None, w["up_proj"], w["down_proj"]
+
   @nn.compact
   def __call__(self, x_BTD, layer_cache, positions_BT, segments_BT, cache_index):
     cfg = self.cfg
-    D, N, K, G, H, F, dt = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.n_groups, cfg.head_dim, cfg.d_mlp, cfg.dtype
-    p = lambda name, shape, std=D ** -0.5: self.param(name, _normal(std), shape, jnp.float32)
-    w_q, w_k, w_v, w_o = p("q_proj", (D, N, H)), p("k_proj", (D, K, H)), p("v_proj", (D, K, H)), p("o_proj", (N, H, D))
-    w_gate = p("gate_proj", (D, F)) if cfg.mlp == "swiglu" else None
-    w_up, w_down = p("up_proj", (D, F)), p("down_proj", (F, D), F ** -0.5)
+    D, N, K, H, F, dt = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_mlp, cfg.dtype
+    w_q, w_k, w_v, w_o, w_gate, w_up, w_down = self.matrices()
     B, T = x_BTD.shape[:2]
 
     # Projections on [B·T, D] rows: XLA:CPU runs a 2-D matmul faster than the same contraction in 3-D.
@@ -182,12 +232,8 @@ class Block(nn.Module):
       slot_S = jnp.arange(k_BSKH.shape[1])
       mask_BTS = jnp.broadcast_to(slot_S[None, None, :] <= positions_BT[:, :, None], (B, T, slot_S.shape[0]))
 
-    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
-    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-    logits_BKGTS = logits_BKGTS * (H ** -0.5)
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
-    attn_XNH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH).reshape(B * T, N, H)
+    causal = layer_cache is None and segments_BT is None and self.default_positions
+    attn_XNH = attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS, causal).reshape(B * T, N, H)
     x_XD = x_BTD.reshape(B * T, D) + jnp.einsum("xnh,nhd->xd", attn_XNH, w_o.astype(dt))
 
     h_XD = self.norm("post_attention_layernorm", x_XD, D)
@@ -208,14 +254,15 @@ class Decoder(nn.Module):
     """
     cfg = self.cfg
     B, T = tokens_BT.shape
-    if positions_BT is None:
+    default_positions = positions_BT is None
+    if default_positions:
       positions_BT = jnp.broadcast_to(jnp.arange(T) + cache_index, (B, T))
     embed_VD = self.param("embed", _normal(cfg.d_model ** -0.5), (cfg.vocab_size, cfg.d_model), jnp.float32)
     x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(cfg.dtype)
     block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
     blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
-                     unroll=cfg.scan_unroll)(cfg, name="blocks")
+                     unroll=cfg.scan_unroll)(cfg, default_positions, name="blocks")
     x_BTD, new_cache = blocks(x_BTD, cache, positions_BT, segments_BT, cache_index)
     scale = self.param("norm", nn.initializers.ones, (cfg.d_model,), jnp.float32) if cfg.norm_scale else None
     h_XD = rms_norm(x_BTD, cfg.norm_eps, scale).reshape(B * T, cfg.d_model)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jaxreplay.errors import HFImportError
 from jaxreplay import sharding
 from jaxreplay.models import decoder as dec
 
@@ -30,30 +31,26 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F6
            "I64": np.int64, "I32": np.int32}
 
 
-class ImportError_(ValueError):
-  """A checkpoint that cannot be imported; the message names the file or value and the fix."""
-
-
 def resolve(path_or_id: str) -> str:
   """A local checkpoint directory: `path_or_id` itself, or a hub snapshot (needs network access)."""
   if os.path.isdir(path_or_id):
     return path_or_id
   if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")) or path_or_id.count("/") != 1:
-    raise ImportError_(f"model path {path_or_id!r} is not a directory: give a local Hugging Face checkpoint "
-                       "directory (config.json + *.safetensors) or a hub id like 'org/name'.")
+    raise HFImportError(f"model path {path_or_id!r} is not a directory: give a local Hugging Face checkpoint "
+                        "directory (config.json + *.safetensors) or a hub id like 'org/name'.")
   try:
     from huggingface_hub import snapshot_download  # only for hub ids
     return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
   except Exception as e:  # no network, unknown repo, gated model, huggingface_hub missing
-    raise ImportError_(f"model path {path_or_id!r} is not a local directory and could not be fetched from the "
-                       f"Hugging Face hub ({type(e).__name__}): download the checkpoint elsewhere and point "
-                       "model.path at its directory.") from None
+    raise HFImportError(f"model path {path_or_id!r} is not a local directory and could not be fetched from the "
+                        f"Hugging Face hub ({type(e).__name__}): download the checkpoint elsewhere and point "
+                        "model.path at its directory.") from None
 
 
 def read_config(directory: str) -> dict:
   path = os.path.join(directory, "config.json")
   if not os.path.exists(path):
-    raise ImportError_(f"{directory} has no config.json: point model.path at a Hugging Face checkpoint directory.")
+    raise HFImportError(f"{directory} has no config.json: point model.path at a Hugging Face checkpoint directory.")
   with open(path) as f:
     return json.load(f)
 
@@ -62,7 +59,7 @@ def _rope(hf: dict) -> tuple[float, tuple | None]:
   """(theta, llama3 scaling) from either the old (rope_theta + rope_scaling) or the new (rope_parameters) keys."""
   params = hf.get("rope_parameters") or {}
   if "layer_types" in params or any(isinstance(v, dict) for v in params.values()):
-    raise ImportError_("per-layer rope_parameters are not supported: this importer covers Llama/Qwen models.")
+    raise HFImportError("per-layer rope_parameters are not supported: this importer covers Llama/Qwen models.")
   scaling = hf.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
   theta = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
   if not scaling:
@@ -71,8 +68,8 @@ def _rope(hf: dict) -> tuple[float, tuple | None]:
   if kind == "default":
     return theta, None
   if kind != "llama3":
-    raise ImportError_(f"rope scaling type {kind!r} is not supported (only 'llama3' and none): this checkpoint "
-                       "needs a RoPE variant the Flax model does not implement.")
+    raise HFImportError(f"rope scaling type {kind!r} is not supported (only 'llama3' and none): this checkpoint "
+                        "needs a RoPE variant the Flax model does not implement.")
   orig = scaling.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
   return theta, (float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"]),
                  float(orig))
@@ -85,19 +82,19 @@ def _ids(v) -> tuple:
 
 
 def config_from_hf(hf: dict, seq_len: int = 512, dtype="float32", remat: bool = False,
-                   scan_unroll: int = 1) -> dec.ModelConfig:
+                   scan_unroll: int = 1, attention: str = "einsum") -> dec.ModelConfig:
   family = hf.get("model_type", "")
   if family not in SUPPORTED:
-    raise ImportError_(f"model_type={family!r} is not supported: use a checkpoint of {', '.join(SUPPORTED)}.")
+    raise HFImportError(f"model_type={family!r} is not supported: use a checkpoint of {', '.join(SUPPORTED)}.")
   act = hf.get("hidden_act", "silu")
   if act not in ("silu", "swish"):
-    raise ImportError_(f"hidden_act={act!r} is not supported: the Flax Llama uses SwiGLU (silu).")
+    raise HFImportError(f"hidden_act={act!r} is not supported: the Flax Llama uses SwiGLU (silu).")
   if hf.get("mlp_bias") or (family == "llama" and hf.get("attention_bias")):
-    raise ImportError_("checkpoints with MLP or output-projection biases are not supported.")
+    raise HFImportError("checkpoints with MLP or output-projection biases are not supported.")
   window = hf.get("sliding_window")
   if window and (hf.get("use_sliding_window", family == "mistral")) and window < seq_len:
-    raise ImportError_(f"sliding_window={window} is shorter than seq_len={seq_len}: sliding-window attention is "
-                       "not implemented; use seq_len ≤ the window.")
+    raise HFImportError(f"sliding_window={window} is shorter than seq_len={seq_len}: sliding-window attention is "
+                        "not implemented; use seq_len ≤ the window.")
   N = int(hf["num_attention_heads"])
   theta, scaling = _rope(hf)
   eos = _ids(hf.get("eos_token_id"))
@@ -113,7 +110,7 @@ def config_from_hf(hf: dict, seq_len: int = 512, dtype="float32", remat: bool = 
       qkv_bias=family == "qwen2" or bool(hf.get("attention_bias") and family != "llama"),
       qk_norm=family == "qwen3", seq_len=int(seq_len), bos_id=bos[0] if bos else -1, eos_ids=eos,
       pad_id=pad[0] if pad else (eos[0] if eos else 0), family=family, dtype=jnp.dtype(dtype), remat=remat,
-      scan_unroll=max(1, min(int(scan_unroll), int(hf["num_hidden_layers"]))))
+      scan_unroll=max(1, min(int(scan_unroll), int(hf["num_hidden_layers"]))), attention=attention)
 
 
 # ------------------------------------------------------------------------------------------------ safetensors
@@ -135,14 +132,14 @@ def tensor_index(directory: str) -> dict:
   else:
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
   if not files:
-    raise ImportError_(f"{directory} has no *.safetensors files: save the model with safe_serialization=True.")
+    raise HFImportError(f"{directory} has no *.safetensors files: save the model with safe_serialization=True.")
   out = {}
   for name in files:
     path = os.path.join(directory, name)
     header, base = _read_header(path)
     for key, info in header.items():
       if info["dtype"] not in _DTYPES:
-        raise ImportError_(f"{path}: tensor {key} has dtype {info['dtype']}, which this importer cannot read.")
+        raise HFImportError(f"{path}: tensor {key} has dtype {info['dtype']}, which this importer cannot read.")
       out[key] = (path, info["dtype"], tuple(info["shape"]), base + info["data_offsets"][0])
   return out
 
@@ -181,8 +178,8 @@ def _sources(cfg: dec.ModelConfig, index: dict) -> dict:
   """{flax path tuple: fn(index tuple) -> np.ndarray of that slice, float32}."""
   def need(name):
     if name not in index:
-      raise ImportError_(f"the checkpoint has no tensor {name!r}: it does not match its config.json "
-                         f"(model_type {cfg.family}); re-save it with transformers.")
+      raise HFImportError(f"the checkpoint has no tensor {name!r}: it does not match its config.json "
+                          f"(model_type {cfg.family}); re-save it with transformers.")
     return index[name]
 
   def whole(name, fn=lambda w: w):
@@ -225,10 +222,10 @@ def _normalise(idx, shape):
 
 
 def load(path_or_id: str, seq_len: int = 512, dtype="float32", mesh=None, remat: bool = False,
-         scan_unroll: int = 1):
+         scan_unroll: int = 1, attention: str = "einsum"):
   """(ModelConfig, params, local directory) of a Hugging Face checkpoint."""
   directory = resolve(path_or_id)
-  cfg = config_from_hf(read_config(directory), seq_len, dtype, remat, scan_unroll)
+  cfg = config_from_hf(read_config(directory), seq_len, dtype, remat, scan_unroll, attention)
   return cfg, load_params(directory, cfg, mesh), directory
 
 

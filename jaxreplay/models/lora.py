@@ -14,6 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxreplay.errors import ConfigError
+
 GROUPS = dict(qkv=("q_proj", "k_proj", "v_proj"), out=("o_proj",), up=("gate_proj", "up_proj"), down=("down_proj",))
 _FAN_IN_DIMS = dict(qkv=1, out=2, up=1, down=1)  # dims of the unstacked weight that its input runs over
 
@@ -66,7 +68,6 @@ def parameterization(lora_cfg, key):
   """(trainable_fn, merge_fn) for `steps`/`train`: the adapters are what the optimizer sees."""
   rank = int(lora_cfg.rank)
   if rank <= 0:
-    from jaxreplay.config import ConfigError
     raise ConfigError(f"config.lora.rank={rank}: LoRA needs a rank ≥ 1 (0 means full finetuning).")
   s = scale(lora_cfg)
 

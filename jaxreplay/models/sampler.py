@@ -22,13 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxreplay import platform as platform_lib
+from jaxreplay.errors import SamplingError
 from jaxreplay import sharding
 from jaxreplay.models import decode
 from jaxreplay.models import decoder as dec
-
-
-class SamplingError(ValueError):
-  """Sampling arguments that cannot work; the message names the value and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,23 +127,6 @@ def _batch_spec(mesh, ndim: int, batch_dim: int = 0):
   spec = [P.UNCONSTRAINED] * ndim
   spec[batch_dim] = sharding.BATCH_AXES
   return NamedSharding(mesh, P(*spec))
-
-
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-@functools.lru_cache(maxsize=None)
-def compiler_options(platform: str) -> dict:
-  """On CPU, XLA's YNNPACK fusions (the default for dots and reductions) run the decode loop's small matrices
-  and cache reductions ~30% slower than its own kernels, so the sampler turns them off for its program alone.
-  Empty where the option is unknown (another platform, another XLA)."""
-  if platform != "cpu":
-    return {}
-  try:
-    jax.jit(lambda x: x.sum(), compiler_options=_CPU_OPTIONS).lower(jnp.zeros(2)).compile()
-  except Exception:  # pragma: no cover - the option disappeared from XLA
-    return {}
-  return dict(_CPU_OPTIONS)
 
 
 def _chunks(start: int, stop: int, n: int):
@@ -253,7 +234,7 @@ def _make_sampler(cfg: dec.ModelConfig, sc: SamplingConfig, batch_size: int, pro
     out_sh = (out_sh, sharding.batch_sharding(mesh, 3))
   u_sh = NamedSharding(mesh, P(None, sharding.BATCH_AXES)) if mesh is not None else None
   platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-  program = jax.jit(run, out_shardings=out_sh, compiler_options=compiler_options(platform))
+  program = jax.jit(run, out_shardings=out_sh, compiler_options=platform_lib.sampler_compiler_options(platform))
   return Sampler(program=program, length=T, batch_size=B, u_sharding=u_sh)
 
 

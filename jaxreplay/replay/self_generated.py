@@ -28,13 +28,14 @@ import io
 import json
 import os
 import time
-import uuid
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxreplay.io import write_bytes
+from jaxreplay.errors import ConfigError
 from jaxreplay.train import checkpoint as ckpt_lib
 from jaxreplay import config as config_lib
 from jaxreplay import sharding
@@ -49,7 +50,7 @@ def paper_prompt_id(c, pretraining_dataset_id: int) -> int:
   """The paper's prompt: config.replay.dataset_id, or (when -1) the pretraining data's id; a reserved id."""
   dataset_id = c.replay.dataset_id if c.replay.dataset_id >= 0 else pretraining_dataset_id
   if not 0 <= dataset_id < config_lib.NUM_RESERVED_IDS:
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f"The self-generated replay prompt id {dataset_id} (config.replay.dataset_id, or the pretraining data's "
         f"dataset_id when that is -1) is outside the tokenizer's reserved ids 0–{config_lib.NUM_RESERVED_IDS - 1}: "
         "set config.replay.dataset_id to the id the model was pretrained with.")
@@ -116,11 +117,11 @@ class DiskCache:
       with open(path) as f:
         stored = json.load(f)
     except (OSError, ValueError) as e:
-      raise config_lib.ConfigError(f"The replay cache {self.directory} has no readable {FINGERPRINT} ({e}): "
+      raise ConfigError(f"The replay cache {self.directory} has no readable {FINGERPRINT} ({e}): "
                                    "delete that directory so that it is sampled again.") from None
     diff = _differences(stored, self.fingerprint)
     if diff:
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f"The replay cache {self.directory} was made by another checkpoint or other sampling settings "
           f"({', '.join(diff[:4])} differ{'s' if len(diff) == 1 else ''}): point config.replay.cache_dir at the "
           "cache root (or another directory) so that a fresh cache is made; it is never reused.")
@@ -145,10 +146,10 @@ class DiskCache:
     try:
       tokens = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-      raise config_lib.ConfigError(f"The cached replay samples {path} cannot be read ({e}): delete the file "
+      raise ConfigError(f"The cached replay samples {path} cannot be read ({e}): delete the file "
                                    "so that it is sampled again.") from None
     if tokens.shape != tuple(shape) or tokens.dtype != np.int32 or tokens.min() < 0 or tokens.max() >= vocab_size:
-      raise config_lib.ConfigError(f"The cached replay samples {path} hold {tokens.dtype} {tokens.shape} tokens, "
+      raise ConfigError(f"The cached replay samples {path} hold {tokens.dtype} {tokens.shape} tokens, "
                                    f"not int32 {tuple(shape)} ids below {vocab_size}: delete the file so that it "
                                    "is sampled again.")
     return tokens
@@ -158,16 +159,7 @@ class DiskCache:
     write the same refill write the same bytes."""
     out = io.BytesIO()
     np.lib.format.write_array(out, np.ascontiguousarray(tokens, np.int32), allow_pickle=False)
-    _atomic_write(self.path(refill), out.getvalue())
-
-
-def _atomic_write(path: str, data: bytes):
-  tmp = f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+    write_bytes(self.path(refill), out.getvalue())
 
 
 def _agree(flag: bool) -> bool:
@@ -187,7 +179,7 @@ class SelfGeneratedReplay:
     `weights_dir`: where `frozen` was read from (a run's workdir or a Hugging Face directory), fingerprinted
     for the disk cache; `state`: what `state()` returned, from the checkpoint."""
     if frozen is None:
-      raise config_lib.ConfigError("Self-generated replay samples from a pretrained model: set config.init.from "
+      raise ConfigError("Self-generated replay samples from a pretrained model: set config.init.from "
                                    "to the workdir of a finished pretraining run.")
     self.mesh = mesh
     self.model_cfg = model_cfg
@@ -201,7 +193,7 @@ class SelfGeneratedReplay:
     self.prompt_ids = prompt_ids(c)  # several prompt ids: each batch's rows split evenly among them
     div = sharding.batch_divisor(self.mesh)
     if self.rows % div:
-      raise config_lib.ConfigError(f"config.replay.batch_size={self.rows} replay rows are not divisible by the "
+      raise ConfigError(f"config.replay.batch_size={self.rows} replay rows are not divisible by the "
                                    f"{div} data-parallel devices: choose a multiple of mesh.data × mesh.fsdp.")
     self.sc = sampler.SamplingConfig(temperature=float(c.replay.temperature), top_k=int(c.replay.top_k),
                                      top_p=float(c.replay.top_p))

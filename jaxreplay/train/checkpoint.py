@@ -29,14 +29,12 @@ import orbax.checkpoint as ocp
 from jax import lax
 from jax.experimental import multihost_utils
 
+from jaxreplay.io import write_json
+from jaxreplay.errors import CheckpointError
 from jaxreplay.models import decoder
 
 INTEGRITY_VERSION = 1
 TIME_SYNC_STEPS = 10  # multi-host: how often the time-based save decision is agreed on
-
-
-class CheckpointError(ValueError):
-  """A checkpoint or export cannot be used; the message says why and what to do."""
 
 
 # ---------------------------------------------------------------- quiet orbax
@@ -366,10 +364,7 @@ def export(workdir: str, params, config_dict: dict, info: dict):
   if jax.process_index() == 0:
     info = dict(info, tokenizer=_tokenizer_reference(workdir, config_dict), params_format=decoder.PARAMS_FORMAT)
     for name, obj in (("config.json", config_dict), ("info.json", info)):
-      tmp = os.path.join(directory, name + ".tmp")
-      with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-      os.replace(tmp, os.path.join(directory, name))
+      write_json(os.path.join(directory, name), obj, sort_keys=True)
   _barrier("jaxreplay_export_done")
 
 

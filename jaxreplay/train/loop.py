@@ -21,15 +21,13 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxreplay import config as config_lib, sharding
+from jaxreplay.errors import TrainingError  # noqa: F401 (raised here; callers catch it as train.TrainingError)
+from jaxreplay.io import write_json
 from jaxreplay.models import decoder
 from jaxreplay.replay import sources as replay_lib
 from jaxreplay.train import checkpoint as ckpt_lib, evaluation, metrics as metrics_lib, optim, steps
 from jaxreplay.train import preemption as preemption_lib
 from jaxreplay.train.stage import Stage, check_workdir, inherit_parent_shape  # noqa: F401 (the CLI's names)
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (e.g. the loss became NaN); checkpoints already written are kept."""
 
 
 DONE_FILE = "final.json"
@@ -268,8 +266,5 @@ def finish(t: Trainer, stop_reason: str) -> dict:
   t.writer.write(step, dict(final=True, **{k: v for k, v in result.items() if k != "step"}))
   t.writer.close()
   if jax.process_index() == 0:
-    tmp = os.path.join(t.workdir, DONE_FILE + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump(result, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(t.workdir, DONE_FILE))
+    write_json(os.path.join(t.workdir, DONE_FILE), result, sort_keys=True)
   return result

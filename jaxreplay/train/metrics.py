@@ -14,6 +14,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jaxreplay.io import write_text
+
 
 _PEAKS: dict = {}
 
@@ -82,10 +84,7 @@ class MetricWriter:
           kept.append(line)
       except json.JSONDecodeError:
         break  # a line cut by a crash: drop it and everything after it
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    write_text(self.path, "".join(kept))
 
   def write(self, step: int, metrics: dict):
     if not self.is_main:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jaxreplay.errors import ConfigError
 from jaxreplay import config as config_lib
 
 _LN_HALF = math.log(0.5)
@@ -90,7 +91,7 @@ def _decay_pair(c: ml_collections.ConfigDict, which: str) -> tuple[float, float]
   try:
     b = _check_decay(c.optim[which])
   except ValueError:
-    raise config_lib.ConfigError(f"config.optim.{which}={c.optim[which]} must lie in [0, 1) "
+    raise ConfigError(f"config.optim.{which}={c.optim[which]} must lie in [0, 1) "
                                  f"(or set config.optim.{which}_half_life_tokens > 0).") from None
   return b, 1.0 - b
 
@@ -191,10 +192,10 @@ def lr_schedule(c: ml_collections.ConfigDict, total_steps: Optional[int]) -> opt
   o = c.optim
   peak, kind, warm = float(o.lr), o.schedule, warmup_steps(c)
   if kind not in config_lib.SCHEDULES:
-    raise config_lib.ConfigError(f"config.optim.schedule={kind!r}: use one of {', '.join(config_lib.SCHEDULES)}.")
+    raise ConfigError(f"config.optim.schedule={kind!r}: use one of {', '.join(config_lib.SCHEDULES)}.")
   if kind != "constant":
     if total_steps is None:
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f"config.optim.schedule={kind!r} decays to 0 at the last step, but this run has no fixed length: "
           "set one of config.stop.tokens/tokens_per_param/epochs/steps, or use schedule 'constant'.")
     total = int(total_steps)
@@ -202,7 +203,7 @@ def lr_schedule(c: ml_collections.ConfigDict, total_steps: Optional[int]) -> opt
       raise ValueError(f"total_steps={total_steps!r} is invalid: a run needs at least 1 step.")
     decay_steps = max(1, int(round(o.decay_fraction * total))) if kind == "wsd" else total - warm
     if total - decay_steps < warm or decay_steps < 1:
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f"config.optim.warmup_tokens={o.warmup_tokens} is {warm} steps, which leaves no room for the "
           f"{kind} decay in a run of {total} steps: lower warmup_tokens"
           + (" or config.optim.decay_fraction." if kind == "wsd" else " or train for longer."))

@@ -5,7 +5,6 @@ masks and packed segments), the evaluation sets, the replay inputs and the run's
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -13,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from jaxreplay import config as config_lib, sharding
+from jaxreplay.io import write_json
 from jaxreplay.data import chat as chat_data, loader, tokenfile
 from jaxreplay.models import decoder, hf_import
 from jaxreplay.train import checkpoint as ckpt_lib
@@ -193,8 +193,7 @@ class Stage:
   def write_data_stats(self):
     stats = self.data_stats()
     if stats is not None and jax.process_index() == 0:
-      with open(os.path.join(self.workdir, "data_stats.json"), "w") as f:
-        json.dump(stats, f, indent=2)
+      write_json(os.path.join(self.workdir, "data_stats.json"), stats)
 
   # -------------------------------------------------------------------------------------------- the length
 

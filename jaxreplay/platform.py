@@ -1,0 +1,70 @@
+"""Every speed choice that depends on the platform (cpu, gpu, tpu), made here and nowhere else.
+
+`choices(platform)` says, for one platform:
+- `compute_dtype`: float32 on CPU (no bf16 matmul units; measured slower), bfloat16 on GPU/TPU.
+- `unroll_layers`: layers unrolled on CPU (XLA:CPU runs a scanned backward pass ~15% slower), one `nn.scan`
+  step per layer elsewhere (compile time independent of depth; the accelerators' loops cost little).
+- `attention`: "einsum" on CPU (the decoder's explicit einsum-softmax-einsum, measured there),
+  `jax.nn.dot_product_attention` elsewhere: "cudnn" (its fused kernel) on GPU, "xla" on TPU.
+  The decoder uses cuDNN only where it applies (`cudnn_applies`) and XLA's implementation otherwise.
+- `cache_layout`: the sampler's KV cache, "heads_minor" on CPU (docs/performance.md), the decoder's own
+  "general" [L, B, S, K, H] cache elsewhere.
+- `remat`: off everywhere: the paper's sizes fit in memory without it, and it costs one more forward pass.
+  `config.model.remat=True` still turns it on.
+- `sampler_compiler_options`: XLA options of the sampler's program (YNNPACK fusions off on CPU).
+
+Each non-CPU choice runs on CPU in tests/test_platform.py and is checked against the CPU choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+ATTENTION_KINDS = ("einsum", "xla", "cudnn")
+CACHE_LAYOUTS = ("general", "heads_minor")
+_CPU_SAMPLER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@dataclasses.dataclass(frozen=True)
+class Choices:
+  platform: str
+  compute_dtype: str
+  unroll_layers: bool
+  attention: str
+  cache_layout: str
+  remat: bool = False
+
+  def scan_unroll(self, n_layers: int) -> int:
+    """Layers per scan iteration: all of them (an unrolled loop) or one."""
+    return n_layers if self.unroll_layers else 1
+
+
+def choices(platform: str) -> Choices:
+  if platform == "cpu":
+    return Choices("cpu", compute_dtype="float32", unroll_layers=True, attention="einsum", cache_layout="heads_minor")
+  return Choices(platform, compute_dtype="bfloat16", unroll_layers=False,
+                 attention="cudnn" if platform == "gpu" else "xla", cache_layout="general")
+
+
+def cudnn_applies(dtype, head_dim: int) -> bool:
+  """Whether cuDNN's fused attention takes these inputs: 16-bit floats, a head dimension ≤ 128 and a multiple
+  of 8 (and, checked by the decoder, a causal mask: no KV cache, no packed segments, default positions)."""
+  return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
+
+
+@functools.lru_cache(maxsize=None)
+def sampler_compiler_options(platform: str) -> dict:
+  """On CPU, XLA's YNNPACK fusions (the default for dots and reductions) run the decode loop's small matrices
+  and cache reductions ~30% slower than its own kernels, so the sampler turns them off for its program alone.
+  Empty where the option is unknown (another platform, another XLA)."""
+  if platform != "cpu":
+    return {}
+  try:
+    jax.jit(lambda x: x.sum(), compiler_options=_CPU_SAMPLER_OPTIONS).lower(jnp.zeros(2)).compile()
+  except Exception:  # pragma: no cover - the option disappeared from XLA
+    return {}
+  return dict(_CPU_SAMPLER_OPTIONS)
