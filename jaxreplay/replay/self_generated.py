@@ -103,8 +103,8 @@ class DiskCache:
     if jax.process_index() == 0:
       os.makedirs(self.directory, exist_ok=True)
       if not os.path.exists(os.path.join(self.directory, FINGERPRINT)):
-        _atomic_write(os.path.join(self.directory, FINGERPRINT),
-                      json.dumps(fingerprint, indent=2, sort_keys=True).encode())
+        write_bytes(os.path.join(self.directory, FINGERPRINT),
+                    json.dumps(fingerprint, indent=2, sort_keys=True).encode())
     self.verify()
 
   def verify(self):
