@@ -14,7 +14,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxreplay.train import instruct
+import ml_collections
+
+from jaxreplay import config as config_lib
+from jaxreplay.train import optim, steps
 from jaxreplay.models import decoder
 
 LLAMA_32_1B = dict(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, d_mlp=8192,
@@ -35,16 +38,17 @@ def main():
   for remat in map(int, a.remat.split(",")):
     for micro in map(int, a.microbatches.split(",")):
       cfg = decoder.ModelConfig(**LLAMA_32_1B, seq_len=a.seq, dtype=jnp.dtype(a.dtype), remat=bool(remat))
-      c = instruct.default()
+      c = config_lib.default()
       c.model.seq_len = a.seq
       c.optim.batch_size = a.batch
-      opt, sched = instruct.optim.make_optimizer(c, 1000), instruct.optim.lr_schedule(c, 1000)
+      opt, sched = optim.make_optimizer(c, 1000), optim.lr_schedule(c, 1000)
       params = jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.key(0)))
       state = dict(params=params, opt_state=jax.eval_shape(opt.init, params), step=jax.ShapeDtypeStruct((), jnp.int32))
       tok = jax.ShapeDtypeStruct((a.batch, a.seq), jnp.int32)
       batch = dict(tokens=tok, mask=jax.ShapeDtypeStruct((a.batch, a.seq), jnp.bool_), segments=tok)
       replay = jax.ShapeDtypeStruct((a.replay, a.seq), jnp.int32) if a.method != "none" else None
-      step = instruct.make_train_step(instruct.make_objective(cfg, a.method, 1.0), opt, sched, micro)
+      replay_cfg = ml_collections.ConfigDict(dict(method=a.method, coeff=1.0))
+      step = steps.make_train_step(steps.make_objective(cfg, replay_cfg), opt, sched, micro)
       t = time.time()
       m = jax.jit(step, donate_argnums=(0,)).lower(state, params, batch, replay).compile().memory_analysis()
       print(json.dumps(dict(backend=jax.default_backend(), remat=remat, microbatches=micro, batch=a.batch,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 
 import jax
@@ -24,7 +25,6 @@ from jaxreplay.data import commands as data_commands
 from jaxreplay.data import resolve_path
 from jaxreplay.errors import UsageError, UserError
 from jaxreplay.experiments import config_files, lm_eval_run, quickstart, report, runner
-from jaxreplay.train import instruct
 from jaxreplay.train import loop as training
 
 USAGE = """usage: jaxreplay COMMAND [flags]
@@ -37,8 +37,8 @@ commands:
   report       tables and plots from a results table
   quickstart   pretrain on English, finetune on Spanish with and without self-generated replay
   eval         lm-evaluation-harness tasks on a run: --workdir=RUN --tasks=a,b [--limit=N] (jaxreplay eval --help)
-  instruct     finetune a Hugging Face Llama/Qwen on chat data with BOS-prompted replay (one run;
-               a grid of them: jaxreplay sweep sweeps/instruct.py[:small] --workdir=DIR)
+  instruct     finetune with --config=sweeps/instruct.py[:ARG] (a Hugging Face Llama/Qwen on chat data with
+               BOS-prompted replay); a grid of them: jaxreplay sweep sweeps/instruct.py[:small] --workdir=DIR
 """
 
 COMMANDS = ("pretrain", "finetune", "data", "sweep", "report", "quickstart", "instruct", "eval")
@@ -105,7 +105,8 @@ def train_command(stage: str, rest: list[str]):
   if init_from:  # the model shape is the parent's; a --config.model.X that contradicts it is an error
     explicit = [a[len("--config.model."):].split("=")[0] for a in rest if a.startswith("--config.model.")]
     training.inherit_parent_shape(c, init_from, explicit)
-  c.data.path = resolve_path(c.data.path, FLAGS.cache_dir)
+  if c.data.kind == "tokens":  # chat data: JSON-lines files, read as given
+    c.data.path = resolve_path(c.data.path, FLAGS.cache_dir)
   if c.data.mix_path:
     c.data.mix_path = resolve_path(c.data.mix_path, FLAGS.cache_dir)
   result = training.run(c, FLAGS.workdir)
@@ -113,7 +114,14 @@ def train_command(stage: str, rest: list[str]):
   return 0
 
 
+INSTRUCT_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps", "instruct.py")
+
+
 def _dispatch(command: str, rest: list[str]) -> int:
+  if command == "instruct":  # a short alias: finetune, with sweeps/instruct.py unless --config names another file
+    command = "finetune"
+    if not any(a == "--config" or a.startswith("--config=") for a in rest):
+      rest = rest[:1] + [f"--config={INSTRUCT_FILE}"] + rest[1:]
   if command in ("pretrain", "finetune"):
     return train_command(command, rest)
   if command == "data":
@@ -123,9 +131,6 @@ def _dispatch(command: str, rest: list[str]) -> int:
     return runner.main(rest)
   if command == "report":
     return report.main(rest)
-  if command == "instruct":
-    config_files.check_overrides(rest)
-    return instruct.main(rest[1:])
   if command == "eval":
     return lm_eval_run.main(rest)
   return quickstart.main(rest)

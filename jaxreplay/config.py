@@ -41,6 +41,9 @@ def default() -> ml_collections.ConfigDict:
       remat=False,
       scan_unroll=0,  # layers per scan step; 0 = auto (unrolled on CPU, scanned elsewhere)
       param_count="paper",  # which count `stop.tokens_per_param` uses: paper (12LD²+DV) or true (12LD²+2DV)
+      # a Hugging Face Llama/Qwen checkpoint directory (or hub id) to finetune: its config.json sets the shape
+      # (the shape keys above are then unused), its tokenizer reads data.kind='chat' data
+      path="",
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -50,6 +53,11 @@ def default() -> ml_collections.ConfigDict:
       mix_fraction=0.0,  # fraction of each batch's rows taken from mix_path
       prefetch=2,
       num_workers=0,
+      kind="tokens",  # tokens: a token directory in data.path | chat: JSON lines of prompt/response (model.path)
+      # chat data: train/valid JSON lines (valid empty: hold out valid_fraction of train), how an example's
+      # fields become a chat, what to do with examples longer than a row, where the tokenized data is cached
+      train="", valid="", valid_fraction=0.05, prompt_key="prompt", response_key="response",
+      prompt_template="{prompt}", system="", long="truncate", cache_dir="",
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -60,17 +68,35 @@ def default() -> ml_collections.ConfigDict:
       batch_size=256,  # global sequences per optimizer step
   ))
 
+  c.train = ml_collections.ConfigDict(dict(
+      microbatches=1,  # gradient accumulation: each step's batch runs in this many chunks
+  ))
+
   c.stop = ml_collections.ConfigDict(dict(
       tokens=0, tokens_per_param=0.0, epochs=0.0, steps=0, wall_time_s=0.0,  # exactly one length criterion
       target_loss=0.0,  # stop once the eval loss on the training data reaches this (0: off)
       early_stop_evals=0,  # stop after this many evals without a new best (0: off)
+      # stop once the evaluated metric target_metric (e.g. 'acc_add', 'mcq_mean') reaches target, from below
+      # (target_mode 'max') or above ('min'); 'auto': max for accuracies (names with 'acc', or 'mcq...'), else min
+      target_metric="", target=0.0, target_mode="auto",
   ))
+  _add_evaluation_and_replay(c)
+  c.lock()  # a misspelled key is an error, never a silently new setting
+  return c
 
+
+def _add_evaluation_and_replay(c: ml_collections.ConfigDict):
+  """The groups around the training loop: evaluation, checkpoints, logging, mesh, init, replay, LoRA, export."""
   c.eval = ml_collections.ConfigDict(dict(
       every_tokens=10_000_000, tokens=1_000_000, batch_size=64,
       at_start=True,
       # lm-evaluation-harness tasks scored at every evaluation (comma-separated; needs the `eval` extra)
       lm_eval_tasks="", lm_eval_limit=0, lm_eval_include_path="",
+      every_steps=0,  # > 0 replaces every_tokens
+      valid_rows=0,  # chat data: held-out rows evaluated (0: all)
+      replay_rows=0,  # forgetting probes of this many rows: π_pre's samples (self_*), held-out replay text (real_*)
+      mcq="",  # multiple-choice benchmarks NAME:PATH[,NAME:PATH...] (JSON lines), scored as chats (model.path)
+      mcq_limit=0, mcq_seed=42,
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
@@ -100,12 +126,12 @@ def default() -> ml_collections.ConfigDict:
       # forward per step; a [buffer, rows, T, V] fp32 buffer), 'forward' runs π_pre on each replay batch,
       # 'auto' = sampled when that buffer is ≤ 1 GiB per data-parallel device (see `replay_teacher`)
       teacher="auto",
-      path="",  # real replay data; empty = the pretraining run's data
+      path="",  # real replay data; empty = the pretraining run's data; chat runs: {"text": ...} JSON lines
+      text_key="text", max_tokens=0,  # chat runs' real replay: the JSON key, tokens read (0: all)
   ))
 
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0))  # rank 0 = full finetuning
-  c.lock()  # a misspelled key is an error, never a silently new setting
-  return c
+  c.export = ml_collections.ConfigDict(dict(hf=False))  # model.path runs: also write WORKDIR/hf (safetensors)
 
 
 def _positive(c, key: str, allow_zero: bool = False):
@@ -127,14 +153,23 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ("model.d_model", "model.n_layers", "model.head_dim", "model.seq_len", "model.vocab_size",
               "model.mlp_ratio", "model.rope_base", "model.norm_eps", "optim.batch_size", "eval.batch_size",
               "eval.every_tokens", "eval.tokens", "checkpoint.every_steps", "checkpoint.keep_last",
-              "log.every_steps"):
+              "log.every_steps", "train.microbatches"):
     _positive(c, key)
   for key in ("optim.lr", "optim.warmup_tokens", "optim.weight_decay", "optim.eps", "optim.grad_clip",
               "optim.b1_half_life_tokens", "optim.b2_half_life_tokens", "stop.target_loss",
               "stop.early_stop_evals", "checkpoint.every_minutes", "checkpoint.keep_every_steps",
               "data.mix_fraction", "replay.coeff", "replay.batch_size", "lora.rank", "replay.top_k",
+              "eval.every_steps", "eval.valid_rows", "eval.replay_rows", "eval.mcq_limit", "replay.max_tokens",
               *(f"stop.{k}" for k in LENGTH_KEYS)):
     _positive(c, key, allow_zero=True)
+  _validate_model(c)
+  _validate_stop(c)
+  _validate_data(c)
+  _validate_replay(c)
+  return c
+
+
+def _validate_model(c):
   m = c.model
   if m.d_model % m.head_dim:
     raise ConfigError(f"config.model.d_model={m.d_model} is not divisible by config.model.head_dim={m.head_dim}: "
@@ -147,6 +182,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"config.model.compute_dtype={m.compute_dtype!r}: use 'auto', 'float32' or 'bfloat16'.")
   if m.param_count not in ("paper", "true"):
     raise ConfigError(f"config.model.param_count={m.param_count!r}: use 'paper' or 'true'.")
+  if m.path and c.init["from"]:
+    raise ConfigError("Both config.model.path and config.init.from name the weights to start from: keep one.")
+  if c.export.hf and not m.path:
+    raise ConfigError("config.export.hf writes a Hugging Face checkpoint of a config.model.path model: set "
+                      "model.path, or export.hf=False.")
   o = c.optim
   for b in ("b1", "b2"):
     if not 0.0 <= o[b] < 1.0:
@@ -155,30 +195,87 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"config.optim.schedule={o.schedule!r}: use one of {', '.join(SCHEDULES)}.")
   if not 0.0 < o.decay_fraction <= 1.0:
     raise ConfigError(f"config.optim.decay_fraction={o.decay_fraction} must lie in (0, 1].")
-  lengths = [k for k in LENGTH_KEYS if c.stop[k]]
+  for key, n in (("optim.batch_size", o.batch_size), ("replay.batch_size", c.replay.batch_size)):
+    if n % c.train.microbatches:
+      raise ConfigError(f"config.train.microbatches={c.train.microbatches} does not divide config.{key}={n}: "
+                        "choose a divisor.")
+  mesh = c.mesh
+  for axis in ("data", "fsdp", "tensor"):
+    if mesh[axis] == 0 or mesh[axis] < -1:
+      raise ConfigError(f"config.mesh.{axis}={mesh[axis]} must be a positive device count or -1.")
+  if not m.path and (m.d_model // m.head_dim) % max(mesh.tensor, 1):
+    raise ConfigError(f"config.mesh.tensor={mesh.tensor} does not divide the {m.d_model // m.head_dim} heads: "
+                      "choose a tensor size that divides d_model / head_dim.")
+
+
+def target_mode(c) -> str:
+  """'max' or 'min': whether stop.target_metric must rise to stop.target or fall to it."""
+  s = c.stop
+  if s.get("target_mode", "auto") != "auto":
+    return s.target_mode
+  name = s.get("target_metric", "")
+  return "max" if "acc" in name or name.startswith("mcq") else "min"
+
+
+def _validate_stop(c):
+  s = c.stop
+  if s.target_mode not in ("auto", "max", "min"):
+    raise ConfigError(f"config.stop.target_mode={s.target_mode!r}: use 'auto', 'max' or 'min'.")
+  if bool(s.target_metric) != bool(s.target):
+    raise ConfigError("config.stop.target_metric and config.stop.target go together: set both (e.g. "
+                      "target_metric='acc_add', target=0.99) or neither.")
+  lengths = [k for k in LENGTH_KEYS if s[k]]
   if len(lengths) > 1:
     raise ConfigError("Two training-length criteria are set (" + ", ".join(f"config.stop.{k}" for k in lengths)
                       + "): keep exactly one and set the others to 0.")
-  if not lengths and not c.stop.target_loss and not c.stop.early_stop_evals:
+  if not lengths and not s.target_loss and not s.early_stop_evals and not s.target_metric:
     raise ConfigError("No stopping criterion is set: set one of " + ", ".join(f"config.stop.{k}" for k in LENGTH_KEYS)
-                      + " (or stop.target_loss / stop.early_stop_evals).")
-  if not 0.0 <= c.data.mix_fraction < 1.0:
-    raise ConfigError(f"config.data.mix_fraction={c.data.mix_fraction} must lie in [0, 1).")
-  if c.data.mix_fraction and not c.data.mix_path:
+                      + " (or stop.target_loss / stop.target_metric / stop.early_stop_evals).")
+
+
+def mcq_benchmarks(c) -> dict:
+  """config.eval.mcq as {name: path}."""
+  out = {}
+  for part in filter(None, (p.strip() for p in c.eval.mcq.split(","))):
+    name, sep, path = part.partition(":")
+    if not sep or not name or not path:
+      raise ConfigError(f"config.eval.mcq entry {part!r} is not NAME:PATH: write e.g. "
+                        "'mmlu:data/mmlu.jsonl,arc:data/arc.jsonl'.")
+    out[name] = path
+  return out
+
+
+def _validate_data(c):
+  d = c.data
+  if d.kind not in ("tokens", "chat"):
+    raise ConfigError(f"config.data.kind={d.kind!r}: use 'tokens' (a token directory) or 'chat' (JSON lines).")
+  if d.kind == "chat":
+    if not c.model.path:
+      raise ConfigError("config.data.kind='chat' is read by a Hugging Face model's tokenizer: set config.model.path "
+                        "to its checkpoint directory.")
+    if not d.train:
+      raise ConfigError("config.data.train is empty: set it to a JSON-lines file of prompt/response pairs.")
+    if d.long not in ("truncate", "drop"):
+      raise ConfigError(f"config.data.long={d.long!r}: use 'truncate' or 'drop'.")
+  elif c.model.path:
+    raise ConfigError("A config.model.path model is finetuned on chat data: set config.data.kind='chat'.")
+  if not 0.0 <= d.valid_fraction < 1.0:
+    raise ConfigError(f"config.data.valid_fraction={d.valid_fraction} must lie in [0, 1).")
+  if not 0.0 <= d.mix_fraction < 1.0:
+    raise ConfigError(f"config.data.mix_fraction={d.mix_fraction} must lie in [0, 1).")
+  if d.mix_fraction and not d.mix_path:
     raise ConfigError("config.data.mix_fraction > 0 needs config.data.mix_path: name the dataset to mix in.")
+  if mcq_benchmarks(c) and not c.model.path:
+    raise ConfigError("config.eval.mcq scores chat-formatted questions: it needs a config.model.path model.")
+
+
+def _validate_replay(c):
   for key in ("data.dataset_id", "replay.dataset_id"):
     node, leaf = key.split(".")
     v = c[node][leaf]
     if v != -1 and not 0 <= v < NUM_RESERVED_IDS:
       raise ConfigError(f"config.{key}={v} is outside the tokenizer's reserved ids 0–{NUM_RESERVED_IDS - 1}: "
                         f"use one of them, or -1 to take it from the data's metadata.")
-  mesh = c.mesh
-  for axis in ("data", "fsdp", "tensor"):
-    if mesh[axis] == 0 or mesh[axis] < -1:
-      raise ConfigError(f"config.mesh.{axis}={mesh[axis]} must be a positive device count or -1.")
-  if m.n_layers and (m.d_model // m.head_dim) % max(mesh.tensor, 1):
-    raise ConfigError(f"config.mesh.tensor={mesh.tensor} does not divide the {m.d_model // m.head_dim} heads: "
-                      "choose a tensor size that divides d_model / head_dim.")
   r = c.replay
   for part in filter(None, str(r.prompt_ids).split(",")):
     if not part.strip().isdigit() or int(part) >= NUM_RESERVED_IDS:
@@ -203,13 +300,18 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not 0.0 < r.top_p <= 1.0:
     raise ConfigError(f"config.replay.top_p={r.top_p} must lie in (0, 1].")
   _positive(c, "replay.buffer")
+  if c.model.path and r.method not in ("none", "kl", "ntp"):
+    raise ConfigError(f"config.replay.method={r.method!r} is for token data: a chat run uses 'none', 'kl' or 'ntp'.")
+  if c.model.path and r.method != "none" and r.source == "real" and not r.path:
+    raise ConfigError("config.replay.source='real' needs config.replay.path: a JSON-lines file of {\"text\": ...}.")
   needs_pretrained = r.method != "none" or c.lora.rank > 0
-  if needs_pretrained and not c.init["from"]:
+  if needs_pretrained and not c.init["from"] and not c.model.path:
     raise ConfigError(f"config.replay.method={r.method!r} / config.lora.rank={c.lora.rank} needs a pretrained run "
-                      "to start from: set config.init.from to its workdir.")
-  if c.stage == "finetune" and not c.init["from"]:
-    raise ConfigError("config.stage='finetune' needs config.init.from: set it to the pretraining run's workdir.")
-  return c
+                      "to start from: set config.init.from to its workdir (or config.model.path to a Hugging Face "
+                      "checkpoint).")
+  if c.stage == "finetune" and not c.init["from"] and not c.model.path:
+    raise ConfigError("config.stage='finetune' needs config.init.from: set it to the pretraining run's workdir (or "
+                      "config.model.path to a Hugging Face checkpoint).")
 
 
 def weight_model_keys(parent_model: dict) -> list[str]:

@@ -18,10 +18,13 @@ checkpoint with toy data under runs/instruct_small_assets and trains each arm fo
   jaxreplay report runs/instruct --out=report/instruct                   # results.csv / results.md
   jaxreplay instruct --config=sweeps/instruct.py:small --workdir=runs/one   # one run (KL, self)
 
+`jaxreplay instruct` is `jaxreplay finetune` with this file as the default --config: the one trainer
+(jaxreplay/train/loop.py) on chat data (data.kind='chat'), with the MCQ evaluator and BOS-prompted replay.
+
 Data and model paths are read relative to the directory the sweep runs from (every worker's too).
 """
 
-from jaxreplay.train import instruct
+from jaxreplay import config as config_lib
 from jaxreplay.experiments import sweeps
 
 MODEL = "models/Llama-3.2-1B-Instruct"  # a local copy of meta-llama/Llama-3.2-1B-Instruct
@@ -43,18 +46,22 @@ def _small(arg: str) -> bool:
 
 
 def get_config(arg: str = ""):
-  c = instruct.default()
+  c = config_lib.default()
+  c.stage = "finetune"
   c.model.update(path=MODEL, seq_len=512, remat=True)
   c.train.microbatches = 4  # 40 rows (32 chat + 8 replay) per forward pass: ~10 GB of fp32 logits at V=128,256
-  c.data.update(train="data/pyranet/train.jsonl", valid="data/pyranet/valid.jsonl", prompt_key="description",
-                response_key="code", prompt_template="Write the following Verilog program. {prompt}")
+  c.data.update(kind="chat", train="data/pyranet/train.jsonl", valid="data/pyranet/valid.jsonl",
+                prompt_key="description", response_key="code",
+                prompt_template="Write the following Verilog program. {prompt}")
   c.optim.update(lr=1e-5, warmup_tokens=10_000_000, schedule="constant", b1=0.9, b2=0.997, weight_decay=0.02,
                  batch_size=128)
   c.stop.update(epochs=5.0)
   c.eval.update(every_steps=1000, batch_size=64, valid_rows=2048, replay_rows=256, mcq=MCQ)
-  c.replay.update(method="kl", source="self", coeff=1.0, batch_size=32, buffer=32, temperature=1.0,
+  # buffer: replay batches sampled per refill (32 rows each, as the paper's buffer of 32 samples)
+  c.replay.update(method="kl", source="self", coeff=1.0, batch_size=32, buffer=1, temperature=1.0,
                   path="data/dclm.jsonl", max_tokens=200_000_000)
   c.checkpoint.update(every_steps=500, every_minutes=30.0)
+  c.export.hf = True
   if _small(arg):
     import _tiny_llama  # next to this file
     paths = _tiny_llama.ensure(SMALL_ASSETS)
@@ -64,7 +71,7 @@ def get_config(arg: str = ""):
     c.optim.update(lr=1e-3, warmup_tokens=256, batch_size=4)
     c.stop.update(epochs=0.0, steps=8)
     c.eval.update(every_steps=4, batch_size=4, valid_rows=0, replay_rows=4, mcq=f"toy:{paths['bench']}")
-    c.replay.update(batch_size=2, buffer=4, path=paths["text"], max_tokens=0)
+    c.replay.update(batch_size=2, buffer=2, path=paths["text"], max_tokens=0)
     c.checkpoint.update(every_steps=4, every_minutes=0.0, async_save=False)
     c.log.update(every_steps=2, progress=False)
     c.export.hf = False

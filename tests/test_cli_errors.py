@@ -132,7 +132,7 @@ def test_sweep_report_quickstart_instruct_bad_inputs(files, tmp_path):
       (["quickstart", "--scale=-1"], "--scale=-1.0 must be > 0", {}),
       (["quickstart", "--config=missing.py"], "'missing.py' does not exist", {}),
       (["quickstart", f"--workdir={w}", f"--cache_dir={files['blocked']}"], "cannot be written", {}),
-      (["instruct"], "required: --config, --workdir", {}),
+      (["instruct"], "--workdir is required", {}),  # finetune with sweeps/instruct.py
       (["instruct", "--config=missing.py", f"--workdir={w}"], "'missing.py' does not exist", {}),
       (["instruct", f"--config={files['broken']}", f"--workdir={w}"], "SyntaxError", {}),
       (["instruct", f"--config={exp}", "--config.optim.lrr=1", f"--workdir={w}"], "did you mean --config.optim.lr?",

@@ -1,4 +1,5 @@
-"""Instruct runs in the generic sweep machinery: validation at expansion, `jaxreplay sweep` end to end, report."""
+"""Instruct runs (a Hugging Face model on chat data) in the generic sweep machinery: the one validation at
+expansion, `jaxreplay sweep` end to end through train.run, report."""
 
 import json
 import os
@@ -9,7 +10,6 @@ import textwrap
 import pytest
 
 from jaxreplay import config as config_lib
-from jaxreplay.train import instruct
 from jaxreplay.experiments import report
 from jaxreplay.experiments import sweepdir
 from jaxreplay.experiments import sweeps
@@ -19,22 +19,25 @@ SMALL = os.path.join(ROOT, "sweeps", "instruct.py") + ":small"
 
 
 def base():
-  c = instruct.default()
-  c.model.path, c.data.train = "model", "chat.jsonl"  # validation reads no files
+  c = config_lib.default()
+  c.stage = "finetune"
+  c.model.path, c.data.kind, c.data.train = "model", "chat", "chat.jsonl"  # validation reads no files
+  c.stop.epochs = 1.0
   return c
 
 
-def test_instruct_stages_expand_with_instructs_own_validation():
+def test_instruct_stages_expand_with_the_one_validation():
   s = sweeps.Sweep()
   s.stage("instruct", base(), {"replay.method": ["none", "kl"], "stop.steps": [3]})
   runs = sweeps.expand(s)
   assert [r.name for r in runs] == ["instruct/method=none,steps=3", "instruct/method=kl,steps=3"]
-  # A grid over stop.steps replaces the base's epochs (instruct.validate wants exactly one of them).
-  assert runs[0].config["stop"] == dict(epochs=0.0, steps=3) and runs[0].config["stage"] == "instruct"
+  # A grid over stop.steps replaces the base's epochs (validate wants exactly one of them).
+  stop = runs[0].config["stop"]
+  assert stop["epochs"] == 0.0 and stop["steps"] == 3 and runs[0].config["stage"] == "finetune"
   s = sweeps.Sweep()
-  s.stage("instruct", base(), {"replay.method": ["kl"], "replay.buffer": [3]})
-  with pytest.raises(config_lib.ConfigError, match=r"Run 'instruct/method=kl,buffer=3': config.replay.buffer=3 "
-                                                   "must be a positive multiple"):
+  s.stage("instruct", base(), {"replay.method": ["kl"], "train.microbatches": [3]})
+  with pytest.raises(config_lib.ConfigError, match=r"Run 'instruct/method=kl,microbatches=3': "
+                                                   "config.train.microbatches=3 does not divide"):
     sweeps.expand(s)
   s = sweeps.Sweep()
   s.stage("instruct", base(), {"replay.method": ["sideways"]})
@@ -43,7 +46,7 @@ def test_instruct_stages_expand_with_instructs_own_validation():
   s = sweeps.Sweep()
   first = s.stage("a", base())
   s.stage("b", base(), after=first)
-  with pytest.raises(sweeps.SweepError, match="instruct configs, which start from config.model.path"):
+  with pytest.raises(sweeps.SweepError, match="finetunes the Hugging Face checkpoint in config.model.path"):
     sweeps.expand(s)
 
 
@@ -94,6 +97,7 @@ def test_instruct_sweep_runs_records_skips_finished_and_reports(cwd):
   [row] = sweepdir.results(w)
   m = row["metrics"]
   assert row["name"] == name and row["stage"] == "instruct" and row["config"]["replay"]["method"] == "kl"
+  assert row["config"]["data"]["kind"] == "chat"
   assert m == json.load(open(os.path.join(sweepdir.run_dir(w, name), "final.json")))
   assert m["step"] == 2 and m["train_step_compiles"] == 1 and m["self_kl"] > 0 and "mcq_toy" in m
   # Everything is done: the same command trains nothing; report reads the table.

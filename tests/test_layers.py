@@ -36,31 +36,21 @@ ALLOWED_IMPORTS = {
     ("jaxreplay.replay.self_generated", "jaxreplay.train.checkpoint"): EXPORTS,
 }
 ALLOWED_LAZY = {
-    ("jaxreplay.train.instruct", "jaxreplay.train.checkpoint"): "train/instruct.py is " + SPLITTING,
-    ("jaxreplay.train.instruct", "jaxreplay.train.metrics"): "train/instruct.py is " + SPLITTING,
     ("jaxreplay.train.loop", "jaxreplay.evals.forgetting"): "train/loop.py is " + SPLITTING,
     ("jaxreplay.train.loop", "jaxreplay.evals.toy"): "train/loop.py is " + SPLITTING,
-    ("jaxreplay.train.loop", "jaxreplay.replay.sources"): "train/loop.py is " + SPLITTING,
     ("jaxreplay.replay.sources", "jaxreplay.models.lora"): "replay/ is being reworked by the trainer helper",
     ("jaxreplay.replay.sources", "jaxreplay.replay.self_generated"): "replay/ is being reworked by the trainer "
                                                                      "helper",
     ("jaxreplay.evals.mcq", "jaxreplay.sharding"): "evals/mcq.py is being reworked by the trainer helper",
-    ("jaxreplay.experiments.runner", "jaxreplay.train.instruct"): "train/instruct.py is " + SPLITTING,
     ("jaxreplay.experiments.runner", "jaxreplay.train.loop"): "runner.py is the packing helper's; " + SPLITTING,
 }
 # Files and functions over the limits (path relative to the repository, function as path:name).
 ALLOWED_LONG = {
-    "jaxreplay/train/loop.py:run": SPLITTING,
-    "jaxreplay/train/instruct.py": SPLITTING,
-    "jaxreplay/train/instruct.py:run": SPLITTING,
     "jaxreplay/train/checkpoint.py": SPLITTING,
-    "jaxreplay/config.py:validate": "config.py is the trainer helper's; one schema for both stages is coming",
     "jaxreplay/experiments/runner.py": "runner.py is being reworked by the packing helper",
 }
 # (user: a module, or a test file's name; module; private name) used across modules for now.
 ALLOWED_PRIVATE = {
-    ("test_instruct_cache.py", "jaxreplay.train.instruct", "_cached"): "train/instruct.py is " + SPLITTING,
-    ("jaxreplay.train.instruct", "jaxreplay.config", "_positive"): "train/instruct.py is " + SPLITTING,
 }
 
 

@@ -59,7 +59,8 @@ def test_every_variant_expands_validates_and_children_keep_the_parents_shape(fil
     for key in config_lib.weight_model_keys(parent):
       assert r.config["model"][key] == parent[key], (r.name, key)
   if variant == "small":
-    assert all(r.config["model"].get("d_model", 0) <= 64 for r in runs)
+    # tiny paper models; a Hugging Face run's shape comes from its (tiny) checkpoint, not model.d_model
+    assert all(r.config["model"].get("path") or r.config["model"].get("d_model", 0) <= 64 for r in runs)
 
 
 # The paper's token counts: TPP × the paper's parameter count 12·L·D² + D·V (V=4096), written out here.

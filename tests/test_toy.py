@@ -3,7 +3,6 @@ prompted by several task ids, and a two-task chain through train.run."""
 import json
 import math
 import os
-import types
 
 import jax
 import numpy as np
@@ -109,18 +108,18 @@ def test_self_generated_replay_splits_rows_among_prompt_ids(tmp_path):
   c.model.update(d_model=32, n_layers=2, head_dim=16, seq_len=14, vocab_size=19)
   c.init["from"] = str(tmp_path / "prev")
   c.replay.update(method="ntp", source="self", batch_size=6, buffer=2, prompt_ids="0,1,2")
-  stage = types.SimpleNamespace(mesh=sharding.make_mesh(c.mesh), model_cfg=TINY, prev_dataset_id=2)
-  source = replay_self.SelfGeneratedReplay(c, stage, _params(1), None)
+  mesh, prev = sharding.make_mesh(c.mesh), c.init["from"]
+  source = replay_self.SelfGeneratedReplay(c, mesh, TINY, _params(1), 2, prev)  # 2: the pretraining data's id
   for s in range(3):
     b = np.asarray(source.next(s)[0])
     np.testing.assert_array_equal(b[:, 0], [0, 0, 1, 1, 2, 2])
   fake_export(tmp_path / "prev")
   assert source.fingerprint(c)["sampling"]["prompt_ids"] == [0, 1, 2]
   c.replay.update(batch_size=4, buffer=3)  # 12 rows per refill again: the same compiled sampler
-  uneven = replay_self.SelfGeneratedReplay(c, stage, _params(1), None)
+  uneven = replay_self.SelfGeneratedReplay(c, mesh, TINY, _params(1), 2, prev)
   np.testing.assert_array_equal(np.asarray(uneven.next(0)[0])[:, 0], [0, 0, 1, 2])
   c.replay.prompt_ids = ""
-  single = replay_self.SelfGeneratedReplay(c, stage, _params(1), None)
+  single = replay_self.SelfGeneratedReplay(c, mesh, TINY, _params(1), 2, prev)
   assert np.all(np.asarray(single.next(0)[0])[:, 0] == 2)  # unset: the pretraining data's id, as before
 
 

@@ -14,8 +14,11 @@ contiguously and cut into T-token rows, as pretraining data is.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import pickle
+import tempfile
 
 import numpy as np
 
@@ -196,8 +199,8 @@ def read_text_jsonl(path: str, tokenizer, text_key: str = "text", limit_tokens: 
 class Batches:
   """Rows of a [N, ...] array set in a per-epoch shuffled order; batch(step) is a pure function of the step."""
 
-  def __init__(self, arrays: dict, batch_size: int, seed: int):
-    self.arrays = arrays
+  def __init__(self, arrays: dict, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
+    self.arrays, self.process = arrays, (process_index, process_count)
     self.n = len(next(iter(arrays.values())))
     self.batch_size, self.seed = batch_size, seed
     self._perms = {}
@@ -211,6 +214,89 @@ class Batches:
     i = step * self.batch_size + np.arange(self.batch_size)
     return np.array([self._perm(e)[w] for e, w in zip(i // self.n, i % self.n)])
 
-  def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
-    idx = np.array_split(self.indices(step), process_count)[process_index]
+  def batch(self, step: int, process_index: int | None = None, process_count: int | None = None) -> dict:
+    """The rows of step `step` that process `process_index` (default: the constructor's) of `process_count` reads."""
+    pi, pc = self.process if process_index is None else (process_index, process_count)
+    idx = np.array_split(self.indices(step), pc)[pi]
     return {k: v[idx] for k, v in self.arrays.items()}
+
+  def iterate(self, start: int = 0):
+    """(step, this process's rows of that step's batch) from `start` on, as `loader.TrainBatches.iterate`."""
+    step = start
+    while True:
+      yield step, self.batch(step)
+      step += 1
+
+
+# ---------------------------------------------------------------------------------------- a run's chat data
+
+def split_examples(d, seed: int) -> tuple[list, list]:
+  """(train, valid) message lists from the config's `data` section: data.valid, or valid_fraction held out."""
+  read = lambda p: read_jsonl(p, d.prompt_key, d.response_key, d.prompt_template, d.system)
+  train = read(d.train)
+  if d.valid:
+    return train, read(d.valid)
+  n_valid = int(round(d.valid_fraction * len(train)))
+  if n_valid == 0:
+    return train, []
+  order = np.random.default_rng([seed, 1]).permutation(len(train))
+  return [train[i] for i in order[n_valid:]], [train[i] for i in order[:n_valid]]
+
+
+def cached(cache_dir: str, kind: str, key: list, model_dir: str, build, write: bool = True):
+  """Tokenized data, built once and shared by every run of a sweep (tokenizing 600K chats takes minutes).
+
+  Kept in cache_dir (empty: beside the first file named in `key`) under a hash of the inputs: file paths,
+  sizes and modification times, the tokenizer files in model_dir and the settings in `key`. `write`: whether
+  this process stores what it built (process 0 of a multi-host run)."""
+  stamp = []
+  for path in [x for x in key if isinstance(x, str) and os.path.isfile(x)] + sorted(
+      os.path.join(model_dir, f) for f in os.listdir(model_dir) if f.startswith(("tokenizer", "special_tokens"))):
+    st = os.stat(path)
+    stamp.append((os.path.abspath(path), st.st_size, st.st_mtime_ns))
+  digest = hashlib.sha256(repr((kind, key, stamp)).encode()).hexdigest()[:16]
+  source = next(x for x in key if isinstance(x, str) and x)
+  directory = cache_dir or os.path.dirname(os.path.abspath(source))
+  path = os.path.join(directory, f".jaxreplay-{kind}-{digest}.pkl")
+  if os.path.exists(path):
+    with open(path, "rb") as f:
+      return pickle.load(f)
+  value = build()
+  if write:
+    try:  # a temporary name of its own: two jobs of a sweep may build the same cache at once
+      fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+      try:
+        with os.fdopen(fd, "wb") as f:
+          pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+      finally:
+        if os.path.exists(tmp):
+          os.remove(tmp)
+    except OSError:
+      pass  # a read-only data directory: tokenize again next time
+  return value
+
+
+def load_splits(c, tokenizer, model_dir: str, pad_id: int, write: bool = True) -> tuple[Packed, Packed | None]:
+  """The packed (train, valid) chat rows of a config (data.kind='chat'), through the token cache."""
+  d, T = c.data, c.model.seq_len
+
+  def build():
+    train_ex, valid_ex = split_examples(d, c.seed)
+    enc = lambda exs: [encode_chat(tokenizer, m) for m in exs]
+    valid = pack(enc(valid_ex), T, pad_id, d.long) if valid_ex else None
+    return pack(enc(train_ex), T, pad_id, d.long), valid
+
+  key = [d.train, d.valid, d.valid_fraction, d.prompt_key, d.response_key, d.prompt_template, d.system, d.long, T,
+         c.seed]
+  return cached(d.cache_dir, "chat", key, model_dir, build, write)
+
+
+def load_replay_text(c, tokenizer, model_dir: str, bos_id: int, eos_id, write: bool = True):
+  """(training rows [N, T], held-out probe rows or None) of real replay text (config.replay.path): the last
+  eval.replay_rows rows (at most half) are the forgetting probe; training replay never sees them."""
+  r, T = c.replay, c.model.seq_len
+  build = lambda: pack_documents(read_text_jsonl(r.path, tokenizer, r.text_key, r.max_tokens, bos_id, eos_id), T)
+  rows = cached(c.data.cache_dir, "text", [r.path, r.text_key, r.max_tokens, T], model_dir, build, write)
+  n_probe = min(c.eval.replay_rows, len(rows) // 2)
+  return rows[:len(rows) - n_probe], (rows[len(rows) - n_probe:] if n_probe else None)

@@ -15,6 +15,7 @@ import functools
 import jax
 import numpy as np
 
+from jaxreplay import config as config_lib
 from jaxreplay.errors import MCQError
 from jaxreplay.data import chat as chat_data
 from jaxreplay.models import decoder, losses
@@ -118,3 +119,19 @@ def evaluate(cfg, params, tokenizer, items: list[dict], batch_size: int = 16, me
     prob.append(float(p[item["answer"]]))
   return dict(accuracy=float(np.mean(correct)), correct_prob=float(np.mean(prob)), n=len(items),
               scores=scores)
+
+
+def evaluator_for(c, model_cfg, tokenizer, mesh=None):
+  """The trainer's evaluator for config.eval.mcq: params -> {mcq_NAME: accuracy, ..., mcq_mean}, or None."""
+  benchmarks = {name: read_benchmark(path, c.eval.mcq_limit, c.eval.mcq_seed)
+                for name, path in config_lib.mcq_benchmarks(c).items()}
+  if not benchmarks:
+    return None
+
+  def evaluate_all(params) -> dict:
+    out = {f"mcq_{name}": evaluate(model_cfg, params, tokenizer, items, c.eval.batch_size, mesh,
+                                   c.data.system)["accuracy"] for name, items in benchmarks.items()}
+    out["mcq_mean"] = float(np.mean(list(out.values())))
+    return out
+
+  return evaluate_all

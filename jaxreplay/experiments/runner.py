@@ -23,7 +23,7 @@ from jaxreplay.experiments import sweepcost as cost
 from jaxreplay.experiments import sweeps
 from jaxreplay.experiments.sweepdir import (Claim, connect, dry_run, is_finished, is_locked, levels,  # noqa: F401 (re-exported)
                                 load_runs, prepare, record, resolved_config, run_dir, select, status, sync)
-from jaxreplay.experiments.sweeps import Run, is_instruct
+from jaxreplay.experiments.sweeps import Run
 
 EXIT_CLAIMED, EXIT_WAITING = 3, 4
 
@@ -43,12 +43,8 @@ def train_one(workdir: str, run: Run, fp: str, db=None) -> dict:
   import jax
   c = resolved_config(workdir, run)
   started = time.time()
-  if is_instruct(c):
-    from jaxreplay.train import instruct
-    result = instruct.run(c, run_dir(workdir, run.name))
-  else:
-    from jaxreplay.train import loop as train
-    result = train.run(c, run_dir(workdir, run.name))
+  from jaxreplay.train import loop as train
+  result = train.run(c, run_dir(workdir, run.name))
   if db is not None and jax.process_index() == 0:
     record(db, workdir, run, fp, started)
   return result

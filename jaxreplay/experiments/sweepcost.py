@@ -117,7 +117,7 @@ def _num(x: float | None) -> str:
 def format_costs(runs, pricing: PricingAssumptions = PricingAssumptions()) -> str:
   """One line per run (parent, shape, tokens, steps, FLOPs) and the sweep's total compute and device-hours."""
   # instruct runs (a Hugging Face model) are listed, not priced
-  costs = [run_cost(r) if "d_model" in r.config.get("model", {}) else RunCost(r.name, r.parent, "-", 0, None, None,
+  costs = [run_cost(r) if not r.config.get("model", {}).get("path", "") else RunCost(r.name, r.parent, "-", 0, None, None,
                                                                                None, False) for r in runs]
   priced = [c for c in costs if c.shape != "-"]
   w = max(len(c.name) for c in costs)

@@ -124,7 +124,7 @@ def load_runs(workdir: str) -> tuple[list[Run], str]:
 def resolved_config(workdir: str, run: Run) -> ml_collections.ConfigDict:
   """The run's config with init.from pointing at the parent's workdir and data paths resolved."""
   c = ml_collections.ConfigDict(copy.deepcopy(run.config))
-  if sweeps.is_instruct(c):  # its paths are plain files, read as given (relative to the working directory)
+  if c.data.get("kind") == "chat":  # its paths are plain files, read as given (relative to the working directory)
     c.lock()
     return c
   if run.parent:

@@ -21,9 +21,8 @@ Run names are `STAGE/LABEL` for runs that start from nothing and `STAGE/PARENT_N
 (`/LABEL` left out when the run has no overrides of its own); LABEL is `key=value,...` over the overrides
 (short keys, see ABBREV) or, past MAX_LABEL characters, a readable prefix and a hash. `expand` turns a Sweep
 into plain `Run`s and checks everything (keys, types, dependencies, cycles, config.validate) before anything
-runs; `runner.py` runs them and `sweepdir.py` keeps their state. A stage whose base has
-stage='instruct' (`jaxreplay.train.instruct.default()`, e.g. sweeps/instruct.py) holds instruct runs: validated by
-`instruct.validate` and trained by `instruct.run`; they start from a Hugging Face checkpoint, never after= a run.
+runs; `runner.py` runs them and `sweepdir.py` keeps their state. A run whose config sets model.path (e.g.
+sweeps/instruct.py) starts from that Hugging Face checkpoint, never after= a run.
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ import ml_collections
 
 from jaxreplay import config as config_lib
 from jaxreplay.errors import ConfigError, SweepError
-from jaxreplay.train import instruct
 
 
 # Short names for common keys in run labels; any other key shows its last component (or all of it when two
@@ -180,7 +178,7 @@ def _apply(base: ml_collections.ConfigDict, overrides: dict, stage: str, run: st
   lengths = [k for k in overrides if k.startswith("stop.") and k[5:] in config_lib.LENGTH_KEYS]
   if lengths:  # a grid over one length criterion replaces the base's (e.g. stop.tokens → stop.tokens_per_param)
     for k in config_lib.LENGTH_KEYS:
-      if f"stop.{k}" not in lengths and k in c.stop:  # instruct configs have only stop.epochs and stop.steps
+      if f"stop.{k}" not in lengths:
         c.stop[k] = type(c.stop[k])(0)
   for key, value in overrides.items():
     node, parts = c, key.split(".")
@@ -227,8 +225,8 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
         if name in runs or any(name == p.name for p in pending):
           raise SweepError(f"Two runs of stage {st.name!r} are both named {name!r}: their overrides give the same "
                            "label; give them different values or an abbrev that tells them apart.")
-        if parent and is_instruct(st.base):
-          raise SweepError(f"Stage {st.name!r} holds instruct configs, which start from config.model.path, not from "
+        if parent and st.base.model.get("path"):
+          raise SweepError(f"Stage {st.name!r} finetunes the Hugging Face checkpoint in config.model.path, not "
                            "another run: leave out after=.")
         c = _apply(st.base, overrides, st.name, name)
         if parent:
@@ -244,11 +242,7 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
   if validate:
     for run in ordered:
       try:
-        c = configs[run.name]
-        if is_instruct(c):
-          instruct.validate(c)
-        else:
-          config_lib.validate(c)
+        config_lib.validate(configs[run.name])
       except ConfigError as e:
         raise ConfigError(f"Run {run.name!r}: {e}") from None
   return ordered
@@ -269,11 +263,6 @@ def _inherit_shape(run: Run, configs: dict, runs: dict) -> Run:
                      f"model.{k} from the finetuning stage's grid.")
   runs[run.name] = dataclasses.replace(run, config=c.to_dict())
   return runs[run.name]
-
-
-def is_instruct(config) -> bool:
-  """A config of `jaxreplay.train.instruct` (a Hugging Face model finetuned on chat data), not of `jaxreplay.train.loop`."""
-  return config.get("stage") == "instruct"
 
 
 def _parents(st: Stage, sweep: Sweep, by_stage: dict):

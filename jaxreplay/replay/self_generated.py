@@ -46,8 +46,9 @@ _KEY_TAG = 0x5E1F  # separates the replay key stream from every other use of the
 FINGERPRINT = "fingerprint.json"
 
 
-def _dataset_id(c, stage) -> int:
-  dataset_id = c.replay.dataset_id if c.replay.dataset_id >= 0 else getattr(stage, "prev_dataset_id", -1)
+def paper_prompt_id(c, pretraining_dataset_id: int) -> int:
+  """The paper's prompt: config.replay.dataset_id, or (when -1) the pretraining data's id; a reserved id."""
+  dataset_id = c.replay.dataset_id if c.replay.dataset_id >= 0 else pretraining_dataset_id
   if not 0 <= dataset_id < config_lib.NUM_RESERVED_IDS:
     raise ConfigError(
         f"The self-generated replay prompt id {dataset_id} (config.replay.dataset_id, or the pretraining data's "
@@ -70,12 +71,16 @@ def _sha256_file(path: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()
 
 
-def checkpoint_fingerprint(init_from: str, frozen) -> dict:
-  """What identifies the weights samples come from: the export's info and config, and checksums of the weights
-  themselves (integer sums, the same on any mesh)."""
-  info = ckpt_lib.exported_info(init_from)
+def checkpoint_fingerprint(weights_dir: str, frozen) -> dict:
+  """What identifies the weights samples come from: a run's export info and config (or a Hugging Face
+  checkpoint's config.json), and checksums of the weights themselves (integer sums, the same on any mesh)."""
+  export_config = os.path.join(weights_dir, "export", "config.json")
+  if os.path.exists(export_config):
+    info, config_path = ckpt_lib.exported_info(weights_dir), export_config
+  else:  # a Hugging Face checkpoint directory (config.model.path)
+    info, config_path = {}, os.path.join(weights_dir, "config.json")
   arrays = ckpt_lib.integrity_record(frozen)["arrays"]
-  return dict(info=info, config_sha256=_sha256_file(os.path.join(init_from, "export", "config.json")),
+  return dict(info=info, config_sha256=_sha256_file(config_path),
               params_sha256=hashlib.sha256(json.dumps(arrays, sort_keys=True).encode()).hexdigest())
 
 
@@ -169,18 +174,22 @@ class SelfGeneratedReplay:
   """Replay rows sampled from the frozen pretrained model; `next(step)` -> (tokens [rows, T] int32, teacher
   logits [rows, T, V] fp32 or None) on the mesh, the logits when `teacher` is 'sampled'."""
 
-  def __init__(self, c, stage, frozen, state: dict | None):
+  def __init__(self, c, mesh, model_cfg, frozen, prompt_id: int, weights_dir: str, state: dict | None = None):
+    """`prompt_id`: the token every row starts from (the paper's dataset id; a chat model's BOS);
+    `weights_dir`: where `frozen` was read from (a run's workdir or a Hugging Face directory), fingerprinted
+    for the disk cache; `state`: what `state()` returned, from the checkpoint."""
     if frozen is None:
       raise ConfigError("Self-generated replay samples from a pretrained model: set config.init.from "
                                    "to the workdir of a finished pretraining run.")
-    self.mesh = stage.mesh
-    self.model_cfg = stage.model_cfg
+    self.mesh = mesh
+    self.model_cfg = model_cfg
     self.frozen = frozen
+    self.weights_dir = weights_dir
     self.seed = int(c.seed)
     self.rows = int(c.replay.batch_size or c.optim.batch_size)
     self.buffer = int(c.replay.buffer)
     self.T = int(c.model.seq_len)
-    self.dataset_id = _dataset_id(c, stage)
+    self.dataset_id = int(prompt_id)
     self.prompt_ids = prompt_ids(c)  # several prompt ids: each batch's rows split evenly among them
     div = sharding.batch_divisor(self.mesh)
     if self.rows % div:
@@ -214,10 +223,13 @@ class SelfGeneratedReplay:
     m = self.model_cfg
     return dict(
         format=FORMAT,
-        checkpoint=checkpoint_fingerprint(c.init["from"], self.frozen),
+        checkpoint=checkpoint_fingerprint(self.weights_dir, self.frozen),
         model=dict(d_model=m.d_model, n_layers=m.n_layers, head_dim=m.head_dim, vocab_size=m.vocab_size,
                    mlp_ratio=m.mlp_ratio, rope_base=m.rope_base, norm_eps=m.norm_eps,
-                   compute_dtype=jnp.dtype(m.dtype).name),
+                   compute_dtype=jnp.dtype(m.dtype).name,
+                   # the other families' fields, only for them: the paper model's caches keep their fingerprint
+                   **({} if m.family == "paper" else dict(family=m.family, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+                                                          d_mlp=m.d_mlp, mlp=m.mlp))),
         sampling=dict(temperature=self.sc.temperature, top_k=self.sc.top_k, top_p=self.sc.top_p,
                       dataset_id=self.dataset_id, eos_id=-1,
                       # only when set, so that caches made with one prompt id keep their fingerprint

@@ -1,18 +1,22 @@
-"""Where replay batches come from (none, real pretraining data, self-generated samples) and what is trained.
+"""Where replay batches come from (none, real data, self-generated samples) and what is trained.
 
 A source's `next(step)` returns (replay rows [B, T], teacher logits [B, T, V] or None) for that step as global
 arrays on the mesh; the teacher logits (the frozen model's, kept from sampling) come only from self-generated
 replay with `replay.teacher` resolving to 'sampled', and `sampled_teacher` says so before the first step.
 Real replay is a pure function of the step; self-generated replay refills a buffer from the frozen model and
-its position travels in the checkpoint through `state()`.
+its position travels in the checkpoint through `state()`. Sources take what they read as arguments (the mesh,
+the frozen weights, the data), never the trainer's own objects.
 """
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from jaxreplay import sharding
-from jaxreplay.data import loader
+from jaxreplay.data import chat as chat_data, loader
+
+REAL_SEED_OFFSET = 7919  # real replay rows are shuffled apart from the downstream data
 
 
 def replay_batch_size(c) -> int:
@@ -28,14 +32,13 @@ def parameterization(c, frozen):
 
 
 class RealReplay:
-  """Rows of the pretraining data, in their own shuffled order (seeded apart from the downstream data)."""
+  """Rows of a token directory (the pretraining data), in their own shuffled order."""
   sampled_teacher = False
 
-  def __init__(self, c, stage, path: str, dataset_id: int):
-    self.mesh = stage.mesh
-    self.batches = loader.TrainBatches(path, c.model.seq_len, replay_batch_size(c), c.seed + 7919, dataset_id,
-                                       process_index=jax.process_index(), process_count=jax.process_count(),
-                                       prefetch=0)
+  def __init__(self, path: str, seq_len: int, rows: int, seed: int, dataset_id: int, mesh):
+    self.mesh = mesh
+    self.batches = loader.TrainBatches(path, seq_len, rows, seed, dataset_id, process_index=jax.process_index(),
+                                       process_count=jax.process_count(), prefetch=0)
 
   def next(self, step: int):
     return sharding.put_batch(self.batches.batch(step), self.mesh), None
@@ -44,13 +47,36 @@ class RealReplay:
     return {}
 
 
-def make_source(c, stage, frozen, state: dict | None):
-  """The replay source a finetuning configuration needs, or None."""
-  method = c.replay.method if stage.prev is not None else "none"
+class RowReplay:
+  """Rows of an in-memory [N, T] array (a chat run's packed replay text), in a per-epoch shuffled order."""
+  sampled_teacher = False
+
+  def __init__(self, rows: np.ndarray, batch_size: int, seed: int, mesh):
+    self.mesh = mesh
+    self.batches = chat_data.Batches(dict(tokens=rows), batch_size, seed)
+
+  def next(self, step: int):
+    rows = self.batches.batch(step, jax.process_index(), jax.process_count())["tokens"]
+    return sharding.put_batch(rows, self.mesh), None
+
+  def state(self) -> dict:
+    return {}
+
+
+def make_source(c, mesh, model_cfg, frozen, state: dict | None = None, *, real_rows=None, real_path: str = "",
+                real_dataset_id: int = -1, prompt_id: int = -1, weights_dir: str = ""):
+  """The replay source a finetuning configuration needs, or None (no frozen model, or a method without rows).
+
+  Real replay reads `real_rows` ([N, T], when given) or the token directory `real_path` (rows prefixed with
+  `real_dataset_id`); self-generated replay samples `frozen` from `prompt_id`, its cache fingerprinting
+  `weights_dir`; `state` is the source's state from the checkpoint."""
+  method = c.replay.method if frozen is not None else "none"
   if method in ("none", "kl_downstream"):
     return None
+  rows, seed = replay_batch_size(c), c.seed + REAL_SEED_OFFSET
   if c.replay.source == "real":
-    path = c.replay.path or stage.prev_data_path
-    return RealReplay(c, stage, path, stage.prev_dataset_id)
-  from jaxreplay.replay import self_generated as replay_self  # self-generated replay: sampling from the frozen model
-  return replay_self.SelfGeneratedReplay(c, stage, frozen, state)
+    if real_rows is not None:
+      return RowReplay(real_rows, rows, seed, mesh)
+    return RealReplay(real_path, c.model.seq_len, rows, seed, real_dataset_id, mesh)
+  from jaxreplay.replay import self_generated  # self-generated replay: sampling from the frozen model
+  return self_generated.SelfGeneratedReplay(c, mesh, model_cfg, frozen, prompt_id, weights_dir, state)

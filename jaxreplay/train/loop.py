@@ -1,7 +1,11 @@
-"""One training stage, pretraining or finetuning: set up, restore, loop, evaluate, log, checkpoint, stop.
+"""One training stage, pretraining or finetuning (a paper model, or a Hugging Face model on chat data): set up,
+restore, loop, evaluate, log, checkpoint, stop, export.
 
-Data order is a pure function of the step, so a resumed run reads exactly the batches an uninterrupted one
-would. The train step compiles once per run; the host syncs with the device only when it logs or evaluates.
+`run` is three public pieces that other loops reuse (train/pack.py trains K stacked runs with them):
+`setup` (everything up to the first step, restored from the last checkpoint), `train_loop` (the steps, until a
+stop), `finish` (final evaluation, export, final.json). Data order and replay rows are pure functions of the
+step, so a resumed run reads exactly the batches an uninterrupted one would. The train step compiles once per
+run; the host syncs with the device only when it logs or evaluates.
 """
 
 from __future__ import annotations
@@ -16,139 +20,22 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from jaxreplay import config as config_lib, sharding
+from jaxreplay.errors import TrainingError  # noqa: F401 (raised here; callers catch it as train.TrainingError)
 from jaxreplay.io import write_json
-from jaxreplay.errors import TrainingError
-from jaxreplay.train import checkpoint as ckpt_lib
-from jaxreplay import config as config_lib
-from jaxreplay.train import metrics as metrics_lib
-from jaxreplay.models import decoder
-from jaxreplay.train import optim
+from jaxreplay.evals import mcq
+from jaxreplay.models import decoder, hf_import
+from jaxreplay.replay import sources as replay_lib
+from jaxreplay.train import checkpoint as ckpt_lib, evaluation, metrics as metrics_lib, optim, steps
 from jaxreplay.train import preemption as preemption_lib
-from jaxreplay import sharding
-from jaxreplay.train import steps
-from jaxreplay.data import loader, tokenfile
+from jaxreplay.train.stage import Stage, check_workdir, inherit_parent_shape  # noqa: F401 (the CLI's names)
 
 
 DONE_FILE = "final.json"
 
 
-def check_workdir(c, workdir: str):
-  """Refuses a workdir that holds a different run, before anything is written."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  diff = config_lib.differences(config_lib.from_json_file(path), c)
-  if diff:
-    raise config_lib.ConfigError(
-        f"The workdir {workdir} holds a run with a different config ({', '.join(diff[:5])} differ): "
-        "use a new --workdir, or the same config to resume it.")
-
-
 def is_finished(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, DONE_FILE))
-
-
-class Stage:
-  """Everything one run needs, resolved from the config before the first step."""
-
-  def __init__(self, c, workdir: str):
-    config_lib.validate(c)
-    check_workdir(c, workdir)
-    self.c, self.workdir = c, workdir
-    self.mesh = sharding.make_mesh(c.mesh)
-    dtype = config_lib.compute_dtype_name(c, jax.default_backend())
-    self.model_cfg = decoder.ModelConfig.from_config(c.model, dtype, jax.default_backend())
-    self.counts = decoder.param_counts(self.model_cfg)
-    self.prev = None  # the pretraining run a finetuning run starts from
-    if c.init["from"]:
-      self.prev = config_lib.ml_collections.ConfigDict(ckpt_lib.exported_config(c.init["from"]))
-      self._check_same_model(self.prev)
-
-    # Data.
-    M, T, B = c.model, c.model.seq_len, c.optim.batch_size
-    pc, pi = jax.process_count(), jax.process_index()
-    div = sharding.batch_divisor(self.mesh)
-    if B % (div * pc) and B % div:
-      raise config_lib.ConfigError(f"config.optim.batch_size={B} is not divisible by the {div} data-parallel "
-                                   "devices: choose a multiple of mesh.data × mesh.fsdp.")
-    prev_hash = None
-    if self.prev is not None:  # downstream data must share the pretrained model's tokenizer
-      prev_hash = tokenfile.read_meta(self.prev.data.path)["tokenizer_hash"]
-    data = tokenfile.open_token_dir(c.data.path, M.vocab_size, T, tokenizer_hash=prev_hash)
-    self.data = data
-    self.dataset_id = c.data.dataset_id if c.data.dataset_id >= 0 else int(data.meta["dataset_id"])
-    mix = None
-    if c.data.mix_fraction:
-      mix_dir = tokenfile.open_token_dir(c.data.mix_path, M.vocab_size, T)
-      mix = (c.data.mix_path, c.data.mix_fraction, int(mix_dir.meta["dataset_id"]))
-    self.batches = loader.TrainBatches(c.data.path, T, B, c.seed, self.dataset_id, process_index=pi,
-                                       process_count=pc, mix=mix, prefetch=c.data.prefetch)
-    self.eval_sets = {"valid": self._eval_set(c.data.path, self.dataset_id)}
-    if mix is not None:
-      self.eval_sets["mix"] = self._eval_set(mix[0], mix[2])
-    if self.prev is not None:
-      self.prev_data_path = self.prev.data.path
-      self.prev_dataset_id = (self.prev.data.dataset_id if self.prev.data.dataset_id >= 0 else
-                              int(tokenfile.open_token_dir(self.prev_data_path, M.vocab_size, T).meta["dataset_id"]))
-      self.eval_sets["prev"] = self._eval_set(self.prev_data_path, self.prev_dataset_id)
-
-    # Length.
-    self.tokens_per_step = config_lib.tokens_per_step(c)
-    self.total_steps = self._total_steps()
-    self.eval_every = max(1, round(c.eval.every_tokens / self.tokens_per_step))
-
-  def _check_same_model(self, prev):
-    for key in config_lib.weight_model_keys(prev.model.to_dict()):
-      if key in self.c.model and prev.model[key] != self.c.model[key]:
-        raise config_lib.ConfigError(
-            f"config.model.{key}={self.c.model[key]} differs from the run in init.from "
-            f"({prev.model[key]}): finetuning keeps the pretrained model's shape, so drop the override.")
-
-  def _eval_set(self, path, dataset_id):
-    c = self.c
-    return loader.eval_batches(path, "valid", c.model.seq_len, c.eval.batch_size, c.eval.tokens, dataset_id,
-                               process_index=jax.process_index(), process_count=jax.process_count())
-
-  def _total_steps(self) -> int | None:
-    s, tps = self.c.stop, self.tokens_per_step
-    if s.steps:
-      return int(s.steps)
-    if s.tokens:
-      tokens = s.tokens
-    elif s.tokens_per_param:
-      tokens = s.tokens_per_param * self.counts[self.c.model.param_count]
-    elif s.epochs:
-      tokens = s.epochs * self.batches.tokens_per_epoch
-    else:
-      return None
-    return max(1, int(round(tokens / tps)))
-
-
-def inherit_parent_shape(c, init_from: str, explicit=()):
-  """`jaxreplay finetune`: every model key the weights in init_from depend on comes from that run's export,
-  unless the user set it (`explicit`) to another value, which is an error."""
-  parent = ckpt_lib.exported_config(init_from)
-  conflicts = config_lib.inherit_model_shape(c, parent, explicit)
-  if conflicts:
-    k = conflicts[0]
-    raise config_lib.ConfigError(
-        f"config.model.{k}={c.model[k]!r} differs from the run in init.from ({parent['model'][k]!r}): finetuning "
-        f"keeps the pretrained model's shape, so drop --config.model.{k}.")
-
-
-def _eval(stage, eval_fn, params, frozen) -> dict:
-  out = {}
-  for name, batches in stage.eval_sets.items():
-    sums = None
-    for batch in batches:
-      r = eval_fn(params, frozen, sharding.put_batch(np.asarray(batch), stage.mesh))
-      sums = r if sums is None else jax.tree.map(jnp.add, sums, r)
-    sums = jax.device_get(sums)
-    out[f"{name}_ntp"] = float(sums["nll"] / sums["count"])
-    out[f"{name}_ntp_h2"] = float(sums["nll_h2"] / sums["count_h2"])
-    if "kl" in sums:
-      out[f"{name}_kl"] = float(sums["kl"] / sums["count"])
-  return out
 
 
 def run(c, workdir: str, evaluators=()) -> dict:
@@ -160,158 +47,222 @@ def run(c, workdir: str, evaluators=()) -> dict:
     check_workdir(c, workdir)
     with open(os.path.join(workdir, DONE_FILE)) as f:
       return json.load(f)
-  stage = Stage(c, workdir)
-  ckpt_lib.check_writable(workdir)  # before anything is written
-  if stage.data.meta.get("toy"):  # toy continual tasks: greedy answer accuracy on every task at each eval
+  t = setup(c, workdir, evaluators)
+  stop_reason = train_loop(t)
+  return finish(t, stop_reason)
+
+
+def task_evaluators(c, stage: Stage) -> list:
+  """The evaluators a stage's config and data ask for: toy-task accuracies, lm-eval tasks, MCQ benchmarks."""
+  out = []
+  if stage.data_meta.get("toy"):  # toy continual tasks: greedy answer accuracy on every task at each eval
     from jaxreplay.evals import toy
-    evaluators = (*evaluators, toy.evaluator_for(c, stage.data.meta, c.data.path, stage.model_cfg))
-  if c.eval.get("lm_eval_tasks"):  # lm-evaluation-harness tasks at every evaluation (the `eval` extra)
+    out.append(toy.evaluator_for(c, stage.data_meta, c.data.path, stage.model_cfg))
+  if c.eval.get("lm_eval_tasks") and not c.model.path:  # lm-evaluation-harness tasks (the `eval` extra)
     from jaxreplay.evals import lm_eval as lm_eval_adapter
-    evaluators = (*evaluators, lm_eval_adapter.evaluator_for(
-        c, stage.model_cfg, stage.dataset_id, os.path.join(c.data.path, "tokenizer.json")))
-  if jax.process_index() == 0:
-    config_lib.write(c, workdir)
-    tokenizer = os.path.join(c.data.path, "tokenizer.json")
-    if os.path.exists(tokenizer):  # every run carries the tokenizer that reads its samples
-      shutil.copyfile(tokenizer, os.path.join(workdir, "tokenizer.json"))
-  from jaxreplay.replay import sources as replay_lib  # finetuning pieces; imported here to keep pretraining light
+    out.append(lm_eval_adapter.evaluator_for(c, stage.model_cfg, stage.dataset_id,
+                                             os.path.join(c.data.path, "tokenizer.json")))
+  if c.eval.mcq:  # multiple-choice benchmarks scored as chats
+    out.append(mcq.evaluator_for(c, stage.model_cfg, stage.tokenizer, stage.mesh))
+  return out
 
-  mesh, model_cfg = stage.mesh, stage.model_cfg
-  lr_schedule = optim.lr_schedule(c, stage.total_steps)
-  optimizer = optim.make_optimizer(c, stage.total_steps)
-  key = jax.random.key(c.seed)
 
-  # Parameters: fresh for pretraining; the exported weights (and a frozen copy, π_pre) for finetuning.
-  abstract_params = jax.eval_shape(lambda: decoder.init_params(model_cfg, key))
-  param_sh = sharding.param_shardings(abstract_params, mesh)
-  frozen = None
-  if stage.prev is not None:
-    like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, param_sh)
-    frozen = ckpt_lib.load_exported(c.init["from"], like)
-  trainable_fn, merge_fn = replay_lib.parameterization(c, frozen)
+class Trainer:
+  """One stage's live pieces between `setup` and `finish`: the stage, the state and frozen weights, the jitted
+  steps, the replay source, the checkpointer and the writers. `step` is the last completed step."""
 
-  def init_fn(k, frozen_params):
-    params = frozen_params if frozen_params is not None else decoder.init_params(model_cfg, k)
-    params = trainable_fn(params)
-    return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
-
-  abstract_state = jax.eval_shape(init_fn, key, frozen)
-  state_sh = sharding.state_shardings(abstract_state, mesh)
-  frozen_sh = param_sh if frozen is not None else None
-  state = jax.jit(init_fn, out_shardings=state_sh)(key, frozen)
-
-  checkpointer = ckpt_lib.Checkpointer(workdir, c.checkpoint)
-  extra = dict(best=None, evals_since_best=0, elapsed_s=0.0)
-  restored = checkpointer.restore_latest(state)
-  if restored is not None:
-    state, extra = restored
-  start_step = int(jax.device_get(state["step"]))
-
-  replay = replay_lib.make_source(c, stage, frozen, extra.get("replay"))
-  objective = steps.make_objective(model_cfg, c.replay if stage.prev is not None else None, merge_fn)
-  batch_sh = sharding.batch_sharding(mesh)
-  replay_sh = batch_sh if replay is not None else None
-  # The frozen model's logits on the replay rows when kept from sampling (replay.teacher): no forward of it.
-  teacher_sh = sharding.batch_sharding(mesh, 3) if replay is not None and replay.sampled_teacher else None
-  train_step = jax.jit(steps.make_train_step(objective, optimizer, lr_schedule),
-                       in_shardings=(state_sh, frozen_sh, batch_sh, replay_sh, teacher_sh),
-                       out_shardings=(state_sh, None), donate_argnums=(0,))
-  eval_fn = jax.jit(steps.make_eval_step(model_cfg, with_kl=frozen is not None))
-  merged = jax.jit(merge_fn) if merge_fn is not None else (lambda p, f: p)
-
-  writer = metrics_lib.MetricWriter(workdir, c.log, c.to_dict(), resume_step=start_step)
-  peak = metrics_lib.cached_matmul_peak(model_cfg.dtype) if jax.process_index() == 0 else None
-  throughput = metrics_lib.Throughput(stage.tokens_per_step, decoder.flops_per_token(model_cfg), peak)
-  bar = tqdm(total=stage.total_steps, initial=start_step, disable=not (c.log.progress and jax.process_index() == 0),
-             desc=os.path.basename(os.path.abspath(workdir)), unit="step", dynamic_ncols=True)
-
-  def evaluate(step) -> dict:
-    params = merged(state["params"], frozen)
-    out = _eval(stage, eval_fn, params, frozen)
-    for evaluator in evaluators:  # task-specific metrics, e.g. the toy tasks' answer accuracy
+  def evaluate(self) -> dict:
+    """Every eval set's losses and the evaluators' metrics, on the current (merged) parameters."""
+    params = self.merged(self.state["params"], self.frozen)
+    out = evaluation.evaluate_sets(self.eval_sets, self.eval_fn, params, self.frozen, self.stage.mesh)
+    for evaluator in self.evaluators:  # task-specific metrics, e.g. the toy tasks' answer accuracy
       out.update(evaluator(params))
     return out
 
-  stop_reason, step, wall_start = None, start_step, time.monotonic() - extra["elapsed_s"]
-  last_eval = {}
-  if start_step == 0 and c.eval.at_start:
-    last_eval = evaluate(0)
-    writer.write(0, dict(tokens=0, **last_eval))
-
-  with preemption_lib.Preemption() as preemption:
-    batch_iter = stage.batches.iterate(start_step)
-    throughput.reset()
-    while True:
-      if stage.total_steps is not None and step >= stage.total_steps:
-        stop_reason = stop_reason or "length"
-        break
-      _, batch = next(batch_iter)
-      replay_BT, teacher_BTV = replay.next(step) if replay is not None else (None, None)
-      state, aux = train_step(state, frozen, sharding.put_batch(batch, mesh), replay_BT, teacher_BTV)
-      step += 1
-      throughput.tick()
-      bar.update(1)
-      extra["elapsed_s"] = time.monotonic() - wall_start
-      row = {}
-      if step % c.log.every_steps == 0 or step == stage.total_steps:
-        aux = jax.device_get(aux)
-        if not np.isfinite(aux["train_loss"]):
-          checkpointer.close()
-          raise TrainingError(f"The training loss became {aux['train_loss']} at step {step}: lower optim.lr "
-                              f"(now {c.optim.lr}) or add optim.grad_clip; the last good checkpoint is kept in "
-                              f"{checkpointer.directory}.")
-        row.update({k: float(v) for k, v in aux.items()}, **throughput.report())
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}")
-      if step % stage.eval_every == 0 or step == stage.total_steps:
-        last_eval = evaluate(step)
-        row.update(last_eval)
-        stop_reason = _check_eval_stops(c, last_eval, extra)
-      if c.stop.wall_time_s and extra["elapsed_s"] >= c.stop.wall_time_s:
-        stop_reason = "wall_time"
-      if row:
-        writer.write(step, dict(tokens=step * stage.tokens_per_step, elapsed_s=extra["elapsed_s"], **row))
-      if replay is not None:
-        extra["replay"] = replay.state()
-      if preemption.reached(step):  # SIGTERM, agreed on by every host
-        checkpointer.save(step, state, extra, force=True)
-        checkpointer.close()
-        bar.close()
-        writer.close()
-        raise SystemExit(f"Preempted (SIGTERM) at step {step}: saved a checkpoint; run the same command to resume.")
-      if stop_reason:
-        break
-      checkpointer.save(step, state, extra)
-  bar.close()
-
-  if not last_eval or row.get("valid_ntp") is None:
-    last_eval = evaluate(step)
-  final_params = merged(state["params"], frozen)
-  result = dict(step=step, tokens=step * stage.tokens_per_step, stop_reason=stop_reason,
-                elapsed_s=extra["elapsed_s"], params_paper=stage.counts["paper"], params_true=stage.counts["true"],
-                train_step_compiles=train_step._cache_size(), **last_eval)
-  if replay is not None:  # what replay.teacher='auto' resolved to
-    result["replay_teacher"] = "sampled" if replay.sampled_teacher else "forward"
-  if frozen is not None:
-    from jaxreplay.evals import forgetting as evaluate_lib
-    result.update(evaluate_lib.forgetting_metrics(c, final_params, frozen, result))
-  checkpointer.save(step, state, extra, force=True)
-  checkpointer.close()
-  ckpt_lib.export(workdir, final_params, c.to_dict(), dict(step=step, dataset_id=stage.dataset_id))
-  writer.write(step, dict(final=True, **{k: v for k, v in result.items() if k != "step"}))
-  writer.close()
-  if jax.process_index() == 0:
-    write_json(os.path.join(workdir, DONE_FILE), result, sort_keys=True)
-  return result
+  def close(self):
+    self.checkpointer.close()
+    self.bar.close()
+    self.writer.close()
 
 
-def _check_eval_stops(c, ev: dict, extra: dict):
-  loss = ev["valid_ntp"]
-  if c.stop.target_loss and loss <= c.stop.target_loss:
-    return "target_loss"
-  if extra["best"] is None or loss < extra["best"]:
-    extra["best"], extra["evals_since_best"] = loss, 0
-  else:
-    extra["evals_since_best"] += 1
-  if c.stop.early_stop_evals and extra["evals_since_best"] >= c.stop.early_stop_evals:
-    return "early_stop"
+def load_frozen(stage: Stage, abstract_params, param_sh):
+  """π_pre: the exported weights of init.from, a Hugging Face checkpoint's (model.path), or None (pretraining)."""
+  if stage.hf_dir:
+    return jax.device_put(hf_import.load_params(stage.hf_dir, stage.model_cfg, stage.mesh), param_sh)
+  if stage.prev is not None:
+    like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, param_sh)
+    return ckpt_lib.load_exported(stage.c.init["from"], like)
   return None
+
+
+def init_state(t: Trainer, key):
+  """The train state (fresh, or the frozen weights' copy; LoRA adapters) restored from the last checkpoint."""
+  stage, c = t.stage, t.c
+  trainable_fn, t.merge_fn = replay_lib.parameterization(c, t.frozen)
+
+  def init_fn(k, frozen_params):
+    params = frozen_params if frozen_params is not None else decoder.init_params(stage.model_cfg, k)
+    params = trainable_fn(params)
+    return dict(params=params, opt_state=t.optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+  t.state_sh = sharding.state_shardings(jax.eval_shape(init_fn, key, t.frozen), stage.mesh)
+  t.state = jax.jit(init_fn, out_shardings=t.state_sh)(key, t.frozen)
+  t.checkpointer = ckpt_lib.Checkpointer(t.workdir, c.checkpoint)
+  t.extra = dict(best=None, evals_since_best=0, elapsed_s=0.0)
+  restored = t.checkpointer.restore_latest(t.state)
+  if restored is not None:
+    t.state, t.extra = restored
+  t.start_step = t.step = int(jax.device_get(t.state["step"]))
+
+
+def compile_steps(t: Trainer):
+  """The jitted train step (explicit shardings, donated state), eval step and parameter merge."""
+  stage, c, mesh = t.stage, t.c, t.stage.mesh
+  objective = steps.make_objective(stage.model_cfg, c.replay if t.frozen is not None else None, t.merge_fn)
+  batch_sh = sharding.batch_sharding(mesh)
+  if c.model.path:
+    batch_sh = dict(tokens=batch_sh, mask=batch_sh, segments=batch_sh)
+  replay_sh = sharding.batch_sharding(mesh) if t.replay is not None else None
+  # The frozen model's logits on the replay rows when kept from sampling (replay.teacher): no forward of it.
+  teacher_sh = sharding.batch_sharding(mesh, 3) if t.replay is not None and t.replay.sampled_teacher else None
+  frozen_sh = t.param_sh if t.frozen is not None else None
+  step = steps.make_train_step(objective, t.optimizer, optim.lr_schedule(c, stage.total_steps), c.train.microbatches)
+  t.train_step = jax.jit(step, in_shardings=(t.state_sh, frozen_sh, batch_sh, replay_sh, teacher_sh),
+                         out_shardings=(t.state_sh, None), donate_argnums=(0,))
+  t.eval_fn = jax.jit(steps.make_eval_step(stage.model_cfg, with_kl=t.frozen is not None))
+  t.merged = jax.jit(t.merge_fn) if t.merge_fn is not None else (lambda p, f: p)
+
+
+def write_run_files(c, stage: Stage, workdir: str):
+  """config.json, the tokenizer that reads the run's samples, and chat packing's data_stats.json (process 0)."""
+  if jax.process_index() != 0:
+    return
+  config_lib.write(c, workdir)
+  tokenizer = os.path.join(c.data.path, "tokenizer.json")
+  if c.data.path and os.path.exists(tokenizer):
+    shutil.copyfile(tokenizer, os.path.join(workdir, "tokenizer.json"))
+  stage.write_data_stats()
+
+
+def setup(c, workdir: str, evaluators=()) -> Trainer:
+  """Everything before the first step: the stage, the run files, the state restored from the last checkpoint,
+  the replay source, the forgetting probes, the compiled steps, the metric writer and the progress bar."""
+  t = Trainer()
+  t.c, t.workdir = c, workdir
+  t.stage = stage = Stage(c, workdir)
+  ckpt_lib.check_writable(workdir)  # before anything is written
+  t.evaluators = (*evaluators, *task_evaluators(c, stage))
+  write_run_files(c, stage, workdir)
+  mesh, model_cfg, key = stage.mesh, stage.model_cfg, jax.random.key(c.seed)
+  t.optimizer = optim.make_optimizer(c, stage.total_steps)
+  abstract_params = jax.eval_shape(lambda: decoder.init_params(model_cfg, key))
+  t.param_sh = sharding.param_shardings(abstract_params, mesh)
+  t.frozen = load_frozen(stage, abstract_params, t.param_sh)
+  init_state(t, key)
+  t.replay = replay_lib.make_source(
+      c, mesh, model_cfg, t.frozen, t.extra.get("replay"), real_rows=stage.real_rows, real_path=stage.real_path,
+      real_dataset_id=stage.real_dataset_id, prompt_id=stage.prompt_id, weights_dir=stage.weights_dir)
+  t.eval_sets = dict(stage.eval_sets)
+  if c.eval.replay_rows and t.frozen is not None and stage.prompt_id >= 0:
+    t.eval_sets["self"] = [evaluation.self_probe(c, model_cfg, t.frozen, stage.prompt_id, mesh)]
+  compile_steps(t)
+  t.writer = metrics_lib.MetricWriter(workdir, c.log, c.to_dict(), resume_step=t.start_step)
+  peak = metrics_lib.cached_matmul_peak(model_cfg.dtype) if jax.process_index() == 0 else None
+  t.throughput = metrics_lib.Throughput(stage.tokens_per_step, decoder.flops_per_token(model_cfg), peak)
+  t.bar = tqdm(total=stage.total_steps, initial=t.start_step, unit="step", dynamic_ncols=True,
+               disable=not (c.log.progress and jax.process_index() == 0),
+               desc=os.path.basename(os.path.abspath(workdir)))
+  t.last_eval, t.wall_start = {}, time.monotonic() - t.extra["elapsed_s"]
+  if t.start_step == 0 and c.eval.at_start:
+    t.last_eval = t.evaluate()
+    t.writer.write(0, dict(tokens=0, **t.last_eval))
+  return t
+
+
+def check_finite(t: Trainer, aux: dict):
+  if not np.isfinite(aux["train_loss"]):
+    t.checkpointer.close()
+    raise TrainingError(f"The training loss became {aux['train_loss']} at step {t.step}: lower optim.lr "
+                        f"(now {t.c.optim.lr}) or add optim.grad_clip; the last good checkpoint is kept in "
+                        f"{t.checkpointer.directory}.")
+
+
+def after_step(t: Trainer, aux) -> str | None:
+  """Logging, evaluation and the stops after step `t.step`; returns the stop reason, if any."""
+  c, stage, step = t.c, t.stage, t.step
+  t.throughput.tick()
+  t.bar.update(1)
+  t.extra["elapsed_s"] = time.monotonic() - t.wall_start
+  row, stop_reason = {}, None
+  if step % c.log.every_steps == 0 or step == stage.total_steps:
+    aux = jax.device_get(aux)
+    check_finite(t, aux)
+    row.update({k: float(v) for k, v in aux.items()}, **t.throughput.report())
+    t.bar.set_postfix(loss=f"{row['train_loss']:.3f}")
+  if step % stage.eval_every == 0 or step == stage.total_steps:
+    t.last_eval = t.evaluate()
+    t.last_eval_step = step
+    row.update(t.last_eval)
+    stop_reason = evaluation.check_stops(c, t.last_eval, t.extra)
+  if c.stop.wall_time_s and t.extra["elapsed_s"] >= c.stop.wall_time_s:
+    stop_reason = "wall_time"
+  if row:
+    t.writer.write(step, dict(tokens=step * stage.tokens_per_step, elapsed_s=t.extra["elapsed_s"], **row))
+  if t.replay is not None:
+    t.extra["replay"] = t.replay.state()
+  return stop_reason
+
+
+def train_loop(t: Trainer) -> str:
+  """Steps from the restored one until a stop: 'length', 'target', 'target_loss', 'early_stop', 'wall_time'.
+  On SIGTERM (agreed on by every host) it saves a checkpoint and exits."""
+  stage, mesh = t.stage, t.stage.mesh
+  t.last_eval_step = t.step if t.last_eval else None
+  with preemption_lib.Preemption() as preemption:
+    batch_iter = stage.batches.iterate(t.step)
+    t.throughput.reset()
+    while True:
+      if stage.total_steps is not None and t.step >= stage.total_steps:
+        return "length"
+      _, batch = next(batch_iter)
+      replay_BT, teacher_BTV = t.replay.next(t.step) if t.replay is not None else (None, None)
+      t.state, aux = t.train_step(t.state, t.frozen, evaluation.put(batch, mesh), replay_BT, teacher_BTV)
+      t.step += 1
+      stop_reason = after_step(t, aux)
+      if preemption.reached(t.step):
+        t.checkpointer.save(t.step, t.state, t.extra, force=True)
+        t.close()
+        raise SystemExit(f"Preempted (SIGTERM) at step {t.step}: saved a checkpoint; run the same command to resume.")
+      if stop_reason:
+        return stop_reason
+      t.checkpointer.save(t.step, t.state, t.extra)
+
+
+def finish(t: Trainer, stop_reason: str) -> dict:
+  """The final evaluation (unless the last step had one), checkpoint, export (and export.hf), metrics row and
+  final.json, written last; returns the result."""
+  c, stage, step = t.c, t.stage, t.step
+  t.bar.close()
+  if getattr(t, "last_eval_step", None) != step:
+    t.last_eval = t.evaluate()
+  final_params = t.merged(t.state["params"], t.frozen)
+  result = dict(step=step, tokens=step * stage.tokens_per_step, stop_reason=stop_reason,
+                elapsed_s=t.extra["elapsed_s"], params_paper=stage.counts["paper"], params_true=stage.counts["true"],
+                train_step_compiles=t.train_step._cache_size(), **t.last_eval)
+  if t.replay is not None:  # what replay.teacher='auto' resolved to
+    result["replay_teacher"] = "sampled" if t.replay.sampled_teacher else "forward"
+  if stage.prev is not None:
+    from jaxreplay.evals import forgetting as evaluate_lib
+    result.update(evaluate_lib.forgetting_metrics(c, final_params, t.frozen, result))
+  t.checkpointer.save(step, t.state, t.extra, force=True)
+  t.checkpointer.close()
+  if stage.hf_dir:
+    if c.export.hf:
+        hf_import.save_hf(final_params, stage.model_cfg, stage.hf_dir, os.path.join(t.workdir, "hf"))
+  else:
+    ckpt_lib.export(t.workdir, final_params, c.to_dict(), dict(step=step, dataset_id=stage.dataset_id))
+  t.writer.write(step, dict(final=True, **{k: v for k, v in result.items() if k != "step"}))
+  t.writer.close()
+  if jax.process_index() == 0:
+    write_json(os.path.join(t.workdir, DONE_FILE), result, sort_keys=True)
+  return result

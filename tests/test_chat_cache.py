@@ -1,12 +1,10 @@
-"""The instruct path's token cache when two jobs of a sweep build it at once."""
+"""The chat data's token cache when two jobs of a sweep build it at once."""
 import io
 import os
 import pickle
 import threading
 
-import ml_collections
-
-from jaxreplay.train import instruct
+from jaxreplay.data import chat as chat_data
 
 
 def test_two_jobs_writing_one_token_cache_at_once_leave_it_whole(tmp_path):
@@ -15,7 +13,6 @@ def test_two_jobs_writing_one_token_cache_at_once_leave_it_whole(tmp_path):
   (model / "tokenizer.json").write_text("{}")
   chats = tmp_path / "chats.jsonl"
   chats.write_text("{}\n")
-  c = ml_collections.ConfigDict(dict(model=dict(path=str(model)), data=dict(cache_dir="")))
   started, go = threading.Event(), threading.Event()
 
   class PauseWhilePickled:
@@ -27,11 +24,11 @@ def test_two_jobs_writing_one_token_cache_at_once_leave_it_whole(tmp_path):
 
   first = list(range(50_000))  # bigger than pickle's frame: written before the pause
   got = {}
-  job_a = threading.Thread(target=lambda: got.update(a=instruct._cached(
-      c, "chat", [str(chats)], lambda: [first, PauseWhilePickled(), first])))
+  job_a = threading.Thread(target=lambda: got.update(a=chat_data.cached(
+      "", "chat", [str(chats)], str(model), lambda: [first, PauseWhilePickled(), first])))
   job_a.start()
   assert started.wait(timeout=60)
-  got["b"] = instruct._cached(c, "chat", [str(chats)], lambda: [list(range(300_000)), "b"])
+  got["b"] = chat_data.cached("", "chat", [str(chats)], str(model), lambda: [list(range(300_000)), "b"])
   go.set()
   job_a.join(timeout=60)
   caches = [f for f in os.listdir(tmp_path) if f.startswith(".jaxreplay-chat-")]
@@ -45,4 +42,4 @@ def test_two_jobs_writing_one_token_cache_at_once_leave_it_whole(tmp_path):
   on_disk = pickle.Unpickler(stream).load()
   assert on_disk in (a, b) and stream.tell() == len(data), (stream.tell(), len(data))
   assert got["b"] == [list(range(300_000)), "b"] and got["a"][0] == first
-  assert instruct._cached(c, "chat", [str(chats)], lambda: 1 / 0) == on_disk  # later runs read it, not build
+  assert chat_data.cached("", "chat", [str(chats)], str(model), lambda: 1 / 0) == on_disk  # later runs read it, not build

@@ -1,13 +1,13 @@
-"""The instruct path with real replay rows and with the next-token replay loss (on the tiny Llama)."""
+"""The trainer on chat data with real replay rows and with the next-token replay loss (on the tiny Llama)."""
 import json
 import lzma
 import os
 
 import pytest
 
-from jaxreplay.train import instruct
+from jaxreplay.train import loop as train
 
-from test_instruct import _write_data, checkpoint, tiny_config  # noqa: F401 (a module fixture)
+from test_train_chat import _write_data, checkpoint, tiny_config  # noqa: F401 (a module fixture)
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -32,7 +32,7 @@ def test_real_replay_rows_regularise_with_kl_and_ntp(checkpoint, tmp_path, metho
   c = tiny_config(directory, tmp_path, method=method, source="real", coeff=1.0)
   c.replay.path = _real_text(tmp_path)
   c.stop.steps = 6
-  result = instruct.run(c, str(tmp_path / "run"))
+  result = train.run(c, str(tmp_path / "run"))
   regs = _regs(tmp_path / "run")
   assert sorted(regs) == list(range(1, 7)) and result["train_step_compiles"] == 1
   if method == "kl":  # the trained copy starts equal to the frozen model, then moves away on the chats

@@ -1,0 +1,212 @@
+"""What one training stage reads, resolved from its config before the first step: the mesh, the model (the
+paper's, or a Hugging Face checkpoint's), the training data (a token directory, or chat JSON lines with loss
+masks and packed segments), the evaluation sets, the replay inputs and the run's length.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxreplay import config as config_lib, sharding
+from jaxreplay.io import write_json
+from jaxreplay.data import chat as chat_data, loader, tokenfile
+from jaxreplay.models import decoder, hf_import
+from jaxreplay.replay import self_generated
+from jaxreplay.train import checkpoint as ckpt_lib
+
+
+def check_workdir(c, workdir: str):
+  """Refuses a workdir that holds a different run, before anything is written."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  diff = config_lib.differences(config_lib.from_json_file(path), c)
+  if diff:
+    raise config_lib.ConfigError(
+        f"The workdir {workdir} holds a run with a different config ({', '.join(diff[:5])} differ): "
+        "use a new --workdir, or the same config to resume it.")
+
+
+def inherit_parent_shape(c, init_from: str, explicit=()):
+  """`jaxreplay finetune`: every model key the weights in init_from depend on comes from that run's export,
+  unless the user set it (`explicit`) to another value, which is an error."""
+  parent = ckpt_lib.exported_config(init_from)
+  conflicts = config_lib.inherit_model_shape(c, parent, explicit)
+  if conflicts:
+    k = conflicts[0]
+    raise config_lib.ConfigError(
+        f"config.model.{k}={c.model[k]!r} differs from the run in init.from ({parent['model'][k]!r}): finetuning "
+        f"keeps the pretrained model's shape, so drop --config.model.{k}.")
+
+
+def local_rows(x: np.ndarray) -> np.ndarray:
+  """This process's share of a global batch's rows (all of them on one host)."""
+  return np.array_split(x, jax.process_count())[jax.process_index()]
+
+
+class Stage:
+  """Everything one run reads, resolved from the config before the first step.
+
+  `weights_dir`: where the frozen model π_pre comes from (init.from's workdir, model.path's directory, or ''
+  for pretraining); `eval_sets`: name -> a re-iterable of this process's eval batches."""
+
+  def __init__(self, c, workdir: str):
+    config_lib.validate(c)
+    check_workdir(c, workdir)
+    self.c, self.workdir = c, workdir
+    self.mesh = sharding.make_mesh(c.mesh)
+    self.prev = None  # the pretraining run a finetuning run starts from
+    self.tokenizer = self.hf_dir = None
+    self.real_rows = self.real_probe = None
+    self.prompt_id, self.real_path, self.real_dataset_id = -1, "", -1
+    B, div = c.optim.batch_size, sharding.batch_divisor(self.mesh) * c.train.microbatches
+    if B % (div * jax.process_count()) and B % div:
+      raise config_lib.ConfigError(f"config.optim.batch_size={B} is not divisible by the {div} data-parallel "
+                                   "devices × train.microbatches: choose a multiple of mesh.data × mesh.fsdp.")
+    if c.model.path:
+      self._hf_model()
+      self._chat_data()
+    else:
+      self._paper_model()
+      self._token_data()
+    self.weights_dir = self.hf_dir or c.init["from"]
+    self.counts = decoder.param_counts(self.model_cfg)
+    self.tokens_per_step = config_lib.tokens_per_step(c)
+    self.total_steps = self._total_steps()
+    every = c.eval.every_steps or round(c.eval.every_tokens / self.tokens_per_step)
+    self.eval_every = max(1, int(every))
+
+  @property
+  def finetuning(self) -> bool:
+    return bool(self.weights_dir)
+
+  # --------------------------------------------------------------------------------------------- the model
+
+  def _paper_model(self):
+    c = self.c
+    dtype = config_lib.compute_dtype_name(c, jax.default_backend())
+    self.model_cfg = decoder.ModelConfig.from_config(c.model, dtype, jax.default_backend())
+    if c.init["from"]:
+      self.prev = ml_collections.ConfigDict(ckpt_lib.exported_config(c.init["from"]))
+      for key in config_lib.weight_model_keys(self.prev.model.to_dict()):
+        if key in c.model and self.prev.model[key] != c.model[key]:
+          raise config_lib.ConfigError(
+              f"config.model.{key}={c.model[key]} differs from the run in init.from ({self.prev.model[key]}): "
+              "finetuning keeps the pretrained model's shape, so drop the override.")
+
+  def _hf_model(self):
+    c, platform = self.c, jax.default_backend()
+    self.hf_dir = hf_import.resolve(c.model.path)
+    hf = hf_import.read_config(self.hf_dir)
+    unroll = c.model.scan_unroll or (hf["num_hidden_layers"] if platform == "cpu" else 1)
+    self.model_cfg = hf_import.config_from_hf(hf, c.model.seq_len, config_lib.compute_dtype_name(c, platform),
+                                              c.model.remat, unroll)
+    self.tokenizer = chat_data.load_tokenizer(self.hf_dir)
+    if len(self.tokenizer) > self.model_cfg.vocab_size:
+      raise config_lib.ConfigError(f"The tokenizer in {self.hf_dir} has {len(self.tokenizer)} tokens but the model "
+                                   f"only {self.model_cfg.vocab_size}: use the checkpoint's own tokenizer.")
+    pad, bos = self.tokenizer.pad_token_id, self.tokenizer.bos_token_id
+    self.pad_id = pad if pad is not None else max(self.model_cfg.pad_id, 0)
+    self.prompt_id = bos if bos is not None else self.model_cfg.bos_id  # self-generated replay: BOS alone
+    if c.replay.method != "none" and c.replay.source == "self" and self.prompt_id < 0:
+      raise config_lib.ConfigError("Self-generated replay starts from the BOS token, but this checkpoint's "
+                                   "config.json names no bos_token_id: use replay.source='real'.")
+
+  # ---------------------------------------------------------------------------------------------- the data
+
+  def _token_data(self):
+    c, M, T, B = self.c, self.c.model, self.c.model.seq_len, self.c.optim.batch_size
+    pc, pi = jax.process_count(), jax.process_index()
+    prev_hash = None
+    if self.prev is not None:  # downstream data must share the pretrained model's tokenizer
+      prev_hash = tokenfile.read_meta(self.prev.data.path)["tokenizer_hash"]
+    self.data = tokenfile.open_token_dir(c.data.path, M.vocab_size, T, tokenizer_hash=prev_hash)
+    self.data_meta = self.data.meta
+    self.dataset_id = c.data.dataset_id if c.data.dataset_id >= 0 else int(self.data.meta["dataset_id"])
+    mix = None
+    if c.data.mix_fraction:
+      mix_dir = tokenfile.open_token_dir(c.data.mix_path, M.vocab_size, T)
+      mix = (c.data.mix_path, c.data.mix_fraction, int(mix_dir.meta["dataset_id"]))
+    self.batches = loader.TrainBatches(c.data.path, T, B, c.seed, self.dataset_id, process_index=pi,
+                                       process_count=pc, mix=mix, prefetch=c.data.prefetch)
+    self.tokens_per_epoch = self.batches.tokens_per_epoch
+    self.eval_sets = {"valid": self._eval_set(c.data.path, self.dataset_id)}
+    if mix is not None:
+      self.eval_sets["mix"] = self._eval_set(mix[0], mix[2])
+    if self.prev is not None:
+      self.real_path = c.replay.path or self.prev.data.path
+      self.prev_data_path = self.prev.data.path
+      self.prev_dataset_id = (self.prev.data.dataset_id if self.prev.data.dataset_id >= 0 else
+                              int(tokenfile.open_token_dir(self.prev_data_path, M.vocab_size, T).meta["dataset_id"]))
+      self.real_dataset_id = self.prev_dataset_id
+      self.eval_sets["prev"] = self._eval_set(self.prev_data_path, self.prev_dataset_id)
+      if c.replay.method != "none" and c.replay.source == "self":
+        self.prompt_id = self_generated.paper_prompt_id(c, self.prev_dataset_id)
+
+  def _eval_set(self, path, dataset_id):
+    c = self.c
+    return loader.eval_batches(path, "valid", c.model.seq_len, c.eval.batch_size, c.eval.tokens, dataset_id,
+                               process_index=jax.process_index(), process_count=jax.process_count())
+
+  def _chat_data(self):
+    c, T = self.c, self.c.model.seq_len
+    write = jax.process_index() == 0
+    self.train, self.valid = chat_data.load_splits(c, self.tokenizer, self.hf_dir, self.pad_id, write)
+    arrays = dict(tokens=self.train.tokens, mask=self.train.mask, segments=self.train.segments)
+    self.batches = chat_data.Batches(arrays, c.optim.batch_size, c.seed, jax.process_index(), jax.process_count())
+    self.tokens_per_epoch = len(self.train) * T
+    self.data_meta, self.dataset_id = {}, -1
+    self.eval_sets = {"valid": self._chat_eval_set()} if self.valid is not None else {}
+    r = c.replay
+    if r.path and (r.source == "real" and r.method != "none" or c.eval.replay_rows):
+      eos = self.model_cfg.eos_ids[0] if self.model_cfg.eos_ids else None  # Llama-3: <|end_of_text|>
+      self.real_rows, self.real_probe = chat_data.load_replay_text(c, self.tokenizer, self.hf_dir, self.prompt_id,
+                                                                   eos, write)
+    div = sharding.batch_divisor(self.mesh)
+    m = 0 if self.real_probe is None else len(self.real_probe) // div * div
+    if m:  # held-out real replay text: the forgetting probe real_ntp / real_kl
+      self.eval_sets["real"] = [local_rows(self.real_probe[:m])]
+
+  def _chat_eval_set(self) -> list[dict]:
+    """eval.valid_rows held-out chat rows (0: all) in batches of eval.batch_size, the last one padded with
+    rows whose mask is off."""
+    c, valid, div = self.c, self.valid, sharding.batch_divisor(self.mesh)
+    EB = -(-c.eval.batch_size // div) * div
+    n = min(len(valid), c.eval.valid_rows or len(valid))
+    n_pad = -(-n // EB) * EB
+    idx = np.arange(n_pad) % len(valid)
+    weight = (np.arange(n_pad) < n)[:, None]
+    rows = dict(tokens=valid.tokens[idx], mask=valid.mask[idx] & weight, segments=valid.segments[idx])
+    return [{k: local_rows(v[i:i + EB]) for k, v in rows.items()} for i in range(0, n_pad, EB)]
+
+  def data_stats(self) -> dict | None:
+    """What chat packing made of the data (written as data_stats.json), None for token data."""
+    if not self.c.model.path:
+      return None
+    return dict(train=self.train.stats, valid=self.valid.stats if self.valid is not None else None,
+                total_steps=self.total_steps, replay_rows=None if self.real_rows is None else len(self.real_rows))
+
+  def write_data_stats(self):
+    stats = self.data_stats()
+    if stats is not None and jax.process_index() == 0:
+      write_json(os.path.join(self.workdir, "data_stats.json"), stats)
+
+  # -------------------------------------------------------------------------------------------- the length
+
+  def _total_steps(self) -> int | None:
+    s, tps = self.c.stop, self.tokens_per_step
+    if s.steps:
+      return int(s.steps)
+    if s.tokens:
+      tokens = s.tokens
+    elif s.tokens_per_param:
+      tokens = s.tokens_per_param * self.counts[self.c.model.param_count]
+    elif s.epochs:
+      tokens = s.epochs * self.tokens_per_epoch
+    else:
+      return None
+    return max(1, int(round(tokens / tps)))
