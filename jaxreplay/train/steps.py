@@ -48,13 +48,14 @@ def make_objective(model_cfg, replay_cfg, merge_fn: Callable | None = None):
   update for LoRA). The frozen model runs only for methods that need its predictions, never differentiated.
   `teacher` [B, T, V]: the frozen model's logits on the replay rows when already known (kept from sampling);
   with them, method kl skips the frozen forward pass. `ntp_weight`: a microbatch's share of the step's target
-  tokens × microbatches (1 without microbatching).
+  tokens × microbatches (1 without microbatching). `coeff` overrides replay.coeff with a traced value (a packed
+  step gives each member its own).
   """
   method = replay_cfg.method if replay_cfg is not None else "none"
   coeff = float(replay_cfg.coeff) if replay_cfg is not None else 0.0
   merge = merge_fn or (lambda trainable, frozen: trainable)
 
-  def objective(trainable, frozen, batch, replay_BT, teacher_BTV=None, ntp_weight=1.0):
+  def objective(trainable, frozen, batch, replay_BT, teacher_BTV=None, ntp_weight=1.0, coeff=coeff):
     params = merge(trainable, frozen)
     batch = as_batch(batch)
     aux = {}
