@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from jaxreplay.models import export as export_lib
 from jaxreplay.train import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,6 +60,7 @@ DRIVER = textwrap.dedent("""
     import ml_collections
     import numpy as np
     from jaxreplay import config as config_lib, sharding
+    from jaxreplay.models import export as export_lib
     from jaxreplay.train import checkpoint as ckpt_lib
     from jaxreplay.train import optim
     from jaxreplay.models import decoder as M
@@ -118,15 +120,15 @@ DRIVER = textwrap.dedent("""
         ck.save(7, state, {"replay": {"position": 3}}, force=True)
         ck.close()
         dump(state, args["out"])
-        ckpt_lib.export(args["workdir"], state["params"], {}, {"step": 7})
+        export_lib.export(args["workdir"], state["params"], {}, {"step": 7})
       elif mode == "restore_state":
         ck = ckpt_lib.Checkpointer(args["workdir"], ckpt_cfg)
         restored, extra = ck.restore_latest(state)
         assert extra == {"replay": {"position": 3}}, extra
         dump(restored, args["out"])
-        dump(ckpt_lib.load_exported(args["workdir"], state["params"]), args["out"] + ".export.npz")
+        dump(export_lib.load_exported(args["workdir"], state["params"]), args["out"] + ".export.npz")
       elif mode == "load_export":
-        params = ckpt_lib.load_exported(args["workdir"], state["params"])
+        params = export_lib.load_exported(args["workdir"], state["params"])
         dump(params, args["out"])
       elif mode == "hosts":  # one of several processes: save together, stop together on SIGTERM, restore
         import signal, time
@@ -134,7 +136,7 @@ DRIVER = textwrap.dedent("""
         ck = ckpt_lib.Checkpointer(args["workdir"], ckpt_cfg)
         ck.save(7, state, {"replay": {"position": 3}}, force=True)
         ck.close()
-        saved = ckpt_lib.integrity_record(state)
+        saved = export_lib.integrity_record(state)
         timed = ckpt_lib.Checkpointer(args["workdir"], ml_collections.ConfigDict(dict(ckpt_cfg, every_steps=1000,
                                                                                        every_minutes=1e-9)))
         assert timed.should_save(10) and not timed.should_save(11)  # host 0's clock decides, every 10 steps
@@ -148,7 +150,7 @@ DRIVER = textwrap.dedent("""
               break
         ck = ckpt_lib.Checkpointer(args["workdir"], ckpt_cfg)
         restored, extra = ck.restore_latest(like_state(c, mesh, seed=1))
-        assert extra == {"replay": {"position": 3}} and ckpt_lib.integrity_record(restored) == saved
+        assert extra == {"replay": {"position": 3}} and export_lib.integrity_record(restored) == saved
         ck.save(step, restored, extra, force=True)
         ck.close()
         print(json.dumps(dict(stopped_at=step)))
@@ -246,7 +248,7 @@ def metrics(workdir, timing=False):
 
 
 def exported(workdir):
-  tree = ckpt_lib.load_exported(workdir)  # onto this process's one device, whatever layout saved it
+  tree = export_lib.load_exported(workdir)  # onto this process's one device, whatever layout saved it
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

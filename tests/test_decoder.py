@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxreplay.errors import CheckpointError
-from jaxreplay.models import decoder as M
+from jaxreplay.models import decoder as M, export as export_lib
 
 TINY = M.ModelConfig(d_model=64, n_layers=2, head_dim=16, seq_len=16, vocab_size=50)
 
@@ -177,7 +177,6 @@ def test_a_format_1_export_loads_converted(tmp_path):
   model's arithmetic (the numpy reference on the same numbers)."""
   import json
   import orbax.checkpoint as ocp
-  from jaxreplay.train import checkpoint as ckpt_lib
   rng = np.random.default_rng(3)
   L, D, N, H, F, V = TINY.n_layers, TINY.d_model, TINY.n_heads, TINY.head_dim, TINY.d_mlp, TINY.vocab_size
   old = dict(embed=rng.normal(size=(V, D)), unembed=rng.normal(size=(D, V)) * D ** -0.5,
@@ -194,7 +193,7 @@ def test_a_format_1_export_loads_converted(tmp_path):
   like = jax.eval_shape(lambda: M.init_params(TINY, jax.random.key(0)))
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), like)
-  params = ckpt_lib.load_exported(str(tmp_path), like)
+  params = export_lib.load_exported(str(tmp_path), like)
   np.testing.assert_array_equal(params["blocks"]["k_proj"], old["blocks"]["qkv"][:, :, 1])
   toks = np.asarray(jax.random.randint(jax.random.key(4), (2, 16), 0, V))
   fused = dict(old, blocks=dict(q_proj=old["blocks"]["qkv"][:, :, 0], k_proj=old["blocks"]["qkv"][:, :, 1],
@@ -202,7 +201,7 @@ def test_a_format_1_export_loads_converted(tmp_path):
                                 up_proj=old["blocks"]["up"], down_proj=old["blocks"]["down"]))
   np.testing.assert_allclose(M.logits(TINY, params, toks), np_forward(TINY, fused, toks), atol=2e-4, rtol=1e-4)
   with pytest.raises(CheckpointError, match="do not fit"):
-    ckpt_lib.load_exported(str(tmp_path), jax.eval_shape(lambda: M.init_params(VARIANTS["llama"], jax.random.key(0))))
+    export_lib.load_exported(str(tmp_path), jax.eval_shape(lambda: M.init_params(VARIANTS["llama"], jax.random.key(0))))
 
 
 class OldBlock(nn.Module):

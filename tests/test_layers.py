@@ -27,13 +27,10 @@ MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 80
 OPTIONAL = {"jaxreplay.evals.lm_eval": "lm-eval (the `eval` extra)"}
 
 SPLITTING = "being split by the trainer/accelerator helper"
-EXPORTS = "reads run exports through train.checkpoint until export reading moves below train/ (trainer helper)"
 # (importer, imported): imports against the layers, or inside functions, that are not fixed yet.
 ALLOWED_IMPORTS = {
     ("jaxreplay.evals.forgetting", "jaxreplay.train.metrics"): "evals/forgetting.py (trainer helper) logs "
                                                               "through train.metrics; " + SPLITTING,
-    ("jaxreplay.evals.lm_eval", "jaxreplay.train.checkpoint"): EXPORTS,
-    ("jaxreplay.replay.self_generated", "jaxreplay.train.checkpoint"): EXPORTS,
 }
 ALLOWED_LAZY = {
     ("jaxreplay.train.loop", "jaxreplay.evals.forgetting"): "train/loop.py is " + SPLITTING,
@@ -46,7 +43,6 @@ ALLOWED_LAZY = {
 }
 # Files and functions over the limits (path relative to the repository, function as path:name).
 ALLOWED_LONG = {
-    "jaxreplay/train/checkpoint.py": SPLITTING,
     "jaxreplay/experiments/runner.py": "runner.py is being reworked by the packing helper",
 }
 # (user: a module, or a test file's name; module; private name) used across modules for now.

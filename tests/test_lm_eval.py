@@ -19,8 +19,8 @@ from jaxreplay.data.tokenfile import every_kth
 from jaxreplay.evals import lm_eval as adapter
 from jaxreplay.evals import mcq
 from jaxreplay.experiments import lm_eval_run
-from jaxreplay.models import decoder
-from jaxreplay.train import checkpoint, loop, metrics
+from jaxreplay.models import decoder, export as export_lib
+from jaxreplay.train import loop, metrics
 
 TEXTS = ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void.",
          "And God said, Let there be light: and there was light.", "And God saw the light, that it was good."]
@@ -55,7 +55,7 @@ def paper_run(tmp_path_factory):
   cfg = decoder.ModelConfig.from_config(c.model, "float32", jax.default_backend())
   params = decoder.init_params(cfg, jax.random.key(0))
   params = jax.tree.map(lambda x: x * 3.0, params)  # sharper predictions than at init: scores differ by choice
-  checkpoint.export(str(run), params, c.to_dict(), dict(step=0, dataset_id=3))
+  export_lib.export(str(run), params, c.to_dict(), dict(step=0, dataset_id=3))
   tasks = root / "tasks"
   tasks.mkdir()
   write_jsonl(tasks / "mc.jsonl", MC)

@@ -13,9 +13,9 @@ from jaxreplay.replay import self_generated as replay_self
 from jaxreplay import sharding
 from jaxreplay.evals import toy
 from jaxreplay.data import loader
-from jaxreplay.models import decoder
+from jaxreplay.models import decoder, export as export_lib
 from jaxreplay.models import sampler
-from jaxreplay.train import checkpoint, loop
+from jaxreplay.train import loop
 
 TINY = decoder.ModelConfig(d_model=32, n_layers=2, head_dim=16, seq_len=toy.SEQ_LEN, vocab_size=toy.VOCAB_SIZE)
 
@@ -148,12 +148,12 @@ def test_two_task_chain_with_replay_logs_accuracy_on_every_task(tmp_path):
   c.replay.update(method="ntp", source="self", coeff=10.0, batch_size=16, buffer=2, prompt_ids="0")
   second = loop.run(c, str(tmp_path / "reversal"))
   # Each logged accuracy is greedy decoding from the prompts, redone here with the sampler on the export.
-  params = checkpoint.load_exported(str(tmp_path / "reversal"))
+  params = export_lib.load_exported(str(tmp_path / "reversal"))
   cfg = decoder.ModelConfig.from_config(c.model)
   for t in toy.TASKS:
     rows = np.fromfile(os.path.join(dirs[t], "valid.bin"), np.uint16).reshape(-1, 14)[:32].astype(np.int32)
-    greedy = np.asarray(sampling.sample(cfg, params, rows[:, :toy.PROMPT_LEN], jax.random.key(0), length=14,
-                                        sc=sampling.SamplingConfig(temperature=0.0)))
+    greedy = np.asarray(sampler.sample(cfg, params, rows[:, :toy.PROMPT_LEN], jax.random.key(0), length=14,
+                                        sc=sampler.SamplingConfig(temperature=0.0)))
     assert second[f"acc_{t}"] == pytest.approx((greedy == rows).all(axis=1).mean()), t
   assert "train_reg" in [k for r in open(tmp_path / "reversal" / "metrics.jsonl") for k in json.loads(r)]
   assert second["step"] == 8 and math.isfinite(second["prev_ntp"])

@@ -34,8 +34,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from jaxreplay.errors import LMEvalError
-from jaxreplay.models import decoder, hf_import, sampler
-from jaxreplay.train import checkpoint
+from jaxreplay.models import decoder, export as export_lib, hf_import, sampler
 from jaxreplay.evals import mcq
 from jaxreplay.data import load_tokenizer
 from jaxreplay.data.tokenizer import eos_id
@@ -84,7 +83,7 @@ def load_scorer(path: str, max_length: int | None = None, prefix_id: int | None 
   """A Scorer for a paper-model run (PATH/export), an instruct run (PATH/hf) or a Hugging Face directory."""
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.exists(os.path.join(path, "export", "info.json")):
-    config, info = checkpoint.exported_config(path), checkpoint.exported_info(path)
+    config, info = export_lib.exported_config(path), export_lib.exported_info(path)
     cfg = decoder.ModelConfig.from_config(ml_collections.ConfigDict(config["model"]), "float32",
                                           jax.default_backend())
     tok_path = info.get("tokenizer", {}).get("tokenizer_path") or os.path.join(path, "tokenizer.json")
@@ -92,7 +91,7 @@ def load_scorer(path: str, max_length: int | None = None, prefix_id: int | None 
       raise LMEvalError(f"The run in {path} names no tokenizer that exists ({tok_path}): copy the tokenizer.json "
                         f"of its data into {path}.")
     tok = load_tokenizer(tok_path)
-    s = paper_scorer(cfg, checkpoint.load_exported(path), tok,
+    s = paper_scorer(cfg, export_lib.load_exported(path), tok,
                      info.get("dataset_id", 0) if prefix_id is None else prefix_id)
     return dataclasses.replace(s, max_length=min(max_length or cfg.seq_len, cfg.seq_len), name=path)
   hf_dir = next((d for d in (os.path.join(path, "hf"), path) if os.path.exists(os.path.join(d, "config.json"))),

@@ -36,10 +36,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxreplay.io import write_bytes
 from jaxreplay.errors import ConfigError
-from jaxreplay.train import checkpoint as ckpt_lib
 from jaxreplay import config as config_lib
 from jaxreplay import sharding
-from jaxreplay.models import decoder, sampler
+from jaxreplay.models import decoder, export as export_lib, sampler
 
 FORMAT = 1
 _KEY_TAG = 0x5E1F  # separates the replay key stream from every other use of the seed
@@ -76,10 +75,10 @@ def checkpoint_fingerprint(weights_dir: str, frozen) -> dict:
   checkpoint's config.json), and checksums of the weights themselves (integer sums, the same on any mesh)."""
   export_config = os.path.join(weights_dir, "export", "config.json")
   if os.path.exists(export_config):
-    info, config_path = ckpt_lib.exported_info(weights_dir), export_config
+    info, config_path = export_lib.exported_info(weights_dir), export_config
   else:  # a Hugging Face checkpoint directory (config.model.path)
     info, config_path = {}, os.path.join(weights_dir, "config.json")
-  arrays = ckpt_lib.integrity_record(frozen)["arrays"]
+  arrays = export_lib.integrity_record(frozen)["arrays"]
   return dict(info=info, config_sha256=_sha256_file(config_path),
               params_sha256=hashlib.sha256(json.dumps(arrays, sort_keys=True).encode()).hexdigest())
 

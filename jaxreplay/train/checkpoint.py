@@ -1,4 +1,4 @@
-"""Resumable training state and exported weights, over orbax.
+"""Resumable training state, over orbax.
 
 `Checkpointer` keeps the full state of a run under WORKDIR/checkpoints/STEP: the pytree `state` (parameters,
 optimizer state, step; the step is also the data position, since data order is a pure function of it), a
@@ -8,64 +8,26 @@ directory and renames it once every host has finished, so a step directory never
 `restore_latest` still checks the newest one against its checksums; a damaged one is reported in one sentence
 and moved to WORKDIR/checkpoints.damaged (never deleted), and the previous one is used.
 
-`export` writes the final weights, the config and a tokenizer reference under WORKDIR/export; finetuning runs
-load them with `init.from=WORKDIR` onto any mesh or device count.
+Exported weights (WORKDIR/export) are models/export.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
 import os
 import sys
 import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax import lax
 from jax.experimental import multihost_utils
 
-from jaxreplay.io import write_json
 from jaxreplay.errors import CheckpointError
-from jaxreplay.models import decoder
+from jaxreplay.models.export import (INTEGRITY_VERSION, abstract_like, barrier, flat_tree, host_value,
+                                     integrity_record, no_unraisable, one_line, quiet_orbax_logs)
 
-INTEGRITY_VERSION = 1
 TIME_SYNC_STEPS = 10  # multi-host: how often the time-based save decision is agreed on
-
-
-# ---------------------------------------------------------------- quiet orbax
-
-class _QuietOrbax(logging.Filter):
-  """Drops orbax's INFO lines (dozens per save); its warnings and errors still show."""
-
-  def filter(self, record):
-    return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
-def quiet_orbax_logs():
-  for name in ("absl", "orbax"):
-    logger = logging.getLogger(name)
-    if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
-      logger.addFilter(_QuietOrbax())
-
-
-@contextlib.contextmanager
-def _no_unraisable():
-  """A failed read leaves orbax coroutines that print pages of TensorStore specs; our one sentence suffices."""
-  old, sys.unraisablehook = sys.unraisablehook, lambda *_: None
-  try:
-    yield
-  finally:
-    sys.unraisablehook = old
-
-
-def _one_line(e: BaseException, limit: int = 160) -> str:
-  text = " ".join(str(e).split()) or type(e).__name__
-  return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 # ---------------------------------------------------------------- multi-host helpers
@@ -76,71 +38,6 @@ def _all(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
-def _barrier(name: str):
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
-def _host_value(x) -> np.ndarray:
-  """A replicated (possibly multi-host) array as numpy."""
-  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
-
-
-# ---------------------------------------------------------------- integrity checksums
-
-def _key_str(entry) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
-def _path_str(path) -> str:
-  return ".".join(_key_str(e) for e in path)
-
-
-def _flat(tree) -> dict:
-  return {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _words(x):
-  """The array's bits as uint32 words (no reshape, so sharded arrays are reduced where they lie)."""
-  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  if x.dtype == jnp.bool_:
-    x = x.astype(jnp.uint8)
-  size = x.dtype.itemsize
-  if size in (4, 8):
-    return lax.bitcast_convert_type(x, jnp.uint32)  # 8-byte types gain a trailing dim of 2
-  return lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
-
-
-def _flat_index(shape):
-  idx, stride = jnp.zeros(shape, jnp.uint32), 1
-  for d in reversed(range(len(shape))):
-    idx = idx + lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride % (1 << 32))
-    stride *= shape[d]
-  return idx
-
-
-@jax.jit
-def _checksums(leaves):
-  """Two uint32 sums per array (plain and position-weighted); integer sums are exact in any order,
-  so a checkpoint restored onto another mesh or device count gives the same numbers."""
-  out = []
-  for x in leaves:  # scalars: replicated on every host whatever the inputs' shardings
-    w = _words(x)
-    out.append((w.sum(dtype=jnp.uint32), (w * (2 * _flat_index(w.shape) + 1)).sum(dtype=jnp.uint32)))
-  return out
-
-
-def integrity_record(state) -> dict:
-  flat = _flat(state)
-  sums = _checksums(list(flat.values()))
-  return dict(version=INTEGRITY_VERSION,
-              arrays={k: [int(_host_value(a)), int(_host_value(b))] for k, (a, b) in zip(flat, sums)})
-
-
 def _integrity_problem(state, record) -> str | None:
   if not record or record.get("version") != INTEGRITY_VERSION:
     return None  # written before checksums existed: nothing to compare
@@ -149,11 +46,6 @@ def _integrity_problem(state, record) -> str | None:
   if bad:
     return f"the data of {bad[0]}{' and others' if len(bad) > 1 else ''} does not match its checksum"
   return None
-
-
-def _abstract(tree):
-  """ShapeDtypeStructs carrying each leaf's sharding: orbax restores straight onto that layout."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 # ---------------------------------------------------------------- resumable state
@@ -197,7 +89,7 @@ class Checkpointer:
           state=ocp.StandardCheckpointHandler(), extra=ocp.JsonCheckpointHandler(),
           integrity=ocp.JsonCheckpointHandler()))
     except OSError as e:
-      raise CheckpointError(f"Cannot open the checkpoints in {self.directory} ({_one_line(e)}): fix the "
+      raise CheckpointError(f"Cannot open the checkpoints in {self.directory} ({one_line(e)}): fix the "
                             "directory's permissions or choose another --workdir.") from None
 
   def latest_step(self) -> int | None:
@@ -227,26 +119,26 @@ class Checkpointer:
 
   def _try_restore(self, step: int, like_state):
     """(None, restored) or (problem, None); a checkpoint of a different model raises at once."""
-    with _no_unraisable():
+    with no_unraisable():
       try:
         meta = self.manager.item_metadata(step)
         items = [k for k in ("state", "extra", "integrity") if k in meta.keys()]
         if "state" not in items or meta["state"] is None:
           return "its state is missing", None
         self._check_fits(meta["state"], like_state)
-        args = dict(state=ocp.args.StandardRestore(_abstract(like_state)))
+        args = dict(state=ocp.args.StandardRestore(abstract_like(like_state)))
         args.update({k: ocp.args.JsonRestore() for k in items if k != "state"})
         restored = dict(self.manager.restore(step, args=ocp.args.Composite(**args)).items())
       except CheckpointError:
         raise
       except Exception as e:  # unreadable: truncated files, bad JSON, missing arrays, ...
-        return _one_line(e), None
+        return one_line(e), None
     problem = _integrity_problem(restored["state"], restored.get("integrity"))
     return (problem, None) if problem else (None, restored)
 
   def _check_fits(self, meta_state, like_state):
-    saved = {k: m for k, m in _flat(meta_state).items() if m is not None}
-    want = _flat(like_state)
+    saved = {k: m for k, m in flat_tree(meta_state).items() if m is not None}
+    want = flat_tree(like_state)
     where = None
     missing = sorted(set(want) - set(saved))
     extra = sorted(set(saved) - set(want))
@@ -279,7 +171,7 @@ class Checkpointer:
       print(f"jaxreplay: warning: the checkpoint at step {newest} in {self.directory} is damaged ({problem}), "
             f"so this run resumes from step {good_step} and the damaged one was moved to {self.damaged_dir}.",
             file=sys.stderr, flush=True)
-    _barrier("jaxreplay_checkpoint_set_aside")
+    barrier("jaxreplay_checkpoint_set_aside")
     self.manager.reload()
 
   # -- save
@@ -294,7 +186,7 @@ class Checkpointer:
       return due
     if step % TIME_SYNC_STEPS:  # hosts' clocks differ: agree on host 0's, every few steps
       return False
-    return bool(_host_value(multihost_utils.broadcast_one_to_all(np.int32(due))))
+    return bool(host_value(multihost_utils.broadcast_one_to_all(np.int32(due))))
 
   def save(self, step: int, state, extra: dict, force: bool = False) -> bool:
     """Starts an asynchronous save if one is due (or `force`); returns whether it did."""
@@ -313,7 +205,7 @@ class Checkpointer:
     return True
 
   def _save_error(self, e) -> CheckpointError:
-    return CheckpointError(f"Saving a checkpoint in {self.directory} failed ({_one_line(e)}): free disk space or "
+    return CheckpointError(f"Saving a checkpoint in {self.directory} failed ({one_line(e)}): free disk space or "
                            "fix the directory's permissions, then rerun the same command to resume from the last "
                            "checkpoint, which is kept.")
 
@@ -326,106 +218,3 @@ class Checkpointer:
   def close(self):
     self.wait()
     self.manager.close()
-
-
-# ---------------------------------------------------------------- export
-
-def _tokenizer_reference(workdir: str, config_dict: dict) -> dict:
-  """Which tokenizer reads this model's ids: the hash recorded with its data, and where a copy lies."""
-  path = (config_dict.get("data") or {}).get("path") or ""
-  meta_path = os.path.join(path, "meta.json")
-  ref = dict(data_path=path)
-  if path and os.path.exists(meta_path):
-    with open(meta_path) as f:
-      meta = json.load(f)
-    ref.update(tokenizer_hash=meta.get("tokenizer_hash"), vocab_size=meta.get("vocab_size"))
-  for tok in (os.path.join(workdir, "tokenizer.json"), os.path.join(path, "tokenizer.json")):
-    if path and os.path.exists(tok):
-      ref["tokenizer_path"] = os.path.abspath(tok)
-      break
-  return ref
-
-
-def export(workdir: str, params, config_dict: dict, info: dict):
-  """Writes WORKDIR/export/{params, config.json, info.json}; info.json is removed first and written last,
-  so it exists only while a complete export does."""
-  quiet_orbax_logs()
-  directory = os.path.abspath(os.path.join(workdir, "export"))
-  info_path = os.path.join(directory, "info.json")
-  if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
-    if os.path.exists(info_path):
-      os.remove(info_path)
-  _barrier("jaxreplay_export_start")
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(directory, "params"), params, force=True)
-  ckptr.wait_until_finished()
-  ckptr.close()
-  if jax.process_index() == 0:
-    info = dict(info, tokenizer=_tokenizer_reference(workdir, config_dict), params_format=decoder.PARAMS_FORMAT)
-    for name, obj in (("config.json", config_dict), ("info.json", info)):
-      write_json(os.path.join(directory, name), obj, sort_keys=True)
-  _barrier("jaxreplay_export_done")
-
-
-def exported_config(workdir: str) -> dict:
-  if not workdir or not os.path.isdir(workdir):
-    raise CheckpointError(f"init.from={workdir!r} does not exist: set config.init.from to the workdir of a "
-                          "finished pretraining run.")
-  directory = os.path.join(workdir, "export")
-  if not os.path.exists(os.path.join(directory, "info.json")):
-    raise CheckpointError(f"init.from={workdir!r} holds no finished export ({directory}/info.json is missing): "
-                          "point it at the workdir of a pretraining run that has finished, or rerun that run "
-                          "to finish it.")
-  with open(os.path.join(directory, "config.json")) as f:
-    return json.load(f)
-
-
-def exported_info(workdir: str) -> dict:
-  exported_config(workdir)
-  with open(os.path.join(workdir, "export", "info.json")) as f:
-    return json.load(f)
-
-
-def load_exported(workdir: str, like_params=None):
-  """Restores exported weights onto the shardings of `like_params` (any mesh or device count); without
-  `like_params`, onto this process's first device (for tools that only read them). An export of an earlier
-  parameter format (info.json's params_format, 1 when absent) is converted by `decoder.upgrade_params`."""
-  quiet_orbax_logs()
-  old_format = exported_info(workdir).get("params_format", 1) < decoder.PARAMS_FORMAT
-  params_dir = os.path.abspath(os.path.join(workdir, "export", "params"))
-  ckptr = ocp.StandardCheckpointer()
-  with _no_unraisable():
-    try:
-      meta = ckptr.metadata(params_dir)
-      meta = getattr(meta, "item_metadata", meta)
-      meta = meta.tree if hasattr(meta, "tree") else meta
-      one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      on_host = lambda tree: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree)
-      if old_format:  # restored whole on this host, converted, then placed
-        saved = decoder.upgrade_params(jax.device_get(ckptr.restore(params_dir, on_host(meta))))
-      else:
-        saved = meta
-      like_params = on_host(saved) if like_params is None else like_params
-      _check_export_fits(params_dir, _flat(saved), _flat(like_params))
-      if not old_format:
-        return ckptr.restore(params_dir, _abstract(like_params))
-      return jax.tree.map(lambda x, like: jax.make_array_from_callback(x.shape, like.sharding, lambda i: x[i]),
-                          saved, like_params)
-    except CheckpointError:
-      raise
-    except Exception as e:
-      raise CheckpointError(f"The weights exported in {params_dir} cannot be read ({_one_line(e)}): rerun the "
-                            "pretraining run in that workdir to export them again.") from None
-    finally:
-      ckptr.close()
-
-
-def _check_export_fits(params_dir: str, saved: dict, want: dict):
-  for k, x in want.items():
-    m = saved.get(k)
-    if m is None or tuple(m.shape) != tuple(x.shape):
-      got = "nothing" if m is None else f"shape {tuple(m.shape)}"
-      raise CheckpointError(f"The weights exported in {params_dir} do not fit this run's model ({k}: "
-                            f"{got} there, shape {tuple(x.shape)} here): use the same model config as the "
-                            "run that exported them.")

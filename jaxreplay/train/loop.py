@@ -24,7 +24,7 @@ from jaxreplay import config as config_lib, sharding
 from jaxreplay.errors import TrainingError  # noqa: F401 (raised here; callers catch it as train.TrainingError)
 from jaxreplay.io import write_json
 from jaxreplay.evals import mcq
-from jaxreplay.models import decoder, hf_import
+from jaxreplay.models import decoder, export as export_lib, hf_import
 from jaxreplay.replay import sources as replay_lib
 from jaxreplay.train import checkpoint as ckpt_lib, evaluation, metrics as metrics_lib, optim, steps
 from jaxreplay.train import preemption as preemption_lib
@@ -91,7 +91,7 @@ def load_frozen(stage: Stage, abstract_params, param_sh):
     return jax.device_put(hf_import.load_params(stage.hf_dir, stage.model_cfg, stage.mesh), param_sh)
   if stage.prev is not None:
     like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, param_sh)
-    return ckpt_lib.load_exported(stage.c.init["from"], like)
+    return export_lib.load_exported(stage.c.init["from"], like)
   return None
 
 
@@ -260,7 +260,7 @@ def finish(t: Trainer, stop_reason: str) -> dict:
     if c.export.hf:
         hf_import.save_hf(final_params, stage.model_cfg, stage.hf_dir, os.path.join(t.workdir, "hf"))
   else:
-    ckpt_lib.export(t.workdir, final_params, c.to_dict(), dict(step=step, dataset_id=stage.dataset_id))
+    export_lib.export(t.workdir, final_params, c.to_dict(), dict(step=step, dataset_id=stage.dataset_id))
   t.writer.write(step, dict(final=True, **{k: v for k, v in result.items() if k != "step"}))
   t.writer.close()
   if jax.process_index() == 0:

@@ -14,9 +14,8 @@ import numpy as np
 from jaxreplay import config as config_lib, sharding
 from jaxreplay.io import write_json
 from jaxreplay.data import chat as chat_data, loader, tokenfile
-from jaxreplay.models import decoder, hf_import
+from jaxreplay.models import decoder, export as export_lib, hf_import
 from jaxreplay.replay import self_generated
-from jaxreplay.train import checkpoint as ckpt_lib
 
 
 def check_workdir(c, workdir: str):
@@ -34,7 +33,7 @@ def check_workdir(c, workdir: str):
 def inherit_parent_shape(c, init_from: str, explicit=()):
   """`jaxreplay finetune`: every model key the weights in init_from depend on comes from that run's export,
   unless the user set it (`explicit`) to another value, which is an error."""
-  parent = ckpt_lib.exported_config(init_from)
+  parent = export_lib.exported_config(init_from)
   conflicts = config_lib.inherit_model_shape(c, parent, explicit)
   if conflicts:
     k = conflicts[0]
@@ -91,7 +90,7 @@ class Stage:
     dtype = config_lib.compute_dtype_name(c, jax.default_backend())
     self.model_cfg = decoder.ModelConfig.from_config(c.model, dtype, jax.default_backend())
     if c.init["from"]:
-      self.prev = ml_collections.ConfigDict(ckpt_lib.exported_config(c.init["from"]))
+      self.prev = ml_collections.ConfigDict(export_lib.exported_config(c.init["from"]))
       for key in config_lib.weight_model_keys(self.prev.model.to_dict()):
         if key in c.model and self.prev.model[key] != c.model[key]:
           raise config_lib.ConfigError(
