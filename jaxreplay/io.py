@@ -69,3 +69,12 @@ def atomic_dir(path: str):
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of WORKDIR/metrics.jsonl (none when it does not exist yet)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]

@@ -29,16 +29,8 @@ OPTIONAL = {"jaxreplay.evals.lm_eval": "lm-eval (the `eval` extra)"}
 SPLITTING = "being split by the trainer/accelerator helper"
 # (importer, imported): imports against the layers, or inside functions, that are not fixed yet.
 ALLOWED_IMPORTS = {
-    ("jaxreplay.evals.forgetting", "jaxreplay.train.metrics"): "evals/forgetting.py (trainer helper) logs "
-                                                              "through train.metrics; " + SPLITTING,
 }
 ALLOWED_LAZY = {
-    ("jaxreplay.train.loop", "jaxreplay.evals.forgetting"): "train/loop.py is " + SPLITTING,
-    ("jaxreplay.train.loop", "jaxreplay.evals.toy"): "train/loop.py is " + SPLITTING,
-    ("jaxreplay.replay.sources", "jaxreplay.models.lora"): "replay/ is being reworked by the trainer helper",
-    ("jaxreplay.replay.sources", "jaxreplay.replay.self_generated"): "replay/ is being reworked by the trainer "
-                                                                     "helper",
-    ("jaxreplay.evals.mcq", "jaxreplay.sharding"): "evals/mcq.py is being reworked by the trainer helper",
     ("jaxreplay.experiments.runner", "jaxreplay.train.loop"): "runner.py is the packing helper's; " + SPLITTING,
 }
 # Files and functions over the limits (path relative to the repository, function as path:name).

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxreplay.io import read_metrics
 from jaxreplay import config as config_lib
 from jaxreplay.data import chat as chat_data
 from jaxreplay.data import load_tokenizer, train_tokenizer, write_token_dir
@@ -20,7 +21,7 @@ from jaxreplay.evals import lm_eval as adapter
 from jaxreplay.evals import mcq
 from jaxreplay.experiments import lm_eval_run
 from jaxreplay.models import decoder, export as export_lib
-from jaxreplay.train import loop, metrics
+from jaxreplay.train import loop
 
 TEXTS = ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void.",
          "And God said, Let there be light: and there was light.", "And God saw the light, that it was good."]
@@ -237,7 +238,7 @@ def test_a_run_with_eval_lm_eval_tasks_logs_the_scores_at_every_evaluation(paper
   c.stop.update(steps=3)
   workdir = str(tmp_path / "run")
   loop.run(c, workdir)
-  evals = [r for r in metrics.read_metrics(workdir) if "valid_ntp" in r]
+  evals = [r for r in read_metrics(workdir) if "valid_ntp" in r]
   assert len(evals) >= 2 and all(0.0 <= r["lm_eval/tiny_mc/acc"] <= 1.0 for r in evals)
   lm = adapter.JaxReplayLM(workdir)  # the exported (final) weights score as the last evaluation did
   want = adapter.run_tasks(lm, ["tiny_mc"], limit=2, include_path=paper_run["tasks"])

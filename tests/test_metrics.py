@@ -10,6 +10,7 @@ import ml_collections
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from jaxreplay.io import read_metrics
 from jaxreplay.train import metrics
 
 
@@ -30,9 +31,9 @@ def write_all(workdir, cfg, config_dict=None):
 
 def test_json_lines_and_truncation_on_resume(tmp_path):
   write_all(tmp_path, log_cfg())
-  assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [10, 20, 30]
+  assert [r["step"] for r in read_metrics(str(tmp_path))] == [10, 20, 30]
   metrics.MetricWriter(str(tmp_path), log_cfg(), resume_step=20).close()  # a resume from step 20
-  assert [r["loss"] for r in metrics.read_metrics(str(tmp_path))] == [2.5, 2.0]
+  assert [r["loss"] for r in read_metrics(str(tmp_path))] == [2.5, 2.0]
 
 
 def test_tensorboard_event_files_read_back_with_event_accumulator(tmp_path):

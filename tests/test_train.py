@@ -1,12 +1,11 @@
 """End-to-end training stages on tiny models and tiny learnable token files."""
-import json
 import os
 
 import numpy as np
 import pytest
 
+from jaxreplay.io import read_metrics
 from jaxreplay import config as config_lib
-from jaxreplay.train import metrics
 from jaxreplay.train import loop as train
 from jaxreplay.data import DataError
 
@@ -29,7 +28,7 @@ def pretrained(data, tmp_path_factory):
 
 def test_pretraining_learns_logs_and_exports(pretrained):
   workdir, result = pretrained
-  rows = metrics.read_metrics(workdir)
+  rows = read_metrics(workdir)
   evals = [r["valid_ntp"] for r in rows if "valid_ntp" in r and not r.get("final")]
   assert evals[0] > np.log(64) - 0.5  # starts near uniform
   assert result["valid_ntp"] < evals[0] - 1.0  # and learns the Markov structure
@@ -137,7 +136,7 @@ def test_self_kl_replay_with_sampled_teacher_equals_forward_and_resumes_mid_buff
     return c
 
   def train_losses(workdir):
-    return {r["step"]: (r["train_loss"], r["train_reg"]) for r in metrics.read_metrics(workdir) if "train_reg" in r}
+    return {r["step"]: (r["train_loss"], r["train_reg"]) for r in read_metrics(workdir) if "train_reg" in r}
 
   out = {t: train.run(config(t), str(tmp_path / t)) for t in ("forward", "sampled")}
   forward, sampled = train_losses(tmp_path / "forward"), train_losses(tmp_path / "sampled")
@@ -184,7 +183,7 @@ def test_early_stop_after_evals_without_a_new_best(data, tmp_path):
   c.stop.early_stop_evals = 2
   c.optim.lr = 0.0  # the eval loss never improves on the first eval
   result = train.run(c, str(tmp_path / "early"))
-  evals = [r["valid_ntp"] for r in metrics.read_metrics(str(tmp_path / "early")) if "valid_ntp" in r]
+  evals = [r["valid_ntp"] for r in read_metrics(str(tmp_path / "early")) if "valid_ntp" in r]
   # The eval at step 10 sets the best (the start eval does not count); 20 and 30 are the two without a new one.
   assert result["stop_reason"] == "early_stop" and result["step"] == 30
   assert len(set(evals)) == 1
@@ -212,7 +211,7 @@ def test_kl_downstream_holds_the_model_to_the_pretrained_one_on_downstream_rows(
   pre, _ = pretrained
   none = train.run(_finetune(pre, data["b"], method="none"), str(tmp_path / "none"))
   kl = train.run(_finetune(pre, data["b"], method="kl_downstream", coeff=10.0), str(tmp_path / "kl"))
-  rows = [r for r in metrics.read_metrics(str(tmp_path / "kl")) if "train_reg" in r]
+  rows = [r for r in read_metrics(str(tmp_path / "kl")) if "train_reg" in r]
   assert rows and all(r["train_reg"] >= 0 for r in rows)
   assert kl["prev_kl"] < 0.5 * none["prev_kl"] and kl["drift_ratio"] < none["drift_ratio"]
 
@@ -225,7 +224,7 @@ def test_lora_export_holds_merged_weights_that_a_finetune_starts_from(pretrained
   second = _finetune(str(tmp_path / "lora"), data["b"])
   second.stop.steps = 1
   train.run(second, str(tmp_path / "second"))
-  start = next(r for r in metrics.read_metrics(str(tmp_path / "second")) if r["step"] == 0 and "valid_ntp" in r)
+  start = next(r for r in read_metrics(str(tmp_path / "second")) if r["step"] == 0 and "valid_ntp" in r)
   assert start["valid_ntp"] == pytest.approx(lora["valid_ntp"], rel=1e-5)  # the export is the merged model
   assert start["prev_kl"] == pytest.approx(0.0, abs=1e-6)  # ... and the second run's π_pre
   assert lora["prev_kl"] > 1e-4  # LoRA did move the model
@@ -240,7 +239,7 @@ def test_stop_target_on_any_evaluated_metric(data, tmp_path, metric, mode):
   c.stop.update(target_metric=metric, target=first[metric], target_mode=mode)
   workdir = str(tmp_path / metric)
   result = train.run(c, workdir)
-  evals = [r for r in metrics.read_metrics(workdir) if metric in r and not r.get("final") and r["step"] > 0]
+  evals = [r for r in read_metrics(workdir) if metric in r and not r.get("final") and r["step"] > 0]
   reached = [r[metric] >= first[metric] if metric.endswith("acc") else r[metric] <= first[metric] for r in evals]
   assert result["stop_reason"] == "target" and reached[-1] and not any(reached[:-1])
   assert result["step"] == evals[-1]["step"] < 200

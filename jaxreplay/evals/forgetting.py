@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxreplay import config as config_lib
-from jaxreplay.train import metrics as metrics_lib
+from jaxreplay.io import read_metrics
 from jaxreplay.models import decoder
 
 
 def pretraining_curve(workdir: str) -> tuple[np.ndarray, np.ndarray]:
   """(tokens, valid loss) of every evaluation a run logged, in order."""
-  rows = [r for r in metrics_lib.read_metrics(workdir) if "valid_ntp" in r and not r.get("final")]
+  rows = [r for r in read_metrics(workdir) if "valid_ntp" in r and not r.get("final")]
   tokens = np.array([r["tokens"] for r in rows], dtype=np.float64)
   loss = np.array([r["valid_ntp"] for r in rows], dtype=np.float64)
   return tokens, loss

@@ -15,7 +15,7 @@ import functools
 import jax
 import numpy as np
 
-from jaxreplay import config as config_lib
+from jaxreplay import config as config_lib, sharding
 from jaxreplay.errors import MCQError
 from jaxreplay.data import chat as chat_data
 from jaxreplay.models import decoder, losses
@@ -80,7 +80,6 @@ def completion_logprobs(cfg, params, rows, pad_id: int, batch_size: int = 16, me
   Rows are scored in order of length, each batch padded to a multiple of 64 tokens: few compilations, and a
   long question does not make every batch long.
   """
-  from jaxreplay import sharding
   if mesh is not None:
     div = sharding.batch_divisor(mesh)
     batch_size = -(-batch_size // div) * div

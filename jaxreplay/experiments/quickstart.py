@@ -16,7 +16,7 @@ from jaxreplay.data import resolve_path
 from jaxreplay.experiments import config_files, report, results_table
 from jaxreplay.io import write_json
 from jaxreplay.train import loop as training
-from jaxreplay.train import metrics as metrics_lib
+from jaxreplay.io import read_metrics
 
 RUNS = (("pretrain", "pretrain"), ("finetune", "finetune_none"), ("finetune_kl", "finetune_kl_self"))
 
@@ -69,7 +69,7 @@ def matched_table(pretrain_dir: str, finetune_dirs: dict[str, str]) -> list[dict
     before = json.load(f)["valid_ntp"]
   trajs, finals = {}, {}
   for name, workdir in finetune_dirs.items():
-    rows = metrics_lib.read_metrics(workdir)
+    rows = read_metrics(workdir)
     trajs[name] = [(r["valid_ntp"], r["prev_ntp"]) for r in rows
                    if "valid_ntp" in r and "prev_ntp" in r and not r.get("final")]
     with open(os.path.join(workdir, "final.json")) as f:

@@ -36,7 +36,7 @@ from jaxreplay.experiments.results_table import (Results, batch_size_rules, capa
                                                  lr_panels, matched_forgetting, method_label, runs_table,
                                                  time_to_target, toy_curves, toy_final, trajectories, trajectory,
                                                  write_csv)
-from jaxreplay.train import metrics as metrics_lib
+from jaxreplay.io import read_metrics
 
 # ----------------------------------------------------------------------------------------- run workdirs
 
@@ -93,7 +93,7 @@ def _fmt(fmt, v) -> str:
 
 def plot_trajectories(pretrain_dir: str, finetune_dirs: dict[str, str], out_path: str) -> str:
   """Previous-dataset loss (y) against downstream loss (x) along each finetuning run."""
-  trajs = {name: trajectory(metrics_lib.read_metrics(d)) for name, d in finetune_dirs.items()}
+  trajs = {name: trajectory(read_metrics(d)) for name, d in finetune_dirs.items()}
   return plots.trajectories(trajs, out_path, prev_before=_final(pretrain_dir)["valid_ntp"])
 
 

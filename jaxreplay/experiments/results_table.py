@@ -14,7 +14,7 @@ import sqlite3
 from collections import defaultdict
 
 from jaxreplay.errors import SweepError
-from jaxreplay.train import metrics as metrics_lib
+from jaxreplay.io import read_metrics
 
 
 def trajectory(rows: list[dict], x="valid_ntp", y="prev_ntp") -> list[tuple[float, float]]:
@@ -44,7 +44,7 @@ class Results:
   def history(self, name: str) -> list[dict]:
     """The run's logged rows (metrics.jsonl), without the final summary row."""
     d = os.path.join(self.workdir, "runs", *name.split("/"))
-    return [r for r in metrics_lib.read_metrics(d) if not r.get("final")]
+    return [r for r in read_metrics(d) if not r.get("final")]
 
   def finetunes(self) -> list[dict]:
     return [r for r in self.rows if r["parent"]]

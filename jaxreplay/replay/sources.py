@@ -15,6 +15,8 @@ import numpy as np
 
 from jaxreplay import sharding
 from jaxreplay.data import chat as chat_data, loader
+from jaxreplay.models import lora
+from jaxreplay.replay import self_generated
 
 REAL_SEED_OFFSET = 7919  # real replay rows are shuffled apart from the downstream data
 
@@ -26,7 +28,6 @@ def replay_batch_size(c) -> int:
 def parameterization(c, frozen):
   """(trainable_fn, merge_fn): full finetuning trains the parameters themselves; LoRA trains adapters."""
   if c.lora.rank > 0:
-    from jaxreplay.models import lora
     return lora.parameterization(c.lora, jax.random.key(c.seed + 1))
   return (lambda params: params), None
 
@@ -78,5 +79,4 @@ def make_source(c, mesh, model_cfg, frozen, state: dict | None = None, *, real_r
     if real_rows is not None:
       return RowReplay(real_rows, rows, seed, mesh)
     return RealReplay(real_path, c.model.seq_len, rows, seed, real_dataset_id, mesh)
-  from jaxreplay.replay import self_generated  # self-generated replay: sampling from the frozen model
   return self_generated.SelfGeneratedReplay(c, mesh, model_cfg, frozen, prompt_id, weights_dir, state)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from jaxreplay import config as config_lib, sharding
 from jaxreplay.errors import TrainingError  # noqa: F401 (raised here; callers catch it as train.TrainingError)
 from jaxreplay.io import write_json
-from jaxreplay.evals import mcq
+from jaxreplay.evals import forgetting as evaluate_lib, mcq, toy
 from jaxreplay.models import decoder, export as export_lib, hf_import
 from jaxreplay.replay import sources as replay_lib
 from jaxreplay.train import checkpoint as ckpt_lib, evaluation, metrics as metrics_lib, optim, steps
@@ -56,7 +56,6 @@ def task_evaluators(c, stage: Stage) -> list:
   """The evaluators a stage's config and data ask for: toy-task accuracies, lm-eval tasks, MCQ benchmarks."""
   out = []
   if stage.data_meta.get("toy"):  # toy continual tasks: greedy answer accuracy on every task at each eval
-    from jaxreplay.evals import toy
     out.append(toy.evaluator_for(c, stage.data_meta, c.data.path, stage.model_cfg))
   if c.eval.get("lm_eval_tasks") and not c.model.path:  # lm-evaluation-harness tasks (the `eval` extra)
     from jaxreplay.evals import lm_eval as lm_eval_adapter
@@ -252,7 +251,6 @@ def finish(t: Trainer, stop_reason: str) -> dict:
   if t.replay is not None:  # what replay.teacher='auto' resolved to
     result["replay_teacher"] = "sampled" if t.replay.sampled_teacher else "forward"
   if stage.prev is not None:
-    from jaxreplay.evals import forgetting as evaluate_lib
     result.update(evaluate_lib.forgetting_metrics(c, final_params, t.frozen, result))
   t.checkpointer.save(step, t.state, t.extra, force=True)
   t.checkpointer.close()

@@ -114,14 +114,6 @@ def _plain(v):
   return v
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(l) for l in f if l.strip()]
-
-
 class Throughput:
   """Tokens/s and MFU over the steps since the last report (excluding compile time of the first step)."""
 
