@@ -6,6 +6,10 @@ Imported by the scripts beside it (`python benchmarks/NAME.py` puts this directo
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import subprocess
+import tempfile
 from typing import Any, Callable
 
 import jax
@@ -46,15 +50,15 @@ class Setup:
     return [sharding.put_batch(rng.integers(0, self.model.vocab_size, shape, dtype=np.int32), self.mesh)
             for _ in range(n)]
 
-  def train_step(self, replay_cfg=None, teacher: bool = False):
-    """The jitted train step of `steps` (plain when replay_cfg is None), donating its state."""
+  def train_step(self, replay_cfg=None, teacher: bool = False, steps_module=steps):
+    """The jitted train step of `steps_module` (plain when replay_cfg is None), donating its state."""
     batch_sh = sharding.batch_sharding(self.mesh)
     frozen_sh = self.state_shardings["params"] if replay_cfg is not None else None
     replay_sh = batch_sh if replay_cfg is not None else None
     in_sh = (self.state_shardings, frozen_sh, batch_sh, replay_sh)
     if teacher:  # teacher logits [B, T, V] passed in, as kept from sampling
       in_sh += (sharding.batch_sharding(self.mesh, 3),)
-    step = steps.make_train_step(steps.make_objective(self.model, replay_cfg), self.optimizer,
+    step = steps_module.make_train_step(steps_module.make_objective(self.model, replay_cfg), self.optimizer,
                                  optim.lr_schedule(self.config, TOTAL_STEPS))
     return jax.jit(step, in_shardings=in_sh, out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
@@ -73,3 +77,21 @@ def setup(size: str, dtype: str = "auto") -> Setup:
   init = lambda k: steps.init_state(cfg, opt, k)
   sh = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
   return Setup(s, c, cfg, mesh, opt, sh, init)
+
+
+def steps_at(rev: str):
+  """jaxreplay/train/steps.py as of git revision `rev`, with that revision's models/losses.py, as a module
+  beside today's: a benchmark times the two interleaved in one process (the rest of the package is today's)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  tmp = tempfile.mkdtemp(prefix="jaxreplay_steps_")
+  mods = {}
+  for name, rel in (("losses", "jaxreplay/models/losses.py"), ("steps", "jaxreplay/train/steps.py")):
+    path = os.path.join(tmp, f"{name}_{rev}.py".replace("~", "_").replace("^", "_"))
+    with open(path, "w") as f:
+      f.write(subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=root, check=True, capture_output=True,
+                             text=True).stdout)
+    spec = importlib.util.spec_from_file_location(f"{name}_at_rev", path)
+    mods[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mods[name])
+  mods["steps"].losses = mods["losses"]  # its functions look the module up when called
+  return mods["steps"]

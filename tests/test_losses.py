@@ -46,3 +46,20 @@ def test_second_half_and_replace_rows():
   out = losses.replace_rows(batch, replay, 0.3)
   assert out.shape == batch.shape
   assert int(out.sum()) == 2 * 4  # floor(0.3 · 8) = 2 rows replaced
+
+
+def test_kl_gradient_is_student_softmax_minus_teacher_probabilities():
+  """kl_loss's hand-written gradient against (q − p) / positions worked out in numpy: none to the teacher,
+  none from the last position (it predicts nothing), scaled by the caller's coefficient."""
+  t = np.asarray(jax.random.normal(jax.random.key(4), (2, 5, 9)) * 2, np.float64)
+  s = np.asarray(jax.random.normal(jax.random.key(5), (2, 5, 9)) * 2, np.float64)
+  p = np.exp(t) / np.exp(t).sum(-1, keepdims=True)
+  q = np.exp(s) / np.exp(s).sum(-1, keepdims=True)
+  want = 0.25 * (q - p) / (2 * 4)
+  want[:, -1] = 0.0
+  g_t, g_s = jax.jit(jax.grad(lambda a, b: 0.25 * losses.kl_loss(a, b), argnums=(0, 1)))(
+      t.astype(np.float32), s.astype(np.float32))
+  np.testing.assert_allclose(g_s, want, atol=1e-7)
+  assert not np.asarray(g_t).any()
+  np.testing.assert_allclose(losses.kl_loss(t.astype(np.float32), s.astype(np.float32)),
+                             (p * (np.log(p) - np.log(q))).sum(-1)[:, :-1].mean(), rtol=1e-5)
