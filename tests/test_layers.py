@@ -42,12 +42,10 @@ ALLOWED_LAZY = {
     ("jaxreplay.replay.sources", "jaxreplay.replay.self_generated"): "replay/ is being reworked by the trainer "
                                                                      "helper",
     ("jaxreplay.evals.mcq", "jaxreplay.sharding"): "evals/mcq.py is being reworked by the trainer helper",
-    ("jaxreplay.experiments.runner", "jaxreplay.train.loop"): "runner.py is the packing helper's; " + SPLITTING,
 }
 # Files and functions over the limits (path relative to the repository, function as path:name).
 ALLOWED_LONG = {
     "jaxreplay/train/checkpoint.py": SPLITTING,
-    "jaxreplay/experiments/runner.py": "runner.py is being reworked by the packing helper",
 }
 # (user: a module, or a test file's name; module; private name) used across modules for now.
 ALLOWED_PRIVATE = {
