@@ -190,12 +190,12 @@ def run_packed(workdir: str, names: list[str], by_name: dict, fp: str, n: int) -
 def main(argv: list[str]) -> int:
   p = argparse.ArgumentParser(prog="python -m jaxreplay.experiments.pack_runner")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--runs", required=True, help="comma-separated run names")
+  p.add_argument("--runs", required=True, help="the run names, a JSON list (names may hold commas)")
   p.add_argument("--kind", choices=("pack", "chain"), default="pack")
   p.add_argument("--pack", type=int, default=0, help="the --pack value that planned this job (recorded)")
   a = p.parse_args(argv)
   workdir = os.path.abspath(a.workdir)
-  names = a.runs.split(",")
+  names = json.loads(a.runs)
   runs, fp = load_runs(workdir)
   by_name = {r.name: r for r in runs}
   inherited = [int(fd) for fd in os.environ.get("JAXREPLAY_LOCK_FDS", "").split(",") if fd]
@@ -203,7 +203,7 @@ def main(argv: list[str]) -> int:
             for i, name in enumerate(names)]
   try:
     if not all(claims):
-      print(f"runs {a.runs} are being trained by another process; skipping them", file=sys.stderr)
+      print(f"runs {', '.join(names)} are being trained by another process; skipping them", file=sys.stderr)
       return 3
     if a.kind == "chain":
       return run_chain(workdir, names, by_name, fp)

@@ -127,7 +127,7 @@ class LocalRunner:
       return [sys.executable, "-m", "jaxreplay.experiments.runner", "worker", "--workdir", self.workdir,
               "--run", job["names"][0]]
     return [sys.executable, "-m", "jaxreplay.experiments.pack_runner", "--workdir", self.workdir, "--runs",
-            ",".join(job["names"]), "--kind", job["kind"], "--pack", str(self.pack)]
+            json.dumps(job["names"]), "--kind", job["kind"], "--pack", str(self.pack)]
 
   def _start(self, job: dict, claims: list[Claim]):
     names = job["names"]
