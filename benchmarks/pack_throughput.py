@@ -43,6 +43,7 @@ def get_sweep(arg=""):
   pre.base.optim.warmup_tokens = 0
   pre.grid = [{{"stop.tokens_per_param": 0.0, "stop.steps": {pre_ft_steps!r} * (k + 1)}} for k in range(len(repro_tpp.TPP))]
   ft.base.stop.tokens = {ft_tokens!r}
+  ft.base.log.every_steps = 4  # tokens/s rows to take medians of (the first holds the compile)
   return s
 """
 
@@ -55,6 +56,7 @@ from jaxreplay.experiments import sweeps
 def get_sweep(arg=""):
   c = _paper.config("en", True, steps={steps!r})
   c.model.d_model = {d!r}
+  c.log.every_steps = 4
   c.eval.every_tokens = 10 ** 9  # evaluations at the end only: the stage's training is what is compared
   s = sweeps.Sweep()
   s.stage("pretrain", c, sweeps.product({{"seed": [0, 1]}}, {{"optim.lr": [3e-4, 1e-3, 3e-3, 1e-2]}}))
