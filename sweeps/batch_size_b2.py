@@ -33,6 +33,6 @@ def get_sweep(arg: str = ""):
     c.stop.tokens_per_param = 0.5
   matched = float(half_life(0.999, ref_batch * c.model.seq_len))
   rules = sweeps.chain({"optim.b2": [0.999]}, {"optim.b2_half_life_tokens": [matched] + fixed_hl})
-  s = sweeps.Sweep(__doc__)
+  s = sweeps.Sweep(__doc__, pack=16 if small else 1)  # :small packs its same-shape runs (experiments/packing.py)
   s.stage("pretrain", c, sweeps.product({"optim.batch_size": batches}, rules))
   return s

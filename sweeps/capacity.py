@@ -48,7 +48,7 @@ def get_sweep(arg: str = ""):
       c.stop.update(epochs=0, tokens=30_000)
       c.optim.warmup_tokens = 5_000
       c.replay.update(batch_size=16, buffer=4)
-  s = sweeps.Sweep(__doc__)
+  s = sweeps.Sweep(__doc__, pack=16 if small else 1)  # :small packs its same-shape runs (experiments/packing.py)
   pretrain = s.stage("pretrain", pre, {"data.mix_fraction": fractions})
   s.stage("pretrain_chinchilla", chin)
   s.stage("finetune", ft, {"replay.coeff": coeffs}, after=(pretrain, {"data.mix_fraction": fractions[0]}))

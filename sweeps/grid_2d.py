@@ -35,7 +35,7 @@ def get_sweep(arg: str = ""):
     ft.optim.lr = 1e-3
     ft.eval.every_tokens = 20_000
     ft.stop.update(target_loss=4.6, tokens=40_000)
-  s = sweeps.Sweep(__doc__)
+  s = sweeps.Sweep(__doc__, pack=16 if small else 1)  # :small packs its same-shape runs (experiments/packing.py)
   s.stage("pretrain", pre, sweeps.product({"model.d_model": widths}, {"stop.tokens_per_param": tpp}))
   s.stage("finetune", ft, ARMS, after="pretrain")
   return s

@@ -34,7 +34,7 @@ def get_sweep(arg: str = ""):
     ft.stop.update(target_loss=4.6, tokens=30_000)
   arms = sweeps.chain({"optim.lr": lrs},
                       sweeps.product({"optim.lr": [1e-3], "replay.method": ["replace"]}, {"replay.coeff": fractions}))
-  s = sweeps.Sweep(__doc__)
+  s = sweeps.Sweep(__doc__, pack=16 if small else 1)  # :small packs its same-shape runs (experiments/packing.py)
   s.stage("pretrain", pre)
   s.stage("finetune", ft, arms, after="pretrain")
   return s

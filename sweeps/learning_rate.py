@@ -28,7 +28,7 @@ def get_sweep(arg: str = ""):
     pre.eval.every_tokens = 25_000
     pre.stop.update(target_loss=4.6, tokens=300_000)
     ft.stop.update(target_loss=4.6, tokens=30_000)
-  s = sweeps.Sweep(__doc__)
+  s = sweeps.Sweep(__doc__, pack=16 if small else 1)  # :small packs its same-shape runs (experiments/packing.py)
   s.stage("pretrain", pre, {"optim.lr": pre_lrs})
   s.stage("finetune", ft, sweeps.product({"optim.lr": ft_lrs}, ARMS), after="pretrain")
   return s

@@ -40,7 +40,7 @@ def get_sweep(arg: str = ""):
     ft.eval.every_tokens = 10_000
     ft.stop.update(early_stop_evals=3, tokens=30_000)
     ft.replay.update(batch_size=16, buffer=4)
-  s = sweeps.Sweep(__doc__)
+  s = sweeps.Sweep(__doc__, pack=16 if small else 1)  # :small packs its same-shape runs (experiments/packing.py)
   s.stage("pretrain", pre)
   s.stage("finetune", ft, ARMS, after="pretrain")
   return s

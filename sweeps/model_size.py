@@ -30,7 +30,7 @@ def get_sweep(arg: str = ""):
     pre.stop.update(target_loss=4.8, tokens=300_000)
     ft.stop.update(target_loss=4.6, epochs=0, tokens=40_000)
     ft.replay.batch_size = 16
-  s = sweeps.Sweep(__doc__)
+  s = sweeps.Sweep(__doc__, pack=16 if small else 1)  # :small packs its same-shape runs (experiments/packing.py)
   s.stage("pretrain", pre, {"model.d_model": widths})
   s.stage("finetune", ft, {"replay.coeff": coeffs}, after="pretrain")
   return s

@@ -28,7 +28,7 @@ def get_sweep(arg: str = ""):
   if small:
     tpp, coeffs = [0.5, 1.0, 2.0], [0.1, 10.0]
     ft.stop.update(target_loss=4.5, epochs=0, tokens=40_000)
-  s = sweeps.Sweep(__doc__)
+  s = sweeps.Sweep(__doc__, pack=16 if small else 1)  # :small packs its same-shape runs (experiments/packing.py)
   s.stage("pretrain", pre, {"stop.tokens_per_param": tpp})
   s.stage("finetune", ft, {"replay.coeff": coeffs}, after="pretrain")
   return s

@@ -54,7 +54,8 @@ def get_sweep(arg: str = ""):
     ft.optim.warmup_tokens = 10_000
   elif arg:
     raise ValueError(f"unknown quickstart sweep {arg!r}: use no argument or 'small'")
-  s = sweeps.Sweep("quickstart: English pretraining, Spanish finetuning with and without self-generated KL replay")
+  s = sweeps.Sweep("quickstart: English pretraining, Spanish finetuning with and without self-generated KL replay",
+                   pack=16 if arg == "small" else 1)
   s.stage("pretrain", pre)
   s.stage("finetune", ft, after="pretrain", grid=[
       {"replay.method": "none"},

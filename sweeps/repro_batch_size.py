@@ -29,6 +29,6 @@ def get_sweep(arg: str = ""):
   c.eval.every_tokens = 500_000
   matched = float(half_life(0.999, max(BATCHES) * c.model.seq_len))
   rules = sweeps.chain({"optim.b2": [0.999]}, {"optim.b2_half_life_tokens": [matched]})
-  s = sweeps.Sweep(__doc__)
+  s = sweeps.Sweep(__doc__, pack=16)  # same-shape runs train as packs (experiments/packing.py)
   s.stage("pretrain", c, sweeps.product({"optim.batch_size": BATCHES}, rules, {"seed": SEEDS}))
   return s

@@ -33,7 +33,7 @@ def get_sweep(arg: str = ""):
   ft.optim.update(batch_size=32, warmup_tokens=20_000)
   ft.eval.every_tokens = 50_000
   ft.replay.update(batch_size=32, buffer=16)
-  s = sweeps.Sweep(__doc__)
+  s = sweeps.Sweep(__doc__, pack=16)  # same-shape runs train as packs (experiments/packing.py)
   p = s.stage("pretrain", pre, {"seed": SEEDS})
   s.stage("finetune", ft, sweeps.product(ARMS, {"seed": SEEDS}), after=p, match=("seed",))
   return s

@@ -37,7 +37,7 @@ def get_sweep(arg: str = ""):
   ft.eval.every_tokens = 50_000
   ft.replay.update(method="kl", source="real")
   ft.seed = seed
-  s = sweeps.Sweep(__doc__)
+  s = sweeps.Sweep(__doc__, pack=16)  # same-shape runs train as packs (experiments/packing.py)
   s.stage("pretrain", pre, {"stop.tokens_per_param": TPP})
   s.stage("finetune", ft, sweeps.chain({"replay.method": ["none"]}, {"replay.coeff": COEFFS}), after="pretrain")
   return s

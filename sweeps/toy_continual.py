@@ -58,7 +58,7 @@ def get_sweep(arg: str = ""):
     raise ValueError(f"unknown variant {arg!r}: use no argument (the paper's setup), 'cpu' or 'small'")
   *_, seeds, (n_train, n_valid) = SETTINGS[variant]
   toy.build(f"data/toy{'_' + variant if variant else ''}", n_train, n_valid)
-  s = sweeps.Sweep(__doc__)
+  s = sweeps.Sweep(__doc__, pack=16 if variant == "small" else 1)  # toy evals: chained, not packed
   prev = s.stage(TASKS[0], task_config(TASKS[0], variant), {"seed": seeds})
   for task in TASKS[1:]:
     c = task_config(task, variant)

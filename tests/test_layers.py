@@ -26,16 +26,13 @@ MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 80
 # usable without that extra.
 OPTIONAL = {"jaxreplay.evals.lm_eval": "lm-eval (the `eval` extra)"}
 
-SPLITTING = "being split by the trainer/accelerator helper"
 # (importer, imported): imports against the layers, or inside functions, that are not fixed yet.
 ALLOWED_IMPORTS = {
 }
 ALLOWED_LAZY = {
-    ("jaxreplay.experiments.runner", "jaxreplay.train.loop"): "runner.py is the packing helper's; " + SPLITTING,
 }
 # Files and functions over the limits (path relative to the repository, function as path:name).
 ALLOWED_LONG = {
-    "jaxreplay/experiments/runner.py": "runner.py is being reworked by the packing helper",
 }
 # (user: a module, or a test file's name; module; private name) used across modules for now.
 ALLOWED_PRIVATE = {

@@ -9,7 +9,6 @@ checkpoints and exits), so starting the runner again resumes every interrupted r
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import signal
@@ -18,36 +17,19 @@ import subprocess
 import sys
 import time
 
+import jax
+
 from jaxreplay.errors import SweepError, UsageError, UserError
+from jaxreplay.experiments import multihost
 from jaxreplay.experiments import sweepcost as cost
 from jaxreplay.experiments import sweeps
 from jaxreplay.experiments.sweepdir import (Claim, connect, dry_run, is_finished, is_locked, levels,  # noqa: F401 (re-exported)
                                 load_runs, prepare, record, resolved_config, run_dir, select, status, sync)
 from jaxreplay.experiments.sweeps import Run
+from jaxreplay.experiments.pack_runner import (compile_cache_env, die_with_parent, plan, recorded_pack,  # noqa: F401
+                                               train_one)
 
 EXIT_CLAIMED, EXIT_WAITING = 3, 4
-
-
-def _die_with_parent(parent_pid: int):
-  """SIGTERM this worker when the runner that started it dies (Linux), so its claim ends with a checkpoint."""
-  try:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-  except OSError:
-    return
-  if os.getppid() != parent_pid:
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def train_one(workdir: str, run: Run, fp: str, db=None) -> dict:
-  """Trains one run in this process (every host of a multi-host slice calls it); host 0 records the result."""
-  import jax
-  c = resolved_config(workdir, run)
-  started = time.time()
-  from jaxreplay.train import loop as train
-  result = train.run(c, run_dir(workdir, run.name))
-  if db is not None and jax.process_index() == 0:
-    record(db, workdir, run, fp, started)
-  return result
 
 
 def worker(workdir: str, name: str) -> int:
@@ -58,7 +40,7 @@ def worker(workdir: str, name: str) -> int:
     raise SweepError(f"Run {name!r} is not part of the sweep in {workdir}: see `jaxreplay sweep FILE --dry-run`.")
   run = by_name[name]
   if os.environ.get("JAXREPLAY_PARENT_PID"):
-    _die_with_parent(int(os.environ["JAXREPLAY_PARENT_PID"]))
+    die_with_parent(int(os.environ["JAXREPLAY_PARENT_PID"]))
   inherited = os.environ.get("JAXREPLAY_LOCK_FD")
   claim = Claim(workdir, name, int(inherited) if inherited else None, wait_s=2.0)
   if not claim:
@@ -124,13 +106,15 @@ def train_in_subprocess(workdir: str, name: str, cwd: str, *parents) -> dict:
 
 class LocalRunner:
   def __init__(self, workdir: str, runs: list[Run], fp: str, jobs: int = 1, poll_s: float = 0.5, quiet=False,
-               devices: str = "", device_env: str = "CUDA_VISIBLE_DEVICES"):
+               devices: str = "", device_env: str = "CUDA_VISIBLE_DEVICES", pack: int = 1):
     """devices: accelerator ids split evenly over the jobs ("0,1,2,3" with jobs=2 → "0,1" and "2,3"), set in
-    device_env for each worker; empty: every worker sees every device (on GPUs then without preallocation)."""
+    device_env for each worker; empty: every worker sees every device (on GPUs then without preallocation).
+    pack: at most this many runs per process, as packs (experiments/packing.py) or chains; 1: a run each."""
     self.workdir, self.runs, self.fp, self.jobs, self.poll_s, self.quiet = workdir, runs, fp, jobs, poll_s, quiet
+    self.pack = pack
     self.device_slots = device_slots(devices, jobs)
     self.device_env = device_env
-    self.running: dict[str, tuple[subprocess.Popen, Claim]] = {}
+    self.running: dict[str, tuple] = {}  # job key -> (process, claims, devices, names)
     self.failed: dict[str, str] = {}
     self.stop = False
 
@@ -138,10 +122,23 @@ class LocalRunner:
     if not self.quiet:
       print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-  def _start(self, run: Run, claim: Claim):
-    d = run_dir(self.workdir, run.name)
-    os.makedirs(d, exist_ok=True)
-    env = dict(os.environ, JAXREPLAY_LOCK_FD=str(claim.fd), JAXREPLAY_PARENT_PID=str(os.getpid()))
+  def _command(self, job: dict) -> list[str]:
+    if job["kind"] == "single":
+      return [sys.executable, "-m", "jaxreplay.experiments.runner", "worker", "--workdir", self.workdir,
+              "--run", job["names"][0]]
+    return [sys.executable, "-m", "jaxreplay.experiments.pack_runner", "--workdir", self.workdir, "--runs",
+            json.dumps(job["names"]), "--kind", job["kind"], "--pack", str(self.pack)]
+
+  def _start(self, job: dict, claims: list[Claim]):
+    names = job["names"]
+    for name in names:
+      os.makedirs(run_dir(self.workdir, name), exist_ok=True)
+    fds = [c.fd for c in claims]
+    env = dict(os.environ, JAXREPLAY_PARENT_PID=str(os.getpid()))
+    if job["kind"] == "single":
+      env["JAXREPLAY_LOCK_FD"] = str(fds[0])
+    else:
+      env["JAXREPLAY_LOCK_FDS"] = ",".join(map(str, fds))
     env.update(compile_cache_env(self.workdir, env))
     devices = None
     if self.device_slots:
@@ -149,70 +146,98 @@ class LocalRunner:
       env[self.device_env] = devices
     elif self.jobs > 1:  # several runs share the accelerators: no process may take most of their memory
       env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    log = open(os.path.join(d, "worker.log"), "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "jaxreplay.experiments.runner", "worker", "--workdir", self.workdir,
-                             "--run", run.name], env=env, pass_fds=(claim.fd,), stdout=log,
-                            stderr=subprocess.STDOUT)
+    log = open(os.path.join(run_dir(self.workdir, names[0]), "worker.log"), "ab")
+    proc = subprocess.Popen(self._command(job), env=env, pass_fds=tuple(fds), stdout=log, stderr=subprocess.STDOUT)
     log.close()
-    self.running[run.name] = (proc, claim, devices)
-    self.say(f"start  {run.name} (pid {proc.pid}" + (f", devices {devices})" if devices else ")"))
+    self.running[",".join(names)] = (proc, claims, devices, names)
+    what = names[0] if len(names) == 1 else f"{job['kind']} of {len(names)}: {', '.join(names)}"
+    self.say(f"start  {what} (pid {proc.pid}" + (f", devices {devices})" if devices else ")"))
 
   def _reap(self):
-    for name, (proc, claim, devices) in list(self.running.items()):
+    for key, (proc, claims, devices, names) in list(self.running.items()):
       rc = proc.poll()
       if rc is None:
         continue
-      claim.close()
+      for c in claims:
+        c.close()
       if devices is not None:
         self.device_slots.append(devices)
-      del self.running[name]
-      if rc == 0:
-        self.say(f"done   {name}")
-      elif rc not in (EXIT_CLAIMED, EXIT_WAITING):
-        tail = _tail(os.path.join(run_dir(self.workdir, name), "worker.log"))
-        self.failed[name] = tail
-        self.say(f"FAILED {name} (exit {rc}): {tail}")
+      del self.running[key]
+      if rc in (EXIT_CLAIMED, EXIT_WAITING):
+        continue
+      tail = _tail(os.path.join(run_dir(self.workdir, names[0]), "worker.log"))
+      for name in names:
+        if is_finished(self.workdir, name):
+          self.say(f"done   {name}")
+        elif rc != 0 or len(names) > 1:
+          self.failed[name] = tail
+          self.say(f"FAILED {name} (exit {rc}): {tail}")
 
   def _terminate(self, *_):
     self.stop = True
+
+  def _try_start(self, job: dict, done: set, blocked: set, waiting_on_others: set):
+    bad = lambda n: n in self.failed or n in blocked
+    recorded = job["kind"] == "pack" and any(recorded_pack(self.workdir, n) for n in job["names"])
+    if recorded and any(bad(n) and n not in done for n in job["names"]):
+      return  # a recorded pack trains whole or not at all (its checkpoint holds every member)
+    names = job["names"] if recorded else [n for n in job["names"] if not bad(n)]
+    if not names or all(n in done or is_finished(self.workdir, n) for n in names):
+      return
+    by_name = {r.name: r for r in self.runs}
+    parents = [by_name[n].parent for n in names if n in by_name]
+    if any(p and p not in done and not is_finished(self.workdir, p) for p in parents):
+      return
+    job = dict(job, names=names)
+    claims = []
+    for name in job["names"]:
+      claim = Claim(self.workdir, name)
+      if not claim:
+        if name not in waiting_on_others:
+          self.say(f"wait   {name} (another runner trains it)")
+          waiting_on_others.add(name)
+        for c in claims:
+          c.close()
+        return
+      claims.append(claim)
+    if all(is_finished(self.workdir, n) for n in job["names"]):  # finished between our check and our claims
+      for c in claims:
+        c.close()
+      return
+    self._start(job, claims)
 
   def loop(self) -> int:
     old = {s: signal.signal(s, self._terminate) for s in (signal.SIGTERM, signal.SIGINT)}
     db = connect(self.workdir)
     waiting_on_others = set()
     try:
+      jobs = plan(self.workdir, self.runs, sync(db, self.workdir, self.runs, self.fp), self.pack)
       while not self.stop:
         self._reap()
         done = sync(db, self.workdir, self.runs, self.fp)
         blocked = self._blocked()
-        todo = [r for r in self.runs if r.name not in done and r.name not in self.failed and r.name not in blocked]
+        todo = [j for j in jobs if any(n not in done and n not in self.failed and n not in blocked
+                                       and not is_finished(self.workdir, n) for n in j["names"])]
+        busy = {n for *_, names in self.running.values() for n in names}
         if not todo and not self.running:
           break
-        for run in todo:
+        for job in todo:
           if len(self.running) >= self.jobs:
             break
-          if run.name in self.running or (run.parent and run.parent not in done):
+          if any(n in busy for n in job["names"]):
             continue
-          claim = Claim(self.workdir, run.name)
-          if not claim:
-            if run.name not in waiting_on_others:
-              self.say(f"wait   {run.name} (another runner trains it)")
-              waiting_on_others.add(run.name)
-            continue
-          if is_finished(self.workdir, run.name):  # finished between our check and our claim
-            claim.close()
-            continue
-          self._start(run, claim)
+          self._try_start(job, done, blocked, waiting_on_others)
         time.sleep(self.poll_s)
     finally:
-      for name, (proc, *_) in self.running.items():
+      for proc, *_ in self.running.values():
         proc.send_signal(signal.SIGTERM)
-      for name, (proc, claim, _) in self.running.items():
+      for proc, claims, *_ in self.running.values():
         try:
           proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
           proc.kill()
-        claim.close()
+        for c in claims:
+          c.close()
       for s, h in old.items():
         signal.signal(s, h)
       done = sync(db, self.workdir, self.runs, self.fp)
@@ -235,6 +260,14 @@ class LocalRunner:
     return out
 
 
+def describe_plan(jobs: list[dict]) -> str:
+  packs = [j for j in jobs if j["kind"] == "pack"]
+  chained = sum(len(j["names"]) for j in jobs if j["kind"] == "chain")
+  return (f"--pack: {sum(len(j['names']) for j in packs)} runs in {len(packs)} packs "
+          f"(sizes {', '.join(str(len(j['names'])) for j in packs) or '-'}), {chained} runs chained, "
+          f"{len(jobs)} processes in all")
+
+
 def device_slots(devices: str, jobs: int) -> list[str]:
   ids = [d for d in devices.split(",") if d.strip()]
   if not ids:
@@ -244,14 +277,6 @@ def device_slots(devices: str, jobs: int) -> list[str]:
                      "each job the same number of devices.")
   k = len(ids) // jobs
   return [",".join(ids[i * k:(i + 1) * k]) for i in range(jobs)]
-
-
-def compile_cache_env(workdir: str, env) -> dict:
-  """Runs of a sweep share shapes, so they share compiled steps: a persistent XLA cache in the workdir."""
-  if env.get("JAX_COMPILATION_CACHE_DIR"):
-    return {}
-  return dict(JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "jax_cache"),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
 
 
 def _tail(path: str, n: int = 300) -> str:
@@ -264,66 +289,6 @@ def _tail(path: str, n: int = 300) -> str:
     return ""
   errs = [l for l in lines if "error" in l.lower()]
   return (errs or lines or [""])[-1][-n:]
-
-
-def multihost_loop(workdir: str, runs: list[Run], fp: str, poll_s: float = 1.0) -> int:
-  """Every host of a slice trains the same run at once (in this process); host 0 claims and decides.
-
-  A run that fails with a user error (the same on every host) is recorded and skipped with its descendants.
-  """
-  import jax
-  import numpy as np
-  from jax.experimental import multihost_utils
-  lead = jax.process_index() == 0
-  db = connect(workdir) if lead else None
-  failed: set[str] = set()
-  claim = None
-
-  def decide() -> str:
-    nonlocal claim
-    if not lead:
-      return ""
-    done = sync(db, workdir, runs, fp)
-    todo = [r for r in runs if r.name not in done and r.name not in failed and r.parent not in failed]
-    for r in todo:
-      if r.parent in failed:
-        failed.add(r.name)
-    todo = [r for r in todo if r.name not in failed]
-    if not todo:
-      return "<done>"
-    for run in todo:
-      if run.parent and run.parent not in done:
-        continue
-      c = Claim(workdir, run.name)
-      if c and not is_finished(workdir, run.name):
-        claim = c
-        return run.name
-      c.close()
-    return "<wait>"
-
-  by_name = {r.name: r for r in runs}
-  while True:
-    msg = np.frombuffer(decide().encode().ljust(1024, b"\0"), np.uint8)
-    name = bytes(multihost_utils.broadcast_one_to_all(msg)).rstrip(b"\0").decode()
-    if name == "<done>":
-      break
-    if name == "<wait>":
-      time.sleep(poll_s)
-      continue
-    try:
-      train_one(workdir, by_name[name], fp, db)
-      if lead:
-        print(f"done   {name} ({jax.process_count()} processes)", flush=True)
-    except UserError as e:
-      if lead:
-        failed.add(name)
-        db.execute("INSERT INTO attempts (name, host, pid, started, ended, status, message) VALUES (?,?,?,?,?,?,?)",
-                   (name, socket.gethostname(), os.getpid(), time.time(), time.time(), "failed", str(e)))
-        print(f"FAILED {name}: {e}", flush=True)
-    finally:
-      if lead:
-        claim.close()
-  return 1 if failed else 0
 
 
 def main(argv: list[str]) -> int:
@@ -341,7 +306,11 @@ def main(argv: list[str]) -> int:
   p.add_argument("--mfu", type=float, default=cost.DEFAULT_MFU,
                  help="with --dry-run: model FLOPs utilization assumed for device-hours (default %(default)s)")
   p.add_argument("--status", action="store_true", help="show each run's state and final metrics")
-  p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
+  p.add_argument("--jobs", type=int, default=1, help="processes at once, each training a run, a pack or a chain")
+  p.add_argument("--pack", type=int, default=None,
+                 help="at most N runs per process: runs that differ only in per-member values (seed, LR, betas, "
+                      "coefficients, length) train as one packed program, the others one after another "
+                      "(default: the sweep file's, else 1)")
   p.add_argument("--only", default=None, help="glob(s) or substring(s), comma-separated; their parents run too")
   p.add_argument("--devices", default="", help="accelerator ids to split over the jobs, e.g. 0,1,2,3 (GPUs)")
   p.add_argument("--device_env", default="CUDA_VISIBLE_DEVICES",
@@ -361,6 +330,12 @@ def main(argv: list[str]) -> int:
     raise UsageError(f"--peak_tflops={a.peak_tflops} must be > 0 and --mfu={a.mfu} in (0, 1].")
   if a.jobs < 1:
     raise UsageError(f"--jobs={a.jobs} must be ≥ 1.")
+  if a.pack is not None and a.pack < 1:
+    raise UsageError(f"--pack={a.pack} must be ≥ 1: the most runs one process trains together (1 turns packing off).")
+  return run_sweep(a)
+
+
+def run_sweep(a) -> int:
   workdir = os.path.abspath(a.workdir)
   readonly = a.dry_run or a.status
   runs, fp = prepare(a.spec, workdir, write=not readonly, only=None if a.status else a.only)
@@ -368,18 +343,20 @@ def main(argv: list[str]) -> int:
     print(status(workdir, runs))
     return 0
   runs = select(runs, a.only)
+  pack = a.pack if a.pack is not None else int(getattr(sweeps.load(a.spec), "pack", 1) or 1)
   if a.dry_run:
     print(dry_run(workdir, runs))
     print(cost.format_costs(runs, cost.PricingAssumptions(a.peak_tflops, a.mfu)))
+    if pack > 1:
+      print(describe_plan(plan(workdir, runs, set(), pack)))
     return 0
   if a.multihost:
-    import jax
     kw = {k: v for k, v in dict(coordinator_address=a.coordinator, num_processes=a.num_processes,
                                 process_id=a.process_id).items() if v is not None}
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; no effect on TPU/GPU
     jax.distributed.initialize(**kw)
-    return multihost_loop(workdir, runs, fp)
-  return LocalRunner(workdir, runs, fp, a.jobs, devices=a.devices, device_env=a.device_env).loop()
+    return multihost.multihost_loop(workdir, runs, fp)
+  return LocalRunner(workdir, runs, fp, a.jobs, devices=a.devices, device_env=a.device_env, pack=pack).loop()
 
 
 def _variants_epilog(args: list[str]) -> str:

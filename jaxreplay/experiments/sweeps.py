@@ -119,8 +119,10 @@ class Run:
 
 
 class Sweep:
-  def __init__(self, description: str = ""):
+  def __init__(self, description: str = "", pack: int = 1):
+    """pack: the default of `jaxreplay sweep --pack` for this sweep (runs trained together, experiments/packing.py)."""
     self.description = description
+    self.pack = pack
     self.stages: list[Stage] = []
 
   def stage(self, name: str, base, grid=None, after=None, abbrev=None, match=()) -> Stage:

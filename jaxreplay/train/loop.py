@@ -68,7 +68,9 @@ def task_evaluators(c, stage: Stage) -> list:
 
 class Trainer:
   """One stage's live pieces between `setup` and `finish`: the stage, the state and frozen weights, the jitted
-  steps, the replay source, the checkpointer and the writers. `step` is the last completed step."""
+  steps, the replay source, the checkpointer and the writers. `step` is the last completed step.
+  `result_extra`: keys another loop adds to final.json (train/pack.py: the pack's size)."""
+  result_extra: dict = {}
 
   def evaluate(self) -> dict:
     """Every eval set's losses and the evaluators' metrics, on the current (merged) parameters."""
@@ -108,7 +110,7 @@ def init_state(t: Trainer, key):
   t.state = jax.jit(init_fn, out_shardings=t.state_sh)(key, t.frozen)
   t.checkpointer = ckpt_lib.Checkpointer(t.workdir, c.checkpoint)
   t.extra = dict(best=None, evals_since_best=0, elapsed_s=0.0)
-  restored = t.checkpointer.restore_latest(t.state)
+  restored = (t.restore or t.checkpointer.restore_latest)(t.state)
   if restored is not None:
     t.state, t.extra = restored
   t.start_step = t.step = int(jax.device_get(t.state["step"]))
@@ -143,11 +145,14 @@ def write_run_files(c, stage: Stage, workdir: str):
   stage.write_data_stats()
 
 
-def setup(c, workdir: str, evaluators=()) -> Trainer:
+def setup(c, workdir: str, evaluators=(), restore=None) -> Trainer:
   """Everything before the first step: the stage, the run files, the state restored from the last checkpoint,
-  the replay source, the forgetting probes, the compiled steps, the metric writer and the progress bar."""
+  the replay source, the forgetting probes, the compiled steps, the metric writer and the progress bar.
+
+  `restore(fresh_state) -> (state, extra) | None` replaces reading the run's own checkpoints (train/pack.py
+  restores its members from the pack's checkpoint)."""
   t = Trainer()
-  t.c, t.workdir = c, workdir
+  t.c, t.workdir, t.restore = c, workdir, restore
   t.stage = stage = Stage(c, workdir)
   ckpt_lib.check_writable(workdir)  # before anything is written
   t.evaluators = (*evaluators, *task_evaluators(c, stage))
@@ -247,7 +252,7 @@ def finish(t: Trainer, stop_reason: str) -> dict:
   final_params = t.merged(t.state["params"], t.frozen)
   result = dict(step=step, tokens=step * stage.tokens_per_step, stop_reason=stop_reason,
                 elapsed_s=t.extra["elapsed_s"], params_paper=stage.counts["paper"], params_true=stage.counts["true"],
-                train_step_compiles=t.train_step._cache_size(), **t.last_eval)
+                train_step_compiles=t.train_step._cache_size(), **t.last_eval, **t.result_extra)
   if t.replay is not None:  # what replay.teacher='auto' resolved to
     result["replay_teacher"] = "sampled" if t.replay.sampled_teacher else "forward"
   if stage.prev is not None:

@@ -1,0 +1,219 @@
+"""Several runs in one process: a pack (trained as one program, train/pack.py) or a chain (one after another).
+
+`jaxreplay sweep FILE --pack=N` plans the sweep's unfinished runs into jobs with experiments/packing.py and
+starts one process per job (`python -m jaxreplay.experiments.pack_runner --workdir W --runs a,b --kind pack`).
+The runner claims every run of a job before it starts (sweepdir's flock claims, inherited by the process), so
+two runners never train a run twice. A pack records itself when it starts: DIR/packs/ID/pack.json and, in each
+member's run dir, pack.json naming the pack; a restart trains those runs in that pack again, whatever --pack
+says (its checkpoint holds every member), except --pack=1, which is refused while such a pack is unfinished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+import jax
+
+from jaxreplay.errors import SweepError, UserError
+from jaxreplay.experiments import packing
+from jaxreplay.experiments.sweepdir import Claim, connect, is_finished, load_runs, record, resolved_config, run_dir
+from jaxreplay.experiments.sweeps import Run
+from jaxreplay.train import loop as train, pack as pack_lib
+
+MARKER = "pack.json"
+
+
+def pack_dir(workdir: str, names: list[str]) -> str:
+  return os.path.join(os.path.abspath(workdir), "packs", packing.pack_id(names))
+
+
+def train_one(workdir: str, run: Run, fp: str, db=None) -> dict:
+  """Trains one run in this process (every host of a multi-host slice calls it); host 0 records the result."""
+  c = resolved_config(workdir, run)
+  started = time.time()
+  result = train.run(c, run_dir(workdir, run.name))
+  if db is not None and jax.process_index() == 0:
+    record(db, workdir, run, fp, started)
+  return result
+
+
+def die_with_parent(parent_pid: int):
+  """SIGTERM this worker when the runner that started it dies (Linux), so its claims end with a checkpoint."""
+  try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  except OSError:
+    return
+  if os.getppid() != parent_pid:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def compile_cache_env(workdir: str, env) -> dict:
+  """Runs of a sweep share shapes, so they share compiled steps: a persistent XLA cache in the workdir."""
+  if env.get("JAX_COMPILATION_CACHE_DIR"):
+    return {}
+  return dict(JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "jax_cache"),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+
+
+# ----------------------------------------------------------------------------------------------- planning
+
+def recorded_pack(workdir: str, name: str) -> dict | None:
+  path = os.path.join(run_dir(workdir, name), MARKER)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def plan(workdir: str, runs: list[Run], done: set[str], n: int) -> list[dict]:
+  """Jobs for the unfinished runs: {kind: 'pack'|'chain'|'single', names}; recorded packs first as recorded."""
+  todo = [r for r in runs if r.name not in done]
+  jobs, taken = [], set()
+  for r in todo:
+    rec = recorded_pack(workdir, r.name)
+    if rec is None or r.name in taken:
+      continue
+    if n == 1:
+      raise SweepError(f"Run {r.name} was interrupted inside a pack of {len(rec['members'])} runs, whose checkpoint "
+                       f"holds its progress: rerun with --pack={rec['pack']} to resume it.")
+    jobs.append(dict(kind="pack", names=list(rec["members"])))
+    taken.update(rec["members"])
+  rest = [r for r in todo if r.name not in taken]
+  if n == 1:
+    return jobs + [dict(kind="single", names=[r.name]) for r in rest]
+  # A run that already trained alone resumes from its own checkpoints, alone.
+  started_alone = {r.name for r in rest if os.path.isdir(os.path.join(run_dir(workdir, r.name), "checkpoints"))}
+  configs = {r.name: resolved_config(workdir, r) for r in rest if r.name not in started_alone}
+  singles_by_stage: dict[str, list[str]] = {}
+  stage_of = {r.name: r.stage for r in rest}
+  for p in packing.group(configs, n) + [[name] for name in sorted(started_alone)]:
+    if len(p) > 1:
+      jobs.append(dict(kind="pack", names=p))
+    else:
+      singles_by_stage.setdefault(stage_of[p[0]], []).append(p[0])
+  for names in singles_by_stage.values():
+    jobs.extend(dict(kind="chain", names=c) for c in packing.chains(names, n))
+  order = {r.name: i for i, r in enumerate(runs)}
+  return sorted(jobs, key=lambda j: min(order[x] for x in j["names"]))
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+def _attempt(db, name: str) -> int:
+  return db.execute("INSERT INTO attempts (name, host, pid, started, status) VALUES (?,?,?,?,?)",
+                    (name, socket.gethostname(), os.getpid(), time.time(), "running")).lastrowid
+
+
+def _end_attempt(db, attempt: int, status: str, message: str = ""):
+  db.execute("UPDATE attempts SET ended=?, status=?, message=? WHERE id=?", (time.time(), status, message[:2000],
+                                                                             attempt))
+
+
+def run_chain(workdir: str, names: list[str], by_name: dict, fp: str) -> int:
+  """Trains the runs one after another in this process; a failed run does not stop the next."""
+  db, rc = connect(workdir), 0
+  for name in names:
+    run = by_name[name]
+    if is_finished(workdir, name):
+      record(db, workdir, run, fp)
+      continue
+    if run.parent and not is_finished(workdir, run.parent):
+      continue
+    attempt = _attempt(db, name)
+    try:
+      train_one(workdir, run, fp, db)
+      _end_attempt(db, attempt, "done")
+      print(f"done   {name}", flush=True)
+    except UserError as e:
+      _end_attempt(db, attempt, "failed", str(e))
+      print(f"jaxreplay: error: {name}: {e}", file=sys.stderr, flush=True)
+      rc = 2
+    except SystemExit as e:
+      _end_attempt(db, attempt, "interrupted", str(e))
+      raise
+    except BaseException as e:
+      _end_attempt(db, attempt, "failed", f"{type(e).__name__}: {e}")
+      raise
+  db.close()
+  return rc
+
+
+def run_packed(workdir: str, names: list[str], by_name: dict, fp: str, n: int) -> int:
+  """Trains the runs as one pack; each member is recorded (or fails) on its own."""
+  db = connect(workdir)
+  members = [by_name[name] for name in names]
+  waiting = [r.name for r in members if r.parent and not is_finished(workdir, r.parent)]
+  if waiting:
+    print(f"pack waits for the parents of {', '.join(waiting)}", file=sys.stderr)
+    return 4
+  directory = pack_dir(workdir, names)
+  for r in members:
+    os.makedirs(run_dir(workdir, r.name), exist_ok=True)
+    with open(os.path.join(run_dir(workdir, r.name), MARKER), "w") as f:
+      json.dump(dict(members=names, pack=n, dir=directory), f)
+  started = time.time()
+  attempts = {r.name: _attempt(db, r.name) for r in members if not is_finished(workdir, r.name)}
+  configs = [resolved_config(workdir, r) for r in members]
+  try:
+    results = pack_lib.run_pack(configs, [run_dir(workdir, name) for name in names], directory)
+  except SystemExit as e:
+    for a in attempts.values():
+      _end_attempt(db, a, "interrupted", str(e))
+    raise
+  except UserError as e:  # the whole pack cannot train
+    for a in attempts.values():
+      _end_attempt(db, a, "failed", str(e))
+    print(f"jaxreplay: error: {e}", file=sys.stderr, flush=True)
+    return 2
+  rc = 0
+  for r, result in zip(members, results):
+    if isinstance(result, BaseException):
+      _end_attempt(db, attempts[r.name], "failed", str(result))
+      print(f"jaxreplay: error: {r.name}: {result}", file=sys.stderr, flush=True)
+      rc = 2
+      continue
+    record(db, workdir, r, fp, started)
+    if r.name in attempts:
+      _end_attempt(db, attempts[r.name], "done")
+    print(f"done   {r.name}", flush=True)
+  db.close()
+  return rc
+
+
+def main(argv: list[str]) -> int:
+  p = argparse.ArgumentParser(prog="python -m jaxreplay.experiments.pack_runner")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--runs", required=True, help="the run names, a JSON list (names may hold commas)")
+  p.add_argument("--kind", choices=("pack", "chain"), default="pack")
+  p.add_argument("--pack", type=int, default=0, help="the --pack value that planned this job (recorded)")
+  a = p.parse_args(argv)
+  workdir = os.path.abspath(a.workdir)
+  names = json.loads(a.runs)
+  runs, fp = load_runs(workdir)
+  by_name = {r.name: r for r in runs}
+  inherited = [int(fd) for fd in os.environ.get("JAXREPLAY_LOCK_FDS", "").split(",") if fd]
+  claims = [Claim(workdir, name, inherited[i] if i < len(inherited) else None, wait_s=2.0)
+            for i, name in enumerate(names)]
+  try:
+    if not all(claims):
+      print(f"runs {', '.join(names)} are being trained by another process; skipping them", file=sys.stderr)
+      return 3
+    if a.kind == "chain":
+      return run_chain(workdir, names, by_name, fp)
+    return run_packed(workdir, names, by_name, fp, a.pack or len(names))
+  finally:
+    for c in claims:
+      c.close()
+
+
+if __name__ == "__main__":
+  if os.environ.get("JAXREPLAY_PARENT_PID"):
+    die_with_parent(int(os.environ["JAXREPLAY_PARENT_PID"]))
+  sys.exit(main(sys.argv[1:]))

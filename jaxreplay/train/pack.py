@@ -1,0 +1,260 @@
+"""A pack: several runs of one shape trained together as one program, each still a run of its own.
+
+Every member is set up by `loop.setup` exactly as a lone run (its stage, data order, eval sets, frozen model,
+replay source, writer), logged and evaluated by `loop.after_step` and finished by `loop.finish`, so it writes
+what a lone run writes in its own workdir at its own stop. Only the step differs: the members' states are
+stacked on a leading axis and trained by one vmapped step (train/pack_step.py); a member that stops or fails
+(NaN loss) is frozen by masking and the others go on. The pack is checkpointed as a whole in its own directory
+(the stacked state and every member's extra), so a killed pack resumes every member from the same step.
+Members that share init.from share one frozen model, and members with the same replay stream share one source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxreplay.errors import ConfigError, TrainingError
+from jaxreplay.io import write_json
+from jaxreplay.train import checkpoint as ckpt_lib, loop, pack_step, preemption as preemption_lib, steps
+
+PACK_FILE = "pack.json"  # in the pack's directory: its members, in order
+
+
+class PackError(ConfigError):
+  """The runs given cannot train as one pack; the message says why and what to do."""
+
+
+def replay_stream_key(c) -> tuple | None:
+  """Members with equal keys read the same replay rows at every step (None: no replay)."""
+  r = c.replay
+  if not c.init["from"] or r.method in ("none", "kl_downstream"):
+    return None
+  rows = r.batch_size or c.optim.batch_size
+  if r.source == "real":
+    return ("real", r.path or c.init["from"], c.seed, rows)
+  return ("self", c.init["from"], c.seed, rows, r.buffer, r.temperature, r.top_k, r.top_p, r.dataset_id,
+          str(r.prompt_ids), r.cache_dir)
+
+
+class LazyMember(dict):
+  """Member k's view of the stacked state, sliced when read (after_step reads it only to evaluate)."""
+
+  def __init__(self, pack, k: int):
+    super().__init__()
+    self.pack, self.k = pack, k
+
+  def __getitem__(self, key):
+    return jax.tree.map(lambda x: x[self.k], self.pack.state[key])
+
+
+class Pack:
+  def __init__(self, configs: list, workdirs: list[str], pack_dir: str):
+    self.configs, self.workdirs, self.dir = configs, workdirs, pack_dir
+    self.K = len(configs)
+    self.checkpointer = ckpt_lib.Checkpointer(pack_dir, configs[0].checkpoint)
+    self.restored = None  # (stacked state, extra) of the pack's checkpoint, read at the first member's setup
+    self.results: list = [None] * self.K
+    self.trainers: list = [None] * self.K
+
+  def _restore_member(self, k: int):
+    def restore(fresh):
+      if self.restored is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # a pack trains on one device
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct((self.K, *x.shape), x.dtype, sharding=one), fresh)
+        self.restored = self.checkpointer.restore_latest(like) or False
+      if not self.restored:
+        return None
+      state, extra = self.restored
+      return jax.tree.map(lambda x: x[k], state), extra["members"][k]
+    return restore
+
+  def setup(self):
+    failed = {}
+    for k, (c, wd) in enumerate(zip(self.configs, self.workdirs)):
+      if loop.is_finished(wd):
+        self.results[k] = loop.run(c, wd)  # reads final.json
+        continue
+      t = loop.setup(c, wd, restore=self._restore_member(k))
+      if t.stage.total_steps is None:
+        raise PackError(f"Run {wd} has no fixed length: a pack needs each member's length; train it alone "
+                        "(--pack=1).")
+      self.trainers[k] = t
+    if self.restored:
+      failed = self.restored[1].get("failed", {})
+    self.failed = {int(k): v for k, v in failed.items()}
+    for k, msg in self.failed.items():
+      self.results[k] = TrainingError(msg)
+      if self.trainers[k] is not None:
+        self.trainers[k].close()
+        self.trainers[k] = None
+    live = [t for t in self.trainers if t is not None]
+    if not live:
+      return
+    self._share(live)
+    self._stack(live)
+    self._compile(live)
+
+  def _share(self, live):
+    """One frozen model per init.from, one replay source per stream, one eval program."""
+    frozen, sources = {}, {}
+    for t in live:
+      if t.frozen is not None:
+        t.frozen = frozen.setdefault(t.c.init["from"], t.frozen)
+      key = replay_stream_key(t.c)
+      if t.replay is not None:
+        t.replay = sources.setdefault(key, t.replay)
+      t.eval_fn = live[0].eval_fn
+    self.n_streams = len(sources)
+    first = live[0]
+    for t in live:
+      if (t.stage.model_cfg != first.stage.model_cfg or t.stage.tokens_per_step != first.stage.tokens_per_step
+          or pack_step.adam_kind(t.c) != pack_step.adam_kind(first.c) or (t.replay is None) != (first.replay is None)
+          or (t.frozen is None) != (first.frozen is None)):
+        raise PackError(f"Runs {first.workdir} and {t.workdir} differ in their program, so they cannot train as "
+                        "one pack: group runs with experiments.packing, which keeps them apart.")
+    self.frozen_list = [t.frozen if t is not None else first.frozen for t in self.trainers]
+    self.frozen_axis = None if len(frozen) <= 1 else 0
+    self.frozen = first.frozen if len(frozen) <= 1 else pack_step.stack(self.frozen_list)
+    self.replay_axis = None if len(sources) <= 1 else 0
+    self.sampled_teacher = bool(first.replay is not None and first.replay.sampled_teacher)
+
+  def _stack(self, live):
+    first = live[0]
+    placeholder = lambda k: self.trainers[k] or first
+    self.length = max(t.stage.total_steps for t in live)
+    if self.restored:
+      self.state, extra = self.restored
+      self.step = int(extra["pack_step"])
+      self.extras = extra["members"]
+    else:
+      self.state = pack_step.stack([placeholder(k).state for k in range(self.K)])
+      self.step = 0
+      self.extras = [placeholder(k).extra for k in range(self.K)]
+    self.hparams = pack_step.stack([pack_step.member_hparams(placeholder(k).c) for k in range(self.K)])
+    self.lr_KS = jnp.asarray(np.stack([pack_step.lr_table(placeholder(k).c, placeholder(k).stage.total_steps,
+                                                          self.length) for k in range(self.K)]))
+    for k, t in enumerate(self.trainers):
+      if t is not None:
+        t.state = LazyMember(self, k)
+        t.result_extra = dict(pack_members=self.K, pack_replay_streams=self.n_streams)
+
+  def _compile(self, live):
+    c0 = live[0].c
+    objective = steps.make_objective(live[0].stage.model_cfg, c0.replay if live[0].frozen is not None else None)
+    traced = len({float(t.c.replay.coeff) for t in live}) > 1
+    step = pack_step.make_packed_step(objective, pack_step.adam_kind(c0), float(c0.optim.grad_clip),
+                                      frozen_axis=self.frozen_axis, replay_axis=self.replay_axis,
+                                      traced_coeff=traced)
+    self.train_step = jax.jit(step, donate_argnums=(0,))
+    for t in live:
+      t.train_step = self.train_step  # final.json's train_step_compiles counts the pack's program
+
+  # ----------------------------------------------------------------------------------------------- steps
+
+  def _inputs(self, iters):
+    first = next(t for t in self.trainers if t is not None)
+    shape = (first.c.optim.batch_size, first.c.model.seq_len)
+    batch = np.stack([np.asarray(next(iters[k])[1]) if t is not None else np.zeros(shape, np.int32)
+                      for k, t in enumerate(self.trainers)])
+    sources = {}
+    for t in self.trainers:
+      if t is not None and t.replay is not None and id(t.replay) not in sources:
+        sources[id(t.replay)] = t.replay.next(self.step)
+    if not sources:
+      return jnp.asarray(batch), None, None
+    if self.replay_axis is None:
+      rows, teacher = next(iter(sources.values()))
+      return jnp.asarray(batch), rows, teacher
+    pick = [sources[id((t or first).replay)] for t in self.trainers]
+    teacher = jnp.stack([p[1] for p in pick]) if self.sampled_teacher else None
+    return jnp.asarray(batch), jnp.stack([p[0] for p in pick]), teacher
+
+  def _extra(self) -> dict:
+    for k, t in enumerate(self.trainers):
+      if t is not None:
+        self.extras[k] = t.extra
+    return dict(pack_step=self.step, members=self.extras, failed={str(k): v for k, v in self.failed.items()})
+
+  def _after_step(self, aux) -> bool:
+    """Each member's logging, evaluation and stop (loop.after_step); returns whether one stopped or failed."""
+    host = None
+    changed = False
+    for k, t in enumerate(self.trainers):
+      if t is None:
+        continue
+      t.step = self.step
+      logs = self.step % t.c.log.every_steps == 0 or self.step == t.stage.total_steps
+      if logs and host is None:
+        host = jax.device_get(aux)
+      try:
+        reason = loop.after_step(t, {key: v[k] for key, v in host.items()} if logs else {})
+      except TrainingError as e:  # a NaN loss: this member fails alone
+        self.failed[k], self.results[k] = str(e), e
+        t.bar.close()  # its checkpointer is closed by check_finite
+        t.writer.close()
+        self.trainers[k], changed = None, True
+        continue
+      if reason is None and self.step >= t.stage.total_steps:
+        reason = "length"
+      if reason:
+        t.state = jax.tree.map(lambda x: x[k], self.state)
+        self.extras[k] = t.extra
+        self.results[k] = loop.finish(t, reason)
+        self.trainers[k], changed = None, True
+    return changed
+
+  def train(self) -> list:
+    live = [t for t in self.trainers if t is not None]
+    iters = {k: t.stage.batches.iterate(self.step) for k, t in enumerate(self.trainers) if t is not None}
+    for t in live:
+      t.last_eval_step = t.step if t.last_eval else None
+      t.throughput.reset()
+    with preemption_lib.Preemption() as preemption:
+      while any(t is not None for t in self.trainers):
+        batch, rows, teacher = self._inputs(iters)
+        active = jnp.asarray([t is not None for t in self.trainers])
+        self.state, aux = self.train_step(self.state, self.hparams, self.lr_KS, active, self.frozen, batch, rows,
+                                          teacher)
+        self.step += 1
+        changed = self._after_step(aux)
+        if preemption.reached(self.step):
+          self.checkpointer.save(self.step, self.state, self._extra(), force=True)
+          self.close()
+          raise SystemExit(f"Preempted (SIGTERM) at step {self.step}: saved the pack's checkpoint; run the same "
+                           "command to resume.")
+        # A stop or failure is saved at once, so the checkpoint always agrees with the members' final.json.
+        self.checkpointer.save(self.step, self.state, self._extra(), force=changed)
+    self.close()
+    return self.results
+
+  def close(self):
+    self.checkpointer.close()
+    for t in self.trainers:
+      if t is not None:
+        t.close()
+
+
+def run_pack(configs: list, workdirs: list[str], pack_dir: str) -> list:
+  """Trains the runs as one pack; returns each member's final metrics, or the TrainingError it failed with."""
+  os.makedirs(pack_dir, exist_ok=True)
+  path = os.path.join(pack_dir, PACK_FILE)
+  record = dict(members=[os.path.abspath(w) for w in workdirs])
+  if os.path.exists(path):
+    with open(path) as f:
+      if json.load(f)["members"] != record["members"]:
+        raise PackError(f"The pack directory {pack_dir} holds another pack's checkpoints: use a new directory.")
+  else:
+    write_json(path, record)
+  if all(loop.is_finished(w) for w in workdirs):
+    return [loop.run(c, w) for c, w in zip(configs, workdirs)]
+  pack = Pack(configs, workdirs, pack_dir)
+  pack.setup()
+  if all(t is None for t in pack.trainers):
+    pack.close()
+    return pack.results
+  return pack.train()

@@ -1,0 +1,135 @@
+"""The packed train step: K runs' states stacked on a leading axis, one jitted step vmapped over them.
+
+Values that differ between members enter the step as arrays ([K] hyperparameters, a [K, S] table of learning
+rates), so one compiled program serves every member. The optimizer update below repeats optim.make_optimizer's
+chain (clip → Adam → decoupled weight decay → −lr) with those values traced instead of closed over; the
+constants are rounded to float32 exactly as the lone optimizer rounds them (1−β in float64 first, as optax's
+`(1 - decay)` does), and its state is the lone optimizer's state, so a member's arithmetic is the lone run's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxreplay import config as config_lib
+from jaxreplay.train import optim
+
+HPARAMS = ("b1", "omb1", "b2", "omb2", "log_b1", "log_b2", "eps", "weight_decay", "coeff")
+
+
+def decay_pair(c, which: str) -> tuple[float, float]:
+  """(β, 1−β) in float64 as optim derives them: a half-life > 0 wins over the direct value."""
+  t_half = c.optim[f"{which}_half_life_tokens"]
+  if t_half > 0:
+    n = config_lib.tokens_per_step(c)
+    return optim.halflife_to_decay(t_half, n), optim.halflife_to_one_minus_decay(t_half, n)
+  return float(c.optim[which]), 1.0 - float(c.optim[which])
+
+
+def adam_kind(c) -> tuple:
+  """What about Adam is compiled in, not traced: optax's arithmetic or the accurate one, and the latter's
+  form of each moment update (by 1−β or by β). Members must agree on it."""
+  (_, omb1), (_, omb2) = decay_pair(c, "b1"), decay_pair(c, "b2")
+  if min(omb1, omb2) >= optim.MIN_ONE_MINUS_BETA_F32:
+    return ("optax",)
+  return ("accurate", omb1 <= 0.5, omb2 <= 0.5)
+
+
+def member_hparams(c) -> dict:
+  """One member's traced values, float32 scalars rounded from the float64 values the lone run uses."""
+  (b1, omb1), (b2, omb2) = decay_pair(c, "b1"), decay_pair(c, "b2")
+  log = lambda omb: math.log1p(-omb) if omb < 1.0 else -math.inf
+  coeff = float(c.replay.coeff) if c.init["from"] else 0.0
+  values = dict(b1=b1, omb1=omb1, b2=b2, omb2=omb2, log_b1=log(omb1), log_b2=log(omb2), eps=float(c.optim.eps),
+                weight_decay=float(c.optim.weight_decay), coeff=coeff)
+  return {k: np.float32(values[k]) for k in HPARAMS}
+
+
+def lr_table(c, total_steps: int, length: int) -> np.ndarray:
+  """The member's learning rate at steps 0..length-1 (float32), from its own optim.lr_schedule; steps past
+  its length repeat the last value (they are never applied: the member is frozen by then)."""
+  schedule = optim.lr_schedule(c, total_steps)
+  steps_S = np.minimum(np.arange(length), max(total_steps - 1, 0)).astype(np.int32)
+  return np.asarray(jax.jit(jax.vmap(schedule))(steps_S), np.float32)
+
+
+def _adam(grads, state: optax.ScaleByAdamState, hp: dict, kind: tuple):
+  count = optax.safe_increment(state.count)
+  if kind[0] == "optax":  # optax.scale_by_adam with b1, b2 and (1 - b) given as values
+    mu = jax.tree.map(lambda g, t: hp["omb1"] * (g**1) + hp["b1"] * t, grads, state.mu)
+    nu = jax.tree.map(lambda g, t: hp["omb2"] * (g**2) + hp["b2"] * t, grads, state.nu)
+    mu_hat = optax.tree.bias_correction(mu, hp["b1"], count)
+    nu_hat = optax.tree.bias_correction(nu, hp["b2"], count)
+    updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + 0.0) + hp["eps"]), mu_hat, nu_hat)
+  else:  # optim.scale_by_adam_accurate
+    ema = lambda by_omb, omb, b: ((lambda x, y: x + omb * (y - x)) if by_omb else (lambda x, y: omb * y + b * x))
+    ema1, ema2 = ema(kind[1], hp["omb1"], hp["b1"]), ema(kind[2], hp["omb2"], hp["b2"])
+    mu = jax.tree.map(lambda g, m: ema1(m, g), grads, state.mu)
+    nu = jax.tree.map(lambda g, v: ema2(v, g * g), grads, state.nu)
+    k = count.astype(jnp.float32)
+    bc1, bc2 = -jnp.expm1(k * hp["log_b1"]), -jnp.expm1(k * hp["log_b2"])
+    updates = jax.tree.map(lambda m, v: (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + hp["eps"]),
+                           mu, nu)
+  nu = jax.tree.map(lambda v, old: v.astype(old.dtype), nu, state.nu)
+  mu = jax.tree.map(lambda m, old: m.astype(old.dtype), mu, state.mu)
+  return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+
+def optimizer_update(grads, opt_state: tuple, params, hp: dict, lr, kind: tuple, grad_clip: float):
+  """optim.make_optimizer's update for one member, on its own (unchanged) state structure."""
+  parts = list(opt_state)
+  i = 0
+  if grad_clip > 0:
+    grads, parts[0] = optax.clip_by_global_norm(grad_clip).update(grads, parts[0])
+    i = 1
+  updates, parts[i] = _adam(grads, parts[i], hp, kind)
+  updates = jax.tree.map(lambda g, p: g + hp["weight_decay"] * p, updates, params)
+  step_size = -lr
+  updates = jax.tree.map(lambda g: jnp.array(step_size, dtype=g.dtype) * g, updates)
+  parts[i + 2] = optax.ScaleByScheduleState(count=optax.safe_increment(parts[i + 2].count))
+  return updates, tuple(parts)
+
+
+def make_packed_step(objective, kind: tuple, grad_clip: float, *, frozen_axis, replay_axis, traced_coeff: bool):
+  """step(states, hparams, lr_KS, active_K, frozen, batch_KBT, replay, teacher) -> (states, aux [K]).
+
+  frozen_axis / replay_axis: 0 when members have their own frozen model / replay rows, None when shared. When
+  both are shared, vmap leaves the frozen model's forward on the replay rows unbatched: it runs once per step for
+  every member (method kl without a sampled teacher).
+  A member with active=False keeps its state unchanged (it has stopped, or stopped being trained).
+  traced_coeff: the members' replay coefficients differ, so each gets its own from hparams; when they are all
+  equal the objective's own constant is used, which XLA folds into the loss's scale factors as a lone run's
+  is (a traced one rounds differently, by about one float32 ulp of the regulariser's gradient).
+  """
+
+  def member(state, hp, lr_S, active, frozen, batch_BT, replay_BT, teacher_BTV):
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    kw = dict(coeff=hp["coeff"]) if traced_coeff else {}
+    (_, aux), grads = grad_fn(state["params"], frozen, batch_BT, replay_BT, teacher_BTV, **kw)
+    lr = lr_S[jnp.minimum(state["step"], lr_S.shape[0] - 1)]
+    updates, opt_state = optimizer_update(grads, state["opt_state"], state["params"], hp, lr, kind, grad_clip)
+    params = optax.apply_updates(state["params"], updates)
+    aux["grad_norm"] = optax.tree.norm(grads)
+    aux["lr"] = lr
+    new = dict(params=params, opt_state=opt_state, step=state["step"] + 1)
+    return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state), aux
+
+  def step(states, hparams, lr_KS, active_K, frozen, batch_KBT, replay, teacher):
+    teacher_axis = None if teacher is None else replay_axis
+    return jax.vmap(member, in_axes=(0, 0, 0, 0, frozen_axis, 0, replay_axis, teacher_axis))(
+        states, hparams, lr_KS, active_K, frozen, batch_KBT, replay, teacher)
+
+  return step
+
+
+def stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree, k: int):
+  return jax.tree.map(lambda x: x[k], tree)
