@@ -42,5 +42,6 @@ sweeps-small: $(TEST_STAMP)
 	JAXREPLAY_SMALL_ROOT=$(SMALL_ROOT) JAXREPLAY_SMALL_TIMES=$(SMALL_ROOT)/times.jsonl \
 	  $(PY) -m pytest -m slow -s -q -p no:xdist tests/test_sweeps_small_e2e.py
 
+# Every benchmark of benchmarks/ at the sizes for the platform found, as one JSON object (docs/performance.md).
 bench: $(CORE_STAMP)
-	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/suite.py

@@ -24,7 +24,9 @@ from jaxreplay.train import steps
 SIZES = {
     "small": dict(d_model=128, n_layers=4, head_dim=32, seq_len=128, batch=32),  # the quickstart model
     "medium": dict(d_model=256, n_layers=6, head_dim=64, seq_len=256, batch=16),
-    "paper6m": dict(d_model=256, n_layers=6, head_dim=64, seq_len=256, batch=256),
+    "paper6m": dict(d_model=256, n_layers=6, head_dim=64, seq_len=256, batch=256),  # 5.77M paper params
+    "paper_d512": dict(d_model=512, n_layers=8, head_dim=64, seq_len=256, batch=256),
+    "paper205m": dict(d_model=1024, n_layers=16, head_dim=64, seq_len=256, batch=256),  # 205M paper params
     "tiny": dict(d_model=32, n_layers=1, head_dim=16, seq_len=16, batch=4),  # the smoke test's
 }
 TOTAL_STEPS = 10_000  # the schedule's length; only the LR's shape depends on it

@@ -5,8 +5,6 @@ Tolerances, for a 2-layer D=32 model: each of 12 training steps' loss within 1% 
 KL and next-token losses of bf16 logits finite and ≥ 0 (KL ≥ −1e-6: fp32 rounding of a sum near zero).
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
