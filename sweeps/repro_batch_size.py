@@ -8,22 +8,50 @@ batch size, or a constant half-life t½ = 11.4M tokens, the one that gives β₂
 rules agree there, as in sweeps/batch_size_b2.py). Seeds 0 and 1.
 
   jaxreplay sweep sweeps/repro_batch_size.py --workdir=runs/repro/batch_size --jobs=2
+
+`:halflife` tests the paper's own claim (batchsize_digest.md §1.5): with the LR set per batch size, the best β₂
+half-life in tokens is the same at every batch size while the best β₂ moves by orders of magnitude. A D=32, L=2,
+T=32 model (vocabulary 1,024) on the English Bible, 1M tokens, cosine after a 5% warmup, B ∈ {4, 16, 64, 256}
+sequences, t½ ∈ 10K · 4^k tokens (k = 0..5, 1,024× span), seeds 0 and 1. LR rule (stated, not tuned):
+lr = 3e-3 · (B/256)^0.3, the B^0.3 centring the paper's lm30m grids use (digest §1.3).
 """
+
 
 import _paper
 from batch_size_b2 import half_life
 from jaxreplay.experiments import sweeps
 
-VARIANTS = {"": "the CPU-scale reproduction (seeds 0 and 1)"}
+VARIANTS = {"": "the CPU-scale reproduction (seeds 0 and 1)",
+            "halflife": "the paper's claim: best beta2 half-life in tokens vs batch size, LR set per batch size"}
 
 BATCHES = [4, 16, 64, 256]
 SEEDS = [0, 1]
 TOKENS = 2_000_000
+HALF_LIVES = [10_000.0 * 4 ** k for k in range(6)]
+HL_TOKENS = 1_000_000
+
+
+def lr_for(batch: int) -> float:
+  """The LR rule of :halflife: 3e-3 at B=256, scaled by B^0.3 (the paper's grid centring, not sqrt scaling)."""
+  return round(3e-3 * (batch / 256) ** 0.3, 7)
+
+
+def halflife_sweep():
+  c = _paper.config("en", True, tokens=HL_TOKENS)
+  c.model.update(d_model=32, head_dim=16, seq_len=32)
+  c.optim.update(schedule="cosine", warmup_tokens=HL_TOKENS // 20)
+  c.eval.update(every_tokens=100_000, tokens=16_384)
+  per_batch = sweeps.chain(*({"optim.batch_size": [b], "optim.lr": [lr_for(b)]} for b in BATCHES))
+  s = sweeps.Sweep(__doc__)
+  s.stage("pretrain", c, sweeps.product(per_batch, {"optim.b2_half_life_tokens": HALF_LIVES}, {"seed": SEEDS}))
+  return s
 
 
 def get_sweep(arg: str = ""):
+  if arg == "halflife":
+    return halflife_sweep()
   if arg:
-    raise ValueError(f"unknown variant {arg!r}: this sweep has none")
+    raise ValueError(f"unknown variant {arg!r}: use no argument or 'halflife'")
   c = _paper.config("en", True, tokens=TOKENS)
   c.optim.schedule = "cosine"
   c.eval.every_tokens = 500_000

@@ -11,7 +11,8 @@ on all four tasks (`acc_add`, ...). The task data (65,536 train / 4,096 valid ex
 to data/toy*/ under the current directory when the sweep is loaded.
 
 Variants: `:cpu` is the CPU-scale reproduction in docs/results.md (D=128, batch 128, LR 3e-3, 600 steps per
-task, seeds 0–1); `:small` only checks the wiring (a few steps).
+task, seeds 0–1); `:chain99` is :cpu with each stage trained until its own task reaches 99% exact match on its
+validation examples (`stop.target_metric=acc_<task>`, cap 3,000 steps); `:small` only checks the wiring.
 
   jaxreplay sweep sweeps/toy_continual.py[:cpu|:small] --workdir=runs/toy_continual
 """
@@ -29,12 +30,16 @@ SETTINGS = {
     "": (256, 2048, 1e-4, 200, 2000, 20, 4096, [0], (65_536, 4_096)),
     "cpu": (128, 128, 3e-3, 20, 600, 50, 512, [0, 1], (65_536, 4_096)),
     "small": (32, 32, 3e-3, 2, 6, 3, 64, [0], (2_048, 256)),
+    # the :cpu model and batch, but each stage runs until its own task is learned (step cap 3,000)
+    "chain99": (128, 128, 3e-3, 20, 3000, 50, 512, [0, 1], (65_536, 4_096)),
 }
+TARGET = {"chain99": 0.99}  # variants whose stages stop once acc_<own task> on the validation examples reaches this
 
 
 VARIANTS = {"": "the paper's setup (D=256, batch 2,048, 2,000 steps per task)", "paper": "the same as no argument",
             "cpu": "the CPU-scale reproduction in docs/results.md (D=128, 600 steps per task, seeds 0-1)",
-            "small": "a few steps per task: checks the wiring"}
+            "small": "a few steps per task: checks the wiring",
+            "chain99": "the :cpu setup, each stage trained until its own task is >= 99% exact match (cap 3,000 steps)"}
 
 
 def task_config(task: str, variant: str):
@@ -45,6 +50,8 @@ def task_config(task: str, variant: str):
   c.optim.update(lr=lr, b2=0.99, weight_decay=0.02, batch_size=batch, warmup_tokens=warmup * batch * T)
   c.eval.update(every_tokens=every * batch * T, tokens=n_eval * T, batch_size=min(512, n_eval))
   c.stop.steps = steps
+  if variant in TARGET:  # a general metric stop: the stage ends once its own task is learned
+    c.stop.update(target_metric=f"acc_{task}", target=TARGET[variant], target_mode="max")
   c.replay.update(batch_size=batch, buffer=16 if variant != "small" else 2,
                   prompt_ids=",".join(str(i) for i in range(TASKS.index(task))))  # every earlier task
   c.checkpoint.update(every_steps=max(100, steps // 4), every_minutes=5.0)
@@ -55,7 +62,7 @@ def task_config(task: str, variant: str):
 def get_sweep(arg: str = ""):
   variant = "" if arg == "paper" else arg
   if variant not in SETTINGS:
-    raise ValueError(f"unknown variant {arg!r}: use no argument (the paper's setup), 'cpu' or 'small'")
+    raise ValueError(f"unknown variant {arg!r}: use no argument (the paper's setup), 'cpu', 'chain99' or 'small'")
   *_, seeds, (n_train, n_valid) = SETTINGS[variant]
   toy.build(f"data/toy{'_' + variant if variant else ''}", n_train, n_valid)
   s = sweeps.Sweep(__doc__, pack=16 if variant == "small" else 1)  # toy evals: chained, not packed
