@@ -135,7 +135,7 @@ def report(path: str, out: str) -> list[str]:
           ("best", "best run", "{}"), ("matched_downstream", "at downstream loss", "{:.3f}"),
           ("reached", "runs that reached it", "{}"), ("runs", "runs", "{}")]), written)
   lr = lr_panels(res)
-  if any(len(v) > 2 for d in lr.values() for v in d.values()):
+  if any(len(v) > 1 for d in lr.values() for v in d.values()):  # a line needs two finetuning LRs
     written.append(plots.learning_rate(lr, os.path.join(out, "learning_rate.png")))
   tt = time_to_target(res)
   if tt["Increase replay"] and len(tt["Reduce learning rate"]) > 1:
