@@ -6,7 +6,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 
 import jax
@@ -19,6 +18,7 @@ from jaxreplay.experiments import packing, pack_runner, runner
 from jaxreplay.models import decoder, export as export_lib
 
 from helpers import tiny_config, token_dir
+import test_sweeps as sweeps_test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,31 +75,10 @@ def test_chains_hold_at_most_n_runs():
   assert packing.chains(["a", "b"], 1) == [["a"], ["b"]]
 
 
-def write_sweep(path, data_a, data_b, n_pre=3, steps=12, pack=3):
-  path.write_text(textwrap.dedent(f"""
-      from jaxreplay import config
-      from jaxreplay.experiments import sweeps
-
-      def tiny(data, steps):
-        c = config.default()
-        c.model.update(d_model=32, n_layers=1, head_dim=16, seq_len=16, vocab_size=64)
-        c.data.path = data
-        c.optim.update(batch_size=8, lr=1e-2, warmup_tokens=256)
-        c.eval.update(every_tokens=128 * 10, tokens=1024, batch_size=8)
-        c.checkpoint.update(every_steps=4, every_minutes=0.0, async_save=False)
-        c.log.update(every_steps=4, progress=False)
-        c.stop.steps = steps
-        return c
-
-      def get_sweep(arg=""):
-        s = sweeps.Sweep(pack={pack})
-        s.stage("pretrain", tiny({data_a!r}, {steps}), {{"seed": list(range({n_pre}))}})
-        ft = tiny({data_b!r}, 8)
-        ft.replay.update(method="kl", source="real")
-        s.stage("finetune", ft, {{"replay.coeff": [0.5]}}, after="pretrain")
-        return s
-      """))
-  return str(path)
+def write_sweep(path, data_a, data_b):
+  """Three pretraining seeds and a real-data KL finetune after each, packed by 3 by default."""
+  return sweeps_test.write_sweep(path, data_a, data_b, steps=12, n_pre=3, ckpt_every=4, log_every=4, pack=3,
+                                 ft_steps=8, kl_coeffs=(0.5,))
 
 
 def cli(*args):

@@ -116,9 +116,13 @@ def test_paper_grids_have_the_papers_sizes():
 
 # ------------------------------------------------------------------------------------------------ the runner
 
-def write_sweep(path, data_a, data_b, steps=20, n_pre=2, ckpt_every=10):
-  """A sweep file of tiny real runs: n_pre pretraining runs, one finetuning run after each. It imports no JAX
-  (the runner process stays light); the config is tests/helpers.tiny_config with one layer."""
+def write_sweep(path, data_a, data_b, steps=20, n_pre=2, ckpt_every=10, log_every=5, pack=1, ft_steps=10,
+                kl_coeffs=()):
+  """A sweep file of tiny real runs: n_pre pretraining runs, one finetuning run after each (one per coefficient
+  of real-data KL replay in `kl_coeffs`), packed by `pack`. It imports no JAX (the runner process stays light);
+  the config is tests/helpers.tiny_config with one layer."""
+  replay = 'ft.replay.update(method="kl", source="real")' if kl_coeffs else "pass"
+  grid = {"replay.coeff": list(kl_coeffs)} if kl_coeffs else None
   path.write_text(textwrap.dedent(f"""
       from jaxreplay import config
       from jaxreplay.experiments import sweeps
@@ -130,14 +134,16 @@ def write_sweep(path, data_a, data_b, steps=20, n_pre=2, ckpt_every=10):
         c.optim.update(batch_size=8, lr=1e-2, warmup_tokens=256)
         c.eval.update(every_tokens=128 * 10, tokens=1024, batch_size=8)
         c.checkpoint.update(every_steps={ckpt_every}, every_minutes=0.0, async_save=False)
-        c.log.update(every_steps=5, progress=False)
+        c.log.update(every_steps={log_every}, progress=False)
         c.stop.steps = steps
         return c
 
       def get_sweep(arg=""):
-        s = sweeps.Sweep()
+        s = sweeps.Sweep(pack={pack})
         s.stage("pretrain", tiny({data_a!r}, {steps}), {{"seed": list(range({n_pre}))}})
-        s.stage("finetune", tiny({data_b!r}, 10), after="pretrain")
+        ft = tiny({data_b!r}, {ft_steps})
+        {replay}
+        s.stage("finetune", ft, {grid!r}, after="pretrain")
         return s
       """))
   return str(path)
