@@ -86,10 +86,13 @@ def member_rates(workdir: str, stage: str) -> dict:
     if rows:
       rates.append(statistics.median(r["tokens_per_s"] for r in rows))
       mfus.append(statistics.median(r.get("mfu", 0.0) for r in rows))
-      members.append(max(r.get("pack_members", 1) for r in rows))
+      final = os.path.join(dirpath, "final.json")  # a packed member records its pack's size there
+      if os.path.exists(final):
+        with open(final) as f:
+          members.append(json.load(f).get("pack_members", 1))
   if not rates:
     return {}
-  size = statistics.median(members)
+  size = statistics.median(members) if members else 1
   return dict(runs=len(rates), tokens_per_s_per_member=statistics.median(rates),
               mfu_per_member=statistics.median(mfus), pack_size=size, pack_mfu=statistics.median(mfus) * size)
 
@@ -107,7 +110,9 @@ def compare(name: str, spec: str, setup: str, stage: str, pack: int, a) -> dict:
   out = dict(arms=arms, jobs=a.jobs, pack=pack,
              wall_speedup=best["lone"]["wall_s"] / best["packed"]["wall_s"])
   if best["lone"].get("tokens_per_s_per_member") and best["packed"].get("tokens_per_s_per_member"):
-    out["member_step_ratio"] = best["packed"]["tokens_per_s_per_member"] / best["lone"]["tokens_per_s_per_member"]
+    # member-steps per second of the pack (its step rate × its members) against a lone run's steps per second
+    out["member_step_ratio"] = (best["packed"]["tokens_per_s_per_member"] * best["packed"]["pack_size"]
+                                / best["lone"]["tokens_per_s_per_member"])
   return out
 
 
