@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 from jaxreplay import config as config_lib
 from jaxreplay.data import commands as data_commands
-from jaxreplay.data import resolve_path
+from jaxreplay.data.commands import resolve_path
 from jaxreplay.errors import UsageError, UserError
 from jaxreplay.experiments import config_files, lm_eval_run, quickstart, report, runner
 from jaxreplay.train import loop as training

@@ -10,8 +10,9 @@ import zlib
 import numpy as np
 import pytest
 
-from jaxreplay.data import (DataError, TrainBatches, build_default_corpora, eval_batches, load_tokenizer,
-                            open_token_dir, resolve_path, tokenizer_hash, train_tokenizer, write_token_dir)
+from jaxreplay.data import (DataError, TrainBatches, eval_batches, load_tokenizer, open_token_dir, tokenizer_hash,
+                            train_tokenizer, write_token_dir)
+from jaxreplay.data.commands import build_default_corpora, resolve_path
 from jaxreplay.data import commands, corpora, sword, tokenfile, versification
 
 CORPORA = corpora.shared_corpora_dir()  # absent on a fresh clone: the tests below use tests/fixtures instead

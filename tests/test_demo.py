@@ -11,7 +11,8 @@ import pytest
 
 from jaxreplay import config as config_lib
 from jaxreplay.train import loop as train
-from jaxreplay.data import build_default_corpora, commands
+from jaxreplay.data import commands
+from jaxreplay.data.commands import build_default_corpora
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 

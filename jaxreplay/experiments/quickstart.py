@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from jaxreplay.data import resolve_path
+from jaxreplay.data.commands import resolve_path
 from jaxreplay.experiments import config_files, report, results_table
 from jaxreplay.io import write_json
 from jaxreplay.train import loop as training

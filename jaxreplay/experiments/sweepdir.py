@@ -25,7 +25,7 @@ import ml_collections
 
 from jaxreplay.io import write_json
 from jaxreplay import config as config_lib
-from jaxreplay.data import resolve_path
+from jaxreplay.data.commands import resolve_path
 from jaxreplay.experiments import sweeps
 from jaxreplay.experiments.sweeps import Run, SweepError
 
