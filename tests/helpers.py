@@ -49,3 +49,9 @@ def tiny_config(data_path, **stop):
   c.log.update(every_steps=5, progress=False)
   c.stop.update(**(stop or dict(steps=30)))
   return c
+
+
+def two_datasets(root) -> dict:
+  """Two learnable token directories: 'a' (dataset id 0, pretraining) and 'b' (dataset id 1, finetuning)."""
+  return dict(a=token_dir(root / "a", dataset_id=0, seed=0, step=3),
+              b=token_dir(root / "b", dataset_id=1, seed=1, step=5))

@@ -10,7 +10,7 @@ from jaxreplay.io import read_metrics
 from jaxreplay.models import export as export_lib
 from jaxreplay.train import loop, optim, pack, pack_step
 
-from helpers import tiny_config, token_dir
+from helpers import tiny_config, two_datasets
 
 # Not bitwise, for two reasons, both float32 rounding. vmap turns each member's matrix products into one batched
 # product whose sums may be ordered differently (pretraining: ≤ 5e-7 on weights of scale 0.2 after 30 steps).
@@ -31,8 +31,7 @@ METRICS = ("valid_ntp", "valid_ntp_h2", "prev_ntp", "prev_kl", "valid_kl", "step
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   root = tmp_path_factory.mktemp("data")
-  return dict(a=token_dir(root / "a", dataset_id=0, seed=0, step=3),
-              b=token_dir(root / "b", dataset_id=1, seed=1, step=5))
+  return two_datasets(root)
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,13 @@ from jaxreplay import config as config_lib
 from jaxreplay.train import loop as train
 from jaxreplay.data import DataError
 
-from helpers import tiny_config, token_dir
+from helpers import tiny_config, token_dir, two_datasets
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   root = tmp_path_factory.mktemp("data")
-  return dict(a=token_dir(root / "a", dataset_id=0, seed=0, step=3),
-              b=token_dir(root / "b", dataset_id=1, seed=1, step=5))
+  return two_datasets(root)
 
 
 @pytest.fixture(scope="module")
