@@ -82,7 +82,7 @@ def rescale_decay(beta: float, old_tokens_per_step: float, new_tokens_per_step: 
   return b ** (new / old)
 
 
-def _decay_pair(c: ml_collections.ConfigDict, which: str) -> tuple[float, float]:
+def decay_pair(c: ml_collections.ConfigDict, which: str) -> tuple[float, float]:
   """(β, 1−β) for b1 or b2 from the config, both float64; a half-life > 0 wins over the direct value."""
   t_half = c.optim[f"{which}_half_life_tokens"]
   if t_half > 0:
@@ -98,7 +98,7 @@ def _decay_pair(c: ml_collections.ConfigDict, which: str) -> tuple[float, float]
 
 def resolved_betas(c: ml_collections.ConfigDict) -> tuple[float, float]:
   """The (β₁, β₂) this config trains with, as Python floats (log them: they depend on the batch size)."""
-  return _decay_pair(c, "b1")[0], _decay_pair(c, "b2")[0]
+  return decay_pair(c, "b1")[0], decay_pair(c, "b2")[0]
 
 
 # ------------------------------------------------------------------------------------------------- adam
@@ -162,7 +162,7 @@ def make_optimizer(c: ml_collections.ConfigDict, total_steps: Optional[int]) -> 
   scale_by_adam, so directly given betas reproduce optax.adamw bit for bit; otherwise the accurate variant.
   """
   o = c.optim
-  (b1, omb1), (b2, omb2) = _decay_pair(c, "b1"), _decay_pair(c, "b2")
+  (b1, omb1), (b2, omb2) = decay_pair(c, "b1"), decay_pair(c, "b2")
   if min(omb1, omb2) >= MIN_ONE_MINUS_BETA_F32:
     adam = optax.scale_by_adam(b1=b1, b2=b2, eps=o.eps)
   else:

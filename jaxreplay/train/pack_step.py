@@ -16,25 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxreplay import config as config_lib
 from jaxreplay.train import optim
 
 HPARAMS = ("b1", "omb1", "b2", "omb2", "log_b1", "log_b2", "eps", "weight_decay", "coeff")
 
 
-def decay_pair(c, which: str) -> tuple[float, float]:
-  """(β, 1−β) in float64 as optim derives them: a half-life > 0 wins over the direct value."""
-  t_half = c.optim[f"{which}_half_life_tokens"]
-  if t_half > 0:
-    n = config_lib.tokens_per_step(c)
-    return optim.halflife_to_decay(t_half, n), optim.halflife_to_one_minus_decay(t_half, n)
-  return float(c.optim[which]), 1.0 - float(c.optim[which])
-
-
 def adam_kind(c) -> tuple:
   """What about Adam is compiled in, not traced: optax's arithmetic or the accurate one, and the latter's
   form of each moment update (by 1−β or by β). Members must agree on it."""
-  (_, omb1), (_, omb2) = decay_pair(c, "b1"), decay_pair(c, "b2")
+  (_, omb1), (_, omb2) = optim.decay_pair(c, "b1"), optim.decay_pair(c, "b2")
   if min(omb1, omb2) >= optim.MIN_ONE_MINUS_BETA_F32:
     return ("optax",)
   return ("accurate", omb1 <= 0.5, omb2 <= 0.5)
@@ -42,7 +32,7 @@ def adam_kind(c) -> tuple:
 
 def member_hparams(c) -> dict:
   """One member's traced values, float32 scalars rounded from the float64 values the lone run uses."""
-  (b1, omb1), (b2, omb2) = decay_pair(c, "b1"), decay_pair(c, "b2")
+  (b1, omb1), (b2, omb2) = optim.decay_pair(c, "b1"), optim.decay_pair(c, "b2")
   log = lambda omb: math.log1p(-omb) if omb < 1.0 else -math.inf
   coeff = float(c.replay.coeff) if c.init["from"] else 0.0
   values = dict(b1=b1, omb1=omb1, b2=b2, omb2=omb2, log_b1=log(omb1), log_b2=log(omb2), eps=float(c.optim.eps),
