@@ -58,20 +58,10 @@ def why_alone(c) -> str | None:
   return None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def program_key(c) -> str:
   """Equal for runs that compile to one packed program: every non-packable key, plus what is derived from
   packable ones but compiled in (Adam's form, where the KL teacher comes from)."""
-  flat = _flatten(c.to_dict())
+  flat = config_lib.flatten(c.to_dict())
   fixed = {k: v for k, v in flat.items() if not _packable_key(k)}
   if c.replay.method == "replace":
     fixed["replay.coeff"] = c.replay.coeff
