@@ -155,6 +155,25 @@ def test_batch_size_rules_and_2d_grid(tmp_path):
   assert "grid_2d.png" in {os.path.basename(p) for p in report.report(str(g), str(tmp_path / "o2"))}
 
 
+def test_2d_grid_compares_each_cell_at_a_matched_loss_and_takes_the_best_coefficient(tmp_path):
+  """No target loss: every run of the cell reached 3.2 (KL 10 got no further), so each is read there; the KL cell
+  is the better coefficient; the multiplier is read off the pretraining curve (by hand: 0.8 and 0.35)."""
+  g = tmp_path / "grid"
+  pre = "pretrain/d=1,tpp=10"
+  curve = [dict(step=i, tokens=tok, valid_ntp=v) for i, (tok, v) in enumerate(((100, 4.0), (200, 3.5), (400, 3.0)))]
+  add_run(g, pre, config=dict(stop=dict(tokens_per_param=10)), metrics=dict(valid_ntp=3.0, params_paper=1000),
+          history=curve)
+  for name, method, coeff, xs, ys in (("none", "none", 1.0, [4.0, 3.6, 3.2, 2.8], [3.0, 3.4, 3.8, 4.2]),
+                                       ("kl1", "kl", 1.0, [4.0, 3.4, 3.0], [3.0, 3.2, 3.3]),
+                                       ("kl10", "kl", 10.0, [4.0, 3.6, 3.2], [3.0, 3.1, 3.2])):
+    add_run(g, f"finetune/{pre}/{name}", parent=pre, config=dict(replay=dict(method=method, source="real",
+            coeff=coeff)), metrics=dict(prev_ntp=ys[-1], prev_ntp_before=3.0, prev_ntp_delta=ys[-1] - 3.0,
+                                        compute_multiplier=0.0), history=traj(xs, ys))
+  grid = results_table.grid_2d(results_table.Results(str(g)))
+  assert grid["KL (real)"][(1000, 10)] == pytest.approx((0.2, 0.8))
+  assert grid["no replay"][(1000, 10)] == pytest.approx((0.8, 0.35))
+
+
 def test_learning_rate_and_time_to_target(tmp_path):
   w = tmp_path / "sweep"
   add_run(w, "pretrain/lr=0.001", config=dict(optim=dict(lr=1e-3)), metrics=dict(valid_ntp=3.2))

@@ -13,7 +13,10 @@ import os
 import sqlite3
 from collections import defaultdict
 
+import numpy as np
+
 from jaxreplay.errors import SweepError
+from jaxreplay.evals.forgetting import compute_multiplier
 from jaxreplay.io import read_metrics
 
 
@@ -203,13 +206,52 @@ def capacity_slice(res: Results, x: str) -> list[dict]:
 
 
 def grid_2d(res: Results) -> dict:
-  """{method: {(params, tpp): (loss delta, compute multiplier)}} over finetuning runs."""
-  out = defaultdict(dict)
+  """{method: {(params, tpp): (loss delta, compute multiplier)}}, one cell per pretrained model (the mean over
+  pretrained models that share a cell, e.g. seeds). A method run at several replay coefficients shows its best
+  (lowest previous loss). Runs with a target loss are read at their end, those that reached it; runs without one
+  at the lowest downstream loss every run of the cell reached, each run's previous loss interpolated there (as
+  capacity_slice), and the multiplier read off the pretraining run's curve at that loss."""
+  cells = defaultdict(list)
   for r in res.finetunes():
     p, t = x_of(r, res, "params"), x_of(r, res, "tpp")
     if p and t:
-      out[method_label(r)][(p, t)] = (r["metrics"].get("prev_ntp_delta"), r["metrics"].get("compute_multiplier"))
-  return dict(out)
+      cells[(p, t, r["parent"])].append(r)
+  sums = defaultdict(lambda: defaultdict(list))
+  for (p, t, parent), kids in cells.items():
+    for method, vals in _cell_best(res, parent, kids).items():
+      sums[method][(p, t)].append(vals)
+  return {m: {k: tuple(_mean(v[i] for v in vs) for i in range(2)) for k, vs in d.items()} for m, d in sums.items()}
+
+
+def _mean(xs):
+  xs = [x for x in xs if x is not None]
+  return sum(xs) / len(xs) if xs else None
+
+
+def _cell_best(res: Results, parent: str, kids: list[dict]) -> dict:
+  """{method: (loss delta, compute multiplier)} of the best run of each method among one model's finetunes."""
+  trajs = {k["name"]: trajectory(res.history(k["name"])) for k in kids}
+  matched = None
+  if not any(cfg(k, "stop.target_loss") for k in kids) and all(trajs.values()):
+    matched = max(min(x for x, _ in t) for t in trajs.values())
+  curve = [(r["tokens"], r["valid_ntp"]) for r in res.history(parent) if "valid_ntp" in r and "tokens" in r]
+  best = {}
+  for k in kids:
+    m = k["metrics"]
+    if matched is None:
+      if cfg(k, "stop.target_loss") and m.get("stop_reason") != "target_loss":
+        continue
+      prev, vals = m.get("prev_ntp", math.inf), (m.get("prev_ntp_delta"), m.get("compute_multiplier"))
+    else:
+      prev, before = at_matched(trajs[k["name"]], matched), m.get("prev_ntp_before")
+      if prev is None or before is None:
+        continue
+      mult = compute_multiplier(*map(np.array, zip(*curve)), prev) if curve else None
+      vals = (prev - before, mult)
+    label = method_label(k)
+    if label not in best or prev < best[label][0]:
+      best[label] = (prev, vals)
+  return {label: vals for label, (_, vals) in best.items()}
 
 
 def lr_panels(res: Results) -> dict:
