@@ -1,5 +1,6 @@
 """Reports from a sweep's results table: the numbers behind each figure kind, and the files `report` writes."""
 import json
+import math
 import os
 
 import pytest
@@ -172,6 +173,27 @@ def test_2d_grid_compares_each_cell_at_a_matched_loss_and_takes_the_best_coeffic
   grid = results_table.grid_2d(results_table.Results(str(g)))
   assert grid["KL (real)"][(1000, 10)] == pytest.approx((0.2, 0.8))
   assert grid["no replay"][(1000, 10)] == pytest.approx((0.8, 0.35))
+
+
+def test_half_life_grid_best_point_and_beta2(tmp_path):
+  """Loss is lowest at t½ = 1e5 for batch 4 and at 1e6 for batch 16; β₂ = 0.5^(B·T/t½) by hand."""
+  w = tmp_path / "sweep"
+  for bs, best in ((4, 1e5), (16, 1e6)):
+    for hl in (1e4, 1e5, 1e6):
+      for seed in (0, 1):
+        loss = 3.0 + abs(math.log10(hl / best)) / 10 + seed / 100
+        add_run(w, f"pretrain/bs={bs},hl={hl:g},seed={seed}", config=dict(seed=seed, model=dict(seq_len=32), optim=dict(
+            batch_size=bs, b2_half_life_tokens=hl)), metrics=dict(valid_ntp=loss),
+            history=[dict(step=1, tokens=100, valid_ntp=loss + 1), dict(step=2, tokens=200, valid_ntp=loss)])
+  grid = results_table.half_life_grid(results_table.Results(str(w)))
+  assert [p[0] for p in grid[4]] == [1e4, 1e5, 1e6] and grid[16][0][2] == pytest.approx([3.2, 3.21])
+  assert grid[16][1][1] == pytest.approx(0.5 ** (16 * 32 / 1e5))
+  best = results_table.half_life_best(grid)
+  assert [(r["batch"], r["best_index"], r["best_half_life"]) for r in best] == [(4, 1, 1e5), (16, 2, 1e6)]
+  assert best[0]["loss"] == pytest.approx(3.005)
+  curves = results_table.half_life_curves(results_table.Results(str(w)), grid)
+  assert curves[4] == [(100, pytest.approx(4.0)), (200, pytest.approx(3.0))]
+  assert "half_life.png" in {os.path.basename(p) for p in report.report(str(w), str(tmp_path / "o"))}
 
 
 def test_learning_rate_and_time_to_target(tmp_path):

@@ -13,6 +13,7 @@ support: results.csv / results.md (one row per run), and, when the runs vary wha
   toy_continual.png    accuracy on each toy task along the chain of tasks, without / with replay
   method_comparison.png  trajectories of each finetuning method from one pretrained model
   batch_size.png       final loss against batch size for each β₂ rule
+  half_life.png        final loss against the β₂ half-life in tokens and against β₂, one line per batch size
   matched.md           forgetting at matched downstream loss (English rise at equal Spanish loss)
 
 An instruct sweep (sweeps/instruct.py) has no pretraining runs to plot against: its report is results.csv /
@@ -33,6 +34,7 @@ import os
 from jaxreplay.errors import UsageError
 from jaxreplay.experiments import plots
 from jaxreplay.experiments.results_table import (Results, batch_size_rules, capacity_slice, frontier, grid_2d,
+                                                 half_life_best, half_life_curves, half_life_grid,
                                                  lr_panels, matched_forgetting, method_label, runs_table,
                                                  time_to_target, toy_curves, toy_final, trajectories, trajectory,
                                                  write_csv)
@@ -151,6 +153,12 @@ def report(path: str, out: str) -> list[str]:
   bs = batch_size_rules(res)
   if any(len(v) > 1 for v in bs.values()) and len(bs) > 1:
     written.append(plots.batch_size(bs, os.path.join(out, "batch_size.png")))
+  hl = half_life_grid(res)
+  if len(hl) > 1 and all(len(points) >= 3 for points in hl.values()):
+    written.append(plots.half_life(hl, half_life_curves(res, hl), os.path.join(out, "half_life.png")))
+    _write(os.path.join(out, "half_life.md"), markdown(half_life_best(hl), [
+        ("batch", "batch size", "{}"), ("best_index", "grid index", "{}"), ("best_half_life", "best half-life", "{:g}"),
+        ("best_b2", "its β₂", "{:.6f}"), ("loss", "mean final loss", "{:.4f}"), ("seeds", "seeds", "{}")]), written)
   return written
 
 

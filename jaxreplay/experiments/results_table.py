@@ -334,3 +334,39 @@ def batch_size_rules(res: Results) -> dict:
     if "valid_ntp" in r["metrics"]:
       out[rule][cfg(r, "optim.batch_size")].append(r["metrics"]["valid_ntp"])
   return {k: dict(sorted(v.items())) for k, v in out.items()}
+
+
+def half_life_grid(res: Results) -> dict:
+  """{batch size: [(β₂ half-life in tokens, β₂, [final validation loss per seed])]} over pretraining runs that set
+  a half-life, sorted by half-life; β₂ = 0.5^(B·T / t½), the value the optimizer used."""
+  out = defaultdict(lambda: defaultdict(list))
+  seq = {}
+  for r in res.pretrains():
+    hl, b = cfg(r, "optim.b2_half_life_tokens", 0.0), cfg(r, "optim.batch_size")
+    if hl and "valid_ntp" in r["metrics"] and cfg(r, "model.seq_len"):
+      out[b][hl].append(r["metrics"]["valid_ntp"])
+      seq[b] = cfg(r, "model.seq_len")
+  return {b: [(hl, 0.5 ** (b * seq[b] / hl), losses) for hl, losses in sorted(d.items())]
+          for b, d in sorted(out.items())}
+
+
+def half_life_best(grid: dict) -> list[dict]:
+  """Per batch size: the half-life (and its β₂) with the lowest mean final loss, and its grid index."""
+  rows = []
+  for b, points in grid.items():
+    means = [sum(losses) / len(losses) for _, _, losses in points]
+    i = min(range(len(points)), key=means.__getitem__)
+    rows.append(dict(batch=b, best_index=i, best_half_life=points[i][0], best_b2=points[i][1], loss=means[i],
+                     seeds=len(points[i][2])))
+  return rows
+
+
+def half_life_curves(res: Results, grid: dict) -> dict:
+  """{batch size: [(tokens, validation loss)]} of the best half-life's first-seed run: whether it flattened."""
+  best = {r["batch"]: r["best_half_life"] for r in half_life_best(grid)}
+  out = {}
+  for r in sorted(res.pretrains(), key=lambda r: cfg(r, "seed", 0)):
+    b = cfg(r, "optim.batch_size")
+    if b in best and b not in out and cfg(r, "optim.b2_half_life_tokens") == best[b]:
+      out[b] = [(h["tokens"], h["valid_ntp"]) for h in res.history(r["name"]) if "valid_ntp" in h]
+  return out
