@@ -47,3 +47,32 @@ def test_finetune_step_cost():
 def test_checkpoint_overhead(tmp_path):
   r = run("checkpoint_overhead.py", "--sizes=tiny", "--steps=2", "--repeats=1")
   assert r["results"][0]["checkpoint_bytes"] > 0
+
+
+def test_suite_runs_its_cpu_plan_and_its_accelerator_plan_names_real_sizes():
+  """The suite's one JSON object on CPU (two short benchmarks): statuses, the peak measured twice, and each train
+  size's MFU against the suite's peak recomputed from the benchmark's own. The accelerator plan, which no CI
+  machine runs, names only scripts that exist and sizes benchmarks/common.py defines."""
+  out = subprocess.run([sys.executable, os.path.join(BENCH, "suite.py"), "--only=train_throughput,data_throughput",
+                        "--budget-s=200"], capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  r = json.loads(out.stdout)
+  assert r["backend"] == "cpu" and set(r["benchmarks"]) == {"train_throughput", "data_throughput"}
+  assert all(b["status"] == "ok" for b in r["benchmarks"].values()), r["benchmarks"]
+  peak, train = r["matmul_peak"], r["benchmarks"]["train_throughput"]["result"]
+  assert peak["flops"] > 0 and peak["flops_after"] > 0
+  for row in train["results"]:
+    assert row["mfu_vs_suite_peak"] == pytest.approx(row["mfu"] * train["matmul_peak_flops"] / peak["flops"], abs=1e-4)
+
+  sys.path.insert(0, BENCH)
+  try:
+    import common
+    import suite
+  finally:
+    sys.path.remove(BENCH)
+  for name, script, args, cap in suite.PLANS["accelerator"]:
+    assert os.path.exists(os.path.join(BENCH, script)) and cap > 0
+    for a in args:
+      if a.startswith(("--sizes=", "--size=")):
+        assert set(a.split("=", 1)[1].split(",")) <= set(common.SIZES), (name, a)
+  assert sum(cap for *_, cap in suite.PLANS["accelerator"]) <= 600  # every cap together fits one device call
