@@ -196,25 +196,28 @@ def batch_size(rules: dict, out_path: str) -> str:
 
 
 def half_life(grid: dict, curves: dict, out_path: str) -> str:
-  """Final loss against the β₂ half-life in tokens and against 1 − β₂, one line per batch size (mean over seeds,
-  min–max bars, the best point starred); and the best run's validation curve per batch size."""
+  """Final loss above each batch size's best against the β₂ half-life in tokens and against 1 − β₂, one line per
+  batch size (mean over seeds, min–max bars, the best point starred; absolute losses differ by batch size far
+  more than across half-lives); and the best run's validation curve per batch size."""
   plt = _plt()
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
   for b, points in grid.items():
     vals = [np.asarray(losses) for _, _, losses in points]
     mean = np.array([v.mean() for v in vals])
-    err = [mean - [v.min() for v in vals], [v.max() for v in vals] - mean]
     i = int(mean.argmin())
+    err = [mean - [v.min() for v in vals], [v.max() for v in vals] - mean]
     for ax, xs in ((axes[0], [p[0] for p in points]), (axes[1], [1 - p[1] for p in points])):
-      line = ax.errorbar(xs, mean, yerr=err, marker="o", capsize=3, label=f"batch {b}")
-      ax.plot([xs[i]], [mean[i]], "*", ms=14, color=line[0].get_color())
+      line = ax.errorbar(xs, mean - mean[i], yerr=err, marker="o", capsize=3, label=f"batch {b} (best {mean[i]:.3f})")
+      ax.plot([xs[i]], [0.0], "*", ms=14, color=line[0].get_color())
     if b in curves:
       axes[2].plot(*zip(*curves[b]), marker=".", label=f"batch {b}")
   for ax, xlabel in zip(axes, ("β₂ half-life (tokens)", "1 − β₂", "tokens")):
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation loss")
     ax.legend(fontsize=8)
+  axes[0].set_ylabel("final loss − the batch size's best")
+  axes[1].set_ylabel("final loss − the batch size's best")
+  axes[2].set_ylabel("validation loss")
   axes[0].set_title("Final loss against the β₂ half-life")
   axes[1].set_title("Final loss against β₂")
   axes[2].set_title("Best half-life's validation curve")
