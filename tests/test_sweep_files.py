@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -169,3 +170,25 @@ def test_a_child_that_sets_another_shape_than_its_parent_fails_at_expansion(tmp_
   s.stages[1].grid = [{}]
   runs = {r.name: r for r in sweeps.expand(s)}
   assert runs["finetune/pretrain/d=256"].config["model"]["d_model"] == 256
+
+
+def test_dry_run_states_the_packs_idle_share(tmp_path):
+  """Runs of 100, 80 and 10 steps, one shape: 100 and 80 pack (20 idle member-steps of 200 = 10%); the 10-step
+  run would make it (20 + 90) / 300 = 37% > 25%, so it trains alone."""
+  spec = tmp_path / "s.py"
+  spec.write_text(textwrap.dedent("""
+      from jaxreplay import config
+      from jaxreplay.experiments import sweeps
+
+      def get_sweep(arg=""):
+        c = config.default()
+        c.model.update(d_model=32, n_layers=1, head_dim=16, seq_len=16, vocab_size=64)
+        c.data.path = "data/none"
+        s = sweeps.Sweep("", pack=16)
+        s.stage("pretrain", c, {"stop.steps": [100, 80, 10]})
+        return s
+      """))
+  r = _cli(str(spec), f"--workdir={tmp_path / 'w'}", "--dry-run")
+  assert r.returncode == 0, r.stderr
+  assert ("--pack: 2 runs in 1 packs (sizes 2), 1 runs chained, 2 processes in all; members idle after their "
+          "stop: 10% of the packs' member-steps (at most 25% a pack)") in r.stdout

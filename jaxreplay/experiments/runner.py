@@ -20,7 +20,7 @@ import time
 import jax
 
 from jaxreplay.errors import SweepError, UsageError, UserError
-from jaxreplay.experiments import multihost
+from jaxreplay.experiments import multihost, packing
 from jaxreplay.experiments import sweepcost as cost
 from jaxreplay.experiments import sweeps
 from jaxreplay.experiments.sweepdir import (Claim, connect, dry_run, is_finished, is_locked, levels,  # noqa: F401 (re-exported)
@@ -260,12 +260,14 @@ class LocalRunner:
     return out
 
 
-def describe_plan(jobs: list[dict]) -> str:
+def describe_plan(jobs: list[dict], configs: dict) -> str:
   packs = [j for j in jobs if j["kind"] == "pack"]
   chained = sum(len(j["names"]) for j in jobs if j["kind"] == "chain")
+  idle = packing.planned_share([j["names"] for j in packs], configs)
   return (f"--pack: {sum(len(j['names']) for j in packs)} runs in {len(packs)} packs "
           f"(sizes {', '.join(str(len(j['names'])) for j in packs) or '-'}), {chained} runs chained, "
-          f"{len(jobs)} processes in all")
+          f"{len(jobs)} processes in all; members idle after their stop: {idle:.0%} of the packs' member-steps "
+          f"(at most {packing.MAX_IDLE_SHARE:.0%} a pack)")
 
 
 def device_slots(devices: str, jobs: int) -> list[str]:
@@ -348,7 +350,7 @@ def run_sweep(a) -> int:
     print(dry_run(workdir, runs))
     print(cost.format_costs(runs, cost.PricingAssumptions(a.peak_tflops, a.mfu)))
     if pack > 1:
-      print(describe_plan(plan(workdir, runs, set(), pack)))
+      print(describe_plan(plan(workdir, runs, set(), pack), {r.name: resolved_config(workdir, r) for r in runs}))
     return 0
   if a.multihost:
     kw = {k: v for k, v in dict(coordinator_address=a.coordinator, num_processes=a.num_processes,
