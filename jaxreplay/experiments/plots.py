@@ -79,6 +79,9 @@ def grid_2d(grid: dict, out_path: str) -> str:
           z[tpps.index(t), sizes.index(p)] = vals[i]
       ax = axes[i][j]
       im = ax.imshow(z, origin="lower", aspect="auto", cmap=cmap)
+      for (y, x), v in np.ndenumerate(z):
+        if np.isfinite(v):
+          ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7, color="grey")
       ax.set_xticks(range(len(sizes)), [f"{p / 1e6:.2g}M" for p in sizes], fontsize=7, rotation=45)
       ax.set_yticks(range(len(tpps)), [f"{t:g}" for t in tpps], fontsize=7)
       ax.set_xlabel("model parameters")
