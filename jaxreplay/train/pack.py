@@ -149,7 +149,7 @@ class Pack:
     traced = len({float(t.c.replay.coeff) for t in live}) > 1
     step = pack_step.make_packed_step(objective, pack_step.adam_kind(c0), float(c0.optim.grad_clip),
                                       frozen_axis=self.frozen_axis, replay_axis=self.replay_axis,
-                                      traced_coeff=traced)
+                                      traced_coeff=traced, loop_members=pack_step.loops_members(jax.default_backend()))
     self.train_step = jax.jit(step, donate_argnums=(0,))
     for t in live:
       t.train_step = self.train_step  # final.json's train_step_compiles counts the pack's program
