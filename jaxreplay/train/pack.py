@@ -63,7 +63,7 @@ class LazyMember(dict):
     self.pack, self.k = pack, k
 
   def __getitem__(self, key):
-    return pack_step.unstack(self.pack.state[key], self.k)
+    return self.pack.member(self.k, key)
 
 
 class Pack:
@@ -74,6 +74,11 @@ class Pack:
     self.restored = None  # (stacked state, extra) of the pack's checkpoint, read at the first member's setup
     self.results: list = [None] * self.K
     self.trainers: list = [None] * self.K
+
+  def member(self, k: int, key: str):
+    """Member k's slice of state[key], on the shardings a lone run's state has (so the programs that read it, such
+    as the shared eval program, see the arguments a lone run passes and compile once)."""
+    return jax.device_put(pack_step.unstack(self.state[key], k), self.trainers_sh[k][key])
 
   def _restore_member(self, k: int):
     def restore(fresh):
@@ -168,6 +173,7 @@ class Pack:
     self.hparams = pack_step.stack([pack_step.member_hparams(placeholder(k).c) for k in range(self.K)])
     self.lr_KS = jnp.asarray(np.stack([pack_step.lr_table(placeholder(k).c, placeholder(k).stage.total_steps,
                                                           self.length) for k in range(self.K)]))
+    self.trainers_sh = [placeholder(k).state_sh for k in range(self.K)]
     for k, t in enumerate(self.trainers):
       if t is not None:
         t.state = LazyMember(self, k)
@@ -236,7 +242,7 @@ class Pack:
       if reason is None and self.step >= t.stage.total_steps:
         reason = "length"
       if reason:
-        t.state = pack_step.unstack(self.state, k)
+        t.state = {key: self.member(k, key) for key in self.state}
         self.extras[k] = t.extra
         self.results[k] = loop.finish(t, reason)
         self.trainers[k], changed = None, True
