@@ -102,13 +102,13 @@ def test_pretraining_members_with_own_seed_lr_schedule_betas_and_length_equal_lo
 
 
 def test_members_of_one_shape_share_one_compiled_init_and_eval(data, tmp_path, monkeypatch):
-  monkeypatch.setattr(loop, "_SHARED", {})
+  monkeypatch.setattr(loop, "SHARED_PROGRAMS", {})
   configs = [tiny_config(data["a"], steps=4) for _ in range(3)]
   for k, c in enumerate(configs):
     c.seed, c.optim.lr = k, 1e-3 * (k + 1)
   pack.run_pack(configs, [str(tmp_path / f"m{k}") for k in range(3)], str(tmp_path / "pack"))
-  assert sorted(key[0] for key in loop._SHARED) == ["eval", "init"]
-  assert [p._cache_size() for p in loop._SHARED.values()] == [1, 1]  # compiled once for the three members
+  assert sorted(key[0] for key in loop.SHARED_PROGRAMS) == ["eval", "init"]
+  assert [p._cache_size() for p in loop.SHARED_PROGRAMS.values()] == [1, 1]  # compiled once for the three members
 
 
 def test_members_starting_equal_are_evaluated_at_step_0_once(data, tmp_path, monkeypatch):

@@ -96,15 +96,15 @@ def load_frozen(stage: Stage, abstract_params, param_sh):
   return None
 
 
-_SHARED: dict = {}  # jitted programs that runs of one process with equal shapes share (a pack, a chain)
+SHARED_PROGRAMS: dict = {}  # jitted programs that runs of one process with equal shapes share (a pack, a chain)
 
 
 def shared(key, build):
   """The jitted program for `key`, built once per process, so a second run of the same shapes reuses its trace
   and compiled code (a fresh closure per run would be traced, lowered and compiled again)."""
-  if key not in _SHARED:
-    _SHARED[key] = build()
-  return _SHARED[key]
+  if key not in SHARED_PROGRAMS:
+    SHARED_PROGRAMS[key] = build()
+  return SHARED_PROGRAMS[key]
 
 
 def eval_program(model_cfg, with_kl: bool):
