@@ -1,4 +1,5 @@
-"""The packed train step: K runs' states stacked on a leading axis, one jitted step vmapped over them.
+"""The packed train step: K runs' states stacked on a leading axis, one jitted step vmapped (or, on a CPU,
+looped) over them.
 
 Values that differ between members enter the step as arrays ([K] hyperparameters, a [K, S] table of learning
 rates), so one compiled program serves every member. The optimizer update below repeats optim.make_optimizer's
