@@ -4,8 +4,9 @@ Every member is set up by `loop.setup` exactly as a lone run (its stage, data or
 replay source, writer), logged and evaluated by `loop.after_step` and finished by `loop.finish`, so it writes
 what a lone run writes in its own workdir at its own stop. Only the step differs: the members' states are
 stacked on a leading axis and trained by one step, vmapped over them (looped on a CPU; train/pack_step.py); a
-member that stops or fails (NaN loss) is frozen by masking and the others go on. The pack is checkpointed as a whole in its own directory
-(the stacked state and every member's extra), so a killed pack resumes every member from the same step.
+member that stops or fails (NaN loss) is frozen by masking and the others go on. The pack is checkpointed as a
+whole in its own directory (the stacked state and every member's extra), so a killed pack resumes every member
+from the same step.
 Members that share init.from share one frozen model, and members with the same replay stream share one source.
 Programs are compiled once per pack, not per member (loop.shared), and members that start equal share their
 step-0 evaluation.
