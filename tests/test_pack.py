@@ -12,15 +12,18 @@ from jaxreplay.train import loop, optim, pack, pack_step
 
 from helpers import tiny_config, two_datasets
 
-# Not bitwise, for two reasons, both float32 rounding. vmap turns each member's matrix products into one batched
-# product whose sums may be ordered differently (pretraining: ≤ 5e-7 on weights of scale 0.2 after 30 steps).
-# Members with different replay.coeff get it traced, while a lone run's is a constant that XLA folds into the
+# On a CPU the packed step loops over its members (pack_step.loops_members), so each member's arithmetic is the lone
+# run's and members equal lone runs bitwise. Where it vmaps them (accelerators) it is not bitwise: vmap turns each
+# member's matrix products into one batched product whose sums may be ordered differently (pretraining: ≤ 5e-7 on
+# weights of scale 0.2 after 30 steps, measured on a CPU when it vmapped). Members with different replay.coeff are
+# not bitwise either way: they get it traced, while a lone run's is a constant that XLA folds into the
 # loss's scale factors: the lone objective's own gradient with coeff=3.0 as a constant and as an argument already
 # differs by up to 5e-3 relative on small elements (coeff 1.0: bitwise), which Adam at lr 1e-2 amplifies to
 # ~3e-4 in the loss and ~1e-3 of a weight matrix's norm after 8 steps (single weights with near-zero gradients
 # more: Adam's step there follows the gradient's sign). Members that share a coefficient use the constant.
 # Schedules, Adam's constants, data order and masking are the lone run's arithmetic (lr compared bitwise).
-RTOL, ATOL = 2e-5, 2e-6
+BITWISE = pack_step.loops_members(jax.default_backend())
+RTOL, ATOL = (0.0, 0.0) if BITWISE else (2e-5, 2e-6)
 COEFF_RTOL, COEFF_ATOL, COEFF_NORM_RTOL = 1e-3, 2e-5, 5e-3  # norm: 2.7e-3 measured on the worst tensor (coeff 3.0)
 # KL to the frozen model grows as the square of the finetune's small displacement from it, whose relative rounding
 # is larger than the weights' own: 1e-3 on the weights shows as up to ~1.4e-3 on prev_kl (coeff 3.0, measured).
@@ -78,6 +81,10 @@ def assert_member_equals_lone(configs, tmp_path, rtol=RTOL, atol=ATOL, norm_rtol
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
     np.testing.assert_allclose([r["lr"] for r in rows_b], [r["lr"] for r in rows_a], rtol=0, atol=0)
     np.testing.assert_allclose([r["train_loss"] for r in rows_b], [r["train_loss"] for r in rows_a], rtol=rtol)
+    evals_a = [(r["step"], r["valid_ntp"]) for r in read_metrics(str(tmp_path / f"lone{k}")) if "valid_ntp" in r]
+    evals_b = [(r["step"], r["valid_ntp"]) for r in read_metrics(dirs[k]) if "valid_ntp" in r]
+    assert [e[0] for e in evals_a] == [e[0] for e in evals_b]  # the step-0 one included (shared by equal members)
+    np.testing.assert_allclose([e[1] for e in evals_b], [e[1] for e in evals_a], rtol=rtol, atol=atol)
     assert os.path.exists(os.path.join(dirs[k], "final.json"))
   return lone, packed
 
@@ -92,6 +99,28 @@ def test_pretraining_members_with_own_seed_lr_schedule_betas_and_length_equal_lo
     configs.append(c)
   lone, packed = assert_member_equals_lone(configs, tmp_path)
   assert [p["step"] for p in packed] == [30, 20, 25]
+
+
+def test_members_of_one_shape_share_one_compiled_init_and_eval(data, tmp_path, monkeypatch):
+  monkeypatch.setattr(loop, "SHARED_PROGRAMS", {})
+  configs = [tiny_config(data["a"], steps=4) for _ in range(3)]
+  for k, c in enumerate(configs):
+    c.seed, c.optim.lr = k, 1e-3 * (k + 1)
+  pack.run_pack(configs, [str(tmp_path / f"m{k}") for k in range(3)], str(tmp_path / "pack"))
+  assert sorted(key[0] for key in loop.SHARED_PROGRAMS) == ["eval", "init"]
+  assert [p._cache_size() for p in loop.SHARED_PROGRAMS.values()] == [1, 1]  # compiled once for the three members
+
+
+def test_members_starting_equal_are_evaluated_at_step_0_once(data, tmp_path, monkeypatch):
+  calls = []
+  evaluate = loop.Trainer.evaluate
+  monkeypatch.setattr(loop.Trainer, "evaluate", lambda t: calls.append(t.step) or evaluate(t))
+  configs = [tiny_config(data["a"], steps=4) for _ in range(4)]
+  for k, c in enumerate(configs):
+    c.seed, c.optim.lr = k % 2, 1e-3 * (k + 1)  # two seeds: two initial parameter sets
+  assert_member_equals_lone(configs, tmp_path)
+  # lone: 4 runs × (step 0, step 4); the pack: 2 at step 0, then its 4 members' own at step 4
+  assert sorted(calls) == [0] * 6 + [4] * 8
 
 
 def test_accurate_adam_members_equal_lone_runs(data, tmp_path):

@@ -54,6 +54,9 @@ def drift_ratio(params, frozen, init_params) -> float:
   return float(np.sqrt(_sq_norm_diff(params, frozen) / max(_sq_norm_diff(frozen, init_params), 1e-30)))
 
 
+_init_params = jax.jit(decoder.init_params, static_argnums=0)  # one program per model for every run of a process
+
+
 def forgetting_metrics(c, params, frozen, result: dict) -> dict:
   """Metrics that compare the finetuned `params` with the pretraining run in `c.init.from`."""
   prev_dir = c.init["from"]
@@ -67,6 +70,6 @@ def forgetting_metrics(c, params, frozen, result: dict) -> dict:
     out["compute_multiplier"] = compute_multiplier(tokens, loss, result["prev_ntp"])
   prev_cfg = config_lib.from_json_file(os.path.join(prev_dir, "config.json"))
   model_cfg = decoder.ModelConfig.from_config(prev_cfg.model)
-  init = jax.jit(decoder.init_params, static_argnums=0)(model_cfg, jax.random.key(prev_cfg.seed))
+  init = _init_params(model_cfg, jax.random.key(prev_cfg.seed))
   out["drift_ratio"] = drift_ratio(params, frozen, init)
   return out

@@ -96,18 +96,43 @@ def load_frozen(stage: Stage, abstract_params, param_sh):
   return None
 
 
+SHARED_PROGRAMS: dict = {}  # jitted programs that runs of one process with equal shapes share (a pack, a chain)
+
+
+def shared(key, build):
+  """The jitted program for `key`, built once per process, so a second run of the same shapes reuses its trace
+  and compiled code (a fresh closure per run would be traced, lowered and compiled again)."""
+  if key not in SHARED_PROGRAMS:
+    SHARED_PROGRAMS[key] = build()
+  return SHARED_PROGRAMS[key]
+
+
+def eval_program(model_cfg, with_kl: bool):
+  return shared(("eval", model_cfg, with_kl), lambda: jax.jit(steps.make_eval_step(model_cfg, with_kl)))
+
+
 def init_state(t: Trainer, key):
   """The train state (fresh, or the frozen weights' copy; LoRA adapters) restored from the last checkpoint."""
   stage, c = t.stage, t.c
   trainable_fn, t.merge_fn = replay_lib.parameterization(c, t.frozen)
+  optimizer = t.optimizer
 
   def init_fn(k, frozen_params):
     params = frozen_params if frozen_params is not None else decoder.init_params(stage.model_cfg, k)
     params = trainable_fn(params)
-    return dict(params=params, opt_state=t.optimizer.init(params), step=jnp.zeros((), jnp.int32))
+    return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
 
-  t.state_sh = sharding.state_shardings(jax.eval_shape(init_fn, key, t.frozen), stage.mesh)
-  t.state = jax.jit(init_fn, out_shardings=t.state_sh)(key, t.frozen)
+  abstract = jax.eval_shape(init_fn, key, t.frozen)
+  t.state_sh = sharding.state_shardings(abstract, stage.mesh)
+  init = lambda: jax.jit(init_fn, out_shardings=t.state_sh)
+  if t.merge_fn is None:
+    # The optimizer's initial state depends on its structure (in `abstract`), never on its hyperparameters'
+    # values, so runs of one model, mesh and state structure share one init (a LoRA one holds its run's key).
+    init = shared(("init", stage.model_cfg, stage.mesh, t.frozen is None, jax.tree.structure(abstract),
+                   tuple(jax.tree.leaves(abstract))), init)
+  else:
+    init = init()
+  t.state = init(key, t.frozen)
   t.checkpointer = ckpt_lib.Checkpointer(t.workdir, c.checkpoint)
   t.extra = dict(best=None, evals_since_best=0, elapsed_s=0.0)
   restored = (t.restore or t.checkpointer.restore_latest)(t.state)
@@ -130,7 +155,7 @@ def compile_steps(t: Trainer):
   step = steps.make_train_step(objective, t.optimizer, optim.lr_schedule(c, stage.total_steps), c.train.microbatches)
   t.train_step = jax.jit(step, in_shardings=(t.state_sh, frozen_sh, batch_sh, replay_sh, teacher_sh),
                          out_shardings=(t.state_sh, None), donate_argnums=(0,))
-  t.eval_fn = jax.jit(steps.make_eval_step(stage.model_cfg, with_kl=t.frozen is not None))
+  t.eval_fn = eval_program(stage.model_cfg, t.frozen is not None)
   t.merged = jax.jit(t.merge_fn) if t.merge_fn is not None else (lambda p, f: p)
 
 
@@ -145,12 +170,24 @@ def write_run_files(c, stage: Stage, workdir: str):
   stage.write_data_stats()
 
 
-def setup(c, workdir: str, evaluators=(), restore=None) -> Trainer:
+def needs_start_eval(t: Trainer) -> bool:
+  return t.start_step == 0 and t.c.eval.at_start
+
+
+def evaluate_at_start(t: Trainer, result: dict | None = None):
+  """A fresh run's step-0 evaluation (eval.at_start), its first metrics row; `result`: the same evaluation already
+  made on equal parameters (train/pack.py evaluates members that start equal once)."""
+  t.last_eval = t.evaluate() if result is None else dict(result)
+  t.writer.write(0, dict(tokens=0, **t.last_eval))
+
+
+def setup(c, workdir: str, evaluators=(), restore=None, start_eval: bool = True) -> Trainer:
   """Everything before the first step: the stage, the run files, the state restored from the last checkpoint,
   the replay source, the forgetting probes, the compiled steps, the metric writer and the progress bar.
 
   `restore(fresh_state) -> (state, extra) | None` replaces reading the run's own checkpoints (train/pack.py
-  restores its members from the pack's checkpoint)."""
+  restores its members from the pack's checkpoint). start_eval=False leaves the step-0 evaluation to the caller
+  (evaluate_at_start)."""
   t = Trainer()
   t.c, t.workdir, t.restore = c, workdir, restore
   t.stage = stage = Stage(c, workdir)
@@ -177,9 +214,8 @@ def setup(c, workdir: str, evaluators=(), restore=None) -> Trainer:
                disable=not (c.log.progress and jax.process_index() == 0),
                desc=os.path.basename(os.path.abspath(workdir)))
   t.last_eval, t.wall_start = {}, time.monotonic() - t.extra["elapsed_s"]
-  if t.start_step == 0 and c.eval.at_start:
-    t.last_eval = t.evaluate()
-    t.writer.write(0, dict(tokens=0, **t.last_eval))
+  if start_eval and needs_start_eval(t):
+    evaluate_at_start(t)
   return t
 
 

@@ -3,10 +3,13 @@
 Every member is set up by `loop.setup` exactly as a lone run (its stage, data order, eval sets, frozen model,
 replay source, writer), logged and evaluated by `loop.after_step` and finished by `loop.finish`, so it writes
 what a lone run writes in its own workdir at its own stop. Only the step differs: the members' states are
-stacked on a leading axis and trained by one vmapped step (train/pack_step.py); a member that stops or fails
-(NaN loss) is frozen by masking and the others go on. The pack is checkpointed as a whole in its own directory
-(the stacked state and every member's extra), so a killed pack resumes every member from the same step.
+stacked on a leading axis and trained by one step, vmapped over them (looped on a CPU; train/pack_step.py); a
+member that stops or fails (NaN loss) is frozen by masking and the others go on. The pack is checkpointed as a
+whole in its own directory (the stacked state and every member's extra), so a killed pack resumes every member
+from the same step.
 Members that share init.from share one frozen model, and members with the same replay stream share one source.
+Programs are compiled once per pack, not per member (loop.shared), and members that start equal share their
+step-0 evaluation.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 
 from jaxreplay.errors import ConfigError, TrainingError
 from jaxreplay.io import write_json
+from jaxreplay.models import decoder
 from jaxreplay.train import checkpoint as ckpt_lib, loop, pack_step, preemption as preemption_lib, steps
 
 PACK_FILE = "pack.json"  # in the pack's directory: its members, in order
@@ -41,6 +45,19 @@ def replay_stream_key(c) -> tuple | None:
           str(r.prompt_ids), r.cache_dir)
 
 
+def eval_sets_key(c) -> tuple:
+  """The config values a run's eval sets and evaluators follow (its data's, the previous run's, its probes')."""
+  d = c.data
+  return (d.path, d.dataset_id, d.mix_path, d.mix_fraction, c.model.seq_len, c.init["from"],
+          json.dumps(c.eval.to_dict(), sort_keys=True, default=str), c.seed if c.eval.replay_rows else None)
+
+
+def equal_trees(a, b) -> bool:
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y)
+                                    for x, y in zip(map(np.asarray, la), map(np.asarray, lb)))
+
+
 class LazyMember(dict):
   """Member k's view of the stacked state, sliced when read (after_step reads it only to evaluate)."""
 
@@ -49,7 +66,7 @@ class LazyMember(dict):
     self.pack, self.k = pack, k
 
   def __getitem__(self, key):
-    return jax.tree.map(lambda x: x[self.k], self.pack.state[key])
+    return self.pack.member(self.k, key)
 
 
 class Pack:
@@ -61,6 +78,11 @@ class Pack:
     self.results: list = [None] * self.K
     self.trainers: list = [None] * self.K
 
+  def member(self, k: int, key: str):
+    """Member k's slice of state[key], on the shardings a lone run's state has (so the programs that read it, such
+    as the shared eval program, see the arguments a lone run passes and compile once)."""
+    return jax.device_put(pack_step.unstack(self.state[key], k), self.trainers_sh[k][key])
+
   def _restore_member(self, k: int):
     def restore(fresh):
       if self.restored is None:
@@ -70,7 +92,7 @@ class Pack:
       if not self.restored:
         return None
       state, extra = self.restored
-      return jax.tree.map(lambda x: x[k], state), extra["members"][k]
+      return pack_step.unstack(state, k), extra["members"][k]
     return restore
 
   def setup(self):
@@ -79,7 +101,7 @@ class Pack:
       if loop.is_finished(wd):
         self.results[k] = loop.run(c, wd)  # reads final.json
         continue
-      t = loop.setup(c, wd, restore=self._restore_member(k))
+      t = loop.setup(c, wd, restore=self._restore_member(k), start_eval=False)
       if t.stage.total_steps is None:
         raise PackError(f"Run {wd} has no fixed length: a pack needs each member's length; train it alone "
                         "(--pack=1).")
@@ -96,8 +118,24 @@ class Pack:
     if not live:
       return
     self._share(live)
+    self._evaluate_at_start(live)
     self._stack(live)
     self._compile(live)
+
+  def _evaluate_at_start(self, live):
+    """Members that start from equal parameters (one seed's init, one frozen model's copy), with one frozen model
+    and the same eval sets, are evaluated at step 0 once: the same program on the same values, so the same bits."""
+    done = []  # (key, member evaluated, its result)
+    for t in live:
+      if not loop.needs_start_eval(t):
+        continue
+      key = (id(t.frozen), eval_sets_key(t.c))
+      result = next((ev for k, u, ev in done if k == key and equal_trees(u.state["params"], t.state["params"])),
+                    None)
+      if result is None:
+        result = t.evaluate()
+        done.append((key, t, result))
+      loop.evaluate_at_start(t, result)
 
   def _share(self, live):
     """One frozen model per init.from, one replay source per stream, one eval program."""
@@ -138,6 +176,7 @@ class Pack:
     self.hparams = pack_step.stack([pack_step.member_hparams(placeholder(k).c) for k in range(self.K)])
     self.lr_KS = jnp.asarray(np.stack([pack_step.lr_table(placeholder(k).c, placeholder(k).stage.total_steps,
                                                           self.length) for k in range(self.K)]))
+    self.trainers_sh = [placeholder(k).state_sh for k in range(self.K)]
     for k, t in enumerate(self.trainers):
       if t is not None:
         t.state = LazyMember(self, k)
@@ -147,9 +186,13 @@ class Pack:
     c0 = live[0].c
     objective = steps.make_objective(live[0].stage.model_cfg, c0.replay if live[0].frozen is not None else None)
     traced = len({float(t.c.replay.coeff) for t in live}) > 1
+    model_cfg = live[0].stage.model_cfg
+    teacher_fn = ((lambda frozen, rows: decoder.logits(model_cfg, frozen, rows))
+                  if c0.replay.method == "kl" and live[0].frozen is not None and not self.sampled_teacher else None)
     step = pack_step.make_packed_step(objective, pack_step.adam_kind(c0), float(c0.optim.grad_clip),
                                       frozen_axis=self.frozen_axis, replay_axis=self.replay_axis,
-                                      traced_coeff=traced)
+                                      traced_coeff=traced, loop_members=pack_step.loops_members(jax.default_backend()),
+                                      teacher_fn=teacher_fn)
     self.train_step = jax.jit(step, donate_argnums=(0,))
     for t in live:
       t.train_step = self.train_step  # final.json's train_step_compiles counts the pack's program
@@ -202,7 +245,7 @@ class Pack:
       if reason is None and self.step >= t.stage.total_steps:
         reason = "length"
       if reason:
-        t.state = jax.tree.map(lambda x: x[k], self.state)
+        t.state = {key: self.member(k, key) for key in self.state}
         self.extras[k] = t.extra
         self.results[k] = loop.finish(t, reason)
         self.trainers[k], changed = None, True
