@@ -12,8 +12,13 @@
 - `remat`: off everywhere: the paper's sizes fit in memory without it, and it costs one more forward pass.
   `config.model.remat=True` still turns it on.
 - `sampler_compiler_options`: XLA options of the sampler's program (YNNPACK fusions off on CPU).
+- `loop_pack_members`: a pack's step (train/pack_step.py) loops over its members on CPU (lax.map), where a
+  batched matrix product of many small members is slower than their own products one after another (8 D=64
+  members: 0.64× of a lone step per member vmapped, 0.86× looped, measured 2026-12-02 under load) and a looped
+  member's arithmetic is the lone run's; it vmaps them elsewhere, where one wide program fills the device.
 
-Each non-CPU choice runs on CPU in tests/test_platform.py and is checked against the CPU choice.
+Each non-CPU choice runs on CPU in tests/test_platform.py (the packed step's in tests/test_pack.py) and is checked
+against the CPU choice.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class Choices:
   attention: str
   cache_layout: str
   remat: bool = False
+  loop_pack_members: bool = False
 
   def scan_unroll(self, n_layers: int) -> int:
     """Layers per scan iteration: all of them (an unrolled loop) or one."""
@@ -45,7 +51,8 @@ class Choices:
 
 def choices(platform: str) -> Choices:
   if platform == "cpu":
-    return Choices("cpu", compute_dtype="float32", unroll_layers=True, attention="einsum", cache_layout="heads_minor")
+    return Choices("cpu", compute_dtype="float32", unroll_layers=True, attention="einsum", cache_layout="heads_minor",
+                   loop_pack_members=True)
   return Choices(platform, compute_dtype="bfloat16", unroll_layers=False,
                  attention="cudnn" if platform == "gpu" else "xla", cache_layout="general")
 

@@ -1,4 +1,5 @@
 """A pack member equals the same run trained alone (train/pack.py against train/loop.py)."""
+import dataclasses
 import json
 import os
 
@@ -6,13 +7,14 @@ import jax
 import numpy as np
 import pytest
 
+from jaxreplay import platform as platform_lib
 from jaxreplay.io import read_metrics
 from jaxreplay.models import export as export_lib
 from jaxreplay.train import loop, optim, pack, pack_step
 
 from helpers import tiny_config, two_datasets
 
-# On a CPU the packed step loops over its members (pack_step.loops_members), so each member's arithmetic is the lone
+# On a CPU the packed step loops over its members (platform.Choices.loop_pack_members), so each member's arithmetic is the lone
 # run's and members equal lone runs bitwise. Where it vmaps them (accelerators) it is not bitwise: vmap turns each
 # member's matrix products into one batched product whose sums may be ordered differently (pretraining: ≤ 5e-7 on
 # weights of scale 0.2 after 30 steps, measured on a CPU when it vmapped). Members with different replay.coeff are
@@ -22,8 +24,9 @@ from helpers import tiny_config, two_datasets
 # ~3e-4 in the loss and ~1e-3 of a weight matrix's norm after 8 steps (single weights with near-zero gradients
 # more: Adam's step there follows the gradient's sign). Members that share a coefficient use the constant.
 # Schedules, Adam's constants, data order and masking are the lone run's arithmetic (lr compared bitwise).
-BITWISE = pack_step.loops_members(jax.default_backend())
-RTOL, ATOL = (0.0, 0.0) if BITWISE else (2e-5, 2e-6)
+BITWISE = platform_lib.choices(jax.default_backend()).loop_pack_members
+VMAP_RTOL, VMAP_ATOL = 2e-5, 2e-6
+RTOL, ATOL = (0.0, 0.0) if BITWISE else (VMAP_RTOL, VMAP_ATOL)
 COEFF_RTOL, COEFF_ATOL, COEFF_NORM_RTOL = 1e-3, 2e-5, 5e-3  # norm: 2.7e-3 measured on the worst tensor (coeff 3.0)
 # KL to the frozen model grows as the square of the finetune's small displacement from it, whose relative rounding
 # is larger than the weights' own: 1e-3 on the weights shows as up to ~1.4e-3 on prev_kl (coeff 3.0, measured).
@@ -99,6 +102,22 @@ def test_pretraining_members_with_own_seed_lr_schedule_betas_and_length_equal_lo
     configs.append(c)
   lone, packed = assert_member_equals_lone(configs, tmp_path)
   assert [p["step"] for p in packed] == [30, 20, 25]
+
+
+def test_the_accelerators_vmapped_pack_equals_lone_runs_within_rounding(data, tmp_path, monkeypatch):
+  """The accelerator choice (members vmapped, not looped) run on this CPU: members equal lone runs within the
+  rounding of a batched matrix product, and, looped members being the lone runs bitwise, the CPU choice too."""
+  cpu = platform_lib.choices
+  monkeypatch.setattr(platform_lib, "choices", lambda p: dataclasses.replace(cpu(p), loop_pack_members=False))
+  built, make = [], pack_step.make_packed_step
+  monkeypatch.setattr(pack_step, "make_packed_step", lambda *a, **kw: built.append(kw["loop_members"]) or make(*a, **kw))
+  configs = []
+  for seed, lr in ((0, 1e-2), (1, 3e-3)):
+    c = tiny_config(data["a"], steps=12)
+    c.seed, c.optim.lr = seed, lr
+    configs.append(c)
+  assert_member_equals_lone(configs, tmp_path, rtol=VMAP_RTOL, atol=VMAP_ATOL)
+  assert built == [False]  # the vmapped program is the one that trained
 
 
 def test_members_of_one_shape_share_one_compiled_init_and_eval(data, tmp_path, monkeypatch):

@@ -71,6 +71,7 @@ def test_the_choices_per_platform():
       "float32", "einsum", "heads_minor", 6, False)
   assert (gpu.compute_dtype, gpu.attention, gpu.cache_layout, gpu.scan_unroll(6)) == ("bfloat16", "cudnn", "general", 1)
   assert (tpu.compute_dtype, tpu.attention, tpu.cache_layout, tpu.scan_unroll(6)) == ("bfloat16", "xla", "general", 1)
+  assert cpu.loop_pack_members and not gpu.loop_pack_members and not tpu.loop_pack_members
   # the one place is the one used: the config's auto dtype, the model's scan and kernel, the sampler's options
   c = config_lib.default()
   assert [config_lib.compute_dtype_name(c, p) for p in ("cpu", "gpu", "tpu")] == ["float32", "bfloat16", "bfloat16"]

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreplay import platform as platform_lib
 from jaxreplay.errors import ConfigError, TrainingError
 from jaxreplay.io import write_json
 from jaxreplay.models import decoder
@@ -189,10 +190,10 @@ class Pack:
     model_cfg = live[0].stage.model_cfg
     teacher_fn = ((lambda frozen, rows: decoder.logits(model_cfg, frozen, rows))
                   if c0.replay.method == "kl" and live[0].frozen is not None and not self.sampled_teacher else None)
+    loop_members = platform_lib.choices(jax.default_backend()).loop_pack_members
     step = pack_step.make_packed_step(objective, pack_step.adam_kind(c0), float(c0.optim.grad_clip),
                                       frozen_axis=self.frozen_axis, replay_axis=self.replay_axis,
-                                      traced_coeff=traced, loop_members=pack_step.loops_members(jax.default_backend()),
-                                      teacher_fn=teacher_fn)
+                                      traced_coeff=traced, loop_members=loop_members, teacher_fn=teacher_fn)
     self.train_step = jax.jit(step, donate_argnums=(0,))
     for t in live:
       t.train_step = self.train_step  # final.json's train_step_compiles counts the pack's program

@@ -86,14 +86,6 @@ def optimizer_update(grads, opt_state: tuple, params, hp: dict, lr, kind: tuple,
   return updates, tuple(parts)
 
 
-def loops_members(backend: str) -> bool:
-  """Whether a packed step loops over its members (lax.map) rather than vmapping them. On a CPU a batched matrix
-  product of many small members runs slower than the members' own products one after another (8 D=64 members:
-  0.64× of a lone step per member vmapped, 0.86× looped, measured 2026-12-02 under load), and a looped member's
-  arithmetic is the lone run's; an accelerator wants the one wide program."""
-  return backend == "cpu"
-
-
 def make_packed_step(objective, kind: tuple, grad_clip: float, *, frozen_axis, replay_axis, traced_coeff: bool,
                      loop_members: bool = False, teacher_fn=None):
   """step(states, hparams, lr_KS, active_K, frozen, batch_KBT, replay, teacher) -> (states, aux [K]).
@@ -102,9 +94,9 @@ def make_packed_step(objective, kind: tuple, grad_clip: float, *, frozen_axis, r
   both are shared, vmap leaves the frozen model's forward on the replay rows unbatched: it runs once per step for
   every member (method kl without a sampled teacher).
   A member with active=False keeps its state unchanged (it has stopped, or stopped being trained).
-  loop_members: lax.map over the members instead of vmap (see loops_members). `teacher_fn(frozen, replay)`: the
-  frozen model's logits on the replay rows (method kl without sampled ones); looping members that share both get
-  them computed once, before the loop, as vmap leaves them unbatched.
+  loop_members: lax.map over the members instead of vmap (platform.Choices.loop_pack_members).
+  `teacher_fn(frozen, replay)`: the frozen model's logits on the replay rows (method kl without sampled ones);
+  looping members that share both get them computed once, before the loop, as vmap leaves them unbatched.
   traced_coeff: the members' replay coefficients differ, so each gets its own from hparams; when they are all
   equal the objective's own constant is used, which XLA folds into the loss's scale factors as a lone run's
   is (a traced one rounds differently, by about one float32 ulp of the regulariser's gradient).
