@@ -208,9 +208,10 @@ def capacity_slice(res: Results, x: str) -> list[dict]:
 def grid_2d(res: Results) -> dict:
   """{method: {(params, tpp): (loss delta, compute multiplier)}}, one cell per pretrained model (the mean over
   pretrained models that share a cell, e.g. seeds). A method run at several replay coefficients shows its best
-  (lowest previous loss). Runs with a target loss are read at their end, those that reached it; runs without one
-  at the lowest downstream loss every run of the cell reached, each run's previous loss interpolated there (as
-  capacity_slice), and the multiplier read off the pretraining run's curve at that loss."""
+  (lowest previous loss). A cell's runs are compared at the lowest downstream loss every one of them reached, each
+  run's previous loss interpolated there from its evaluations (as capacity_slice; where every run stopped at one
+  target loss, that is the target), and the multiplier is read off the pretraining run's curve at that loss.
+  Runs without logged evaluations are read at their end, those with a target loss only if they reached it."""
   cells = defaultdict(list)
   for r in res.finetunes():
     p, t = x_of(r, res, "params"), x_of(r, res, "tpp")
@@ -232,7 +233,7 @@ def _cell_best(res: Results, parent: str, kids: list[dict]) -> dict:
   """{method: (loss delta, compute multiplier)} of the best run of each method among one model's finetunes."""
   trajs = {k["name"]: trajectory(res.history(k["name"])) for k in kids}
   matched = None
-  if not any(cfg(k, "stop.target_loss") for k in kids) and all(trajs.values()):
+  if all(trajs.values()):
     matched = max(min(x for x, _ in t) for t in trajs.values())
   curve = [(r["tokens"], r["valid_ntp"]) for r in res.history(parent) if "valid_ntp" in r and "tokens" in r]
   best = {}
