@@ -197,7 +197,17 @@ def test_cli_errors_before_anything_runs(tmp_path, data):
   for extra in ([], ["--dry-run"]):
     r = cli(two, f"--workdir={tmp_path}/w2", *extra)
     assert r.returncode == 2 and "holds results of a different sweep definition (2 runs added" in r.stderr, r.stderr
-  r = cli(one, f"--workdir={tmp_path}/w2", "--dry-run", "--only=seed=1")
+    assert "or --extend, when runs were only added" in r.stderr
+  # --extend accepts runs added to the recorded definition, and records the larger one; it never accepts removed ones.
+  r = cli(two, f"--workdir={tmp_path}/w2", "--extend", "--dry-run")
+  assert r.returncode == 0 and "6 runs in dependency order" in r.stdout, r.stdout + r.stderr
+  runner.prepare(two, str(tmp_path / "w2"), extend=True)
+  r = cli(two, f"--workdir={tmp_path}/w2", "--dry-run")
+  assert r.returncode == 0, r.stderr
+  r = cli(one, f"--workdir={tmp_path}/w2", "--extend", "--dry-run")
+  assert r.returncode == 2 and "(2 runs removed" in r.stderr and "--extend" not in r.stderr, r.stderr
+  runner.prepare(one, str(tmp_path / "w3"))
+  r = cli(one, f"--workdir={tmp_path}/w3", "--dry-run", "--only=seed=1")
   names = [line.split()[0] for line in r.stdout.split("\n")[2:4]]
   assert r.returncode == 0 and names == ["pretrain/seed=1", "finetune/pretrain/seed=1"], r.stdout
 

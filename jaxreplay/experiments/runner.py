@@ -313,6 +313,8 @@ def main(argv: list[str]) -> int:
                  help="at most N runs per process: runs that differ only in per-member values (seed, LR, betas, "
                       "coefficients, length) train as one packed program, the others one after another "
                       "(default: the sweep file's, else 1)")
+  p.add_argument("--extend", action="store_true",
+                 help="accept a workdir whose recorded sweep lacks some of this definition's runs (runs only added)")
   p.add_argument("--only", default=None, help="glob(s) or substring(s), comma-separated; their parents run too")
   p.add_argument("--devices", default="", help="accelerator ids to split over the jobs, e.g. 0,1,2,3 (GPUs)")
   p.add_argument("--device_env", default="CUDA_VISIBLE_DEVICES",
@@ -340,7 +342,7 @@ def main(argv: list[str]) -> int:
 def run_sweep(a) -> int:
   workdir = os.path.abspath(a.workdir)
   readonly = a.dry_run or a.status
-  runs, fp = prepare(a.spec, workdir, write=not readonly, only=None if a.status else a.only)
+  runs, fp = prepare(a.spec, workdir, write=not readonly, only=None if a.status else a.only, extend=a.extend)
   if a.status:
     print(status(workdir, runs))
     return 0

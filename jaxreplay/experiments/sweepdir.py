@@ -56,9 +56,12 @@ def connect(workdir: str) -> sqlite3.Connection:
   return db
 
 
-def prepare(spec: str, workdir: str, write: bool = True, only: str | None = None) -> tuple[list[Run], str]:
+def prepare(spec: str, workdir: str, write: bool = True, only: str | None = None,
+            extend: bool = False) -> tuple[list[Run], str]:
   """Loads, expands and validates the sweep (and checks that `only` selects some run) before writing anything;
-  checks (and records) that the workdir holds this sweep. Returns every run, not only the selected ones."""
+  checks (and records) that the workdir holds this sweep, or, with `extend`, this sweep with runs added to the
+  one recorded (none removed or changed, so every recorded result stays valid). Returns every run, not only the
+  selected ones."""
   runs = sweeps.expand(sweeps.load(spec))
   select(runs, only)
   fp = sweeps.fingerprint(runs)
@@ -68,10 +71,12 @@ def prepare(spec: str, workdir: str, write: bool = True, only: str | None = None
     with open(path) as f:
       old = json.load(f)
     if old["fingerprint"] != fp:
-      change = _describe_change(old["runs"], runs)
+      change = _describe_change(old["runs"], runs, allow_added=extend)
       if change:
+        hint = "" if extend else " (or --extend, when runs were only added)"
         raise SweepError(f"The workdir {workdir} holds results of a different sweep definition ({change}; it was "
-                         f"made from {old.get('spec')!r}): use a new --workdir, or restore the definition that made it.")
+                         f"made from {old.get('spec')!r}): use a new --workdir{hint}, or restore the definition that made "
+                         "it.")
       rewrite = True  # only settings that do not change results (logging, checkpointing, new default keys)
   if write and rewrite:
     os.makedirs(workdir, exist_ok=True)
@@ -85,11 +90,12 @@ def prepare(spec: str, workdir: str, write: bool = True, only: str | None = None
 IGNORED = ("log", "checkpoint", "data.num_workers", "data.prefetch")  # keys that do not change a run's numbers
 
 
-def _describe_change(old_runs: list[dict], runs: list[Run]) -> str:
-  """What differs between a recorded sweep and this one ('' when nothing that changes results does)."""
+def _describe_change(old_runs: list[dict], runs: list[Run], allow_added: bool = False) -> str:
+  """What differs between a recorded sweep and this one ('' when nothing that changes results does; added runs
+  do not count with allow_added)."""
   old = {r["name"]: r for r in old_runs}
   new = {r.name: r for r in runs}
-  added = [n for n in new if n not in old]
+  added = [n for n in new if n not in old and not allow_added]
   removed = [n for n in old if n not in new]
   changed, keys = [], []
   for n in new:
