@@ -13,8 +13,8 @@ count 12·L·D² + D·V, and so the TPP, does not depend on it.
 vocabulary 1,024; 22.5K–104K parameters) × TPP ∈ {5, 14, 40, 113, 320} (64×, the paper's span) on the English
 Bible (cosine, LR 1e-3, batch 32 × 64; about 16 evaluations per run, for the compute-multiplier curve), each
 finetuned on the Spanish Bible for 0.4M tokens (cosine, LR 1e-3) without replay and with real-English KL at
-coefficients 1, 3.2, 10 and 32 (32 added after 10 came out best in 16 of 20 cells). `report` compares a cell's runs at the lowest Spanish loss all of them reached and
-shows the best coefficient. Seed 0.
+coefficients 1, 3.2, 10 and 32 (32 added after 10 came out best in 16 of 20 cells). `report` compares a cell's
+runs at the lowest Spanish loss all of them reached and shows the best coefficient. Seed 0.
 """
 
 import _paper
