@@ -3,7 +3,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -87,14 +86,6 @@ def cli(*args):
                         cwd=ROOT, env=env, timeout=900)
 
 
-def results_and_attempts(w):
-  db = sqlite3.connect(os.path.join(w, "results.sqlite"))
-  res = {n: json.loads(m) for n, m in db.execute("SELECT name, metrics FROM results")}
-  att = db.execute("SELECT name, status FROM attempts ORDER BY id").fetchall()
-  db.close()
-  return res, att
-
-
 def test_pack_value_below_one_is_one_clear_error(tmp_path, data):
   spec = write_sweep(tmp_path / "s.py", *data)
   for bad in ("0", "-2"):
@@ -109,8 +100,8 @@ def test_packed_sweep_writes_every_run_dir_and_restarts_with_nothing_to_do(tmp_p
   r = cli(spec, f"--workdir={w}")
   assert r.returncode == 0, r.stdout + r.stderr
   assert r.stdout.count("start  pack of 3") == 2, r.stdout  # the pretraining stage, then the finetuning one
-  res, att = results_and_attempts(w)
-  assert len(res) == 6 and sorted(s for _, s in att) == ["done"] * 6
+  res, att = sweeps_test.rows(w)
+  assert len(res) == 6 and sorted(a[-1] for a in att) == ["done"] * 6
   for name, m in res.items():
     d = runner.run_dir(w, name)
     for f in ("final.json", "metrics.jsonl", "config.json", "export", "pack.json"):
