@@ -128,27 +128,36 @@ def scale_by_adam_accurate(b1: float, b2: float, eps: float = 1e-8, *,
 
   def update_fn(updates, state, params=None):
     del params
-    mu = jax.tree.map(lambda g, m: ema1(m, g), updates, state.mu)
-    nu = jax.tree.map(lambda g, v: ema2(v, g * g), updates, state.nu)
-    count = optax.safe_increment(state.count)
-    k = count.astype(jnp.float32)
-    bc1, bc2 = -jnp.expm1(k * log_b1), -jnp.expm1(k * log_b2)  # β = 0 gives log β = -inf and 1−β^k = 1
-    updates = jax.tree.map(
-        lambda m, v: (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps), mu, nu)
-    mu = jax.tree.map(lambda m: m if mu_dtype is None else m.astype(mu_dtype), mu)
-    nu = jax.tree.map(lambda v, old: v.astype(old.dtype), nu, state.nu)
-    return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+    return accurate_adam_update(updates, state, ema1, ema2, log_b1, log_b2, eps, mu_dtype)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _ema(one_minus_beta: float):
-  """x ← βx + (1−β)y in the form float32 keeps accurate: for β ≥ ½ the decay is carried by 1−β alone
-  (float32 β would round it), for β < ½ by β (so β = 0 gives y exactly, with no cancellation)."""
-  if one_minus_beta <= 0.5:
+def accurate_adam_update(updates, state: optax.ScaleByAdamState, ema1, ema2, log_b1, log_b2, eps, mu_dtype=None):
+  """scale_by_adam_accurate's update, its constants given: floats here, a pack member's traced values in
+  train/pack_step.py (so both run this arithmetic)."""
+  mu = jax.tree.map(lambda g, m: ema1(m, g), updates, state.mu)
+  nu = jax.tree.map(lambda g, v: ema2(v, g * g), updates, state.nu)
+  count = optax.safe_increment(state.count)
+  k = count.astype(jnp.float32)
+  bc1, bc2 = -jnp.expm1(k * log_b1), -jnp.expm1(k * log_b2)  # β = 0 gives log β = -inf and 1−β^k = 1
+  updates = jax.tree.map(
+      lambda m, v: (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps), mu, nu)
+  mu = jax.tree.map(lambda m: m if mu_dtype is None else m.astype(mu_dtype), mu)
+  nu = jax.tree.map(lambda v, old: v.astype(old.dtype), nu, state.nu)
+  return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+
+def ema_form(by_one_minus_beta: bool, one_minus_beta, beta):
+  """x ← βx + (1−β)y in the form float32 keeps accurate: for β ≥ ½ (by_one_minus_beta) the decay is carried by
+  1−β alone (float32 β would round it), for β < ½ by β (so β = 0 gives y exactly, with no cancellation)."""
+  if by_one_minus_beta:
     return lambda x, y: x + one_minus_beta * (y - x)
-  beta = 1.0 - one_minus_beta
   return lambda x, y: one_minus_beta * y + beta * x
+
+
+def _ema(one_minus_beta: float):
+  return ema_form(one_minus_beta <= 0.5, one_minus_beta, 1.0 - one_minus_beta)
 
 
 def _log_decay(one_minus_beta: float) -> float:

@@ -2,8 +2,9 @@
 looped) over them.
 
 Values that differ between members enter the step as arrays ([K] hyperparameters, a [K, S] table of learning
-rates), so one compiled program serves every member. The optimizer update below repeats optim.make_optimizer's
-chain (clip → Adam → decoupled weight decay → −lr) with those values traced instead of closed over; the
+rates), so one compiled program serves every member. The optimizer update below follows optim.make_optimizer's
+chain (clip → Adam → decoupled weight decay → −lr) with those values traced instead of closed over (the accurate
+Adam runs optim's own update; optax's Adam is restated, since it would compute 1 − β from a traced β); the
 constants are rounded to float32 exactly as the lone optimizer rounds them (1−β in float64 first, as optax's
 `(1 - decay)` does), and its state is the lone optimizer's state, so a member's arithmetic is the lone run's.
 """
@@ -50,22 +51,17 @@ def lr_table(c, total_steps: int, length: int) -> np.ndarray:
 
 
 def _adam(grads, state: optax.ScaleByAdamState, hp: dict, kind: tuple):
+  if kind[0] == "accurate":  # optim.scale_by_adam_accurate's own update, with the member's values
+    ema1 = optim.ema_form(kind[1], hp["omb1"], hp["b1"])
+    ema2 = optim.ema_form(kind[2], hp["omb2"], hp["b2"])
+    return optim.accurate_adam_update(grads, state, ema1, ema2, hp["log_b1"], hp["log_b2"], hp["eps"])
+  # optax.scale_by_adam restated with 1 - b given (optax would compute it from the traced b, in float32)
   count = optax.safe_increment(state.count)
-  if kind[0] == "optax":  # optax.scale_by_adam with b1, b2 and (1 - b) given as values
-    mu = jax.tree.map(lambda g, t: hp["omb1"] * (g**1) + hp["b1"] * t, grads, state.mu)
-    nu = jax.tree.map(lambda g, t: hp["omb2"] * (g**2) + hp["b2"] * t, grads, state.nu)
-    mu_hat = optax.tree.bias_correction(mu, hp["b1"], count)
-    nu_hat = optax.tree.bias_correction(nu, hp["b2"], count)
-    updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + 0.0) + hp["eps"]), mu_hat, nu_hat)
-  else:  # optim.scale_by_adam_accurate
-    ema = lambda by_omb, omb, b: ((lambda x, y: x + omb * (y - x)) if by_omb else (lambda x, y: omb * y + b * x))
-    ema1, ema2 = ema(kind[1], hp["omb1"], hp["b1"]), ema(kind[2], hp["omb2"], hp["b2"])
-    mu = jax.tree.map(lambda g, m: ema1(m, g), grads, state.mu)
-    nu = jax.tree.map(lambda g, v: ema2(v, g * g), grads, state.nu)
-    k = count.astype(jnp.float32)
-    bc1, bc2 = -jnp.expm1(k * hp["log_b1"]), -jnp.expm1(k * hp["log_b2"])
-    updates = jax.tree.map(lambda m, v: (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + hp["eps"]),
-                           mu, nu)
+  mu = jax.tree.map(lambda g, t: hp["omb1"] * (g**1) + hp["b1"] * t, grads, state.mu)
+  nu = jax.tree.map(lambda g, t: hp["omb2"] * (g**2) + hp["b2"] * t, grads, state.nu)
+  mu_hat = optax.tree.bias_correction(mu, hp["b1"], count)
+  nu_hat = optax.tree.bias_correction(nu, hp["b2"], count)
+  updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + 0.0) + hp["eps"]), mu_hat, nu_hat)
   nu = jax.tree.map(lambda v, old: v.astype(old.dtype), nu, state.nu)
   mu = jax.tree.map(lambda m, old: m.astype(old.dtype), mu, state.mu)
   return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
