@@ -14,6 +14,10 @@ half-life in tokens is the same at every batch size while the best β₂ moves b
 T=32 model (vocabulary 1,024) on the English Bible, 1M tokens, cosine after a 5% warmup, B ∈ {4, 16, 64, 256}
 sequences, t½ ∈ 10K · 4^k tokens (k = 0..5, 1,024× span), seeds 0 and 1. LR rule (stated, not tuned):
 lr = 3e-3 · (B/256)^0.3, the B^0.3 centring the paper's lm30m grids use (digest §1.3).
+
+`:halflife_long` is the same grid at a budget where the batch sizes are not step-limited: T=16 and 12M tokens
+(2,930 steps at B=256, 187,500 at B=4; 8.4 epochs of the Bible), evaluated every 1M tokens to show the curves
+flatten. ≈ 1 hour at --jobs=2 on a 2-core CPU.
 """
 
 
@@ -22,13 +26,15 @@ from batch_size_b2 import half_life
 from jaxreplay.experiments import sweeps
 
 VARIANTS = {"": "the CPU-scale reproduction (seeds 0 and 1)",
-            "halflife": "the paper's claim: best beta2 half-life in tokens vs batch size, LR set per batch size"}
+            "halflife": "the paper's claim: best beta2 half-life in tokens vs batch size, LR set per batch size",
+            "halflife_long": "the same at T=16 and 12M tokens, so that the large batches get thousands of steps"}
 
 BATCHES = [4, 16, 64, 256]
 SEEDS = [0, 1]
 TOKENS = 2_000_000
 HALF_LIVES = [10_000.0 * 4 ** k for k in range(6)]
 HL_TOKENS = 1_000_000
+LONG_TOKENS = 12_000_000
 
 
 def lr_for(batch: int) -> float:
@@ -36,11 +42,14 @@ def lr_for(batch: int) -> float:
   return round(3e-3 * (batch / 256) ** 0.3, 7)
 
 
-def halflife_sweep():
-  c = _paper.config("en", True, tokens=HL_TOKENS)
-  c.model.update(d_model=32, head_dim=16, seq_len=32)
-  c.optim.update(schedule="cosine", warmup_tokens=HL_TOKENS // 20)
-  c.eval.update(every_tokens=100_000, tokens=16_384)
+def halflife_sweep(tokens: int = HL_TOKENS, seq_len: int = 32):
+  c = _paper.config("en", True, tokens=tokens)
+  c.model.update(d_model=32, head_dim=16, seq_len=seq_len)
+  c.optim.update(schedule="cosine", warmup_tokens=tokens // 20)
+  c.eval.update(every_tokens=tokens // 12 if tokens > HL_TOKENS else 100_000, tokens=16_384)
+  if tokens > HL_TOKENS:  # up to 187,500 steps a run: checkpoint and log by time, not every 100 steps
+    c.checkpoint.update(every_steps=20_000, every_minutes=5.0)
+    c.log.update(every_steps=2_000)
   per_batch = sweeps.chain(*({"optim.batch_size": [b], "optim.lr": [lr_for(b)]} for b in BATCHES))
   s = sweeps.Sweep(__doc__)
   s.stage("pretrain", c, sweeps.product(per_batch, {"optim.b2_half_life_tokens": HALF_LIVES}, {"seed": SEEDS}))
@@ -50,8 +59,10 @@ def halflife_sweep():
 def get_sweep(arg: str = ""):
   if arg == "halflife":
     return halflife_sweep()
+  if arg == "halflife_long":
+    return halflife_sweep(LONG_TOKENS, seq_len=16)
   if arg:
-    raise ValueError(f"unknown variant {arg!r}: use no argument or 'halflife'")
+    raise ValueError(f"unknown variant {arg!r}: use no argument, 'halflife' or 'halflife_long'")
   c = _paper.config("en", True, tokens=TOKENS)
   c.optim.schedule = "cosine"
   c.eval.every_tokens = 500_000
