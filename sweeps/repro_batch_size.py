@@ -51,7 +51,7 @@ def halflife_sweep(tokens: int = HL_TOKENS, seq_len: int = 32):
     c.checkpoint.update(every_steps=20_000, every_minutes=5.0)
     c.log.update(every_steps=2_000)
   per_batch = sweeps.chain(*({"optim.batch_size": [b], "optim.lr": [lr_for(b)]} for b in BATCHES))
-  s = sweeps.Sweep(__doc__)
+  s = sweeps.Sweep(__doc__, pack=16)  # the half-lives and seeds of one B are one program
   s.stage("pretrain", c, sweeps.product(per_batch, {"optim.b2_half_life_tokens": HALF_LIVES}, {"seed": SEEDS}))
   return s
 
