@@ -31,11 +31,10 @@ def multihost_loop(workdir: str, runs: list[Run], fp: str, poll_s: float = 1.0) 
     if not lead:
       return ""
     done = sync(db, workdir, runs, fp)
-    todo = [r for r in runs if r.name not in done and r.name not in failed and r.parent not in failed]
-    for r in todo:
+    for r in runs:  # dependency order: a failed run's descendants are skipped too
       if r.parent in failed:
         failed.add(r.name)
-    todo = [r for r in todo if r.name not in failed]
+    todo = [r for r in runs if r.name not in done and r.name not in failed]
     if not todo:
       return "<done>"
     for run in todo:
