@@ -127,7 +127,6 @@ def _dispatch(command: str, rest: list[str]) -> int:
   if command == "data":
     return data_commands.main(rest)
   if command == "sweep":
-    config_files.check_sweep_file(rest[1:])
     return runner.main(rest)
   if command == "report":
     return report.main(rest)

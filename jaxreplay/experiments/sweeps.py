@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -40,6 +39,7 @@ import ml_collections
 
 from jaxreplay import config as config_lib
 from jaxreplay.errors import ConfigError, SweepError
+from jaxreplay.experiments import config_files
 
 
 # Short names for common keys in run labels; any other key shows its last component (or all of it when two
@@ -326,17 +326,18 @@ def fingerprint(runs: list[Run]) -> str:
 
 
 def _module(path: str):
-  if not os.path.exists(path):
-    raise SweepError(f"Sweep file {path!r} does not exist: give the path to a file in sweeps/.")
+  if not path.endswith(".py") or not os.path.isfile(path):
+    raise SweepError(f"Sweep file {path!r} does not exist or is not a .py file: give the path to a file in "
+                     "sweeps/, e.g. sweeps/quickstart.py:small.")
   folder = os.path.dirname(os.path.abspath(path))
   if folder not in sys.path:  # sweep files may import shared helpers next to them (sweeps/_paper.py)
     sys.path.insert(0, folder)
-  mod_name = "jaxreplay_sweep_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
-  module_spec = importlib.util.spec_from_file_location(mod_name, path)
-  module = importlib.util.module_from_spec(module_spec)
-  sys.modules[mod_name] = module
-  module_spec.loader.exec_module(module)
-  return module
+  name = "jaxreplay_sweep_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
+  try:
+    return config_files.load_module(path, name)
+  except Exception as e:  # the user's own file: any failure in it is theirs to fix, said in one line
+    raise SweepError(f"Sweep file {path} could not be loaded ({type(e).__name__}: {config_files.first_line(e)}): "
+                     "fix it.") from None
 
 
 def variants(path: str) -> dict[str, str]:
@@ -378,10 +379,11 @@ def load(spec: str) -> Sweep:
     check_variant(path, arg)
   try:
     sweep = module.get_sweep(arg) if arg else module.get_sweep()
-  except (KeyError, ValueError) as e:
-    if isinstance(e, (SweepError, ConfigError)):
-      raise
-    raise SweepError(f"{path}: get_sweep({arg!r}) failed: {e}") from None
+  except (SweepError, ConfigError):
+    raise
+  except Exception as e:  # as in _module
+    raise SweepError(f"{path}: get_sweep({arg!r}) failed ({type(e).__name__}: {config_files.first_line(e)}): fix "
+                     "the file or its argument.") from None
   if not isinstance(sweep, Sweep):
     raise SweepError(f"{path}: get_sweep returned {type(sweep).__name__}, not a jaxreplay.experiments.sweeps.Sweep.")
   return sweep
