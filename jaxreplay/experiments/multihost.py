@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 
 import jax
@@ -12,7 +10,7 @@ from jax.experimental import multihost_utils
 
 from jaxreplay.errors import UserError
 from jaxreplay.experiments.pack_runner import train_one
-from jaxreplay.experiments.sweepdir import Claim, connect, is_finished, sync
+from jaxreplay.experiments.sweepdir import Claim, connect, end_attempt, is_finished, start_attempt, sync
 from jaxreplay.experiments.sweeps import Run
 
 
@@ -63,8 +61,7 @@ def multihost_loop(workdir: str, runs: list[Run], fp: str, poll_s: float = 1.0) 
     except UserError as e:
       if lead:
         failed.add(name)
-        db.execute("INSERT INTO attempts (name, host, pid, started, ended, status, message) VALUES (?,?,?,?,?,?,?)",
-                   (name, socket.gethostname(), os.getpid(), time.time(), time.time(), "failed", str(e)))
+        end_attempt(db, start_attempt(db, name), "failed", str(e))
         print(f"FAILED {name}: {e}", flush=True)
     finally:
       if lead:

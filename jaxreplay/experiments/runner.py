@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,8 +25,7 @@ from jaxreplay.experiments import sweeps
 from jaxreplay.experiments.sweepdir import (Claim, connect, dry_run, is_finished, is_locked, levels,  # noqa: F401 (re-exported)
                                 load_runs, prepare, record, resolved_config, run_dir, select, status, sync)
 from jaxreplay.experiments.sweeps import Run
-from jaxreplay.experiments.pack_runner import (compile_cache_env, die_with_parent, plan, recorded_pack,  # noqa: F401
-                                               train_one)
+from jaxreplay.experiments.pack_runner import compile_cache_env, die_with_parent, plan, recorded_pack, train_recorded
 
 EXIT_CLAIMED, EXIT_WAITING = 3, 4
 
@@ -47,32 +45,15 @@ def worker(workdir: str, name: str) -> int:
     print(f"run {name} is being trained by another process; skipping it", file=sys.stderr)
     return EXIT_CLAIMED
   db = connect(workdir)
-  if is_finished(workdir, name):  # e.g. a resubmitted array task: record it (once) and train nothing
-    record(db, workdir, run, fp)
-    return 0
-  if run.parent and not is_finished(workdir, run.parent):
-    print(f"run {name} waits for {run.parent}, which has not finished", file=sys.stderr)
-    return EXIT_WAITING
-  attempt = db.execute("INSERT INTO attempts (name, host, pid, started, status) VALUES (?,?,?,?,?)",
-                       (name, socket.gethostname(), os.getpid(), time.time(), "running")).lastrowid
-  status, message = "failed", ""
   try:
-    result = train_one(workdir, run, fp, db)
-    status = "done"
-    print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}))
-    return 0
-  except UserError as e:
-    message = str(e)
-    print(f"jaxreplay: error: {e}", file=sys.stderr)
-    return 2
-  except SystemExit as e:  # preempted: a checkpoint was saved
-    status, message = "interrupted", str(e)
-    raise
-  except BaseException as e:
-    message = f"{type(e).__name__}: {e}"[:2000]
-    raise
+    if is_finished(workdir, name):  # e.g. a resubmitted array task: record it (once) and train nothing
+      record(db, workdir, run, fp)
+      return 0
+    if run.parent and not is_finished(workdir, run.parent):
+      print(f"run {name} waits for {run.parent}, which has not finished", file=sys.stderr)
+      return EXIT_WAITING
+    return train_recorded(db, workdir, run, fp)
   finally:
-    db.execute("UPDATE attempts SET ended=?, status=?, message=? WHERE id=?", (time.time(), status, message, attempt))
     db.close()
     claim.close()
 

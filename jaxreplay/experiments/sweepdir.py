@@ -56,6 +56,17 @@ def connect(workdir: str) -> sqlite3.Connection:
   return db
 
 
+def start_attempt(db, name: str) -> int:
+  """A row in the attempts table for this process training the run; `end_attempt` says how it ended."""
+  return db.execute("INSERT INTO attempts (name, host, pid, started, status) VALUES (?,?,?,?,?)",
+                    (name, socket.gethostname(), os.getpid(), time.time(), "running")).lastrowid
+
+
+def end_attempt(db, attempt: int, status: str, message: str = ""):
+  db.execute("UPDATE attempts SET ended=?, status=?, message=? WHERE id=?", (time.time(), status, message[:2000],
+                                                                             attempt))
+
+
 def prepare(spec: str, workdir: str, write: bool = True, only: str | None = None,
             extend: bool = False) -> tuple[list[Run], str]:
   """Loads, expands and validates the sweep (and checks that `only` selects some run) before writing anything;
