@@ -14,9 +14,8 @@ import os
 
 from jaxreplay.data.commands import resolve_path
 from jaxreplay.experiments import config_files, report, results_table
-from jaxreplay.io import write_json
+from jaxreplay.io import read_metrics, write_json
 from jaxreplay.train import loop as training
-from jaxreplay.io import read_metrics
 
 RUNS = (("pretrain", "pretrain"), ("finetune", "finetune_none"), ("finetune_kl", "finetune_kl_self"))
 
@@ -67,25 +66,12 @@ def matched_table(pretrain_dir: str, finetune_dirs: dict[str, str]) -> list[dict
   """
   with open(os.path.join(pretrain_dir, "final.json")) as f:
     before = json.load(f)["valid_ntp"]
-  trajs, finals = {}, {}
-  for name, workdir in finetune_dirs.items():
-    rows = read_metrics(workdir)
-    trajs[name] = [(r["valid_ntp"], r["prev_ntp"]) for r in rows
-                   if "valid_ntp" in r and "prev_ntp" in r and not r.get("final")]
-    with open(os.path.join(workdir, "final.json")) as f:
-      finals[name] = json.load(f)
-  reached = [min(x for x, _ in t) for t in trajs.values() if t]
-  target = max(reached) if reached else None
-  table = []
-  for name, traj in trajs.items():
-    at = results_table.at_matched(traj, target) if traj else None
-    table.append(dict(run=name, prev_before=before, matched_downstream=target, prev_at_matched=at,
-                      rise=None if at is None else at - before, downstream=finals[name].get("valid_ntp"),
-                      compute_multiplier=finals[name].get("compute_multiplier")))
-  base = next((r["rise"] for r in table if r["run"].endswith("none")), None)
-  for r in table:
-    if base and r["rise"] is not None:
-      r["cut"] = 1.0 - r["rise"] / base
+  trajs = {name: results_table.trajectory(read_metrics(d)) for name, d in finetune_dirs.items()}
+  table = results_table.matched_rows(trajs, before, next((n for n in trajs if n.endswith("none")), None))
+  for row in table:
+    with open(os.path.join(finetune_dirs[row["run"]], "final.json")) as f:
+      final = json.load(f)
+    row.update(downstream=final.get("valid_ntp"), compute_multiplier=final.get("compute_multiplier"))
   return table
 
 
