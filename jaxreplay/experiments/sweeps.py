@@ -183,20 +183,18 @@ def _apply(base: ml_collections.ConfigDict, overrides: dict, stage: str, run: st
       if f"stop.{k}" not in lengths:
         c.stop[k] = type(c.stop[k])(0)
   for key, value in overrides.items():
-    node, parts = c, key.split(".")
-    for p in parts[:-1]:
-      if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
-        raise SweepError(f"Grid key {key!r} of stage {stage!r} is not a config key: check its spelling against "
-                         "jaxreplay/config.py.")
-      node = node[p]
-    if parts[-1] not in node or isinstance(node[parts[-1]], ml_collections.ConfigDict):
+    *parents, leaf = key.split(".")
+    node, group = c, ml_collections.ConfigDict
+    for p in parents:
+      node = node.get(p) if isinstance(node, group) else None
+    if not isinstance(node, group) or leaf not in node or isinstance(node[leaf], group):
       raise SweepError(f"Grid key {key!r} of stage {stage!r} is not a config key: check its spelling against "
                        "jaxreplay/config.py.")
     try:
-      node[parts[-1]] = value
+      node[leaf] = value
     except (TypeError, ValueError) as e:
       raise SweepError(f"Grid value {key}={value!r} of run {run!r} has the wrong type ({e}): use a "
-                       f"{type(node[parts[-1]]).__name__}.") from None
+                       f"{type(node[leaf]).__name__}.") from None
   return c
 
 
@@ -207,7 +205,6 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
   runs: dict[str, Run] = {}
   configs = {}
   by_stage: dict[str, list[str]] = {}
-  pending = []
   for st in sweep.stages:
     parents = _parents(st, sweep, by_stage)
     names = []
@@ -224,7 +221,7 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
         shown = {k: v for k, v in overrides.items() if not (k in matched and k in pov and pov[k] == v)}
         lab = label(shown, st.abbrev)  # a matched key the parent's name already shows is left out
         name = "/".join([st.name] + ([parent] if parent else []) + ([lab] if lab != "base" else []))
-        if name in runs or any(name == p.name for p in pending):
+        if name in runs:
           raise SweepError(f"Two runs of stage {st.name!r} are both named {name!r}: their overrides give the same "
                            "label; give them different values or an abbrev that tells them apart.")
         if parent and st.base.model.get("path"):
@@ -235,7 +232,6 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
           c.stage = "finetune"
         run = Run(name, st.name, parent, overrides, c.to_dict())
         configs[name] = c
-        pending.append(run)
         runs[name] = run
         names.append((name, overrides))
     by_stage[st.name] = names
@@ -296,19 +292,17 @@ def dependency_order(runs: dict[str, Run]) -> list[Run]:
       close = [n for n in runs if n.split("/")[0] == run.parent.split("/")[0]][:3]
       raise SweepError(f"Run {run.name!r} starts from {run.parent!r}, which the sweep does not define"
                        + (f" (e.g. {', '.join(close)})" if close else "") + ": name a run of the sweep.")
-  order, state = [], {}
-  for start in runs:  # iterative DFS over parent links; a grey node seen again is a cycle
-    path = []
-    node = start
-    while node is not None and state.get(node) is None:
-      state[node] = "grey"
+  order, placed = [], set()
+  for start in runs:  # each run after the chain of runs it starts from; a run met twice on one chain is a cycle
+    path, node = [], start
+    while node is not None and node not in placed:
+      if node in path:
+        cycle = path[path.index(node):] + [node]
+        raise SweepError(f"The runs form a cycle ({' -> '.join(cycle)}): a run cannot start from its own descendant.")
       path.append(node)
       node = runs[node].parent
-    if node is not None and state.get(node) == "grey":
-      cycle = path[path.index(node):] + [node]
-      raise SweepError(f"The runs form a cycle ({' -> '.join(cycle)}): a run cannot start from its own descendant.")
     for n in reversed(path):
-      state[n] = "black"
+      placed.add(n)
       order.append(runs[n])
   return order
 
