@@ -14,6 +14,8 @@ import sys
 from jaxreplay.errors import ConfigError
 
 FROM_FLAG = "--config.init.from"
+# sweeps/ of the checkout the package is in (jaxreplay/experiments/ is two levels down)
+SWEEPS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "sweeps")
 
 
 def first_line(e: BaseException) -> str:

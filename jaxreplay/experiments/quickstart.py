@@ -32,7 +32,8 @@ def main(argv: list[str]) -> int:
     p.error(f"--scale={args.scale} must be > 0 (e.g. 0.1 for a tenth of every token budget)")
   if args.config is not None and not os.path.isfile(args.config):
     p.error(f"--config file {args.config!r} does not exist: give an experiment file like sweeps/quickstart.py")
-  get_config = config_files.load_module(args.config or default_experiment(), "quickstart_experiment").get_config
+  path = args.config or os.path.join(config_files.SWEEPS_DIR, "quickstart.py")
+  get_config = config_files.load_module(path, "quickstart_experiment").get_config
   workdirs = {}
   for arg, name in RUNS:
     c = get_config(arg)
@@ -82,9 +83,3 @@ def format_matched(rows: list[dict]) -> str:
           ("cut", "forgetting cut", "{:.0%}"), ("downstream", "Spanish loss at end", "{:.3f}"),
           ("compute_multiplier", "compute mult.", "{:.2f}")]
   return report.markdown(rows, cols)
-
-
-def default_experiment() -> str:
-  """sweeps/quickstart.py of the checkout the package is in (jaxreplay/experiments/ is two levels down)."""
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "sweeps",
-                      "quickstart.py")
