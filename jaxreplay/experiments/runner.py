@@ -169,23 +169,15 @@ class LocalRunner:
     parents = [by_name[n].parent for n in names if n in by_name]
     if any(p and p not in done and not is_finished(self.workdir, p) for p in parents):
       return
-    job = dict(job, names=names)
-    claims = []
-    for name in job["names"]:
-      claim = Claim(self.workdir, name)
-      if not claim:
-        if name not in waiting_on_others:
-          self.say(f"wait   {name} (another runner trains it)")
-          waiting_on_others.add(name)
-        for c in claims:
-          c.close()
-        return
-      claims.append(claim)
-    if all(is_finished(self.workdir, n) for n in job["names"]):  # finished between our check and our claims
+    claims = [Claim(self.workdir, n) for n in names]
+    for name in (n for n, c in zip(names, claims) if not c and n not in waiting_on_others):
+      self.say(f"wait   {name} (another runner trains it)")
+      waiting_on_others.add(name)
+    if not all(claims) or all(is_finished(self.workdir, n) for n in names):  # or finished since our check
       for c in claims:
         c.close()
       return
-    self._start(job, claims)
+    self._start(dict(job, names=names), claims)
 
   def loop(self) -> int:
     old = {s: signal.signal(s, self._terminate) for s in (signal.SIGTERM, signal.SIGINT)}
