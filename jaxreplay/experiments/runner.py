@@ -1,9 +1,10 @@
 """Runs a sweep on one machine (or one multi-host slice): claims runs, trains them in dependency order.
 
-Each run trains in its own process (`python -m jaxreplay.experiments.runner worker ...`) that holds the run's flock
-claim (see sweepdir.py): the lock dies with the process, so a killed runner's claims are released, and two
-runners never train the same run at once. Workers get SIGTERM when their runner dies (train.run then
-checkpoints and exits), so starting the runner again resumes every interrupted run.
+Each job (a run, a pack or a chain; pack_runner.py) trains in its own process that holds its runs' flock claims (see
+sweepdir.py): the lock dies with the process, so a killed runner's claims are released, and two runners never train
+the same run at once; launchers (launch/) start one `python -m jaxreplay.experiments.runner worker ...` per run.
+Workers get SIGTERM when their runner dies (train.run then checkpoints and exits), so starting the runner again
+resumes every interrupted run.
 """
 
 from __future__ import annotations
@@ -39,8 +40,7 @@ def worker(workdir: str, name: str) -> int:
   run = by_name[name]
   if os.environ.get("JAXREPLAY_PARENT_PID"):
     die_with_parent(int(os.environ["JAXREPLAY_PARENT_PID"]))
-  inherited = os.environ.get("JAXREPLAY_LOCK_FD")
-  claim = Claim(workdir, name, int(inherited) if inherited else None, wait_s=2.0)
+  claim = Claim(workdir, name, wait_s=2.0)
   if not claim:
     print(f"run {name} is being trained by another process; skipping it", file=sys.stderr)
     return EXIT_CLAIMED
@@ -103,23 +103,12 @@ class LocalRunner:
     if not self.quiet:
       print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-  def _command(self, job: dict) -> list[str]:
-    if job["kind"] == "single":
-      return [sys.executable, "-m", "jaxreplay.experiments.runner", "worker", "--workdir", self.workdir,
-              "--run", job["names"][0]]
-    return [sys.executable, "-m", "jaxreplay.experiments.pack_runner", "--workdir", self.workdir, "--runs",
-            json.dumps(job["names"]), "--kind", job["kind"], "--pack", str(self.pack)]
-
   def _start(self, job: dict, claims: list[Claim]):
     names = job["names"]
     for name in names:
       os.makedirs(run_dir(self.workdir, name), exist_ok=True)
     fds = [c.fd for c in claims]
-    env = dict(os.environ, JAXREPLAY_PARENT_PID=str(os.getpid()))
-    if job["kind"] == "single":
-      env["JAXREPLAY_LOCK_FD"] = str(fds[0])
-    else:
-      env["JAXREPLAY_LOCK_FDS"] = ",".join(map(str, fds))
+    env = dict(os.environ, JAXREPLAY_PARENT_PID=str(os.getpid()), JAXREPLAY_LOCK_FDS=",".join(map(str, fds)))
     env.update(compile_cache_env(self.workdir, env))
     devices = None
     if self.device_slots:
@@ -128,7 +117,10 @@ class LocalRunner:
     elif self.jobs > 1:  # several runs share the accelerators: no process may take most of their memory
       env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     log = open(os.path.join(run_dir(self.workdir, names[0]), "worker.log"), "ab")
-    proc = subprocess.Popen(self._command(job), env=env, pass_fds=tuple(fds), stdout=log, stderr=subprocess.STDOUT)
+    kind = "pack" if job["kind"] == "pack" else "chain"  # a single run is a chain of one
+    command = [sys.executable, "-m", "jaxreplay.experiments.pack_runner", "--workdir", self.workdir, "--runs",
+               json.dumps(names), "--kind", kind, "--pack", str(self.pack)]
+    proc = subprocess.Popen(command, env=env, pass_fds=tuple(fds), stdout=log, stderr=subprocess.STDOUT)
     log.close()
     self.running[",".join(names)] = (proc, claims, devices, names)
     what = names[0] if len(names) == 1 else f"{job['kind']} of {len(names)}: {', '.join(names)}"
@@ -339,11 +331,9 @@ def run_sweep(a) -> int:
 def _variants_epilog(args: list[str]) -> str:
   """`jaxreplay sweep FILE --help` ends with FILE's variants."""
   files = [a.partition(":")[0] for a in args if not a.startswith("-") and a.partition(":")[0].endswith(".py")]
-  if not files or not os.path.exists(files[0]):
-    return ""
   try:
-    return f"variants of {files[0]} (give one as FILE.py:ARG):\n" + sweeps.format_variants(files[0])
-  except SweepError:
+    return f"variants of {files[0]} (give one as FILE.py:ARG):\n" + sweeps.format_variants(files[0]) if files else ""
+  except SweepError:  # a missing or broken file: the sweep command says what is wrong
     return ""
 
 
