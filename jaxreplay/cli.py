@@ -114,20 +114,16 @@ def train_command(stage: str, rest: list[str]):
   return 0
 
 
-INSTRUCT_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps", "instruct.py")
-
-
 def _dispatch(command: str, rest: list[str]) -> int:
   if command == "instruct":  # a short alias: finetune, with sweeps/instruct.py unless --config names another file
     command = "finetune"
     if not any(a == "--config" or a.startswith("--config=") for a in rest):
-      rest = rest[:1] + [f"--config={INSTRUCT_FILE}"] + rest[1:]
+      rest = rest[:1] + [f"--config={os.path.join(config_files.SWEEPS_DIR, 'instruct.py')}"] + rest[1:]
   if command in ("pretrain", "finetune"):
     return train_command(command, rest)
   if command == "data":
     return data_commands.main(rest)
   if command == "sweep":
-    config_files.check_sweep_file(rest[1:])
     return runner.main(rest)
   if command == "report":
     return report.main(rest)

@@ -134,22 +134,34 @@ def _add_evaluation_and_replay(c: ml_collections.ConfigDict):
   c.export = ml_collections.ConfigDict(dict(hf=False))  # model.path runs: also write WORKDIR/hf (safetensors)
 
 
+def _get(c, key: str):
+  for part in key.split("."):
+    c = c[part]
+  return c
+
+
 def _positive(c, key: str, allow_zero: bool = False):
-  node = c
-  *parents, leaf = key.split(".")
-  for p in parents:
-    node = node[p]
-  value = node[leaf]
-  bad = value < 0 if allow_zero else value <= 0
-  if bad:
-    need = "≥ 0" if allow_zero else "> 0"
-    raise ConfigError(f"config.{key}={value!r} is invalid: it must be {need}.")
+  value = _get(c, key)
+  if value < 0 if allow_zero else value <= 0:
+    raise ConfigError(f"config.{key}={value!r} is invalid: it must be {'≥ 0' if allow_zero else '> 0'}.")
+
+
+def _one_of(c, key: str, choices, value=None):
+  value = _get(c, key) if value is None else value
+  if value not in choices:
+    raise ConfigError(f"config.{key}={value!r}: use one of {', '.join(choices)}.")
+
+
+def _fraction(c, key: str, interval: str = "[0, 1)"):
+  """The value must lie in the interval, '[0, 1)' or '(0, 1]'."""
+  value = _get(c, key)
+  if not (0.0 <= value < 1.0 if interval == "[0, 1)" else 0.0 < value <= 1.0):
+    raise ConfigError(f"config.{key}={value} must lie in {interval}.")
 
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every value a user can set; returns the config unchanged."""
-  if c.stage not in ("pretrain", "finetune"):
-    raise ConfigError(f"config.stage={c.stage!r} is invalid: use 'pretrain' or 'finetune'.")
+  _one_of(c, "stage", ("pretrain", "finetune"))
   for key in ("model.d_model", "model.n_layers", "model.head_dim", "model.seq_len", "model.vocab_size",
               "model.mlp_ratio", "model.rope_base", "model.norm_eps", "optim.batch_size", "eval.batch_size",
               "eval.every_tokens", "eval.tokens", "checkpoint.every_steps", "checkpoint.keep_last",
@@ -178,23 +190,18 @@ def _validate_model(c):
     raise ConfigError(f"config.model.head_dim={m.head_dim} must be even for rotary embeddings.")
   if m.vocab_size <= NUM_RESERVED_IDS:
     raise ConfigError(f"config.model.vocab_size={m.vocab_size} must exceed the {NUM_RESERVED_IDS} reserved ids.")
-  if m.compute_dtype not in ("auto", "float32", "bfloat16"):
-    raise ConfigError(f"config.model.compute_dtype={m.compute_dtype!r}: use 'auto', 'float32' or 'bfloat16'.")
-  if m.param_count not in ("paper", "true"):
-    raise ConfigError(f"config.model.param_count={m.param_count!r}: use 'paper' or 'true'.")
+  _one_of(c, "model.compute_dtype", ("auto", "float32", "bfloat16"))
+  _one_of(c, "model.param_count", ("paper", "true"))
   if m.path and c.init["from"]:
     raise ConfigError("Both config.model.path and config.init.from name the weights to start from: keep one.")
   if c.export.hf and not m.path:
     raise ConfigError("config.export.hf writes a Hugging Face checkpoint of a config.model.path model: set "
                       "model.path, or export.hf=False.")
   o = c.optim
-  for b in ("b1", "b2"):
-    if not 0.0 <= o[b] < 1.0:
-      raise ConfigError(f"config.optim.{b}={o[b]} must lie in [0, 1).")
-  if o.schedule not in SCHEDULES:
-    raise ConfigError(f"config.optim.schedule={o.schedule!r}: use one of {', '.join(SCHEDULES)}.")
-  if not 0.0 < o.decay_fraction <= 1.0:
-    raise ConfigError(f"config.optim.decay_fraction={o.decay_fraction} must lie in (0, 1].")
+  _fraction(c, "optim.b1")
+  _fraction(c, "optim.b2")
+  _one_of(c, "optim.schedule", SCHEDULES)
+  _fraction(c, "optim.decay_fraction", "(0, 1]")
   for key, n in (("optim.batch_size", o.batch_size), ("replay.batch_size", c.replay.batch_size)):
     if n % c.train.microbatches:
       raise ConfigError(f"config.train.microbatches={c.train.microbatches} does not divide config.{key}={n}: "
@@ -219,8 +226,7 @@ def target_mode(c) -> str:
 
 def _validate_stop(c):
   s = c.stop
-  if s.target_mode not in ("auto", "max", "min"):
-    raise ConfigError(f"config.stop.target_mode={s.target_mode!r}: use 'auto', 'max' or 'min'.")
+  _one_of(c, "stop.target_mode", ("auto", "max", "min"))
   if bool(s.target_metric) != bool(s.target):
     raise ConfigError("config.stop.target_metric and config.stop.target go together: set both (e.g. "
                       "target_metric='acc_add', target=0.99) or neither.")
@@ -247,22 +253,18 @@ def mcq_benchmarks(c) -> dict:
 
 def _validate_data(c):
   d = c.data
-  if d.kind not in ("tokens", "chat"):
-    raise ConfigError(f"config.data.kind={d.kind!r}: use 'tokens' (a token directory) or 'chat' (JSON lines).")
+  _one_of(c, "data.kind", ("tokens", "chat"))  # a token directory, or JSON lines
   if d.kind == "chat":
     if not c.model.path:
       raise ConfigError("config.data.kind='chat' is read by a Hugging Face model's tokenizer: set config.model.path "
                         "to its checkpoint directory.")
     if not d.train:
       raise ConfigError("config.data.train is empty: set it to a JSON-lines file of prompt/response pairs.")
-    if d.long not in ("truncate", "drop"):
-      raise ConfigError(f"config.data.long={d.long!r}: use 'truncate' or 'drop'.")
+    _one_of(c, "data.long", ("truncate", "drop"))
   elif c.model.path:
     raise ConfigError("A config.model.path model is finetuned on chat data: set config.data.kind='chat'.")
-  if not 0.0 <= d.valid_fraction < 1.0:
-    raise ConfigError(f"config.data.valid_fraction={d.valid_fraction} must lie in [0, 1).")
-  if not 0.0 <= d.mix_fraction < 1.0:
-    raise ConfigError(f"config.data.mix_fraction={d.mix_fraction} must lie in [0, 1).")
+  _fraction(c, "data.valid_fraction")
+  _fraction(c, "data.mix_fraction")
   if d.mix_fraction and not d.mix_path:
     raise ConfigError("config.data.mix_fraction > 0 needs config.data.mix_path: name the dataset to mix in.")
   if mcq_benchmarks(c) and not c.model.path:
@@ -271,8 +273,7 @@ def _validate_data(c):
 
 def _validate_replay(c):
   for key in ("data.dataset_id", "replay.dataset_id"):
-    node, leaf = key.split(".")
-    v = c[node][leaf]
+    v = _get(c, key)
     if v != -1 and not 0 <= v < NUM_RESERVED_IDS:
       raise ConfigError(f"config.{key}={v} is outside the tokenizer's reserved ids 0–{NUM_RESERVED_IDS - 1}: "
                         f"use one of them, or -1 to take it from the data's metadata.")
@@ -281,13 +282,10 @@ def _validate_replay(c):
     if not part.strip().isdigit() or int(part) >= NUM_RESERVED_IDS:
       raise ConfigError(f"config.replay.prompt_ids={r.prompt_ids!r} must list reserved ids 0–{NUM_RESERVED_IDS - 1} "
                         "separated by commas, e.g. '0,1,2'.")
-  if r.method not in REPLAY_METHODS:
-    raise ConfigError(f"config.replay.method={r.method!r}: use one of {', '.join(REPLAY_METHODS)}.")
-  if r.source not in REPLAY_SOURCES:
-    raise ConfigError(f"config.replay.source={r.source!r}: use 'real' or 'self'.")
+  _one_of(c, "replay.method", REPLAY_METHODS)
+  _one_of(c, "replay.source", REPLAY_SOURCES)
   teacher = r.get("teacher", "auto")  # absent from configs stored before the key existed (a sweep's runs)
-  if teacher not in REPLAY_TEACHERS:
-    raise ConfigError(f"config.replay.teacher={teacher!r}: use one of {', '.join(REPLAY_TEACHERS)}.")
+  _one_of(c, "replay.teacher", REPLAY_TEACHERS, teacher)
   if teacher == "sampled" and (r.method != "kl" or r.source != "self"):
     raise ConfigError(f"config.replay.teacher='sampled' keeps the frozen model's logits from sampling, which only "
                       f"replay.method='kl' with replay.source='self' uses (here method={r.method!r}, source="
@@ -297,8 +295,7 @@ def _validate_replay(c):
                       "it must lie in (0, 1).")
   if r.temperature < 0:
     raise ConfigError(f"config.replay.temperature={r.temperature} must be ≥ 0 (0 = greedy).")
-  if not 0.0 < r.top_p <= 1.0:
-    raise ConfigError(f"config.replay.top_p={r.top_p} must lie in (0, 1].")
+  _fraction(c, "replay.top_p", "(0, 1]")
   _positive(c, "replay.buffer")
   if c.model.path and r.method not in ("none", "kl", "ntp"):
     raise ConfigError(f"config.replay.method={r.method!r} is for token data: a chat run uses 'none', 'kl' or 'ntp'.")

@@ -9,11 +9,13 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import sys
 
-from jaxreplay.errors import ConfigError, SweepError
-from jaxreplay.experiments import sweeps
+from jaxreplay.errors import ConfigError
 
 FROM_FLAG = "--config.init.from"
+# sweeps/ of the checkout the package is in (jaxreplay/experiments/ is two levels down)
+SWEEPS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "sweeps")
 
 
 def first_line(e: BaseException) -> str:
@@ -26,6 +28,7 @@ def load_module(path: str, name: str):
   """The Python file at `path` imported as a module called `name`."""
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
   spec.loader.exec_module(module)
   return module
 
@@ -109,28 +112,3 @@ def check_type(key: str, old, text: str):
   if not ok:
     raise ConfigError(f"--config.{key}={text!r} is not {'an' if kind is int else 'a'} {kind.__name__}: give a "
                       f"value of the setting's type (now {old!r}).")
-
-
-def check_sweep_file(args: list[str]):
-  """Loads the sweep file named in `jaxreplay sweep` args once before the runner does, so that any error inside
-  the user's file (a typo, a bad argument) is one sentence rather than the runner's trace."""
-  specs, it = [], iter(args)
-  for a in it:
-    if a.startswith("-"):
-      if "=" not in a and a not in ("--dry-run", "--dry_run", "--status", "--multihost", "--variants"):
-        next(it, None)  # the flag's value
-    else:
-      specs.append(a)
-  if not specs or any(a in ("-h", "--help") for a in args):
-    return  # argparse says what is missing
-  path = specs[0].partition(":")[0]
-  if not path.endswith(".py") or not os.path.isfile(path):
-    raise SweepError(f"Sweep file {path!r} does not exist or is not a .py file: give the path to a file in "
-                     "sweeps/, e.g. sweeps/quickstart.py:small.")
-  try:
-    sweeps.load(specs[0])
-  except (SweepError, ConfigError):
-    raise
-  except Exception as e:  # the user's own file: any failure in it is theirs to fix, said in one line
-    raise SweepError(f"sweep file {specs[0]} could not be loaded ({type(e).__name__}: {first_line(e)}): fix "
-                     "the file or its argument.") from None

@@ -44,16 +44,6 @@ def record_in_sweep(root: str, name: str, scores: dict) -> int:
   return len(rows)
 
 
-def sweep_scores(root: str) -> list[dict]:
-  """Every lm_eval row of a sweep: {name, task, metric, value, evaluated}."""
-  db = sweepdir.connect(root)
-  db.execute(TABLE)
-  cur = db.execute("SELECT name, task, metric, value, evaluated FROM lm_eval ORDER BY name, task, metric")
-  out = [dict(zip(("name", "task", "metric", "value", "evaluated"), r)) for r in cur.fetchall()]
-  db.close()
-  return out
-
-
 def main(argv: list[str]) -> int:
   p = argparse.ArgumentParser(prog=argv[0] if argv else "jaxreplay eval", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)

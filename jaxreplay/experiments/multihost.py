@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 
 import jax
@@ -12,7 +10,7 @@ from jax.experimental import multihost_utils
 
 from jaxreplay.errors import UserError
 from jaxreplay.experiments.pack_runner import train_one
-from jaxreplay.experiments.sweepdir import Claim, connect, is_finished, sync
+from jaxreplay.experiments.sweepdir import Claim, connect, end_attempt, is_finished, start_attempt, sync
 from jaxreplay.experiments.sweeps import Run
 
 
@@ -31,11 +29,10 @@ def multihost_loop(workdir: str, runs: list[Run], fp: str, poll_s: float = 1.0) 
     if not lead:
       return ""
     done = sync(db, workdir, runs, fp)
-    todo = [r for r in runs if r.name not in done and r.name not in failed and r.parent not in failed]
-    for r in todo:
+    for r in runs:  # dependency order: a failed run's descendants are skipped too
       if r.parent in failed:
         failed.add(r.name)
-    todo = [r for r in todo if r.name not in failed]
+    todo = [r for r in runs if r.name not in done and r.name not in failed]
     if not todo:
       return "<done>"
     for run in todo:
@@ -64,8 +61,7 @@ def multihost_loop(workdir: str, runs: list[Run], fp: str, poll_s: float = 1.0) 
     except UserError as e:
       if lead:
         failed.add(name)
-        db.execute("INSERT INTO attempts (name, host, pid, started, ended, status, message) VALUES (?,?,?,?,?,?,?)",
-                   (name, socket.gethostname(), os.getpid(), time.time(), time.time(), "failed", str(e)))
+        end_attempt(db, start_attempt(db, name), "failed", str(e))
         print(f"FAILED {name}: {e}", flush=True)
     finally:
       if lead:

@@ -15,7 +15,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import sys
 import time
 
@@ -23,7 +22,8 @@ import jax
 
 from jaxreplay.errors import SweepError, UserError
 from jaxreplay.experiments import packing
-from jaxreplay.experiments.sweepdir import Claim, connect, is_finished, load_runs, record, resolved_config, run_dir
+from jaxreplay.experiments.sweepdir import (Claim, connect, end_attempt, is_finished, load_runs, record,
+                                            resolved_config, run_dir, start_attempt)
 from jaxreplay.experiments.sweeps import Run
 from jaxreplay.train import loop as train, pack as pack_lib
 
@@ -106,14 +106,24 @@ def plan(workdir: str, runs: list[Run], done: set[str], n: int) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ workers
 
-def _attempt(db, name: str) -> int:
-  return db.execute("INSERT INTO attempts (name, host, pid, started, status) VALUES (?,?,?,?,?)",
-                    (name, socket.gethostname(), os.getpid(), time.time(), "running")).lastrowid
-
-
-def _end_attempt(db, attempt: int, status: str, message: str = ""):
-  db.execute("UPDATE attempts SET ended=?, status=?, message=? WHERE id=?", (time.time(), status, message[:2000],
-                                                                             attempt))
+def train_recorded(db, workdir: str, run: Run, fp: str) -> int:
+  """Trains the run, with an attempts row that says how it ended; 0: done, 2: a user error (said on stderr)."""
+  attempt = start_attempt(db, run.name)
+  try:
+    train_one(workdir, run, fp, db)
+  except UserError as e:
+    end_attempt(db, attempt, "failed", str(e))
+    print(f"jaxreplay: error: {run.name}: {e}", file=sys.stderr, flush=True)
+    return 2
+  except SystemExit as e:  # preempted: a checkpoint was saved
+    end_attempt(db, attempt, "interrupted", str(e))
+    raise
+  except BaseException as e:
+    end_attempt(db, attempt, "failed", f"{type(e).__name__}: {e}")
+    raise
+  end_attempt(db, attempt, "done")
+  print(f"done   {run.name}", flush=True)
+  return 0
 
 
 def run_chain(workdir: str, names: list[str], by_name: dict, fp: str) -> int:
@@ -123,24 +133,8 @@ def run_chain(workdir: str, names: list[str], by_name: dict, fp: str) -> int:
     run = by_name[name]
     if is_finished(workdir, name):
       record(db, workdir, run, fp)
-      continue
-    if run.parent and not is_finished(workdir, run.parent):
-      continue
-    attempt = _attempt(db, name)
-    try:
-      train_one(workdir, run, fp, db)
-      _end_attempt(db, attempt, "done")
-      print(f"done   {name}", flush=True)
-    except UserError as e:
-      _end_attempt(db, attempt, "failed", str(e))
-      print(f"jaxreplay: error: {name}: {e}", file=sys.stderr, flush=True)
-      rc = 2
-    except SystemExit as e:
-      _end_attempt(db, attempt, "interrupted", str(e))
-      raise
-    except BaseException as e:
-      _end_attempt(db, attempt, "failed", f"{type(e).__name__}: {e}")
-      raise
+    elif not run.parent or is_finished(workdir, run.parent):
+      rc = max(rc, train_recorded(db, workdir, run, fp))
   db.close()
   return rc
 
@@ -159,29 +153,29 @@ def run_packed(workdir: str, names: list[str], by_name: dict, fp: str, n: int) -
     with open(os.path.join(run_dir(workdir, r.name), MARKER), "w") as f:
       json.dump(dict(members=names, pack=n, dir=directory), f)
   started = time.time()
-  attempts = {r.name: _attempt(db, r.name) for r in members if not is_finished(workdir, r.name)}
+  attempts = {r.name: start_attempt(db, r.name) for r in members if not is_finished(workdir, r.name)}
   configs = [resolved_config(workdir, r) for r in members]
   try:
     results = pack_lib.run_pack(configs, [run_dir(workdir, name) for name in names], directory)
   except SystemExit as e:
     for a in attempts.values():
-      _end_attempt(db, a, "interrupted", str(e))
+      end_attempt(db, a, "interrupted", str(e))
     raise
   except UserError as e:  # the whole pack cannot train
     for a in attempts.values():
-      _end_attempt(db, a, "failed", str(e))
+      end_attempt(db, a, "failed", str(e))
     print(f"jaxreplay: error: {e}", file=sys.stderr, flush=True)
     return 2
   rc = 0
   for r, result in zip(members, results):
     if isinstance(result, BaseException):
-      _end_attempt(db, attempts[r.name], "failed", str(result))
+      end_attempt(db, attempts[r.name], "failed", str(result))
       print(f"jaxreplay: error: {r.name}: {result}", file=sys.stderr, flush=True)
       rc = 2
       continue
     record(db, workdir, r, fp, started)
     if r.name in attempts:
-      _end_attempt(db, attempts[r.name], "done")
+      end_attempt(db, attempts[r.name], "done")
     print(f"done   {r.name}", flush=True)
   db.close()
   return rc

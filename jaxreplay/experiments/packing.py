@@ -71,7 +71,7 @@ def program_key(c) -> str:
 
 
 def length(c) -> int | None:
-  """The run's length in steps, as loop.Stage computes it (epochs from the data's metadata)."""
+  """The run's length in steps, as loop.Stage computes it (epochs from the data's metadata); None when unknown."""
   s, tps = c.stop, config_lib.tokens_per_step(c)
   if s.steps:
     return int(s.steps)
@@ -80,11 +80,11 @@ def length(c) -> int | None:
   elif s.tokens_per_param:
     counts = decoder.param_counts(decoder.ModelConfig.from_config(c.model))
     tokens = s.tokens_per_param * counts[c.model.param_count]
-  elif s.epochs:
-    with open(os.path.join(c.data.path, "meta.json")) as f:
+  elif s.epochs and os.path.exists(meta := os.path.join(c.data.path, "meta.json")):
+    with open(meta) as f:
       rows = json.load(f)["train_tokens"] // c.model.seq_len
     tokens = s.epochs * rows * c.model.seq_len
-  else:
+  else:  # no length, or epochs of data not found here
     return None
   return max(1, int(round(tokens / tps)))
 

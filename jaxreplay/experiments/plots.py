@@ -33,18 +33,16 @@ def trajectories(trajs: dict, out_path: str, frontier=None, prev_before: float |
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6.5, 4.8))
   for name, pts in trajs.items():
-    line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", ms=3, lw=1.2, label=name)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", ms=3, lw=1.2, label=name)
     ax.plot(pts[0][0], pts[0][1], "x", color="k", ms=7)
   if frontier:
     ax.plot([p[0] for p in frontier], [p[1] for p in frontier], "--o", color="grey", ms=3, lw=1,
             label="pretraining frontier")
   if prev_before is not None:
     ax.axhline(prev_before, color="grey", ls=":", lw=1, label="previous loss after pretraining")
-  ax.set_xlabel("downstream (finetuning) validation loss")
-  ax.set_ylabel("previous (pretraining) validation loss")
+  ax.set(xlabel="downstream (finetuning) validation loss", ylabel="previous (pretraining) validation loss", title=title)
   ax.invert_xaxis()
   ax.legend(fontsize=7)
-  ax.set_title(title)
   return _save(fig, out_path)
 
 
@@ -57,10 +55,8 @@ def method_comparison(trajs: dict, out_path: str) -> str:
     best = min(range(len(pts)), key=lambda i: pts[i][0])
     pts = pts[:best + 1]
     ax.plot([-p[0] for p in pts], [-p[1] for p in pts], marker=".", ms=3, label=name)
-  ax.set_xlabel("downstream log-likelihood")
-  ax.set_ylabel("previous-data log-likelihood")
+  ax.set(xlabel="downstream log-likelihood", ylabel="previous-data log-likelihood", title="Method comparison")
   ax.legend(fontsize=8)
-  ax.set_title("Method comparison")
   return _save(fig, out_path)
 
 
@@ -84,8 +80,7 @@ def grid_2d(grid: dict, out_path: str) -> str:
           ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7, color="grey")
       ax.set_xticks(range(len(sizes)), [f"{p / 1e6:.2g}M" for p in sizes], fontsize=7, rotation=45)
       ax.set_yticks(range(len(tpps)), [f"{t:g}" for t in tpps], fontsize=7)
-      ax.set_xlabel("model parameters")
-      ax.set_ylabel("tokens per parameter")
+      ax.set(xlabel="model parameters", ylabel="tokens per parameter")
       ax.set_title(f"{m}: {what}", fontsize=9)
       fig.colorbar(im, ax=ax)
   return _save(fig, out_path)
@@ -104,9 +99,8 @@ def capacity_slices(slices: dict, out_path: str) -> str:
     ax.plot(xs, before, "o-", color="tab:blue", label="before finetuning")
     ax.plot(xs, after, "o-", color="tab:green", label="after (best coefficient)")
     ax.fill_between(xs, before, after, color="tab:red", alpha=0.25, label="forgetting")
-    ax.set_xscale("log")
-    ax.set_xlabel("model parameters" if x == "params" else "tokens per parameter")
-    ax.set_ylabel("pretraining loss")
+    ax.set(xscale="log", xlabel="model parameters" if x == "params" else "tokens per parameter",
+           ylabel="pretraining loss")
     ax.set_title(titles.get(x, x), fontsize=10)
     ax.legend(fontsize=8)
   return _save(fig, out_path)
@@ -121,19 +115,13 @@ def learning_rate(panels: dict, out_path: str) -> str:
   for ax, m in zip(axes, methods):
     for pre_lr, pts in sorted(panels[m].items()):
       ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=f"pretrain LR {pre_lr:g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("finetuning LR")
-    ax.set_ylabel("pretraining loss after finetuning")
-    ax.set_title(m)
+    ax.set(xscale="log", xlabel="finetuning LR", ylabel="pretraining loss after finetuning", title=m)
     ax.legend(fontsize=7)
   ax = axes[-1]
   for pre_lr, pts in sorted(panels[methods[0]].items()):
     ax.plot([p[0] for p in pts], [p[2] for p in pts], "o-", ms=3, label=f"pretrain LR {pre_lr:g}")
-  ax.set_xscale("log")
-  ax.set_yscale("log")
-  ax.set_xlabel("finetuning LR")
-  ax.set_ylabel("finetuning LR × steps")
-  ax.set_title(f"{methods[0]}: LR × steps to target")
+  ax.set(xscale="log", yscale="log", xlabel="finetuning LR", ylabel="finetuning LR × steps",
+         title=f"{methods[0]}: LR × steps to target")
   return _save(fig, out_path)
 
 
@@ -146,9 +134,7 @@ def time_to_target(arms: dict, out_path: str) -> str:
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=name)
     for t, y, v in pts:
       ax.annotate(f"{v:g}", (t, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
-  ax.set_xscale("log")
-  ax.set_xlabel("training time to target (s)")
-  ax.set_ylabel("pretraining loss after finetuning")
+  ax.set(xscale="log", xlabel="training time to target (s)", ylabel="pretraining loss after finetuning")
   ax.legend(fontsize=8)
   return _save(fig, out_path)
 
@@ -171,9 +157,8 @@ def toy_continual(curves: dict, out_path: str) -> str:
         ax.fill_between(steps, np.nanmin(vals, axis=0), np.nanmax(vals, axis=0), color=f"C{k}", alpha=0.2)
     for b in next(iter(seeds.values()))["_bounds"]:
       ax.axvline(b, color="grey", ls="--", lw=0.8)
-    ax.set_title(f"{arm[0].upper()}{arm[1:]} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
-    ax.set_xlabel("training step")
-    ax.set_ylim(-2, 102)
+    ax.set(title=f"{arm[0].upper()}{arm[1:]} ({len(seeds)} seed{'s' * (len(seeds) > 1)})", xlabel="training step",
+           ylim=(-2, 102))
   axes[0][0].set_ylabel("eval accuracy (%)")
   axes[0][0].legend(fontsize=8)
   return _save(fig, out_path)
@@ -191,10 +176,9 @@ def batch_size(rules: dict, out_path: str) -> str:
     spread = max(mean) - min(mean)
     ax.errorbar(bs, mean, yerr=err, marker="o", capsize=3, label=f"{rule} (spread {spread:.3f})")
   ax.set_xscale("log", base=2)
-  ax.set_xlabel("batch size (sequences)")
-  ax.set_ylabel("final validation loss")
+  ax.set(xlabel="batch size (sequences)", ylabel="final validation loss",
+         title="Fixed token budget: final loss across batch sizes")
   ax.legend(fontsize=8)
-  ax.set_title("Fixed token budget: final loss across batch sizes")
   return _save(fig, out_path)
 
 
@@ -214,14 +198,10 @@ def half_life(grid: dict, curves: dict, out_path: str) -> str:
       ax.plot([xs[i]], [0.0], "*", ms=14, color=line[0].get_color())
     if b in curves:
       axes[2].plot(*zip(*curves[b]), marker=".", label=f"batch {b}")
-  for ax, xlabel in zip(axes, ("β₂ half-life (tokens)", "1 − β₂", "tokens")):
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
+  above = "final loss − the batch size's best"
+  for ax, xlabel, ylabel, title in zip(
+      axes, ("β₂ half-life (tokens)", "1 − β₂", "tokens"), (above, above, "validation loss"),
+      ("Final loss against the β₂ half-life", "Final loss against β₂", "Best half-life's validation curve")):
+    ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
-  axes[0].set_ylabel("final loss − the batch size's best")
-  axes[1].set_ylabel("final loss − the batch size's best")
-  axes[2].set_ylabel("validation loss")
-  axes[0].set_title("Final loss against the β₂ half-life")
-  axes[1].set_title("Final loss against β₂")
-  axes[2].set_title("Best half-life's validation curve")
   return _save(fig, out_path)

@@ -14,9 +14,8 @@ import os
 
 from jaxreplay.data.commands import resolve_path
 from jaxreplay.experiments import config_files, report, results_table
-from jaxreplay.io import write_json
+from jaxreplay.io import read_metrics, write_json
 from jaxreplay.train import loop as training
-from jaxreplay.io import read_metrics
 
 RUNS = (("pretrain", "pretrain"), ("finetune", "finetune_none"), ("finetune_kl", "finetune_kl_self"))
 
@@ -33,7 +32,8 @@ def main(argv: list[str]) -> int:
     p.error(f"--scale={args.scale} must be > 0 (e.g. 0.1 for a tenth of every token budget)")
   if args.config is not None and not os.path.isfile(args.config):
     p.error(f"--config file {args.config!r} does not exist: give an experiment file like sweeps/quickstart.py")
-  get_config = config_files.load_module(args.config or default_experiment(), "quickstart_experiment").get_config
+  path = args.config or os.path.join(config_files.SWEEPS_DIR, "quickstart.py")
+  get_config = config_files.load_module(path, "quickstart_experiment").get_config
   workdirs = {}
   for arg, name in RUNS:
     c = get_config(arg)
@@ -67,25 +67,12 @@ def matched_table(pretrain_dir: str, finetune_dirs: dict[str, str]) -> list[dict
   """
   with open(os.path.join(pretrain_dir, "final.json")) as f:
     before = json.load(f)["valid_ntp"]
-  trajs, finals = {}, {}
-  for name, workdir in finetune_dirs.items():
-    rows = read_metrics(workdir)
-    trajs[name] = [(r["valid_ntp"], r["prev_ntp"]) for r in rows
-                   if "valid_ntp" in r and "prev_ntp" in r and not r.get("final")]
-    with open(os.path.join(workdir, "final.json")) as f:
-      finals[name] = json.load(f)
-  reached = [min(x for x, _ in t) for t in trajs.values() if t]
-  target = max(reached) if reached else None
-  table = []
-  for name, traj in trajs.items():
-    at = results_table.at_matched(traj, target) if traj else None
-    table.append(dict(run=name, prev_before=before, matched_downstream=target, prev_at_matched=at,
-                      rise=None if at is None else at - before, downstream=finals[name].get("valid_ntp"),
-                      compute_multiplier=finals[name].get("compute_multiplier")))
-  base = next((r["rise"] for r in table if r["run"].endswith("none")), None)
-  for r in table:
-    if base and r["rise"] is not None:
-      r["cut"] = 1.0 - r["rise"] / base
+  trajs = {name: results_table.trajectory(read_metrics(d)) for name, d in finetune_dirs.items()}
+  table = results_table.matched_rows(trajs, before, next((n for n in trajs if n.endswith("none")), None))
+  for row in table:
+    with open(os.path.join(finetune_dirs[row["run"]], "final.json")) as f:
+      final = json.load(f)
+    row.update(downstream=final.get("valid_ntp"), compute_multiplier=final.get("compute_multiplier"))
   return table
 
 
@@ -96,9 +83,3 @@ def format_matched(rows: list[dict]) -> str:
           ("cut", "forgetting cut", "{:.0%}"), ("downstream", "Spanish loss at end", "{:.3f}"),
           ("compute_multiplier", "compute mult.", "{:.2f}")]
   return report.markdown(rows, cols)
-
-
-def default_experiment() -> str:
-  """sweeps/quickstart.py of the checkout the package is in (jaxreplay/experiments/ is two levels down)."""
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "sweeps",
-                      "quickstart.py")

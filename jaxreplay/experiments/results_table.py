@@ -130,6 +130,29 @@ def at_matched(traj: list[tuple[float, float]], target: float) -> float | None:
   return None
 
 
+def matched_loss(trajs) -> float | None:
+  """The highest of the trajectories' lowest downstream losses: one that every run with evaluations reached."""
+  reached = [min(x for x, _ in t) for t in trajs if t]
+  return max(reached) if reached else None
+
+
+def matched_rows(trajs: dict, before: float | None, baseline: str | None = None) -> list[dict]:
+  """One row per run of trajs ({name: trajectory}): its previous loss where its downstream loss first reaches the
+  matched loss (`matched_loss`, interpolated between evaluations), its rise over `before`, and, given the name of
+  the run without replay, the share of that run's rise it avoids ('cut' = 1 − rise / rise without replay)."""
+  target = matched_loss(trajs.values())
+  rows = []
+  for name, t in trajs.items():
+    y = at_matched(t, target) if t else None
+    rows.append(dict(run=name, matched_downstream=target, prev_before=before, prev_at_matched=y,
+                     rise=None if y is None or before is None else y - before))
+  base = next((r["rise"] for r in rows if r["run"] == baseline), None)
+  for r in rows:
+    if base and r["rise"] is not None:
+      r["cut"] = 1.0 - r["rise"] / base
+  return rows
+
+
 def matched_forgetting(res: Results) -> list[dict]:
   """Rise in previous-dataset loss at matched downstream loss, per finetuning run.
 
@@ -142,25 +165,13 @@ def matched_forgetting(res: Results) -> list[dict]:
   for r in res.finetunes():
     by_parent[r["parent"]].append(r)
   for parent, kids in sorted(by_parent.items()):
-    trajs = {k["name"]: trajectory(res.history(k["name"])) for k in kids}
-    trajs = {n: t for n, t in trajs.items() if t}
-    if not trajs:
-      continue
-    target = max(min(x for x, _ in t) for t in trajs.values())
+    kids = {k["name"]: k for k in kids}
+    trajs = {n: t for n in kids if (t := trajectory(res.history(n)))}
     before = res.by_name[parent]["metrics"].get("valid_ntp") if parent in res.by_name else None
-    rows = []
-    for k in kids:
-      if k["name"] not in trajs:
-        continue
-      y = at_matched(trajs[k["name"]], target)
-      rows.append(dict(run=k["name"], parent=parent, seed=cfg(k, "seed"), method=method_label(k),
-                       matched_downstream=target, prev_before=before, prev_at_matched=y,
-                       rise=None if y is None or before is None else y - before))
-    base = next((r["rise"] for r in rows if r["method"] == "no replay"), None)
-    for r in rows:
-      if base and r["rise"] is not None:
-        r["cut"] = 1.0 - r["rise"] / base
-    out.extend(rows)
+    baseline = next((n for n in trajs if method_label(kids[n]) == "no replay"), None)
+    for row in matched_rows(trajs, before, baseline):
+      k = kids[row["run"]]
+      out.append(dict(row, parent=parent, seed=cfg(k, "seed"), method=method_label(k)))
   return out
 
 
@@ -187,7 +198,7 @@ def capacity_slice(res: Results, x: str) -> list[dict]:
   matched = None
   if groups and not any(cfg(k, "stop.target_loss") for kids in groups.values() for k in kids):
     trajs = {k["name"]: trajectory(res.history(k["name"])) for kids in groups.values() for k in kids}
-    matched = max((min(x_ for x_, _ in t) for t in trajs.values() if t), default=None)
+    matched = matched_loss(trajs.values())
   out = []
   for v, kids in sorted(groups.items()):
     if matched is None:
@@ -232,9 +243,7 @@ def _mean(xs):
 def _cell_best(res: Results, parent: str, kids: list[dict]) -> dict:
   """{method: (loss delta, compute multiplier)} of the best run of each method among one model's finetunes."""
   trajs = {k["name"]: trajectory(res.history(k["name"])) for k in kids}
-  matched = None
-  if all(trajs.values()):
-    matched = max(min(x for x, _ in t) for t in trajs.values())
+  matched = matched_loss(trajs.values()) if all(trajs.values()) else None
   curve = [(r["tokens"], r["valid_ntp"]) for r in res.history(parent) if "valid_ntp" in r and "tokens" in r]
   best = {}
   for k in kids:

@@ -1,9 +1,10 @@
 """Runs a sweep on one machine (or one multi-host slice): claims runs, trains them in dependency order.
 
-Each run trains in its own process (`python -m jaxreplay.experiments.runner worker ...`) that holds the run's flock
-claim (see sweepdir.py): the lock dies with the process, so a killed runner's claims are released, and two
-runners never train the same run at once. Workers get SIGTERM when their runner dies (train.run then
-checkpoints and exits), so starting the runner again resumes every interrupted run.
+Each job (a run, a pack or a chain; pack_runner.py) trains in its own process that holds its runs' flock claims (see
+sweepdir.py): the lock dies with the process, so a killed runner's claims are released, and two runners never train
+the same run at once; launchers (launch/) start one `python -m jaxreplay.experiments.runner worker ...` per run.
+Workers get SIGTERM when their runner dies (train.run then checkpoints and exits), so starting the runner again
+resumes every interrupted run.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,8 +26,7 @@ from jaxreplay.experiments import sweeps
 from jaxreplay.experiments.sweepdir import (Claim, connect, dry_run, is_finished, is_locked, levels,  # noqa: F401 (re-exported)
                                 load_runs, prepare, record, resolved_config, run_dir, select, status, sync)
 from jaxreplay.experiments.sweeps import Run
-from jaxreplay.experiments.pack_runner import (compile_cache_env, die_with_parent, plan, recorded_pack,  # noqa: F401
-                                               train_one)
+from jaxreplay.experiments.pack_runner import compile_cache_env, die_with_parent, plan, recorded_pack, train_recorded
 
 EXIT_CLAIMED, EXIT_WAITING = 3, 4
 
@@ -41,38 +40,20 @@ def worker(workdir: str, name: str) -> int:
   run = by_name[name]
   if os.environ.get("JAXREPLAY_PARENT_PID"):
     die_with_parent(int(os.environ["JAXREPLAY_PARENT_PID"]))
-  inherited = os.environ.get("JAXREPLAY_LOCK_FD")
-  claim = Claim(workdir, name, int(inherited) if inherited else None, wait_s=2.0)
+  claim = Claim(workdir, name, wait_s=2.0)
   if not claim:
     print(f"run {name} is being trained by another process; skipping it", file=sys.stderr)
     return EXIT_CLAIMED
   db = connect(workdir)
-  if is_finished(workdir, name):  # e.g. a resubmitted array task: record it (once) and train nothing
-    record(db, workdir, run, fp)
-    return 0
-  if run.parent and not is_finished(workdir, run.parent):
-    print(f"run {name} waits for {run.parent}, which has not finished", file=sys.stderr)
-    return EXIT_WAITING
-  attempt = db.execute("INSERT INTO attempts (name, host, pid, started, status) VALUES (?,?,?,?,?)",
-                       (name, socket.gethostname(), os.getpid(), time.time(), "running")).lastrowid
-  status, message = "failed", ""
   try:
-    result = train_one(workdir, run, fp, db)
-    status = "done"
-    print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}))
-    return 0
-  except UserError as e:
-    message = str(e)
-    print(f"jaxreplay: error: {e}", file=sys.stderr)
-    return 2
-  except SystemExit as e:  # preempted: a checkpoint was saved
-    status, message = "interrupted", str(e)
-    raise
-  except BaseException as e:
-    message = f"{type(e).__name__}: {e}"[:2000]
-    raise
+    if is_finished(workdir, name):  # e.g. a resubmitted array task: record it (once) and train nothing
+      record(db, workdir, run, fp)
+      return 0
+    if run.parent and not is_finished(workdir, run.parent):
+      print(f"run {name} waits for {run.parent}, which has not finished", file=sys.stderr)
+      return EXIT_WAITING
+    return train_recorded(db, workdir, run, fp)
   finally:
-    db.execute("UPDATE attempts SET ended=?, status=?, message=? WHERE id=?", (time.time(), status, message, attempt))
     db.close()
     claim.close()
 
@@ -122,23 +103,12 @@ class LocalRunner:
     if not self.quiet:
       print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-  def _command(self, job: dict) -> list[str]:
-    if job["kind"] == "single":
-      return [sys.executable, "-m", "jaxreplay.experiments.runner", "worker", "--workdir", self.workdir,
-              "--run", job["names"][0]]
-    return [sys.executable, "-m", "jaxreplay.experiments.pack_runner", "--workdir", self.workdir, "--runs",
-            json.dumps(job["names"]), "--kind", job["kind"], "--pack", str(self.pack)]
-
   def _start(self, job: dict, claims: list[Claim]):
     names = job["names"]
     for name in names:
       os.makedirs(run_dir(self.workdir, name), exist_ok=True)
     fds = [c.fd for c in claims]
-    env = dict(os.environ, JAXREPLAY_PARENT_PID=str(os.getpid()))
-    if job["kind"] == "single":
-      env["JAXREPLAY_LOCK_FD"] = str(fds[0])
-    else:
-      env["JAXREPLAY_LOCK_FDS"] = ",".join(map(str, fds))
+    env = dict(os.environ, JAXREPLAY_PARENT_PID=str(os.getpid()), JAXREPLAY_LOCK_FDS=",".join(map(str, fds)))
     env.update(compile_cache_env(self.workdir, env))
     devices = None
     if self.device_slots:
@@ -147,7 +117,10 @@ class LocalRunner:
     elif self.jobs > 1:  # several runs share the accelerators: no process may take most of their memory
       env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     log = open(os.path.join(run_dir(self.workdir, names[0]), "worker.log"), "ab")
-    proc = subprocess.Popen(self._command(job), env=env, pass_fds=tuple(fds), stdout=log, stderr=subprocess.STDOUT)
+    kind = "pack" if job["kind"] == "pack" else "chain"  # a single run is a chain of one
+    command = [sys.executable, "-m", "jaxreplay.experiments.pack_runner", "--workdir", self.workdir, "--runs",
+               json.dumps(names), "--kind", kind, "--pack", str(self.pack)]
+    proc = subprocess.Popen(command, env=env, pass_fds=tuple(fds), stdout=log, stderr=subprocess.STDOUT)
     log.close()
     self.running[",".join(names)] = (proc, claims, devices, names)
     what = names[0] if len(names) == 1 else f"{job['kind']} of {len(names)}: {', '.join(names)}"
@@ -188,23 +161,15 @@ class LocalRunner:
     parents = [by_name[n].parent for n in names if n in by_name]
     if any(p and p not in done and not is_finished(self.workdir, p) for p in parents):
       return
-    job = dict(job, names=names)
-    claims = []
-    for name in job["names"]:
-      claim = Claim(self.workdir, name)
-      if not claim:
-        if name not in waiting_on_others:
-          self.say(f"wait   {name} (another runner trains it)")
-          waiting_on_others.add(name)
-        for c in claims:
-          c.close()
-        return
-      claims.append(claim)
-    if all(is_finished(self.workdir, n) for n in job["names"]):  # finished between our check and our claims
+    claims = [Claim(self.workdir, n) for n in names]
+    for name in (n for n, c in zip(names, claims) if not c and n not in waiting_on_others):
+      self.say(f"wait   {name} (another runner trains it)")
+      waiting_on_others.add(name)
+    if not all(claims) or all(is_finished(self.workdir, n) for n in names):  # or finished since our check
       for c in claims:
         c.close()
       return
-    self._start(job, claims)
+    self._start(dict(job, names=names), claims)
 
   def loop(self) -> int:
     old = {s: signal.signal(s, self._terminate) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -366,11 +331,9 @@ def run_sweep(a) -> int:
 def _variants_epilog(args: list[str]) -> str:
   """`jaxreplay sweep FILE --help` ends with FILE's variants."""
   files = [a.partition(":")[0] for a in args if not a.startswith("-") and a.partition(":")[0].endswith(".py")]
-  if not files or not os.path.exists(files[0]):
-    return ""
   try:
-    return f"variants of {files[0]} (give one as FILE.py:ARG):\n" + sweeps.format_variants(files[0])
-  except SweepError:
+    return f"variants of {files[0]} (give one as FILE.py:ARG):\n" + sweeps.format_variants(files[0]) if files else ""
+  except SweepError:  # a missing or broken file: the sweep command says what is wrong
     return ""
 
 

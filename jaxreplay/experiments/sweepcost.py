@@ -15,10 +15,12 @@ or no known length.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 
+import ml_collections
+
+from jaxreplay import config as config_lib
+from jaxreplay.experiments import packing
 from jaxreplay.models import decoder
 
 DEFAULT_PEAK_TFLOPS = 989.0  # one H100 SXM, dense bf16
@@ -47,21 +49,11 @@ class RunCost:
   unknown: str = ""  # why the length is not known: 'epochs' (its data is not here) or 'target' (no cap)
 
 
-def _epoch_tokens(path: str, seq_len: int) -> int | None:
-  meta = os.path.join(path, "meta.json")
-  if not os.path.exists(meta):
-    return None
-  with open(meta) as f:
-    m = json.load(f)
-  n = m.get("train_tokens") or m.get("num_train_tokens")
-  return None if n is None else (int(n) // seq_len) * seq_len
-
-
 def flops_per_step(c: dict) -> float:
   """Training FLOPs of one optimizer step of the run with config c (a dict)."""
   m, r = c["model"], c["replay"]
   B, T = c["optim"]["batch_size"], m["seq_len"]
-  per_token = decoder.flops_per_token(decoder.ModelConfig.from_config(_Attrs(m)))
+  per_token = decoder.flops_per_token(decoder.ModelConfig.from_config(ml_collections.ConfigDict(m)))
   rows = B
   if r["method"] in ("kl", "ntp"):
     R = r["batch_size"] or B
@@ -76,33 +68,18 @@ def flops_per_step(c: dict) -> float:
 
 
 def run_cost(run) -> RunCost:
-  c = run.config
-  m, s = c["model"], c["stop"]
-  cfg = decoder.ModelConfig.from_config(_Attrs(m))
-  params = decoder.param_counts(cfg)[m.get("param_count", "paper")]
-  tps = c["optim"]["batch_size"] * m["seq_len"]
-  tokens = None
-  if s["steps"]:
-    tokens = s["steps"] * tps
-  elif s["tokens"]:
-    tokens = s["tokens"]
-  elif s["tokens_per_param"]:
-    tokens = s["tokens_per_param"] * params
-  elif s["epochs"]:
-    epoch = _epoch_tokens(c["data"]["path"], m["seq_len"])
-    tokens = None if epoch is None else s["epochs"] * epoch
-  steps = None if tokens is None else (int(s["steps"]) if s["steps"] else max(1, int(round(tokens / tps))))
-  heads = m["d_model"] // m["head_dim"]
-  shape = f"D={m['d_model']} L={m['n_layers']} H={heads} V={m['vocab_size']} T={m['seq_len']}"
-  flops = None if steps is None else steps * flops_per_step(c)
-  unknown = "" if steps is not None else ("epochs" if s["epochs"] else "target")
-  return RunCost(run.name, run.parent, shape, params, steps, None if steps is None else steps * tps, flops,
-                 bool(s["target_loss"] or s["early_stop_evals"]), unknown)
-
-
-class _Attrs(dict):
-  """A config dict read as attributes, as ModelConfig.from_config reads a ConfigDict."""
-  __getattr__ = dict.__getitem__
+  c = ml_collections.ConfigDict(run.config)
+  m, s = c.model, c.stop
+  if m.get("path"):  # an instruct run (a Hugging Face model): listed, not priced
+    return RunCost(run.name, run.parent, "-", 0, None, None, None, False)
+  params = decoder.param_counts(decoder.ModelConfig.from_config(m))[m.get("param_count", "paper")]
+  steps = packing.length(c)  # None: a target loss or early stop with no cap, or epochs of data not found here
+  shape = f"D={m.d_model} L={m.n_layers} H={m.d_model // m.head_dim} V={m.vocab_size} T={m.seq_len}"
+  if steps is None:
+    return RunCost(run.name, run.parent, shape, params, None, None, None, bool(s.target_loss or s.early_stop_evals),
+                   "epochs" if s.epochs else "target")
+  return RunCost(run.name, run.parent, shape, params, steps, steps * config_lib.tokens_per_step(c),
+                 steps * flops_per_step(run.config), bool(s.target_loss or s.early_stop_evals))
 
 
 def _num(x: float | None) -> str:
@@ -116,9 +93,7 @@ def _num(x: float | None) -> str:
 
 def format_costs(runs, pricing: PricingAssumptions = PricingAssumptions()) -> str:
   """One line per run (parent, shape, tokens, steps, FLOPs) and the sweep's total compute and device-hours."""
-  # instruct runs (a Hugging Face model) are listed, not priced
-  costs = [run_cost(r) if not r.config.get("model", {}).get("path", "") else RunCost(r.name, r.parent, "-", 0, None, None,
-                                                                               None, False) for r in runs]
+  costs = [run_cost(r) for r in runs]
   priced = [c for c in costs if c.shape != "-"]
   w = max(len(c.name) for c in costs)
   lines = [f"{'run':<{w}}  {'shape':<34} {'params':>8} {'tokens':>8} {'steps':>8} {'FLOPs':>8}  parent"]

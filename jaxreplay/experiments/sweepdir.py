@@ -11,6 +11,7 @@ queryable copy of those files, so a crash between the two loses nothing.
 
 from __future__ import annotations
 
+import collections
 import copy
 import fcntl
 import fnmatch
@@ -54,6 +55,17 @@ def connect(workdir: str) -> sqlite3.Connection:
   db.execute("PRAGMA synchronous=NORMAL")
   db.executescript(SCHEMA)
   return db
+
+
+def start_attempt(db, name: str) -> int:
+  """A row in the attempts table for this process training the run; `end_attempt` says how it ended."""
+  return db.execute("INSERT INTO attempts (name, host, pid, started, status) VALUES (?,?,?,?,?)",
+                    (name, socket.gethostname(), os.getpid(), time.time(), "running")).lastrowid
+
+
+def end_attempt(db, attempt: int, status: str, message: str = ""):
+  db.execute("UPDATE attempts SET ended=?, status=?, message=? WHERE id=?", (time.time(), status, message[:2000],
+                                                                             attempt))
 
 
 def prepare(spec: str, workdir: str, write: bool = True, only: str | None = None,
@@ -105,9 +117,8 @@ def _describe_change(old_runs: list[dict], runs: list[Run], allow_added: bool = 
     if a["parent"] != b.parent:
       changed.append(n)
       continue
-    fa, fb = config_lib.flatten(a["config"]), config_lib.flatten(b.config)
-    diff = [k for k in fa if fa[k] != fb.get(k) and not any(k == i or k.startswith(i + ".") for i in IGNORED)]
-    diff += [k for k in fb if k not in fa and fb[k] != config_lib.flatten(config_lib.default().to_dict()).get(k)]
+    diff = config_lib.differences(ml_collections.ConfigDict(a["config"]), ml_collections.ConfigDict(b.config),
+                                  ignore=IGNORED)
     if diff:
       changed.append(n)
       keys.extend(k for k in diff if k not in keys)
@@ -130,16 +141,12 @@ def load_runs(workdir: str) -> tuple[list[Run], str]:
 def resolved_config(workdir: str, run: Run) -> ml_collections.ConfigDict:
   """The run's config with init.from pointing at the parent's workdir and data paths resolved."""
   c = ml_collections.ConfigDict(copy.deepcopy(run.config))
-  if c.data.get("kind") == "chat":  # its paths are plain files, read as given (relative to the working directory)
-    c.lock()
-    return c
-  if run.parent:
-    c.init["from"] = run_dir(workdir, run.parent)
-  c.data.path = resolve_path(c.data.path)
-  if c.data.mix_path:
-    c.data.mix_path = resolve_path(c.data.mix_path)
-  if c.replay.path:
-    c.replay.path = resolve_path(c.replay.path)
+  if c.data.get("kind") != "chat":  # chat paths are plain files, read as given (relative to the working directory)
+    if run.parent:
+      c.init["from"] = run_dir(workdir, run.parent)
+    c.data.path = resolve_path(c.data.path)
+    c.data.mix_path = c.data.mix_path and resolve_path(c.data.mix_path)
+    c.replay.path = c.replay.path and resolve_path(c.replay.path)
   c.lock()
   return c
 
@@ -245,20 +252,16 @@ def levels(runs: list[Run]) -> list[list[str]]:
 
 
 def status(workdir: str, runs: list[Run]) -> str:
-  rows = {}
-  path = os.path.join(workdir, DB_FILE)
-  if os.path.exists(path):
+  rows, failed = {}, set()
+  if os.path.exists(os.path.join(workdir, DB_FILE)):
     db = connect(workdir)
     rows = {n: json.loads(m) for n, m in db.execute("SELECT name, metrics FROM results")}
-    failed = {n: msg for n, st, msg in db.execute(
-        "SELECT name, status, message FROM attempts WHERE id IN (SELECT MAX(id) FROM attempts GROUP BY name)")
-              if st == "failed"}
+    failed = {n for n, st in db.execute(
+        "SELECT name, status FROM attempts WHERE id IN (SELECT MAX(id) FROM attempts GROUP BY name)") if st == "failed"}
     db.close()
-  else:
-    failed = {}
-  lines, counts = [], {}
+  counts = collections.Counter()
   width = max([len(r.name) for r in runs] + [4])
-  lines.append(f"{'run':<{width}}  {'state':<8}  {'stop':<11}  {'valid_ntp':>9}  {'prev_ntp':>9}  {'tokens':>12}")
+  lines = [f"{'run':<{width}}  {'state':<8}  {'stop':<11}  {'valid_ntp':>9}  {'prev_ntp':>9}  {'tokens':>12}"]
   for r in runs:
     m = rows.get(r.name)
     if m is None and is_finished(workdir, r.name):
@@ -274,7 +277,7 @@ def status(workdir: str, runs: list[Run]) -> str:
       state = "partial"
     else:
       state = "pending"
-    counts[state] = counts.get(state, 0) + 1
+    counts[state] += 1
     m = m or {}
     num = lambda k: f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "-"
     lines.append(f"{r.name:<{width}}  {state:<8}  {str(m.get('stop_reason', '-')):<11}  {num('valid_ntp'):>9}  "
@@ -285,9 +288,7 @@ def status(workdir: str, runs: list[Run]) -> str:
 
 def dry_run(workdir: str, runs: list[Run]) -> str:
   """The header of `--dry-run`: how many runs each stage has and how many are done (sweepcost lists them)."""
-  stages: dict[str, int] = {}
-  for r in runs:
-    stages[r.stage] = stages.get(r.stage, 0) + 1
+  stages = collections.Counter(r.stage for r in runs)
   done = sum(is_finished(workdir, r.name) for r in runs)
   return (f"{len(runs)} runs in dependency order (" + ", ".join(f"{n} {s}" for s, n in stages.items()) + ")"
           + (f", {done} already done" if done else "") + ":")

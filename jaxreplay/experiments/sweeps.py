@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -40,6 +39,7 @@ import ml_collections
 
 from jaxreplay import config as config_lib
 from jaxreplay.errors import ConfigError, SweepError
+from jaxreplay.experiments import config_files
 
 
 # Short names for common keys in run labels; any other key shows its last component (or all of it when two
@@ -183,20 +183,18 @@ def _apply(base: ml_collections.ConfigDict, overrides: dict, stage: str, run: st
       if f"stop.{k}" not in lengths:
         c.stop[k] = type(c.stop[k])(0)
   for key, value in overrides.items():
-    node, parts = c, key.split(".")
-    for p in parts[:-1]:
-      if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
-        raise SweepError(f"Grid key {key!r} of stage {stage!r} is not a config key: check its spelling against "
-                         "jaxreplay/config.py.")
-      node = node[p]
-    if parts[-1] not in node or isinstance(node[parts[-1]], ml_collections.ConfigDict):
+    *parents, leaf = key.split(".")
+    node, group = c, ml_collections.ConfigDict
+    for p in parents:
+      node = node.get(p) if isinstance(node, group) else None
+    if not isinstance(node, group) or leaf not in node or isinstance(node[leaf], group):
       raise SweepError(f"Grid key {key!r} of stage {stage!r} is not a config key: check its spelling against "
                        "jaxreplay/config.py.")
     try:
-      node[parts[-1]] = value
+      node[leaf] = value
     except (TypeError, ValueError) as e:
       raise SweepError(f"Grid value {key}={value!r} of run {run!r} has the wrong type ({e}): use a "
-                       f"{type(node[parts[-1]]).__name__}.") from None
+                       f"{type(node[leaf]).__name__}.") from None
   return c
 
 
@@ -207,7 +205,6 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
   runs: dict[str, Run] = {}
   configs = {}
   by_stage: dict[str, list[str]] = {}
-  pending = []
   for st in sweep.stages:
     parents = _parents(st, sweep, by_stage)
     names = []
@@ -224,7 +221,7 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
         shown = {k: v for k, v in overrides.items() if not (k in matched and k in pov and pov[k] == v)}
         lab = label(shown, st.abbrev)  # a matched key the parent's name already shows is left out
         name = "/".join([st.name] + ([parent] if parent else []) + ([lab] if lab != "base" else []))
-        if name in runs or any(name == p.name for p in pending):
+        if name in runs:
           raise SweepError(f"Two runs of stage {st.name!r} are both named {name!r}: their overrides give the same "
                            "label; give them different values or an abbrev that tells them apart.")
         if parent and st.base.model.get("path"):
@@ -235,7 +232,6 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
           c.stage = "finetune"
         run = Run(name, st.name, parent, overrides, c.to_dict())
         configs[name] = c
-        pending.append(run)
         runs[name] = run
         names.append((name, overrides))
     by_stage[st.name] = names
@@ -296,19 +292,17 @@ def dependency_order(runs: dict[str, Run]) -> list[Run]:
       close = [n for n in runs if n.split("/")[0] == run.parent.split("/")[0]][:3]
       raise SweepError(f"Run {run.name!r} starts from {run.parent!r}, which the sweep does not define"
                        + (f" (e.g. {', '.join(close)})" if close else "") + ": name a run of the sweep.")
-  order, state = [], {}
-  for start in runs:  # iterative DFS over parent links; a grey node seen again is a cycle
-    path = []
-    node = start
-    while node is not None and state.get(node) is None:
-      state[node] = "grey"
+  order, placed = [], set()
+  for start in runs:  # each run after the chain of runs it starts from; a run met twice on one chain is a cycle
+    path, node = [], start
+    while node is not None and node not in placed:
+      if node in path:
+        cycle = path[path.index(node):] + [node]
+        raise SweepError(f"The runs form a cycle ({' -> '.join(cycle)}): a run cannot start from its own descendant.")
       path.append(node)
       node = runs[node].parent
-    if node is not None and state.get(node) == "grey":
-      cycle = path[path.index(node):] + [node]
-      raise SweepError(f"The runs form a cycle ({' -> '.join(cycle)}): a run cannot start from its own descendant.")
     for n in reversed(path):
-      state[n] = "black"
+      placed.add(n)
       order.append(runs[n])
   return order
 
@@ -326,17 +320,18 @@ def fingerprint(runs: list[Run]) -> str:
 
 
 def _module(path: str):
-  if not os.path.exists(path):
-    raise SweepError(f"Sweep file {path!r} does not exist: give the path to a file in sweeps/.")
+  if not path.endswith(".py") or not os.path.isfile(path):
+    raise SweepError(f"Sweep file {path!r} does not exist or is not a .py file: give the path to a file in "
+                     "sweeps/, e.g. sweeps/quickstart.py:small.")
   folder = os.path.dirname(os.path.abspath(path))
   if folder not in sys.path:  # sweep files may import shared helpers next to them (sweeps/_paper.py)
     sys.path.insert(0, folder)
-  mod_name = "jaxreplay_sweep_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
-  module_spec = importlib.util.spec_from_file_location(mod_name, path)
-  module = importlib.util.module_from_spec(module_spec)
-  sys.modules[mod_name] = module
-  module_spec.loader.exec_module(module)
-  return module
+  name = "jaxreplay_sweep_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
+  try:
+    return config_files.load_module(path, name)
+  except Exception as e:  # the user's own file: any failure in it is theirs to fix, said in one line
+    raise SweepError(f"Sweep file {path} could not be loaded ({type(e).__name__}: {config_files.first_line(e)}): "
+                     "fix it.") from None
 
 
 def variants(path: str) -> dict[str, str]:
@@ -378,10 +373,11 @@ def load(spec: str) -> Sweep:
     check_variant(path, arg)
   try:
     sweep = module.get_sweep(arg) if arg else module.get_sweep()
-  except (KeyError, ValueError) as e:
-    if isinstance(e, (SweepError, ConfigError)):
-      raise
-    raise SweepError(f"{path}: get_sweep({arg!r}) failed: {e}") from None
+  except (SweepError, ConfigError):
+    raise
+  except Exception as e:  # as in _module
+    raise SweepError(f"{path}: get_sweep({arg!r}) failed ({type(e).__name__}: {config_files.first_line(e)}): fix "
+                     "the file or its argument.") from None
   if not isinstance(sweep, Sweep):
     raise SweepError(f"{path}: get_sweep returned {type(sweep).__name__}, not a jaxreplay.experiments.sweeps.Sweep.")
   return sweep
