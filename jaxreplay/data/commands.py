@@ -11,8 +11,6 @@ An INPUT is a text file (plain, .xz, .gz, .bz2), `bible-en` / `bible-es`, or `hf
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import itertools
 import json
 import os
@@ -21,6 +19,7 @@ from typing import Iterable, Iterator
 
 from jaxreplay.config import NUM_RESERVED_IDS
 from jaxreplay.errors import DataError
+from jaxreplay.io import file_lock
 
 from . import corpora
 
@@ -105,18 +104,6 @@ def cmd_tokenize(inputs: list[str], tokenizer: str, out_dir: str, dataset_id: in
                          is_valid=every_kth(valid_fraction, group), progress=progress)
 
 
-@contextlib.contextmanager
-def _lock(path: str):
-  """Serializes builders of one cache (parallel runs of a sweep may all ask for the default data)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _built(root: str) -> dict | None:
   tok = os.path.join(root, TOKENIZER_FILE)
   dirs = {lang: os.path.join(root, lang) for lang in corpora.BIBLES}
@@ -139,7 +126,7 @@ def build_default_corpora(cache_dir: str | None = None, vocab_size: int = 4096, 
   if done:
     return done
   cache_dir = writable_cache_dir(cache_dir)
-  with _lock(os.path.join(cache_dir, ".bible.lock")):
+  with file_lock(os.path.join(cache_dir, ".bible.lock")):  # parallel runs of a sweep may all ask for it
     done = _built(root)
     if done:
       return done

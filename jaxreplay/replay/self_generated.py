@@ -22,7 +22,6 @@ one forward pass of the frozen model over the buffer at refill time (equal to th
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxreplay.io import write_bytes
+from jaxreplay.io import file_lock, write_bytes
 from jaxreplay.errors import ConfigError
 from jaxreplay import config as config_lib
 from jaxreplay import sharding
@@ -128,15 +127,9 @@ class DiskCache:
   def path(self, refill: int) -> str:
     return os.path.join(self.directory, f"refill_{refill:06d}.npy")
 
-  @contextlib.contextmanager
   def lock(self, refill: int):
     """Held while one process samples a refill, so concurrent runs of a sweep wait and read it instead."""
-    with open(os.path.join(self.directory, f"refill_{refill:06d}.lock"), "a") as f:
-      fcntl.flock(f, fcntl.LOCK_EX)
-      try:
-        yield
-      finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(os.path.join(self.directory, f"refill_{refill:06d}.lock"))
 
   def read(self, refill: int, shape, vocab_size: int) -> np.ndarray | None:
     path = self.path(refill)
