@@ -15,7 +15,7 @@ import itertools
 import json
 import os
 import sys
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from jaxreplay.config import NUM_RESERVED_IDS
 from jaxreplay.errors import DataError
@@ -50,17 +50,14 @@ def writable_cache_dir(cache_dir: str | None) -> str:
   return cache_dir
 
 
-def documents(inputs: list[str], mode: str = "lines", cache_dir: str | None = None,
-              limit: int | None = None) -> tuple[Iterable, list[str], int]:
-  """(documents, source descriptions, documents per validation group) for a list of inputs (or one)."""
-  if isinstance(inputs, str):
-    inputs = [inputs]
+def documents(inputs: list[str], mode: str = "lines", limit: int | None = None) -> tuple[Iterable, list[str], int]:
+  """(documents, source descriptions, documents per validation group) for a list of inputs."""
   if not inputs:
     raise DataError("No input given: name text files, bible-en / bible-es, or hf:DATASET.")
   parts, sources, group = [], [], LINES_PER_GROUP if mode == "lines" else 1
   for inp in inputs:
     if inp.startswith("bible-"):
-      debs = os.path.join(writable_cache_dir(cache_dir), "debs")
+      debs = os.path.join(writable_cache_dir(None), "debs")
       books, source = corpora.bible_books(inp.split("-", 1)[1], debs)
       parts.append(corpora.bible_documents(books))
       sources.append(source)
@@ -80,16 +77,11 @@ def documents(inputs: list[str], mode: str = "lines", cache_dir: str | None = No
   return (itertools.islice(docs, limit) if limit else docs), sources, group
 
 
-def _texts(docs: Iterable) -> Iterator[str]:
-  for d in docs:
-    yield d[1] if isinstance(d, tuple) else d
-
-
 def cmd_tokenizer(inputs: list[str], out: str, vocab_size: int = 4096, mode: str = "lines",
                   limit: int | None = None) -> str:
   """Trains a byte-level BPE on the inputs and writes it to `out`; returns its hash."""
   docs, _, _ = documents(inputs, mode, limit=limit)
-  train_tokenizer(_texts(docs), vocab_size, out)
+  train_tokenizer((d[1] if isinstance(d, tuple) else d for d in docs), vocab_size, out)  # (name, text) or text
   return tokenizer_hash(out)
 
 

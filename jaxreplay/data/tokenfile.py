@@ -8,6 +8,7 @@ checks everything a run depends on before the first step, so a bad file fails at
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -63,20 +64,19 @@ def write_token_dir(out_dir: str, documents: Iterable, tokenizer_path: str, *, d
   with atomic_dir(out_dir) as tmp:
     counts = dict(train=0, valid=0)
     valid_docs, valid_names, n_docs = 0, [], 0
-    files = {s: open(os.path.join(tmp, f"{s}.bin"), "wb") for s in SPLITS}
-    bar = tqdm(unit="doc", desc=f"tokenize {name or out_dir}", disable=not progress)
-    try:
+    with contextlib.ExitStack() as stack:
+      files = {s: stack.enter_context(open(os.path.join(tmp, f"{s}.bin"), "wb")) for s in SPLITS}
+      bar = stack.enter_context(tqdm(unit="doc", desc=f"tokenize {name or out_dir}", disable=not progress))
       for chunk in batched(documents, chunk_docs):
         texts, splits = [], []
         for doc in chunk:
           doc_name, text = doc if isinstance(doc, tuple) else (None, doc)
-          split = "valid" if is_valid(n_docs) else "train"
-          if split == "valid":
+          splits.append("valid" if is_valid(n_docs) else "train")
+          if splits[-1] == "valid":
             valid_docs += 1
             if len(valid_names) < 1000:  # enough to see which documents; bounded for huge corpora
               valid_names.append(doc_name if doc_name is not None else n_docs)
           texts.append(text)
-          splits.append(split)
           n_docs += 1
         encoded = tok.encode_batch_fast(texts, add_special_tokens=False)
         for split in SPLITS:
@@ -85,10 +85,6 @@ def write_token_dir(out_dir: str, documents: Iterable, tokenizer_path: str, *, d
             np.array(flat, dtype=dtype).tofile(files[split])
             counts[split] += len(flat)
         bar.update(len(chunk))
-    finally:
-      bar.close()
-      for f in files.values():
-        f.close()
     shutil.copyfile(tokenizer_file(tokenizer_path), os.path.join(tmp, TOKENIZER_FILE))
     meta = dict(vocab_size=vocab, dtype=dtype.name, tokenizer_hash=tokenizer_hash(tokenizer_path),
                 dataset_id=int(dataset_id), name=name or os.path.basename(out_dir.rstrip("/")),
