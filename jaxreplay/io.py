@@ -8,6 +8,7 @@ the target. Two writers at once each replace the target whole; the last one wins
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -69,6 +70,17 @@ def atomic_dir(path: str):
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str):
+  """Holds an exclusive lock on the file `path` (created) for the block: concurrent runs of a sweep wait."""
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_metrics(workdir: str) -> list[dict]:

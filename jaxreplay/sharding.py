@@ -72,10 +72,8 @@ def _leaf_name(path) -> str:
 def param_spec(path, shape, mesh: Mesh) -> P:
   rule = _RULES.get(_leaf_name(path), ())
   rule = (None,) * (len(shape) - len(rule)) + tuple(rule) if len(rule) <= len(shape) else (None,) * len(shape)
-  spec = []
-  for dim, axis in zip(shape, rule):
-    spec.append(axis if axis is not None and dim % mesh.shape[axis] == 0 and mesh.shape[axis] > 1 else None)
-  return P(*spec)
+  return P(*(axis if axis is not None and dim % mesh.shape[axis] == 0 and mesh.shape[axis] > 1 else None
+             for dim, axis in zip(shape, rule)))
 
 
 def param_shardings(params_shapes, mesh: Mesh):
@@ -88,11 +86,7 @@ def param_shardings(params_shapes, mesh: Mesh):
 def state_shardings(abstract_state, mesh: Mesh) -> dict:
   """Shardings of a train state {params, opt_state, step}: Adam moments follow their parameters."""
   return dict(params=param_shardings(abstract_state["params"], mesh),
-              opt_state=param_shardings(abstract_state["opt_state"], mesh), step=replicated(mesh))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
+              opt_state=param_shardings(abstract_state["opt_state"], mesh), step=NamedSharding(mesh, P()))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -101,6 +95,11 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def batch_divisor(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def local_rows(x: np.ndarray) -> np.ndarray:
+  """This process's share of a global batch's rows (all of them on one host)."""
+  return np.array_split(x, jax.process_count())[jax.process_index()]
 
 
 def put_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:

@@ -18,11 +18,11 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 
 import numpy as np
 
 from jaxreplay.errors import ChatDataError
+from jaxreplay.io import atomic_open
 
 
 def load_tokenizer(directory: str):
@@ -174,25 +174,18 @@ def read_text_jsonl(path: str, tokenizer, text_key: str = "text", limit_tokens: 
 
   bos_id/eos_id default to the tokenizer's; an instruct tokenizer's EOS is often its end-of-turn token, so
   callers pass the model's end-of-text id (the first of config.json's eos_token_id) instead."""
-  if not os.path.exists(path):
-    raise ChatDataError(f"Replay text file {path!r} does not exist: give a JSON-lines file with a {text_key!r} field.")
   bos_id = tokenizer.bos_token_id if bos_id is None else bos_id
   eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
   bos = [bos_id] if bos_id is not None and bos_id >= 0 else []
   eos = [eos_id] if eos_id is not None and eos_id >= 0 else []
   docs, total = [], 0
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        text = json.loads(line)[text_key]
-      except (json.JSONDecodeError, KeyError, TypeError):
-        raise ChatDataError(f"{path}:{n} is not a JSON object with a {text_key!r} field.") from None
-      docs.append(bos + _ids(tokenizer, text) + eos)
-      total += len(docs[-1])
-      if limit_tokens and total >= limit_tokens:
-        break
+  for n, row in json_lines(path, ChatDataError, f"objects with a {text_key!r} field"):
+    if text_key not in row:
+      raise ChatDataError(f"{path}:{n} is not a JSON object with a {text_key!r} field.")
+    docs.append(bos + _ids(tokenizer, row[text_key]) + eos)
+    total += len(docs[-1])
+    if limit_tokens and total >= limit_tokens:
+      break
   return docs
 
 
@@ -264,14 +257,8 @@ def cached(cache_dir: str, kind: str, key: list, model_dir: str, build, write: b
   value = build()
   if write:
     try:  # a temporary name of its own: two jobs of a sweep may build the same cache at once
-      fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-      try:
-        with os.fdopen(fd, "wb") as f:
-          pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-      finally:
-        if os.path.exists(tmp):
-          os.remove(tmp)
+      with atomic_open(path, "wb") as f:
+        pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
     except OSError:
       pass  # a read-only data directory: tokenize again next time
   return value

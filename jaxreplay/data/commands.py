@@ -11,16 +11,15 @@ An INPUT is a text file (plain, .xz, .gz, .bz2), `bible-en` / `bible-es`, or `hf
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import itertools
 import json
 import os
 import sys
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from jaxreplay.config import NUM_RESERVED_IDS
 from jaxreplay.errors import DataError
+from jaxreplay.io import file_lock
 
 from . import corpora
 
@@ -51,17 +50,14 @@ def writable_cache_dir(cache_dir: str | None) -> str:
   return cache_dir
 
 
-def documents(inputs: list[str], mode: str = "lines", cache_dir: str | None = None,
-              limit: int | None = None) -> tuple[Iterable, list[str], int]:
-  """(documents, source descriptions, documents per validation group) for a list of inputs (or one)."""
-  if isinstance(inputs, str):
-    inputs = [inputs]
+def documents(inputs: list[str], mode: str = "lines", limit: int | None = None) -> tuple[Iterable, list[str], int]:
+  """(documents, source descriptions, documents per validation group) for a list of inputs."""
   if not inputs:
     raise DataError("No input given: name text files, bible-en / bible-es, or hf:DATASET.")
   parts, sources, group = [], [], LINES_PER_GROUP if mode == "lines" else 1
   for inp in inputs:
     if inp.startswith("bible-"):
-      debs = os.path.join(writable_cache_dir(cache_dir), "debs")
+      debs = os.path.join(writable_cache_dir(None), "debs")
       books, source = corpora.bible_books(inp.split("-", 1)[1], debs)
       parts.append(corpora.bible_documents(books))
       sources.append(source)
@@ -81,16 +77,11 @@ def documents(inputs: list[str], mode: str = "lines", cache_dir: str | None = No
   return (itertools.islice(docs, limit) if limit else docs), sources, group
 
 
-def _texts(docs: Iterable) -> Iterator[str]:
-  for d in docs:
-    yield d[1] if isinstance(d, tuple) else d
-
-
 def cmd_tokenizer(inputs: list[str], out: str, vocab_size: int = 4096, mode: str = "lines",
                   limit: int | None = None) -> str:
   """Trains a byte-level BPE on the inputs and writes it to `out`; returns its hash."""
   docs, _, _ = documents(inputs, mode, limit=limit)
-  train_tokenizer(_texts(docs), vocab_size, out)
+  train_tokenizer((d[1] if isinstance(d, tuple) else d for d in docs), vocab_size, out)  # (name, text) or text
   return tokenizer_hash(out)
 
 
@@ -103,18 +94,6 @@ def cmd_tokenize(inputs: list[str], tokenizer: str, out_dir: str, dataset_id: in
   docs, sources, group = documents(inputs, mode, limit=limit)
   return write_token_dir(out_dir, docs, tokenizer, dataset_id=dataset_id, name=name, sources=sources,
                          is_valid=every_kth(valid_fraction, group), progress=progress)
-
-
-@contextlib.contextmanager
-def _lock(path: str):
-  """Serializes builders of one cache (parallel runs of a sweep may all ask for the default data)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _built(root: str) -> dict | None:
@@ -139,7 +118,7 @@ def build_default_corpora(cache_dir: str | None = None, vocab_size: int = 4096, 
   if done:
     return done
   cache_dir = writable_cache_dir(cache_dir)
-  with _lock(os.path.join(cache_dir, ".bible.lock")):
+  with file_lock(os.path.join(cache_dir, ".bible.lock")):  # parallel runs of a sweep may all ask for it
     done = _built(root)
     if done:
       return done

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import io
+import itertools
 import lzma
 import os
 import shutil
@@ -42,22 +43,15 @@ def read_text_files(paths: Iterable[str], mode: str = "lines") -> Iterator[str]:
     with open_text(path) as f:
       if mode == "file":
         text = f.read().strip()
-        if text:
-          yield text
+        yield from [text] if text else []
         continue
-      para = []
-      for line in f:
-        line = line.rstrip("\n")
-        if mode == "lines":
-          if line.strip():
-            yield line
-        elif line.strip():
-          para.append(line)
-        elif para:
+      lines = (line.rstrip("\n") for line in f)
+      if mode == "lines":
+        yield from (line for line in lines if line.strip())
+        continue
+      for filled, para in itertools.groupby(lines, key=lambda line: bool(line.strip())):
+        if filled:
           yield "\n".join(para)
-          para = []
-      if para:
-        yield "\n".join(para)
 
 
 # ---------------------------------------------------------------- the Bible pair

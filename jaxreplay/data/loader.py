@@ -64,11 +64,11 @@ class _Stream:
     return np.array([index_shuffle(p % n, max_index=n - 1, seed=self._epoch_key(p // n), rounds=_ROUNDS)
                      for p in positions], dtype=np.int64)
 
-  def read(self, positions: Sequence[int], out: np.ndarray):
-    """Writes the rows at stream positions into out (int32 [len(positions), T]), dataset id first."""
-    if len(positions):
-      out[:] = self.rows_TT[self.row_ids(positions)]
-      out[:, 0] = self.dataset_id
+  def rows(self, positions: Sequence[int]) -> np.ndarray:
+    """The rows at stream positions, int32 [len(positions), T], dataset id first."""
+    rows = self.rows_TT[self.row_ids(positions)].astype(np.int32)
+    rows[:, 0] = self.dataset_id
+    return rows
 
 
 class TrainBatches:
@@ -81,12 +81,11 @@ class TrainBatches:
 
   def __init__(self, token_dir: TokenDir | str, seq_len: int, global_batch: int, seed: int,
                dataset_id: int = -1, process_index: int = 0, process_count: int = 1,
-               mix: tuple | None = None, prefetch: int = 2, num_threads: int | None = None):
+               mix: tuple | None = None, prefetch: int = 2):
     if seq_len < 2 or global_batch < 1:
       raise DataError(f"seq_len={seq_len} and global_batch={global_batch} must be ≥ 2 and ≥ 1.")
     self.seq_len, self.global_batch = seq_len, global_batch
     self.prefetch = max(0, prefetch)
-    self.num_threads = self.prefetch if num_threads is None else num_threads
     self.local = _process_slice(global_batch, process_index, process_count)
     main = _open(token_dir, seq_len)
     self.main = _Stream(main, seq_len, seed, 0, _dataset_id(main, dataset_id))
@@ -123,29 +122,22 @@ class TrainBatches:
   def dataset_ids(self) -> tuple[int, ...]:
     return (self.main.dataset_id,) + ((self.mix.dataset_id,) if self.mix else ())
 
-  @property
-  def local_batch(self) -> int:
-    return self.local.stop - self.local.start
-
   def batch(self, step: int) -> np.ndarray:
     """This process's rows of the global batch at `step`: int32 [global_batch // process_count, seq_len]."""
     if step < 0:
       raise DataError(f"step={step} must be ≥ 0.")
-    out = np.empty((self.local_batch, self.seq_len), np.int32)
+    out = np.empty((len(self._local_is_mix), self.seq_len), np.int32)
     for stream, rows_per_step, sel in ((self.main, self.main_rows, ~self._local_is_mix),
                                        (self.mix, self.mix_rows, self._local_is_mix)):
       if stream is not None and sel.any():
-        positions = (step * rows_per_step + self._local_ordinal[sel]).tolist()
-        block = np.empty((len(positions), self.seq_len), np.int32)
-        stream.read(positions, block)
-        out[sel] = block
+        out[sel] = stream.rows((step * rows_per_step + self._local_ordinal[sel]).tolist())
     return out
 
   def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """(step, batch) from start_step on, computed ahead by grain threads."""
     stop = start_step + num_steps if num_steps is not None else 1 << 62
     ds = grain.MapDataset.range(start_step, stop).map(lambda s: (s, self.batch(s)))
-    options = grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=self.prefetch)
+    options = grain.ReadOptions(num_threads=self.prefetch, prefetch_buffer_size=self.prefetch)
     return iter(ds.to_iter_dataset(options))
 
 
@@ -160,9 +152,7 @@ class EvalBatches(Sequence):
   def __len__(self) -> int:
     return self.num_batches
 
-  def __getitem__(self, k):
-    if isinstance(k, slice):
-      return [self[i] for i in range(*k.indices(len(self)))]
+  def __getitem__(self, k: int):
     if not -len(self) <= k < len(self):
       raise IndexError(k)
     batch = self.rows_TT[k, self.local].astype(np.int32)

@@ -8,6 +8,7 @@ checks everything a run depends on before the first step, so a bad file fails at
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from jaxreplay.errors import DataError
 from jaxreplay.io import atomic_dir
 
-from .tokenizer import TOKENIZER_FILE, eos_id, load_tokenizer, tokenizer_file, tokenizer_hash
+from .tokenizer import TOKENIZER_FILE, batched, eos_id, load_tokenizer, tokenizer_file, tokenizer_hash
 
 META_FILE = "meta.json"
 SPLITS = ("train", "valid")
@@ -48,7 +49,7 @@ def every_kth(valid_fraction: float, group: int = 1) -> Callable[[int], bool]:
 
 def write_token_dir(out_dir: str, documents: Iterable, tokenizer_path: str, *, dataset_id: int, name: str = "",
                     sources: list | None = None, is_valid: Callable[[int], bool] | None = None,
-                    chunk_docs: int = 512, total: int | None = None, progress: bool = True) -> dict:
+                    chunk_docs: int = 512, progress: bool = True) -> dict:
   """Tokenizes documents into a new token directory and returns its metadata.
 
   `documents` yields strings or (name, text) pairs, is consumed once, chunk by chunk: each chunk is encoded
@@ -63,36 +64,27 @@ def write_token_dir(out_dir: str, documents: Iterable, tokenizer_path: str, *, d
   with atomic_dir(out_dir) as tmp:
     counts = dict(train=0, valid=0)
     valid_docs, valid_names, n_docs = 0, [], 0
-    files = {s: open(os.path.join(tmp, f"{s}.bin"), "wb") for s in SPLITS}
-    bar = tqdm(total=total, unit="doc", desc=f"tokenize {name or out_dir}", disable=not progress)
-    try:
-      for chunk in _chunks(documents, chunk_docs):
+    with contextlib.ExitStack() as stack:
+      files = {s: stack.enter_context(open(os.path.join(tmp, f"{s}.bin"), "wb")) for s in SPLITS}
+      bar = stack.enter_context(tqdm(unit="doc", desc=f"tokenize {name or out_dir}", disable=not progress))
+      for chunk in batched(documents, chunk_docs):
         texts, splits = [], []
         for doc in chunk:
           doc_name, text = doc if isinstance(doc, tuple) else (None, doc)
-          split = "valid" if is_valid(n_docs) else "train"
-          if split == "valid":
+          splits.append("valid" if is_valid(n_docs) else "train")
+          if splits[-1] == "valid":
             valid_docs += 1
             if len(valid_names) < 1000:  # enough to see which documents; bounded for huge corpora
               valid_names.append(doc_name if doc_name is not None else n_docs)
           texts.append(text)
-          splits.append(split)
           n_docs += 1
         encoded = tok.encode_batch_fast(texts, add_special_tokens=False)
         for split in SPLITS:
-          flat = []
-          for e, s in zip(encoded, splits):
-            if s == split:
-              flat.extend(e.ids)
-              flat.append(eos)
+          flat = [t for e, s in zip(encoded, splits) if s == split for t in (*e.ids, eos)]
           if flat:
             np.array(flat, dtype=dtype).tofile(files[split])
             counts[split] += len(flat)
         bar.update(len(chunk))
-    finally:
-      bar.close()
-      for f in files.values():
-        f.close()
     shutil.copyfile(tokenizer_file(tokenizer_path), os.path.join(tmp, TOKENIZER_FILE))
     meta = dict(vocab_size=vocab, dtype=dtype.name, tokenizer_hash=tokenizer_hash(tokenizer_path),
                 dataset_id=int(dataset_id), name=name or os.path.basename(out_dir.rstrip("/")),
@@ -102,17 +94,6 @@ def write_token_dir(out_dir: str, documents: Iterable, tokenizer_path: str, *, d
     with open(os.path.join(tmp, META_FILE), "w") as f:
       json.dump(meta, f, indent=2)
   return meta
-
-
-def _chunks(it: Iterable, n: int):
-  chunk = []
-  for x in it:
-    chunk.append(x)
-    if len(chunk) == n:
-      yield chunk
-      chunk = []
-  if chunk:
-    yield chunk
 
 
 @dataclasses.dataclass
@@ -149,7 +130,7 @@ def read_meta(path: str) -> dict:
 
 
 def open_token_dir(path: str, vocab_size: int | None = None, seq_len: int = 1,
-                   tokenizer_hash: str | None = None, check_ids: bool = True) -> TokenDir:
+                   tokenizer_hash: str | None = None) -> TokenDir:
   """Opens and validates a token directory for a model with `vocab_size` and rows of `seq_len` tokens.
 
   vocab_size None takes the metadata's (for tools that only read). Raises DataError for a missing or
@@ -166,24 +147,18 @@ def open_token_dir(path: str, vocab_size: int | None = None, seq_len: int = 1,
     raise DataError(f"{path} was made with tokenizer {meta['tokenizer_hash'][:12]}…, not the run's "
                     f"{tokenizer_hash[:12]}…: retokenize it with the run's tokenizer.json "
                     "(`jaxreplay data tokenize --tokenizer=...`).")
-  try:
-    dtype = np.dtype(meta["dtype"])
-  except TypeError:
-    dtype = None
-  if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+  if meta["dtype"] not in ("uint16", "uint32"):
     raise DataError(f"{meta_path} names dtype {meta['dtype']!r}: token files must be uint16 or uint32; "
                     "recreate the directory with `jaxreplay data tokenize`.")
-  limit = vocab_size if vocab_size is not None else meta["vocab_size"]
-  arrays = {}
-  for split in SPLITS:
-    arrays[split] = _open_split(path, split, dtype, meta[f"{split}_tokens"], limit if check_ids else None)
+  dtype, limit = np.dtype(meta["dtype"]), vocab_size if vocab_size is not None else meta["vocab_size"]
+  arrays = {split: _open_split(path, split, dtype, meta[f"{split}_tokens"], limit) for split in SPLITS}
   if arrays["train"].size < seq_len:
     raise DataError(f"{os.path.join(path, 'train.bin')} holds {arrays['train'].size} tokens, fewer than one "
                     f"sequence of seq_len={seq_len}: tokenize more text or lower config.model.seq_len.")
   return TokenDir(path=path, meta=meta, train=arrays["train"], valid=arrays["valid"])
 
 
-def _open_split(path: str, split: str, dtype: np.dtype, expected: int, vocab_size: int | None) -> np.ndarray:
+def _open_split(path: str, split: str, dtype: np.dtype, expected: int, vocab_size: int) -> np.ndarray:
   file = os.path.join(path, f"{split}.bin")
   if not os.path.isfile(file):
     raise DataError(f"{file} is missing: recreate {path} with `jaxreplay data tokenize`.")
@@ -195,12 +170,11 @@ def _open_split(path: str, split: str, dtype: np.dtype, expected: int, vocab_siz
   if size == 0:
     return np.zeros((0,), dtype)
   arr = np.memmap(file, dtype=dtype, mode="r")
-  if vocab_size is not None:
-    for start in range(0, arr.size, _CHECK_CHUNK):
-      top = int(arr[start:start + _CHECK_CHUNK].max())
-      if top >= vocab_size:
-        at = start + int(np.argmax(arr[start:start + _CHECK_CHUNK] >= vocab_size))
-        raise DataError(f"{file} holds token id {top} (first bad id at position {at}), outside "
-                        f"vocab_size={vocab_size}: set config.model.vocab_size above it or retokenize "
-                        "with the run's tokenizer.")
+  for start in range(0, arr.size, _CHECK_CHUNK):
+    top = int(arr[start:start + _CHECK_CHUNK].max())
+    if top >= vocab_size:
+      at = start + int(np.argmax(arr[start:start + _CHECK_CHUNK] >= vocab_size))
+      raise DataError(f"{file} holds token id {top} (first bad id at position {at}), outside "
+                      f"vocab_size={vocab_size}: set config.model.vocab_size above it or retokenize "
+                      "with the run's tokenizer.")
   return arr

@@ -8,6 +8,7 @@ means every string round-trips exactly, whatever its alphabet.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from typing import Iterable, Iterator
 
@@ -17,16 +18,12 @@ from jaxreplay.io import write_text
 from jaxreplay.config import NUM_RESERVED_IDS
 from jaxreplay.errors import DataError
 
-
-
 RESERVED_TOKENS = tuple(f"<resv_{i}>" for i in range(NUM_RESERVED_IDS))
 EOS_TOKEN = "</s>"
-EOS_ID = NUM_RESERVED_IDS
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def train_tokenizer(text_iter: Iterable[str], vocab_size: int = 4096, out_path: str | None = None,
-                    min_frequency: int = 2) -> Tokenizer:
+def train_tokenizer(text_iter: Iterable[str], vocab_size: int = 4096, out_path: str | None = None) -> Tokenizer:
   """Trains on an iterator of documents (streamed, so a large corpus is never held in memory)."""
   min_size = NUM_RESERVED_IDS + 1 + 256
   if vocab_size < min_size:
@@ -36,9 +33,9 @@ def train_tokenizer(text_iter: Iterable[str], vocab_size: int = 4096, out_path: 
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+      vocab_size=vocab_size, min_frequency=2, show_progress=False,
       special_tokens=[*RESERVED_TOKENS, EOS_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(_batched(text_iter), trainer=trainer)
+  tok.train_from_iterator(batched(text_iter, 1000), trainer=trainer)
   _check_special_ids(tok, "the trained tokenizer")
   tok.encode_special_tokens = True  # a literal "</s>" in the text is text, not EOS
   if out_path:
@@ -47,14 +44,10 @@ def train_tokenizer(text_iter: Iterable[str], vocab_size: int = 4096, out_path: 
   return tok
 
 
-def _batched(text_iter: Iterable[str], n: int = 1000) -> Iterator[list[str]]:
-  batch = []
-  for text in text_iter:
-    batch.append(text)
-    if len(batch) == n:
-      yield batch
-      batch = []
-  if batch:
+def batched(items: Iterable, n: int) -> Iterator[list]:
+  """Lists of n consecutive items (the last one shorter), as Python 3.12's itertools.batched."""
+  it = iter(items)
+  while batch := list(itertools.islice(it, n)):
     yield batch
 
 

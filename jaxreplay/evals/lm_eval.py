@@ -46,8 +46,8 @@ PAD_MULTIPLE = 64
 
 @dataclasses.dataclass(frozen=True)
 class Scorer:
-  """Everything the adapter needs of a checkpoint. `kind` picks the forward pass and sampler below."""
-  kind: str  # "paper" (a jaxreplay export) or "llama" (an imported Llama/Qwen): which tokenizer and prefix
+  """Everything the adapter needs of a checkpoint: a jaxreplay export's or an imported Llama/Qwen's model,
+  tokenizer and prefix."""
   cfg: Any
   params: Any
   encode: Callable[[str], list[int]]
@@ -59,23 +59,10 @@ class Scorer:
   name: str = "jaxreplay"
 
 
-def forward(kind: str, cfg, params, tokens_BT):
-  """fp32 logits [B, T, V] of the checkpoint's model (traced inside the adapter's jitted scorer)."""
-  del kind  # one decoder serves both kinds
-  return decoder.logits(cfg, params, tokens_BT).astype(jnp.float32)
-
-
-def greedy_generate(s: Scorer, prompt_BP: np.ndarray, length: int) -> np.ndarray:
-  """Rows of `length` tokens: the prompt, then greedy tokens (pad after eos)."""
-  sc = sampler.SamplingConfig(temperature=0.0, eos_id=s.eos_id, pad_id=s.pad_id)
-  out = sampler.sample(s.cfg, s.params, jnp.asarray(prompt_BP, jnp.int32), jax.random.key(0), length, sc)
-  return np.asarray(jax.device_get(out))
-
-
 def paper_scorer(cfg, params, tokenizer, prefix_id: int) -> Scorer:
   """A paper-model scorer over a `tokenizers.Tokenizer` (jaxreplay's BPE); also what the evaluator hook uses."""
   eos = eos_id(tokenizer)
-  return Scorer("paper", cfg, params, lambda s: tokenizer.encode(s).ids,
+  return Scorer(cfg, params, lambda s: tokenizer.encode(s).ids,
                 lambda ids: tokenizer.decode(list(ids)), int(prefix_id), eos, eos, cfg.seq_len)
 
 
@@ -107,7 +94,7 @@ def load_scorer(path: str, max_length: int | None = None, prefix_id: int | None 
   eos = tok.eos_token_id if tok.eos_token_id is not None else 0
   pad = tok.pad_token_id if tok.pad_token_id is not None else eos
   prefix = tok.bos_token_id if tok.bos_token_id is not None else eos
-  return Scorer("llama", cfg, params, lambda s: tok(s, add_special_tokens=False)["input_ids"],
+  return Scorer(cfg, params, lambda s: tok(s, add_special_tokens=False)["input_ids"],
                 lambda ids: tok.decode(list(ids), skip_special_tokens=True),
                 int(prefix if prefix_id is None else prefix_id), int(eos), int(pad), length, hf_dir)
 
@@ -115,9 +102,9 @@ def load_scorer(path: str, max_length: int | None = None, prefix_id: int | None 
 # ----------------------------------------------------------------------------- the harness model
 
 @functools.lru_cache(maxsize=16)
-def _score_fn(kind: str, cfg):
+def _score_fn(cfg):
   def score(params, tokens_BT, targets_BT):
-    logits_BTV = forward(kind, cfg, params, tokens_BT)
+    logits_BTV = decoder.logits(cfg, params, tokens_BT)
     logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV, -1), targets_BT[..., None], -1)[..., 0]
     return logp_BT, jnp.argmax(logits_BTV, -1) == targets_BT
   return jax.jit(score)
@@ -171,7 +158,7 @@ class JaxReplayLM(TemplateLM):
   def score_rows(self, rows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
     """(sum of log p, all greedy) of the last n tokens of each (tokens, n) row, each token scored given the
     ones before it. Rows are at most max_length + 1 tokens."""
-    score = _score_fn(self.scorer.kind, self.scorer.cfg)
+    score = _score_fn(self.scorer.cfg)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     out: list = [None] * len(rows)
     B = self.batch_size
@@ -230,13 +217,13 @@ class JaxReplayLM(TemplateLM):
     groups: dict = {}
     for i, (ids, gen, _) in enumerate(jobs):
       groups.setdefault((len(ids), gen), []).append(i)
+    s = self.scorer
+    greedy = sampler.SamplingConfig(temperature=0.0, eos_id=s.eos_id, pad_id=s.pad_id)  # pad after eos
     for (P, gen), idx in groups.items():
       for b in range(0, len(idx), self.batch_size):
         chosen = idx[b:b + self.batch_size]
-        prompt = np.full((len(chosen), P), self.scorer.pad_id, np.int32)
-        for r, i in enumerate(chosen):
-          prompt[r] = jobs[i][0]
-        tokens = greedy_generate(self.scorer, prompt, P + gen)
+        prompt = jnp.asarray([jobs[i][0] for i in chosen], jnp.int32)
+        tokens = np.asarray(sampler.sample(s.cfg, s.params, prompt, jax.random.key(0), P + gen, greedy))
         for r, i in enumerate(chosen):
           new = [int(t) for t in tokens[r, P:]]
           if self.scorer.eos_id in new:

@@ -96,8 +96,7 @@ def completion_logprobs(cfg, params, rows, pad_id: int, batch_size: int = 16, me
       tokens[r, :len(ids)] = ids
       mask[r, start:len(ids)] = 1.0
     if mesh is not None:  # each process supplies its share of the rows
-      local = lambda x: np.array_split(x, jax.process_count())[jax.process_index()]
-      tokens, mask = sharding.put_batch(local(tokens), mesh), sharding.put_batch(local(mask), mesh)
+      tokens, mask = (sharding.put_batch(sharding.local_rows(x), mesh) for x in (tokens, mask))
     out[chosen] = np.asarray(jax.device_get(score(params, tokens, mask)))[:len(chosen)]
   return out
 

@@ -92,10 +92,8 @@ def examples(task: str, n: int, rng: np.random.Generator) -> np.ndarray:
 def to_text(row) -> str:
   """An example as text, e.g. 'add 123+456=0579.' (for reading samples)."""
   names = {SEP: "|", EQ: "=", NULL: "_", EOS: ".", PAD: " "}
-  out = []
-  for t in np.asarray(row).tolist():
-    out.append(TASKS[t] + " " if t < len(TASKS) else str(t - DIGIT0) if t >= DIGIT0 else names.get(t, "?"))
-  return "".join(out)
+  return "".join(TASKS[t] + " " if t < len(TASKS) else str(t - DIGIT0) if t >= DIGIT0 else names.get(t, "?")
+                 for t in np.asarray(row).tolist())
 
 
 def write_task_dir(path: str, task: str, train_examples: int = 65_536, valid_examples: int = 4_096,
@@ -109,9 +107,7 @@ def write_task_dir(path: str, task: str, train_examples: int = 65_536, valid_exa
   train, valid = examples(task, train_examples, rng), examples(task, valid_examples, rng)
   meta = dict(vocab_size=VOCAB_SIZE, dtype="uint16", tokenizer_hash=TOKENIZER_HASH, dataset_id=TASKS.index(task),
               name=f"toy-{task}", train_tokens=int(train.size), valid_tokens=int(valid.size), eos_id=EOS,
-              sources=[], valid_documents={}, toy=dict(task=task, tasks=list(TASKS), seed=seed,
-                                                       train_examples=train_examples,
-                                                       valid_examples=valid_examples))
+              sources=[], valid_documents={}, toy=_settings(task, train_examples, valid_examples, seed))
   with atomic_dir(path) as tmp:
     train.astype(np.uint16).tofile(os.path.join(tmp, "train.bin"))
     valid.astype(np.uint16).tofile(os.path.join(tmp, "valid.bin"))
@@ -120,17 +116,20 @@ def write_task_dir(path: str, task: str, train_examples: int = 65_536, valid_exa
   return path
 
 
+def _settings(task: str, train_examples: int, valid_examples: int, seed: int) -> dict:
+  """meta.json's `toy` entry: what made the directory (`build` keeps a directory made with the same)."""
+  return dict(task=task, tasks=list(TASKS), seed=seed, train_examples=train_examples, valid_examples=valid_examples)
+
+
 def build(root: str, train_examples: int = 65_536, valid_examples: int = 4_096, seed: int = 0) -> dict:
   """The four task directories under root (root/add, ...); existing ones with the same settings are kept."""
   out = {}
   for task in TASKS:
     path = os.path.join(root, task)
     meta_path = os.path.join(path, "meta.json")
-    want = dict(task=task, tasks=list(TASKS), seed=seed, train_examples=train_examples,
-                valid_examples=valid_examples)
     if os.path.exists(meta_path):
       with open(meta_path) as f:
-        if json.load(f).get("toy") == want:
+        if json.load(f).get("toy") == _settings(task, train_examples, valid_examples, seed):
           out[task] = path
           continue
     os.makedirs(root, exist_ok=True)

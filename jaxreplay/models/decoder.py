@@ -71,8 +71,7 @@ class ModelConfig:
     """The paper's model from the config's `model` section, computing as `platform.choices` says."""
     choice = platform_lib.choices(platform)
     unroll = m.get("scan_unroll", 0)
-    if unroll <= 0:  # auto: the platform's
-      unroll = choice.scan_unroll(m.n_layers)
+    unroll = unroll if unroll > 0 else choice.scan_unroll(m.n_layers)  # ≤ 0: auto, the platform's
     return cls(d_model=m.d_model, n_layers=m.n_layers, head_dim=m.head_dim, seq_len=m.seq_len,
                vocab_size=m.vocab_size, mlp_ratio=m.mlp_ratio, rope_base=float(m.rope_base),
                norm_eps=float(m.norm_eps), dtype=jnp.dtype(dtype), remat=bool(m.remat) or choice.remat,
@@ -227,7 +226,9 @@ class Block(nn.Module):
         mask_BTS = mask_BTS & (segments_BT[:, None, :] == segments_BT[:, :, None])
     else:
       # Write this chunk at cache_index; cache slot s holds position s, and a query sees the slots up to its own.
-      new_cache = write_cache(layer_cache, k_BTKH, v_BTKH, cache_index)
+      new_cache = {name: jax.lax.dynamic_update_slice_in_dim(layer_cache[name], x.astype(layer_cache[name].dtype),
+                                                             cache_index, axis=1)
+                   for name, x in (("k", k_BTKH), ("v", v_BTKH))}
       k_BSKH, v_BSKH = new_cache["k"].astype(dt), new_cache["v"].astype(dt)
       slot_S = jnp.arange(k_BSKH.shape[1])
       mask_BTS = jnp.broadcast_to(slot_S[None, None, :] <= positions_BT[:, :, None], (B, T, slot_S.shape[0]))
@@ -276,13 +277,6 @@ class Decoder(nn.Module):
 
 def init_params(cfg: ModelConfig, key) -> dict:
   return Decoder(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
-
-
-def write_cache(layer_cache: dict, k_BTKH, v_BTKH, cache_index) -> dict:
-  """One layer's cache {k, v: [B, S, K, H]} with a chunk's keys and values written at slot `cache_index`."""
-  return {name: jax.lax.dynamic_update_slice_in_dim(layer_cache[name], x.astype(layer_cache[name].dtype),
-                                                    cache_index, axis=1)
-          for name, x in (("k", k_BTKH), ("v", v_BTKH))}
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, length: int | None = None, dtype=None) -> dict:

@@ -61,19 +61,10 @@ def barrier(name: str):
     multihost_utils.sync_global_devices(name)
 
 
-def _key_str(entry) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
-def path_str(path) -> str:
-  return ".".join(_key_str(e) for e in path)
-
-
 def flat_tree(tree) -> dict:
-  return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  """{'params.blocks.q_proj': leaf, ...}: the leaves keyed by their dotted paths (the integrity record's keys)."""
+  return {jax.tree_util.keystr(p, simple=True, separator="."): x
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def abstract_like(tree):

@@ -76,13 +76,11 @@ def _rope(hf: dict) -> tuple[float, tuple | None]:
 
 
 def _ids(v) -> tuple:
-  if v is None:
-    return ()
-  return tuple(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+  return () if v is None else tuple(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
 
 
 def config_from_hf(hf: dict, seq_len: int = 512, dtype="float32", remat: bool = False,
-                   scan_unroll: int = 1, attention: str = "einsum") -> dec.ModelConfig:
+                   scan_unroll: int = 1) -> dec.ModelConfig:
   family = hf.get("model_type", "")
   if family not in SUPPORTED:
     raise HFImportError(f"model_type={family!r} is not supported: use a checkpoint of {', '.join(SUPPORTED)}.")
@@ -97,9 +95,7 @@ def config_from_hf(hf: dict, seq_len: int = 512, dtype="float32", remat: bool = 
                         "not implemented; use seq_len ≤ the window.")
   N = int(hf["num_attention_heads"])
   theta, scaling = _rope(hf)
-  eos = _ids(hf.get("eos_token_id"))
-  bos = _ids(hf.get("bos_token_id"))
-  pad = _ids(hf.get("pad_token_id"))
+  eos, bos, pad = (_ids(hf.get(f"{k}_token_id")) for k in ("eos", "bos", "pad"))
   return dec.ModelConfig(
       vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]), n_layers=int(hf["num_hidden_layers"]),
       n_heads=N, n_kv_heads=int(hf.get("num_key_value_heads") or N),
@@ -110,7 +106,7 @@ def config_from_hf(hf: dict, seq_len: int = 512, dtype="float32", remat: bool = 
       qkv_bias=family == "qwen2" or bool(hf.get("attention_bias") and family != "llama"),
       qk_norm=family == "qwen3", seq_len=int(seq_len), bos_id=bos[0] if bos else -1, eos_ids=eos,
       pad_id=pad[0] if pad else (eos[0] if eos else 0), family=family, dtype=jnp.dtype(dtype), remat=remat,
-      scan_unroll=max(1, min(int(scan_unroll), int(hf["num_hidden_layers"]))), attention=attention)
+      scan_unroll=max(1, min(int(scan_unroll), int(hf["num_hidden_layers"]))))
 
 
 # ------------------------------------------------------------------------------------------------ safetensors
@@ -221,11 +217,10 @@ def _normalise(idx, shape):
       slice(0, n) for n in shape[len(idx):])
 
 
-def load(path_or_id: str, seq_len: int = 512, dtype="float32", mesh=None, remat: bool = False,
-         scan_unroll: int = 1, attention: str = "einsum"):
+def load(path_or_id: str, seq_len: int = 512, dtype="float32", mesh=None):
   """(ModelConfig, params, local directory) of a Hugging Face checkpoint."""
   directory = resolve(path_or_id)
-  cfg = config_from_hf(read_config(directory), seq_len, dtype, remat, scan_unroll, attention)
+  cfg = config_from_hf(read_config(directory), seq_len, dtype)
   return cfg, load_params(directory, cfg, mesh), directory
 
 

@@ -33,8 +33,7 @@ def _fans(group: str, blocks) -> tuple[int, int]:
 
 def scale(lora_cfg) -> float:
   rank = int(lora_cfg.rank)
-  alpha = float(lora_cfg.alpha) or float(rank)
-  return alpha / rank
+  return (float(lora_cfg.alpha) or float(rank)) / rank
 
 
 def init_adapters(params, rank: int, key) -> dict:
@@ -70,14 +69,7 @@ def parameterization(lora_cfg, key):
   if rank <= 0:
     raise ConfigError(f"config.lora.rank={rank}: LoRA needs a rank ≥ 1 (0 means full finetuning).")
   s = scale(lora_cfg)
-
-  def trainable_fn(params):
-    return init_adapters(params, rank, key)
-
-  def merge_fn(adapters, frozen):
-    return merge(adapters, frozen, s)
-
-  return trainable_fn, merge_fn
+  return (lambda params: init_adapters(params, rank, key)), (lambda adapters, frozen: merge(adapters, frozen, s))
 
 
 def count(adapters) -> int:

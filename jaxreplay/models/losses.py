@@ -12,11 +12,6 @@ import jax
 import jax.numpy as jnp
 
 
-def _next_tokens(tokens_BT):
-  """Targets aligned with every position; the last column is a dummy that callers drop."""
-  return jnp.concatenate([tokens_BT[:, 1:], tokens_BT[:, :1]], axis=1)
-
-
 def token_nll(logits_BTV, tokens_BT):
   """Negative log-likelihood of each next token: [B, T-1].
 
@@ -24,7 +19,8 @@ def token_nll(logits_BTV, tokens_BT):
   [B, T, V] logits first would copy them, and log_softmax would materialise a second [B, T, V] array.
   """
   logits_BTV = logits_BTV.astype(jnp.float32)
-  target_BT = jnp.take_along_axis(logits_BTV, _next_tokens(tokens_BT)[..., None], axis=-1)[..., 0]
+  next_BT = jnp.concatenate([tokens_BT[:, 1:], tokens_BT[:, :1]], axis=1)  # the last column: a dummy, dropped
+  target_BT = jnp.take_along_axis(logits_BTV, next_BT[..., None], axis=-1)[..., 0]
   return (jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT)[:, :-1]
 
 

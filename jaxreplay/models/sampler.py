@@ -62,19 +62,13 @@ def uniforms(key, length: int, batch_size: int) -> np.ndarray:
   return np.random.Generator(np.random.Philox(key=seed)).random((length, batch_size), dtype=np.float32)
 
 
-def _first_positive(p_BK):
-  return jnp.argmax(p_BK > 0, axis=-1).astype(jnp.int32)
-
-
-def _last_positive(p_BK):
-  return p_BK.shape[-1] - 1 - jnp.argmax(p_BK[:, ::-1] > 0, axis=-1).astype(jnp.int32)
-
-
 def _search(p_BK, target_B):
   """Index i with cumsum[i-1] ≤ target < cumsum[i], clamped onto entries with positive mass."""
   cdf_BK = jnp.cumsum(p_BK, axis=-1)
   idx_B = jnp.sum(cdf_BK <= target_B[:, None], axis=-1, dtype=jnp.int32)
-  return jnp.clip(idx_B, _first_positive(p_BK), _last_positive(p_BK))
+  first_B = jnp.argmax(p_BK > 0, axis=-1).astype(jnp.int32)
+  last_B = p_BK.shape[-1] - 1 - jnp.argmax(p_BK[:, ::-1] > 0, axis=-1).astype(jnp.int32)
+  return jnp.clip(idx_B, first_B, last_B)
 
 
 def _inverse_cdf(logits_BK, u_B):
@@ -121,12 +115,6 @@ def sample_from_logits(u_B, logits_BV, sc: SamplingConfig):
     vals_BK = jnp.where(before_BK < sc.top_p, vals_BK, -jnp.inf)
   choice_B = _inverse_cdf(vals_BK, u_B)
   return jnp.take_along_axis(idx_BK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-
-def _batch_spec(mesh, ndim: int, batch_dim: int = 0):
-  spec = [P.UNCONSTRAINED] * ndim
-  spec[batch_dim] = sharding.BATCH_AXES
-  return NamedSharding(mesh, P(*spec))
 
 
 def _chunks(start: int, stop: int, n: int):
@@ -192,8 +180,12 @@ def _make_sampler(cfg: dec.ModelConfig, sc: SamplingConfig, batch_size: int, pro
   _check(cfg, sc, B, Pl, T, mesh)
   stop = sc.eos_id >= 0
 
-  def constrain(x, batch_dim=0):
-    return x if mesh is None else jax.lax.with_sharding_constraint(x, _batch_spec(mesh, x.ndim, batch_dim))
+  def constrain(x, batch_dim=0):  # rows over the batch axes, every other dimension left to XLA
+    if mesh is None:
+      return x
+    spec = [P.UNCONSTRAINED] * x.ndim
+    spec[batch_dim] = sharding.BATCH_AXES
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
 
   def run(params, prompt_BP, u_TB):
     # Tokens are written by position, never where a slot holds pad_id: a prompt may contain that id.

@@ -22,9 +22,7 @@ one forward pass of the frozen model over the buffer at refill time (equal to th
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import io
 import json
 import os
 import time
@@ -32,9 +30,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxreplay.io import write_bytes
+from jaxreplay.io import atomic_open, file_lock, write_json
 from jaxreplay.errors import ConfigError
 from jaxreplay import config as config_lib
 from jaxreplay import sharding
@@ -83,27 +82,18 @@ def checkpoint_fingerprint(weights_dir: str, frozen) -> dict:
               params_sha256=hashlib.sha256(json.dumps(arrays, sort_keys=True).encode()).hexdigest())
 
 
-def _differences(a, b, prefix="") -> list[str]:
-  if isinstance(a, dict) and isinstance(b, dict):
-    return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-  return [] if a == b else [prefix.rstrip(".")]
-
-
 class DiskCache:
   """Refills stored as .npy files (int32 [buffer·rows, T], in sampling order) in one fingerprinted directory."""
 
   def __init__(self, cache_dir: str, fingerprint: dict):
     self.fingerprint = fingerprint
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:24]
-    if os.path.exists(os.path.join(cache_dir, FINGERPRINT)):  # pointed at one cache rather than the cache root
-      self.directory = cache_dir
-    else:
-      self.directory = os.path.join(cache_dir, digest)
+    one_cache = os.path.exists(os.path.join(cache_dir, FINGERPRINT))  # pointed at one cache, not the cache root
+    self.directory = cache_dir if one_cache else os.path.join(cache_dir, digest)
     if jax.process_index() == 0:
       os.makedirs(self.directory, exist_ok=True)
       if not os.path.exists(os.path.join(self.directory, FINGERPRINT)):
-        write_bytes(os.path.join(self.directory, FINGERPRINT),
-                    json.dumps(fingerprint, indent=2, sort_keys=True).encode())
+        write_json(os.path.join(self.directory, FINGERPRINT), fingerprint, sort_keys=True)
     self.verify()
 
   def verify(self):
@@ -118,7 +108,8 @@ class DiskCache:
     except (OSError, ValueError) as e:
       raise ConfigError(f"The replay cache {self.directory} has no readable {FINGERPRINT} ({e}): "
                                    "delete that directory so that it is sampled again.") from None
-    diff = _differences(stored, self.fingerprint)
+    fa, fb = config_lib.flatten(stored), config_lib.flatten(self.fingerprint)
+    diff = [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
     if diff:
       raise ConfigError(
           f"The replay cache {self.directory} was made by another checkpoint or other sampling settings "
@@ -128,15 +119,9 @@ class DiskCache:
   def path(self, refill: int) -> str:
     return os.path.join(self.directory, f"refill_{refill:06d}.npy")
 
-  @contextlib.contextmanager
   def lock(self, refill: int):
     """Held while one process samples a refill, so concurrent runs of a sweep wait and read it instead."""
-    with open(os.path.join(self.directory, f"refill_{refill:06d}.lock"), "a") as f:
-      fcntl.flock(f, fcntl.LOCK_EX)
-      try:
-        yield
-      finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(os.path.join(self.directory, f"refill_{refill:06d}.lock"))
 
   def read(self, refill: int, shape, vocab_size: int) -> np.ndarray | None:
     path = self.path(refill)
@@ -156,16 +141,14 @@ class DiskCache:
   def write(self, refill: int, tokens: np.ndarray):
     """Written whole under a temporary name, then renamed: readers never see a partial file, and two runs that
     write the same refill write the same bytes."""
-    out = io.BytesIO()
-    np.lib.format.write_array(out, np.ascontiguousarray(tokens, np.int32), allow_pickle=False)
-    write_bytes(self.path(refill), out.getvalue())
+    with atomic_open(self.path(refill), "wb") as f:
+      np.save(f, np.ascontiguousarray(tokens, np.int32), allow_pickle=False)
 
 
 def _agree(flag: bool) -> bool:
   """Process 0's answer on every process, so that all of them run the same (collective) programs."""
   if jax.process_count() == 1:
     return flag
-  from jax.experimental import multihost_utils
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
@@ -196,8 +179,8 @@ class SelfGeneratedReplay:
                                    f"{div} data-parallel devices: choose a multiple of mesh.data × mesh.fsdp.")
     self.sc = sampler.SamplingConfig(temperature=float(c.replay.temperature), top_k=int(c.replay.top_k),
                                      top_p=float(c.replay.top_p))
-    self.teacher = config_lib.replay_teacher(c, div)  # 'sampled': keep the frozen model's logits from sampling
-    self.sampled_teacher = self.teacher == "sampled"
+    # 'sampled': keep the frozen model's logits from sampling
+    self.sampled_teacher = config_lib.replay_teacher(c, div) == "sampled"
     self.sampler = sampler.make_sampler(self.model_cfg, self.sc, self.buffer * self.rows, 1, self.T, self.mesh,
                                         return_logits=self.sampled_teacher)
     self.position = int((state or {}).get("position", 0))
@@ -251,28 +234,22 @@ class SelfGeneratedReplay:
     self.sampled_refills += 1
     return self.sampler(self.frozen, prompt, refill_key(self.seed, refill))
 
-  def _from_host(self, tokens: np.ndarray) -> jax.Array:
-    tokens = tokens.reshape(self.buffer, self.rows, self.T)
-    return jax.make_array_from_callback(tokens.shape, self._buffer_sh, lambda i: tokens[i])
-
   def _arranged(self, sampled):
     """The sampler's output as (tokens [buffer, rows, T], logits [buffer, rows, T, V] or None)."""
     if self.sampled_teacher:
       return self._arrange(sampled[0]), self._arrange_logits(sampled[1])
     return self._arrange(sampled), None
 
-  def _with_teacher(self, tokens: jax.Array):
-    """Rows read from the disk cache, with their teacher logits computed now if the teacher is 'sampled'."""
-    return tokens, (self._forward(self.frozen, tokens) if self.sampled_teacher else None)
-
   def _cached(self, refill: int):
-    """Refill r from the disk cache as `_load` returns it, or None when it is not there. Process 0 looks;
-    every process agrees on the answer, then each reads the rows."""
+    """Refill r from the disk cache as `_load` returns it (the teacher logits, if 'sampled', computed now), or
+    None when it is not there. Process 0 looks; every process agrees on the answer, then each reads the rows."""
     shape, V = (self.buffer * self.rows, self.T), self.model_cfg.vocab_size
     cached = self.cache.read(refill, shape, V) if jax.process_index() == 0 else None
     if not _agree(cached is not None):
       return None
-    return self._with_teacher(self._from_host(cached if cached is not None else self.cache.read(refill, shape, V)))
+    host = (cached if cached is not None else self.cache.read(refill, shape, V)).reshape(self.buffer, self.rows, -1)
+    tokens = jax.make_array_from_callback(host.shape, self._buffer_sh, lambda i: host[i])
+    return tokens, (self._forward(self.frozen, tokens) if self.sampled_teacher else None)
 
   def _load(self, refill: int):
     """Refill r as (tokens [buffer, rows, T], teacher logits [buffer, rows, T, V] or None) on the mesh: from the
@@ -289,11 +266,8 @@ class SelfGeneratedReplay:
         return hit
       sampled = self._sample(refill)
       tokens = sampled[0] if self.sampled_teacher else sampled
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        host = np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
-      else:
-        host = np.asarray(tokens)
+      many = jax.process_count() > 1
+      host = np.asarray(multihost_utils.process_allgather(tokens, tiled=True) if many else tokens)
       if jax.process_index() == 0:
         self.cache.write(refill, host)
     return self._arranged(sampled)

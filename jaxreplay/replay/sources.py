@@ -10,6 +10,8 @@ the frozen weights, the data), never the trainer's own objects.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import numpy as np
 
@@ -21,10 +23,6 @@ from jaxreplay.replay import self_generated
 REAL_SEED_OFFSET = 7919  # real replay rows are shuffled apart from the downstream data
 
 
-def replay_batch_size(c) -> int:
-  return c.replay.batch_size or c.optim.batch_size
-
-
 def parameterization(c, frozen):
   """(trainable_fn, merge_fn): full finetuning trains the parameters themselves; LoRA trains adapters."""
   if c.lora.rank > 0:
@@ -33,32 +31,14 @@ def parameterization(c, frozen):
 
 
 class RealReplay:
-  """Rows of a token directory (the pretraining data), in their own shuffled order."""
+  """Real rows: `batch(step)` -> this process's rows of that step (a pure function of the step)."""
   sampled_teacher = False
 
-  def __init__(self, path: str, seq_len: int, rows: int, seed: int, dataset_id: int, mesh):
-    self.mesh = mesh
-    self.batches = loader.TrainBatches(path, seq_len, rows, seed, dataset_id, process_index=jax.process_index(),
-                                       process_count=jax.process_count(), prefetch=0)
+  def __init__(self, batch: Callable[[int], np.ndarray], mesh):
+    self.batch, self.mesh = batch, mesh
 
   def next(self, step: int):
-    return sharding.put_batch(self.batches.batch(step), self.mesh), None
-
-  def state(self) -> dict:
-    return {}
-
-
-class RowReplay:
-  """Rows of an in-memory [N, T] array (a chat run's packed replay text), in a per-epoch shuffled order."""
-  sampled_teacher = False
-
-  def __init__(self, rows: np.ndarray, batch_size: int, seed: int, mesh):
-    self.mesh = mesh
-    self.batches = chat_data.Batches(dict(tokens=rows), batch_size, seed)
-
-  def next(self, step: int):
-    rows = self.batches.batch(step, jax.process_index(), jax.process_count())["tokens"]
-    return sharding.put_batch(rows, self.mesh), None
+    return sharding.put_batch(self.batch(step), self.mesh), None
 
   def state(self) -> dict:
     return {}
@@ -74,9 +54,12 @@ def make_source(c, mesh, model_cfg, frozen, state: dict | None = None, *, real_r
   method = c.replay.method if frozen is not None else "none"
   if method in ("none", "kl_downstream"):
     return None
-  rows, seed = replay_batch_size(c), c.seed + REAL_SEED_OFFSET
-  if c.replay.source == "real":
-    if real_rows is not None:
-      return RowReplay(real_rows, rows, seed, mesh)
-    return RealReplay(real_path, c.model.seq_len, rows, seed, real_dataset_id, mesh)
+  rows, seed = c.replay.batch_size or c.optim.batch_size, c.seed + REAL_SEED_OFFSET
+  pi, pc = jax.process_index(), jax.process_count()
+  if c.replay.source == "real" and real_rows is not None:  # a chat run's packed replay text, shuffled per epoch
+    batches = chat_data.Batches(dict(tokens=real_rows), rows, seed)
+    return RealReplay(lambda step: batches.batch(step, pi, pc)["tokens"], mesh)
+  if c.replay.source == "real":  # a token directory (the pretraining data), in its own shuffled order
+    data = loader.TrainBatches(real_path, c.model.seq_len, rows, seed, real_dataset_id, pi, pc, prefetch=0)
+    return RealReplay(data.batch, mesh)
   return self_generated.SelfGeneratedReplay(c, mesh, model_cfg, frozen, prompt_id, weights_dir, state)

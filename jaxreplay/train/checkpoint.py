@@ -139,25 +139,24 @@ class Checkpointer:
   def _check_fits(self, meta_state, like_state):
     saved = {k: m for k, m in flat_tree(meta_state).items() if m is not None}
     want = flat_tree(like_state)
-    where = None
-    missing = sorted(set(want) - set(saved))
-    extra = sorted(set(saved) - set(want))
-    if missing or extra:
-      where = (f"it has no {missing[0]}" if missing else f"it has {extra[0]}, which this run does not")
+    missing, extra = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+    shape = lambda k: tuple(getattr(saved[k], "shape", ()) or ())
+    reshaped = [k for k, x in want.items() if k in saved and shape(k) != tuple(x.shape)]
+    if missing:
+      where = f"it has no {missing[0]}"
+    elif extra:
+      where = f"it has {extra[0]}, which this run does not"
+    elif reshaped:
+      where = f"{reshaped[0]} has shape {shape(reshaped[0])} there, {tuple(want[reshaped[0]].shape)} here"
     else:
-      for k, x in want.items():
-        shape = tuple(getattr(saved[k], "shape", ()) or ())
-        if shape != tuple(x.shape):
-          where = f"{k} has shape {shape} there, {tuple(x.shape)} here"
-          break
-    if where and any("blocks/qkv" in k for k in saved):  # format 1, written before the decoders became one
+      return
+    if any(k.endswith("blocks.qkv") for k in saved):  # format 1, written before the decoders became one
       raise CheckpointError(f"The checkpoints in {self.directory} hold the paper model's parameters in the format "
                             "of jaxreplay before its decoders became one: finish the run with that version (its "
                             "export then loads in this one), or start it again in a new --workdir.")
-    if where:
-      raise CheckpointError(f"The checkpoints in {self.directory} were written by a run with a different model "
-                            f"or optimizer ({where}): resume with the config that wrote them, or use a new "
-                            "--workdir; nothing was changed.")
+    raise CheckpointError(f"The checkpoints in {self.directory} were written by a run with a different model "
+                          f"or optimizer ({where}): resume with the config that wrote them, or use a new "
+                          "--workdir; nothing was changed.")
 
   def _set_aside(self, damaged, good_step: int):
     if jax.process_index() == 0:

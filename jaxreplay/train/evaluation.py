@@ -8,6 +8,8 @@ NAME_kl (KL from the frozen model π_pre). Forgetting probes: with eval.replay_r
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,11 +42,8 @@ def evaluate_sets(eval_sets: dict, eval_fn, params, frozen, mesh) -> dict:
   """{NAME_ntp, NAME_ntp_h2, NAME_acc[, NAME_kl]} for each eval set."""
   out = {}
   for name, batches in eval_sets.items():
-    sums = None
-    for batch in batches:
-      r = eval_fn(params, frozen, put(batch, mesh))
-      sums = r if sums is None else jax.tree.map(jnp.add, sums, r)
-    sums = jax.device_get(sums)
+    sums = jax.device_get(functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b),
+                                           (eval_fn(params, frozen, put(batch, mesh)) for batch in batches)))
     count = max(float(sums["count"]), 1.0)
     out[f"{name}_ntp"] = float(sums["nll"] / count)
     out[f"{name}_ntp_h2"] = float(sums["nll_h2"] / max(float(sums["count_h2"]), 1.0))
@@ -54,18 +53,14 @@ def evaluate_sets(eval_sets: dict, eval_fn, params, frozen, mesh) -> dict:
   return out
 
 
-class MetricError(config_lib.ConfigError):
-  """stop.target_metric names a metric the evaluations do not produce."""
-
-
 def check_stops(c, ev: dict, extra: dict):
   """The stop an evaluation triggers ('target', 'target_loss', 'early_stop') or None; `extra` keeps the best
   loss and the evaluations since it (saved in the checkpoint)."""
   s = c.stop
   if s.get("target_metric"):
     if s.target_metric not in ev:
-      raise MetricError(f"config.stop.target_metric={s.target_metric!r} is not an evaluated metric: use one of "
-                        f"{', '.join(sorted(ev))}.")
+      raise config_lib.ConfigError(f"config.stop.target_metric={s.target_metric!r} is not an evaluated metric: "
+                                   f"use one of {', '.join(sorted(ev))}.")
     value = ev[s.target_metric]
     if value >= s.target if config_lib.target_mode(c) == "max" else value <= s.target:
       return "target"

@@ -16,7 +16,6 @@ import shutil
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -107,21 +106,11 @@ def shared(key, build):
   return SHARED_PROGRAMS[key]
 
 
-def eval_program(model_cfg, with_kl: bool):
-  return shared(("eval", model_cfg, with_kl), lambda: jax.jit(steps.make_eval_step(model_cfg, with_kl)))
-
-
 def init_state(t: Trainer, key):
   """The train state (fresh, or the frozen weights' copy; LoRA adapters) restored from the last checkpoint."""
   stage, c = t.stage, t.c
   trainable_fn, t.merge_fn = replay_lib.parameterization(c, t.frozen)
-  optimizer = t.optimizer
-
-  def init_fn(k, frozen_params):
-    params = frozen_params if frozen_params is not None else decoder.init_params(stage.model_cfg, k)
-    params = trainable_fn(params)
-    return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
-
+  init_fn = lambda k, frozen: steps.init_state(stage.model_cfg, t.optimizer, k, trainable_fn, frozen)
   abstract = jax.eval_shape(init_fn, key, t.frozen)
   t.state_sh = sharding.state_shardings(abstract, stage.mesh)
   init = lambda: jax.jit(init_fn, out_shardings=t.state_sh)
@@ -155,7 +144,8 @@ def compile_steps(t: Trainer):
   step = steps.make_train_step(objective, t.optimizer, optim.lr_schedule(c, stage.total_steps), c.train.microbatches)
   t.train_step = jax.jit(step, in_shardings=(t.state_sh, frozen_sh, batch_sh, replay_sh, teacher_sh),
                          out_shardings=(t.state_sh, None), donate_argnums=(0,))
-  t.eval_fn = eval_program(stage.model_cfg, t.frozen is not None)
+  kl = t.frozen is not None
+  t.eval_fn = shared(("eval", stage.model_cfg, kl), lambda: jax.jit(steps.make_eval_step(stage.model_cfg, kl)))
   t.merged = jax.jit(t.merge_fn) if t.merge_fn is not None else (lambda p, f: p)
 
 

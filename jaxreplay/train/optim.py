@@ -28,45 +28,34 @@ MIN_ONE_MINUS_BETA_F32 = 2.0**-24 * 1e4
 
 # ----------------------------------------------------------------------------------------------- decays
 
-def _check_halflife(t_half_tokens: float) -> float:
-  t = float(t_half_tokens)
-  if not (math.isfinite(t) and t > 0):
-    raise ValueError(f"half-life t_half_tokens={t_half_tokens!r} is invalid: it must be a finite number of "
-                     "tokens > 0.")
-  return t
-
-
-def _check_tokens(tokens_per_step: float, name: str = "tokens_per_step") -> float:
-  n = float(tokens_per_step)
+def _tokens(value: float, name: str = "tokens_per_step") -> float:
+  """A finite number of tokens > 0 (a half-life, or tokens per step = global batch size × sequence length)."""
+  n = float(value)
   if not (math.isfinite(n) and n > 0):
-    raise ValueError(f"{name}={tokens_per_step!r} is invalid: it must be a number of tokens > 0 "
-                     "(global batch size × sequence length).")
+    raise ValueError(f"{name}={value!r} is invalid: it must be a finite number of tokens > 0.")
   return n
 
 
 def _check_decay(beta: float, allow_one: bool = False) -> float:
   b = float(beta)
-  ok = 0.0 <= b <= 1.0 if allow_one else 0.0 <= b < 1.0
-  if not ok:
+  if not (0.0 <= b <= 1.0 if allow_one else 0.0 <= b < 1.0):
     raise ValueError(f"decay beta={beta!r} is invalid: it must lie in [0, {'1]' if allow_one else '1)'}.")
   return b
 
 
 def halflife_to_decay(t_half_tokens: float, tokens_per_step: float) -> float:
   """β = 0.5^(n/t): the per-step decay whose EMA forgets half its weight after t½ tokens (float64)."""
-  t, n = _check_halflife(t_half_tokens), _check_tokens(tokens_per_step)
-  return 0.5 ** (n / t)
+  return 0.5 ** (_tokens(tokens_per_step) / _tokens(t_half_tokens, "t_half_tokens"))
 
 
 def halflife_to_one_minus_decay(t_half_tokens: float, tokens_per_step: float) -> float:
   """1−β = −expm1(n·ln½/t), exact in float64 even when β itself is 1 to many digits."""
-  t, n = _check_halflife(t_half_tokens), _check_tokens(tokens_per_step)
-  return -math.expm1(n * _LN_HALF / t)
+  return -math.expm1(_tokens(tokens_per_step) * _LN_HALF / _tokens(t_half_tokens, "t_half_tokens"))
 
 
 def decay_to_halflife(beta: float, tokens_per_step: float) -> float:
   """t½ = n·ln½/ln β in tokens (β=0 → 0, β=1 → inf), for logging what a directly given β means."""
-  b, n = _check_decay(beta, allow_one=True), _check_tokens(tokens_per_step)
+  b, n = _check_decay(beta, allow_one=True), _tokens(tokens_per_step)
   if b == 0.0:
     return 0.0
   if b == 1.0:
@@ -76,10 +65,8 @@ def decay_to_halflife(beta: float, tokens_per_step: float) -> float:
 
 def rescale_decay(beta: float, old_tokens_per_step: float, new_tokens_per_step: float) -> float:
   """β at a new batch with the same half-life: β^(n_new/n_old) (the paper's Eq. 2)."""
-  b = _check_decay(beta)
-  old = _check_tokens(old_tokens_per_step, "old_tokens_per_step")
-  new = _check_tokens(new_tokens_per_step, "new_tokens_per_step")
-  return b ** (new / old)
+  new = _tokens(new_tokens_per_step, "new_tokens_per_step")
+  return _check_decay(beta) ** (new / _tokens(old_tokens_per_step, "old_tokens_per_step"))
 
 
 def decay_pair(c: ml_collections.ConfigDict, which: str) -> tuple[float, float]:
@@ -103,9 +90,8 @@ def resolved_betas(c: ml_collections.ConfigDict) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------------------- adam
 
-def scale_by_adam_accurate(b1: float, b2: float, eps: float = 1e-8, *,
-                           one_minus_b1: Optional[float] = None, one_minus_b2: Optional[float] = None,
-                           mu_dtype=None) -> optax.GradientTransformation:
+def scale_by_adam_accurate(b1: float, b2: float, eps: float = 1e-8, *, one_minus_b1: Optional[float] = None,
+                           one_minus_b2: Optional[float] = None) -> optax.GradientTransformation:
   """Adam's scaling with decays that stay accurate as β → 1.
 
   For β ≥ ½ the moments move by m += (1−β)(g − m) with 1−β from the host (float64, then one float32
@@ -117,23 +103,20 @@ def scale_by_adam_accurate(b1: float, b2: float, eps: float = 1e-8, *,
   for name, omb in (("one_minus_b1", omb1), ("one_minus_b2", omb2)):
     if not 0.0 < omb <= 1.0:
       raise ValueError(f"{name}={omb!r} is invalid: 1−β must lie in (0, 1].")
-  log_b1, log_b2 = _log_decay(omb1), _log_decay(omb2)
+  log_b1, log_b2 = log_decay(omb1), log_decay(omb2)
   ema1, ema2 = _ema(omb1), _ema(omb2)
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
   def init_fn(params):
-    mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params)
-    nu = jax.tree.map(jnp.zeros_like, params)
+    mu, nu = jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params)
     return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
   def update_fn(updates, state, params=None):
-    del params
-    return accurate_adam_update(updates, state, ema1, ema2, log_b1, log_b2, eps, mu_dtype)
+    return accurate_adam_update(updates, state, ema1, ema2, log_b1, log_b2, eps)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def accurate_adam_update(updates, state: optax.ScaleByAdamState, ema1, ema2, log_b1, log_b2, eps, mu_dtype=None):
+def accurate_adam_update(updates, state: optax.ScaleByAdamState, ema1, ema2, log_b1, log_b2, eps):
   """scale_by_adam_accurate's update, its constants given: floats here, a pack member's traced values in
   train/pack_step.py (so both run this arithmetic)."""
   mu = jax.tree.map(lambda g, m: ema1(m, g), updates, state.mu)
@@ -143,7 +126,6 @@ def accurate_adam_update(updates, state: optax.ScaleByAdamState, ema1, ema2, log
   bc1, bc2 = -jnp.expm1(k * log_b1), -jnp.expm1(k * log_b2)  # β = 0 gives log β = -inf and 1−β^k = 1
   updates = jax.tree.map(
       lambda m, v: (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps), mu, nu)
-  mu = jax.tree.map(lambda m: m if mu_dtype is None else m.astype(mu_dtype), mu)
   nu = jax.tree.map(lambda v, old: v.astype(old.dtype), nu, state.nu)
   return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
@@ -160,7 +142,8 @@ def _ema(one_minus_beta: float):
   return ema_form(one_minus_beta <= 0.5, one_minus_beta, 1.0 - one_minus_beta)
 
 
-def _log_decay(one_minus_beta: float) -> float:
+def log_decay(one_minus_beta: float) -> float:
+  """log β from 1−β (−inf for β = 0), as the accurate Adam's bias correction uses it."""
   return math.log1p(-one_minus_beta) if one_minus_beta < 1.0 else -math.inf
 
 

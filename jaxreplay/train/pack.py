@@ -97,7 +97,6 @@ class Pack:
     return restore
 
   def setup(self):
-    failed = {}
     for k, (c, wd) in enumerate(zip(self.configs, self.workdirs)):
       if loop.is_finished(wd):
         self.results[k] = loop.run(c, wd)  # reads final.json
@@ -107,9 +106,7 @@ class Pack:
         raise PackError(f"Run {wd} has no fixed length: a pack needs each member's length; train it alone "
                         "(--pack=1).")
       self.trainers[k] = t
-    if self.restored:
-      failed = self.restored[1].get("failed", {})
-    self.failed = {int(k): v for k, v in failed.items()}
+    self.failed = {int(k): v for k, v in (self.restored[1].get("failed", {}) if self.restored else {}).items()}
     for k, msg in self.failed.items():
       self.results[k] = TrainingError(msg)
       if self.trainers[k] is not None:

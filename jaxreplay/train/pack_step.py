@@ -11,8 +11,6 @@ constants are rounded to float32 exactly as the lone optimizer rounds them (1−
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,10 +33,9 @@ def adam_kind(c) -> tuple:
 def member_hparams(c) -> dict:
   """One member's traced values, float32 scalars rounded from the float64 values the lone run uses."""
   (b1, omb1), (b2, omb2) = optim.decay_pair(c, "b1"), optim.decay_pair(c, "b2")
-  log = lambda omb: math.log1p(-omb) if omb < 1.0 else -math.inf
   coeff = float(c.replay.coeff) if c.init["from"] else 0.0
-  values = dict(b1=b1, omb1=omb1, b2=b2, omb2=omb2, log_b1=log(omb1), log_b2=log(omb2), eps=float(c.optim.eps),
-                weight_decay=float(c.optim.weight_decay), coeff=coeff)
+  values = dict(b1=b1, omb1=omb1, b2=b2, omb2=omb2, log_b1=optim.log_decay(omb1), log_b2=optim.log_decay(omb2),
+                eps=float(c.optim.eps), weight_decay=float(c.optim.weight_decay), coeff=coeff)
   return {k: np.float32(values[k]) for k in HPARAMS}
 
 

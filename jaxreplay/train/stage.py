@@ -30,21 +30,20 @@ def check_workdir(c, workdir: str):
         "use a new --workdir, or the same config to resume it.")
 
 
+def check_parent_shape(c, parent: dict, keys):
+  """Refuses a model key of `keys` whose value differs from the parent run's (its config, `parent`)."""
+  for k in keys:
+    if k in c.model and c.model[k] != parent["model"][k]:
+      raise config_lib.ConfigError(
+          f"config.model.{k}={c.model[k]!r} differs from the run in init.from ({parent['model'][k]!r}): finetuning "
+          f"keeps the pretrained model's shape, so drop --config.model.{k}.")
+
+
 def inherit_parent_shape(c, init_from: str, explicit=()):
   """`jaxreplay finetune`: every model key the weights in init_from depend on comes from that run's export,
   unless the user set it (`explicit`) to another value, which is an error."""
   parent = export_lib.exported_config(init_from)
-  conflicts = config_lib.inherit_model_shape(c, parent, explicit)
-  if conflicts:
-    k = conflicts[0]
-    raise config_lib.ConfigError(
-        f"config.model.{k}={c.model[k]!r} differs from the run in init.from ({parent['model'][k]!r}): finetuning "
-        f"keeps the pretrained model's shape, so drop --config.model.{k}.")
-
-
-def local_rows(x: np.ndarray) -> np.ndarray:
-  """This process's share of a global batch's rows (all of them on one host)."""
-  return np.array_split(x, jax.process_count())[jax.process_index()]
+  check_parent_shape(c, parent, config_lib.inherit_model_shape(c, parent, explicit))
 
 
 class Stage:
@@ -79,10 +78,6 @@ class Stage:
     every = c.eval.every_steps or round(c.eval.every_tokens / self.tokens_per_step)
     self.eval_every = max(1, int(every))
 
-  @property
-  def finetuning(self) -> bool:
-    return bool(self.weights_dir)
-
   # --------------------------------------------------------------------------------------------- the model
 
   def _paper_model(self):
@@ -90,12 +85,9 @@ class Stage:
     dtype = config_lib.compute_dtype_name(c, jax.default_backend())
     self.model_cfg = decoder.ModelConfig.from_config(c.model, dtype, jax.default_backend())
     if c.init["from"]:
-      self.prev = ml_collections.ConfigDict(export_lib.exported_config(c.init["from"]))
-      for key in config_lib.weight_model_keys(self.prev.model.to_dict()):
-        if key in c.model and self.prev.model[key] != c.model[key]:
-          raise config_lib.ConfigError(
-              f"config.model.{key}={c.model[key]} differs from the run in init.from ({self.prev.model[key]}): "
-              "finetuning keeps the pretrained model's shape, so drop the override.")
+      parent = export_lib.exported_config(c.init["from"])
+      check_parent_shape(c, parent, config_lib.weight_model_keys(parent["model"]))
+      self.prev = ml_collections.ConfigDict(parent)
 
   def _hf_model(self):
     c, platform = self.c, jax.default_backend()
@@ -119,32 +111,28 @@ class Stage:
 
   def _token_data(self):
     c, M, T, B = self.c, self.c.model, self.c.model.seq_len, self.c.optim.batch_size
-    pc, pi = jax.process_count(), jax.process_index()
-    prev_hash = None
-    if self.prev is not None:  # downstream data must share the pretrained model's tokenizer
-      prev_hash = tokenfile.read_meta(self.prev.data.path)["tokenizer_hash"]
-    self.data = tokenfile.open_token_dir(c.data.path, M.vocab_size, T, tokenizer_hash=prev_hash)
-    self.data_meta = self.data.meta
-    self.dataset_id = c.data.dataset_id if c.data.dataset_id >= 0 else int(self.data.meta["dataset_id"])
+    # Downstream data must share the pretrained model's tokenizer.
+    prev_hash = tokenfile.read_meta(self.prev.data.path)["tokenizer_hash"] if self.prev is not None else None
+    self.data_meta = tokenfile.open_token_dir(c.data.path, M.vocab_size, T, tokenizer_hash=prev_hash).meta
+    self.dataset_id = c.data.dataset_id if c.data.dataset_id >= 0 else int(self.data_meta["dataset_id"])
     mix = None
     if c.data.mix_fraction:
       mix_dir = tokenfile.open_token_dir(c.data.mix_path, M.vocab_size, T)
       mix = (c.data.mix_path, c.data.mix_fraction, int(mix_dir.meta["dataset_id"]))
-    self.batches = loader.TrainBatches(c.data.path, T, B, c.seed, self.dataset_id, process_index=pi,
-                                       process_count=pc, mix=mix, prefetch=c.data.prefetch)
+    self.batches = loader.TrainBatches(c.data.path, T, B, c.seed, self.dataset_id, jax.process_index(),
+                                       jax.process_count(), mix=mix, prefetch=c.data.prefetch)
     self.tokens_per_epoch = self.batches.tokens_per_epoch
     self.eval_sets = {"valid": self._eval_set(c.data.path, self.dataset_id)}
     if mix is not None:
       self.eval_sets["mix"] = self._eval_set(mix[0], mix[2])
     if self.prev is not None:
-      self.real_path = c.replay.path or self.prev.data.path
-      self.prev_data_path = self.prev.data.path
-      self.prev_dataset_id = (self.prev.data.dataset_id if self.prev.data.dataset_id >= 0 else
-                              int(tokenfile.open_token_dir(self.prev_data_path, M.vocab_size, T).meta["dataset_id"]))
-      self.real_dataset_id = self.prev_dataset_id
-      self.eval_sets["prev"] = self._eval_set(self.prev_data_path, self.prev_dataset_id)
+      prev = self.prev.data
+      self.real_path = c.replay.path or prev.path
+      self.real_dataset_id = (prev.dataset_id if prev.dataset_id >= 0 else  # the pretraining data's id
+                              int(tokenfile.open_token_dir(prev.path, M.vocab_size, T).meta["dataset_id"]))
+      self.eval_sets["prev"] = self._eval_set(prev.path, self.real_dataset_id)
       if c.replay.method != "none" and c.replay.source == "self":
-        self.prompt_id = self_generated.paper_prompt_id(c, self.prev_dataset_id)
+        self.prompt_id = self_generated.paper_prompt_id(c, self.real_dataset_id)
 
   def _eval_set(self, path, dataset_id):
     c = self.c
@@ -168,7 +156,7 @@ class Stage:
     div = sharding.batch_divisor(self.mesh)
     m = 0 if self.real_probe is None else len(self.real_probe) // div * div
     if m:  # held-out real replay text: the forgetting probe real_ntp / real_kl
-      self.eval_sets["real"] = [local_rows(self.real_probe[:m])]
+      self.eval_sets["real"] = [sharding.local_rows(self.real_probe[:m])]
 
   def _chat_eval_set(self) -> list[dict]:
     """eval.valid_rows held-out chat rows (0: all) in batches of eval.batch_size, the last one padded with
@@ -180,19 +168,14 @@ class Stage:
     idx = np.arange(n_pad) % len(valid)
     weight = (np.arange(n_pad) < n)[:, None]
     rows = dict(tokens=valid.tokens[idx], mask=valid.mask[idx] & weight, segments=valid.segments[idx])
-    return [{k: local_rows(v[i:i + EB]) for k, v in rows.items()} for i in range(0, n_pad, EB)]
-
-  def data_stats(self) -> dict | None:
-    """What chat packing made of the data (written as data_stats.json), None for token data."""
-    if not self.c.model.path:
-      return None
-    return dict(train=self.train.stats, valid=self.valid.stats if self.valid is not None else None,
-                total_steps=self.total_steps, replay_rows=None if self.real_rows is None else len(self.real_rows))
+    return [{k: sharding.local_rows(v[i:i + EB]) for k, v in rows.items()} for i in range(0, n_pad, EB)]
 
   def write_data_stats(self):
-    stats = self.data_stats()
-    if stats is not None and jax.process_index() == 0:
-      write_json(os.path.join(self.workdir, "data_stats.json"), stats)
+    """What chat packing made of the data, as data_stats.json (process 0; nothing for token data)."""
+    if self.c.model.path and jax.process_index() == 0:
+      write_json(os.path.join(self.workdir, "data_stats.json"), dict(
+          train=self.train.stats, valid=self.valid.stats if self.valid is not None else None,
+          total_steps=self.total_steps, replay_rows=None if self.real_rows is None else len(self.real_rows)))
 
   # -------------------------------------------------------------------------------------------- the length
 

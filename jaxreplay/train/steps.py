@@ -32,9 +32,10 @@ def forward(model_cfg, params, batch: dict):
   return decoder.logits(model_cfg, params, batch["tokens"], segments, positions)
 
 
-def init_state(model_cfg, optimizer, key, trainable_fn: Callable | None = None):
-  """{params, opt_state, step}; `trainable_fn` maps fresh params to what is trained (LoRA adapters)."""
-  params = decoder.init_params(model_cfg, key)
+def init_state(model_cfg, optimizer, key, trainable_fn: Callable | None = None, frozen=None):
+  """{params, opt_state, step}: fresh parameters (or a copy of `frozen`), mapped by `trainable_fn` to what is
+  trained (LoRA adapters)."""
+  params = decoder.init_params(model_cfg, key) if frozen is None else frozen
   if trainable_fn is not None:
     params = trainable_fn(params)
   return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
