@@ -17,7 +17,7 @@ lr = 3e-3 · (B/256)^0.3, the B^0.3 centring the paper's lm30m grids use (digest
 
 `:halflife_long` is the same grid at a budget where the batch sizes are not step-limited: T=16 and 12M tokens
 (2,930 steps at B=256, 187,500 at B=4; 8.4 epochs of the Bible), evaluated every 1M tokens to show the curves
-flatten. ≈ 1 hour at --jobs=2 on a 2-core CPU.
+flatten, and one more half-life, 40.96M tokens (4,096× span). ≈ 1 hour at --jobs=2 on a 2-core CPU.
 """
 
 
@@ -33,6 +33,7 @@ BATCHES = [4, 16, 64, 256]
 SEEDS = [0, 1]
 TOKENS = 2_000_000
 HALF_LIVES = [10_000.0 * 4 ** k for k in range(6)]
+LONG_HALF_LIVES = [10_000.0 * 4 ** k for k in range(7)]  # 40.96M added: the best of 6 was the longest
 HL_TOKENS = 1_000_000
 LONG_TOKENS = 12_000_000
 
@@ -42,7 +43,7 @@ def lr_for(batch: int) -> float:
   return round(3e-3 * (batch / 256) ** 0.3, 7)
 
 
-def halflife_sweep(tokens: int = HL_TOKENS, seq_len: int = 32):
+def halflife_sweep(tokens: int = HL_TOKENS, seq_len: int = 32, half_lives=HALF_LIVES):
   c = _paper.config("en", True, tokens=tokens)
   c.model.update(d_model=32, head_dim=16, seq_len=seq_len)
   c.optim.update(schedule="cosine", warmup_tokens=tokens // 20)
@@ -52,7 +53,7 @@ def halflife_sweep(tokens: int = HL_TOKENS, seq_len: int = 32):
     c.log.update(every_steps=2_000)
   per_batch = sweeps.chain(*({"optim.batch_size": [b], "optim.lr": [lr_for(b)]} for b in BATCHES))
   s = sweeps.Sweep(__doc__, pack=16)  # the half-lives and seeds of one B are one program
-  s.stage("pretrain", c, sweeps.product(per_batch, {"optim.b2_half_life_tokens": HALF_LIVES}, {"seed": SEEDS}))
+  s.stage("pretrain", c, sweeps.product(per_batch, {"optim.b2_half_life_tokens": half_lives}, {"seed": SEEDS}))
   return s
 
 
@@ -60,7 +61,7 @@ def get_sweep(arg: str = ""):
   if arg == "halflife":
     return halflife_sweep()
   if arg == "halflife_long":
-    return halflife_sweep(LONG_TOKENS, seq_len=16)
+    return halflife_sweep(LONG_TOKENS, seq_len=16, half_lives=LONG_HALF_LIVES)
   if arg:
     raise ValueError(f"unknown variant {arg!r}: use no argument, 'halflife' or 'halflife_long'")
   c = _paper.config("en", True, tokens=TOKENS)
