@@ -16,7 +16,7 @@ import os
 from jaxreplay import config as config_lib
 from jaxreplay.errors import UsageError
 from jaxreplay.models import decoder
-from jaxreplay.train import pack_step
+from jaxreplay.train import pack_step, stage
 
 MAX_IDLE_SHARE = 0.25
 # Keys (or key prefixes) whose values may differ inside a pack: each member gets its own.
@@ -71,22 +71,13 @@ def program_key(c) -> str:
 
 
 def length(c) -> int | None:
-  """The run's length in steps, as loop.Stage computes it (epochs from the data's metadata); None when unknown."""
-  s, tps = c.stop, config_lib.tokens_per_step(c)
-  if s.steps:
-    return int(s.steps)
-  if s.tokens:
-    tokens = s.tokens
-  elif s.tokens_per_param:
-    counts = decoder.param_counts(decoder.ModelConfig.from_config(c.model))
-    tokens = s.tokens_per_param * counts[c.model.param_count]
-  elif s.epochs and os.path.exists(meta := os.path.join(c.data.path, "meta.json")):
+  """The run's length in steps, by the function the trainer uses (epochs from the data's metadata); None: unknown."""
+  params = lambda: decoder.param_counts(decoder.ModelConfig.from_config(c.model))[c.model.param_count]
+  per_epoch = None
+  if c.stop.epochs and os.path.exists(meta := os.path.join(c.data.path, "meta.json")):
     with open(meta) as f:
-      rows = json.load(f)["train_tokens"] // c.model.seq_len
-    tokens = s.epochs * rows * c.model.seq_len
-  else:  # no length, or epochs of data not found here
-    return None
-  return max(1, int(round(tokens / tps)))
+      per_epoch = json.load(f)["train_tokens"] // c.model.seq_len * c.model.seq_len
+  return stage.total_steps(c, params, per_epoch)
 
 
 def idle_share(lengths: list[int]) -> float:

@@ -6,6 +6,7 @@ masks and packed segments), the evaluation sets, the replay inputs and the run's
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import jax
 import ml_collections
@@ -46,6 +47,23 @@ def inherit_parent_shape(c, init_from: str, explicit=()):
   check_parent_shape(c, parent, config_lib.inherit_model_shape(c, parent, explicit))
 
 
+def total_steps(c: ml_collections.ConfigDict, params: Callable[[], int], tokens_per_epoch: int | None) -> int | None:
+  """The run's length in steps from its stop section (params(): the count stop.tokens_per_param multiplies, asked
+  only then; tokens_per_epoch: the data's, None when unknown); None when nothing bounds the length."""
+  s = c.stop
+  if s.steps:
+    return int(s.steps)
+  if s.tokens:
+    tokens = s.tokens
+  elif s.tokens_per_param:
+    tokens = s.tokens_per_param * params()
+  elif s.epochs and tokens_per_epoch is not None:
+    tokens = s.epochs * tokens_per_epoch
+  else:
+    return None
+  return max(1, int(round(tokens / config_lib.tokens_per_step(c))))
+
+
 class Stage:
   """Everything one run reads, resolved from the config before the first step.
 
@@ -74,7 +92,8 @@ class Stage:
     self.weights_dir = self.hf_dir or c.init["from"]
     self.counts = decoder.param_counts(self.model_cfg)
     self.tokens_per_step = config_lib.tokens_per_step(c)
-    self.total_steps = self._total_steps()
+    self.total_steps = total_steps(c, lambda: self.counts[c.model.param_count],
+                                              self.tokens_per_epoch)
     every = c.eval.every_steps or round(c.eval.every_tokens / self.tokens_per_step)
     self.eval_every = max(1, int(every))
 
@@ -177,18 +196,3 @@ class Stage:
           train=self.train.stats, valid=self.valid.stats if self.valid is not None else None,
           total_steps=self.total_steps, replay_rows=None if self.real_rows is None else len(self.real_rows)))
 
-  # -------------------------------------------------------------------------------------------- the length
-
-  def _total_steps(self) -> int | None:
-    s, tps = self.c.stop, self.tokens_per_step
-    if s.steps:
-      return int(s.steps)
-    if s.tokens:
-      tokens = s.tokens
-    elif s.tokens_per_param:
-      tokens = s.tokens_per_param * self.counts[self.c.model.param_count]
-    elif s.epochs:
-      tokens = s.epochs * self.tokens_per_epoch
-    else:
-      return None
-    return max(1, int(round(tokens / tps)))
