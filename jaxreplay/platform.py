@@ -29,7 +29,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-ATTENTION_KINDS = ("einsum", "xla", "cudnn")
 CACHE_LAYOUTS = ("general", "heads_minor")
 _CPU_SAMPLER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 

@@ -153,23 +153,23 @@ def fake_pretrain(tmp_path):
   (export / "info.json").write_text(json.dumps(dict(step=100, dataset_id=0)))
 
 
-def make_self(c, frozen, state=None, pretraining_dataset_id=0):
+def make_self(c, frozen, pretraining_dataset_id=0):
   """The source as the trainer makes it: what it reads passed as arguments."""
   mesh = sharding.make_mesh(config_lib.default().mesh)
   prompt_id = replay_self.paper_prompt_id(c, pretraining_dataset_id)
-  return replay_self.SelfGeneratedReplay(c, mesh, TINY, frozen, prompt_id, c.init["from"], state)
+  return replay_self.SelfGeneratedReplay(c, mesh, TINY, frozen, prompt_id, c.init["from"])
 
 
 @pytest.mark.parametrize("teacher", ["forward", "auto"])
 def test_rows_come_from_the_frozen_model_once_each_and_deterministically(tmp_path, frozen, teacher):
   c = make_config(tmp_path, teacher=teacher)
-  source = replay.make_source(c, sharding.make_mesh(c.mesh), TINY, frozen, None, prompt_id=3,
+  source = replay.make_source(c, sharding.make_mesh(c.mesh), TINY, frozen, prompt_id=3,
                               weights_dir=c.init["from"])
   assert isinstance(source, replay_self.SelfGeneratedReplay)
   assert source.sampled_teacher == (teacher == "auto")  # auto: 2·4·12·50 fp32 logits are far below 1 GiB
   out = [source.next(s) for s in range(5)]  # refills 0, 1 and half of 2
   batches = [np.asarray(b) for b, _ in out]
-  assert source.sampled_refills == 3 and source.state() == dict(position=5)
+  assert source.sampled_refills == 3
   for b in batches:
     assert b.shape == (4, 12) and b.dtype == np.int32
     assert np.all(b[:, 0] == 3)  # prompted by the pretraining data's id token alone
@@ -187,8 +187,8 @@ def test_rows_come_from_the_frozen_model_once_each_and_deterministically(tmp_pat
       assert t.shape == (4, 12, 50) and t.dtype == np.float32
       assert t.sharding.is_equivalent_to(sharding.batch_sharding(source.mesh, 3), 3)
       np.testing.assert_allclose(np.asarray(t)[:, :-1], M.logits(TINY, frozen, b)[:, :-1], rtol=1e-4, atol=1e-4)
-  # A resumed run (state from the checkpoint) regenerates the same rows and teacher logits.
-  resumed = make_self(c, frozen, dict(position=3), 3)
+  # A resumed run (a fresh source that starts at step 3) regenerates the same rows and teacher logits.
+  resumed = make_self(c, frozen, 3)
   for s in (3, 4):
     rows, t = resumed.next(s)
     np.testing.assert_array_equal(np.asarray(rows), batches[s])
@@ -199,16 +199,16 @@ def test_rows_come_from_the_frozen_model_once_each_and_deterministically(tmp_pat
 def test_dataset_id_outside_the_reserved_ids_is_refused(tmp_path, frozen):
   c = make_config(tmp_path)
   with pytest.raises(config_lib.ConfigError, match="reserved ids 0–9"):
-    make_self(c, frozen, None, 12)
+    make_self(c, frozen, 12)
   with pytest.raises(config_lib.ConfigError, match="init.from"):
-    make_self(c, None, None)
+    make_self(c, None)
 
 
 def test_disk_cache_is_shared_and_never_reused_for_other_settings(tmp_path, frozen, monkeypatch):
   fake_pretrain(tmp_path)
   cache_root = tmp_path / "cache"
   c = make_config(tmp_path, cache_dir=str(cache_root))
-  first = make_self(c, frozen, None)
+  first = make_self(c, frozen)
   assert first.sampled_teacher  # the cache holds tokens only, whatever the teacher
   a, a_teacher = zip(*[first.next(s) for s in range(3)])
   assert first.sampled_refills == 2
@@ -220,7 +220,7 @@ def test_disk_cache_is_shared_and_never_reused_for_other_settings(tmp_path, froz
 
   # A second run with the same settings (another sweep point) reads the samples: no sampling at all. Their
   # teacher logits come from a forward pass of the frozen model at refill time, equal up to rounding.
-  second = make_self(c, frozen, None)
+  second = make_self(c, frozen)
   monkeypatch.setattr(second, "sampler", None)
   for s in range(3):
     rows, t = second.next(s)
@@ -232,24 +232,23 @@ def test_disk_cache_is_shared_and_never_reused_for_other_settings(tmp_path, froz
 
   # Other sampling settings or other weights: another directory, never the first one's samples.
   hot = make_config(tmp_path, cache_dir=str(cache_root), temperature=0.5)
-  other = make_self(hot, frozen, None)
+  other = make_self(hot, frozen)
   assert other.cache.directory != first.cache.directory
   changed = jax.tree.map(lambda x: x, frozen)
   changed["unembed"] = changed["unembed"].at[0, 0].add(1e-3)
-  assert make_self(c, changed, None).cache.directory != first.cache.directory
+  assert make_self(c, changed).cache.directory != first.cache.directory
 
   # Pointing cache_dir at the first cache with other settings is an error naming what differs.
   wrong = make_config(tmp_path, cache_dir=first.cache.directory, temperature=0.5)
   with pytest.raises(config_lib.ConfigError, match="sampling.temperature"):
-    make_self(wrong, frozen, None)
+    make_self(wrong, frozen)
   # So is a re-exported checkpoint (its info.json changed) or a tampered fingerprint.
   (tmp_path / "pretrain" / "export" / "info.json").write_text(json.dumps(dict(step=200, dataset_id=0)))
   with pytest.raises(config_lib.ConfigError, match="checkpoint"):
-    make_self(make_config(tmp_path, cache_dir=first.cache.directory), frozen,
-                                    None)
+    make_self(make_config(tmp_path, cache_dir=first.cache.directory), frozen)
   # A damaged refill file is reported, not used.
   fake_pretrain(tmp_path)
   np.save(cache_dir / "refill_000000.npy", np.zeros((3, 3), np.int32))
-  broken = make_self(c, frozen, None)
+  broken = make_self(c, frozen)
   with pytest.raises(config_lib.ConfigError, match="refill_000000"):
     broken.next(0)

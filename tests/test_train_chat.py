@@ -146,13 +146,12 @@ def test_self_replay_rows_start_from_bos_and_run_full_length(checkpoint):
   c.model.seq_len = 32
   c.replay.update(method="kl", batch_size=2, buffer=2)
   mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-  make = lambda state=None: self_generated.SelfGeneratedReplay(c, mesh, cfg, params, tok.bos_token_id, directory,
-                                                               state)
+  make = lambda: self_generated.SelfGeneratedReplay(c, mesh, cfg, params, tok.bos_token_id, directory)
   src = make()
   a, b, c2 = (np.asarray(src.next(s)[0]) for s in range(3))
   assert a.shape == (2, 32) and (a[:, 0] == tok.bos_token_id).all()
   assert not (a == b).all() and not (a == c2).all()
-  assert (np.asarray(make(dict(position=2)).next(2)[0]) == c2).all()  # a pure function of the step
+  assert (np.asarray(make().next(2)[0]) == c2).all()  # a pure function of the step
   assert (a[:, 1:] != tok.pad_token_id).mean() > 0.9  # sampled to the end (no EOS stop)
 
 

@@ -54,7 +54,7 @@ class ModelConfig:
   dtype: Any = jnp.float32  # compute dtype
   remat: bool = False
   scan_unroll: int = 1  # layers per scan iteration; n_layers = a fully unrolled loop
-  attention: str = "einsum"  # the kernel, of platform.ATTENTION_KINDS (the platform's choice in from_config)
+  attention: str = "einsum"  # the kernel: einsum, xla or cudnn (the platform's choice in from_config)
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -90,11 +90,9 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
               true=non_embedding + D * V * (1 if cfg.tie_embeddings else 2))
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+def flops_per_token(cfg: ModelConfig) -> float:
   """Training FLOPs per token (forward + backward): 6·(matmul params) + 12·L·T·N·H for attention (PaLM)."""
-  T = seq_len or cfg.seq_len
-  matmul = param_counts(cfg)["paper"]
-  return 6.0 * matmul + 12.0 * cfg.n_layers * T * cfg.n_heads * cfg.head_dim
+  return 6.0 * param_counts(cfg)["paper"] + 12.0 * cfg.n_layers * cfg.seq_len * cfg.n_heads * cfg.head_dim
 
 
 def rms_norm(x, eps: float, scale=None):
@@ -200,7 +198,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, layer_cache, positions_BT, segments_BT, cache_index):
     cfg = self.cfg
-    D, N, K, H, F, dt = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_mlp, cfg.dtype
+    D, N, K, H, dt = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dtype
     w_q, w_k, w_v, w_o, w_gate, w_up, w_down = self.matrices()
     B, T = x_BTD.shape[:2]
 
@@ -279,11 +277,10 @@ def init_params(cfg: ModelConfig, key) -> dict:
   return Decoder(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, length: int | None = None, dtype=None) -> dict:
+def init_cache(cfg: ModelConfig, batch_size: int, length: int | None = None) -> dict:
   """An empty KV cache: k and v of shape [L, B, S, K, H] (K key/value heads)."""
   shape = (cfg.n_layers, batch_size, length or cfg.seq_len, cfg.n_kv_heads, cfg.head_dim)
-  dtype = dtype or cfg.dtype
-  return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+  return dict(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype))
 
 
 def apply(cfg: ModelConfig, params, tokens_BT, **kwargs):

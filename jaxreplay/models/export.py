@@ -61,6 +61,13 @@ def barrier(name: str):
     multihost_utils.sync_global_devices(name)
 
 
+def agree(flag: bool) -> bool:
+  """Process 0's answer on every process, so that all of them run the same (collective) programs."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(host_value(multihost_utils.broadcast_one_to_all(np.int32(flag))))
+
+
 def flat_tree(tree) -> dict:
   """{'params.blocks.q_proj': leaf, ...}: the leaves keyed by their dotted paths (the integrity record's keys)."""
   return {jax.tree_util.keystr(p, simple=True, separator="."): x

@@ -145,21 +145,14 @@ class DiskCache:
       np.save(f, np.ascontiguousarray(tokens, np.int32), allow_pickle=False)
 
 
-def _agree(flag: bool) -> bool:
-  """Process 0's answer on every process, so that all of them run the same (collective) programs."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
-
-
 class SelfGeneratedReplay:
   """Replay rows sampled from the frozen pretrained model; `next(step)` -> (tokens [rows, T] int32, teacher
   logits [rows, T, V] fp32 or None) on the mesh, the logits when `teacher` is 'sampled'."""
 
-  def __init__(self, c, mesh, model_cfg, frozen, prompt_id: int, weights_dir: str, state: dict | None = None):
+  def __init__(self, c, mesh, model_cfg, frozen, prompt_id: int, weights_dir: str):
     """`prompt_id`: the token every row starts from (the paper's dataset id; a chat model's BOS);
     `weights_dir`: where `frozen` was read from (a run's workdir or a Hugging Face directory), fingerprinted
-    for the disk cache; `state`: what `state()` returned, from the checkpoint."""
+    for the disk cache."""
     if frozen is None:
       raise ConfigError("Self-generated replay samples from a pretrained model: set config.init.from "
                                    "to the workdir of a finished pretraining run.")
@@ -183,7 +176,6 @@ class SelfGeneratedReplay:
     self.sampled_teacher = config_lib.replay_teacher(c, div) == "sampled"
     self.sampler = sampler.make_sampler(self.model_cfg, self.sc, self.buffer * self.rows, 1, self.T, self.mesh,
                                         return_logits=self.sampled_teacher)
-    self.position = int((state or {}).get("position", 0))
     self.cache = None
     if c.replay.cache_dir:
       self.cache = DiskCache(c.replay.cache_dir, self.fingerprint(c))
@@ -245,7 +237,7 @@ class SelfGeneratedReplay:
     None when it is not there. Process 0 looks; every process agrees on the answer, then each reads the rows."""
     shape, V = (self.buffer * self.rows, self.T), self.model_cfg.vocab_size
     cached = self.cache.read(refill, shape, V) if jax.process_index() == 0 else None
-    if not _agree(cached is not None):
+    if not export_lib.agree(cached is not None):
       return None
     host = (cached if cached is not None else self.cache.read(refill, shape, V)).reshape(self.buffer, self.rows, -1)
     tokens = jax.make_array_from_callback(host.shape, self._buffer_sh, lambda i: host[i])
@@ -278,9 +270,5 @@ class SelfGeneratedReplay:
     if refill != self._refill:
       self._tokens = self._logits = None  # free the old buffers before the new ones are made
       (self._tokens, self._logits), self._refill = self._load(refill), refill
-    self.position = int(step) + 1
     teacher = self._take_logits(self._logits, j) if self._logits is not None else None
     return self._take(self._tokens, j), teacher
-
-  def state(self) -> dict:
-    return dict(position=self.position)

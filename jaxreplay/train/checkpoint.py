@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxreplay.errors import CheckpointError
-from jaxreplay.models.export import (INTEGRITY_VERSION, abstract_like, barrier, flat_tree, host_value,
+from jaxreplay.models.export import (INTEGRITY_VERSION, abstract_like, agree, barrier, flat_tree,
                                      integrity_record, no_unraisable, one_line, quiet_orbax_logs)
 
 TIME_SYNC_STEPS = 10  # multi-host: how often the time-based save decision is agreed on
@@ -183,9 +183,7 @@ class Checkpointer:
     due = time.monotonic() - self._last_save_time >= 60.0 * self.cfg.every_minutes
     if jax.process_count() == 1:
       return due
-    if step % TIME_SYNC_STEPS:  # hosts' clocks differ: agree on host 0's, every few steps
-      return False
-    return bool(host_value(multihost_utils.broadcast_one_to_all(np.int32(due))))
+    return step % TIME_SYNC_STEPS == 0 and agree(due)  # hosts' clocks differ: agree on host 0's, every few steps
 
   def save(self, step: int, state, extra: dict, force: bool = False) -> bool:
     """Starts an asynchronous save if one is due (or `force`); returns whether it did."""

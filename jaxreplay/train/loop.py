@@ -70,6 +70,7 @@ class Trainer:
   steps, the replay source, the checkpointer and the writers. `step` is the last completed step.
   `result_extra`: keys another loop adds to final.json (train/pack.py: the pack's size)."""
   result_extra: dict = {}
+  last_eval_step: int | None = None
 
   def evaluate(self) -> dict:
     """Every eval set's losses and the evaluators' metrics, on the current (merged) parameters."""
@@ -109,7 +110,7 @@ def shared(key, build):
 def init_state(t: Trainer, key):
   """The train state (fresh, or the frozen weights' copy; LoRA adapters) restored from the last checkpoint."""
   stage, c = t.stage, t.c
-  trainable_fn, t.merge_fn = replay_lib.parameterization(c, t.frozen)
+  trainable_fn, t.merge_fn = replay_lib.parameterization(c)
   init_fn = lambda k, frozen: steps.init_state(stage.model_cfg, t.optimizer, k, trainable_fn, frozen)
   abstract = jax.eval_shape(init_fn, key, t.frozen)
   t.state_sh = sharding.state_shardings(abstract, stage.mesh)
@@ -191,7 +192,7 @@ def setup(c, workdir: str, evaluators=(), restore=None, start_eval: bool = True)
   t.frozen = load_frozen(stage, abstract_params, t.param_sh)
   init_state(t, key)
   t.replay = replay_lib.make_source(
-      c, mesh, model_cfg, t.frozen, t.extra.get("replay"), real_rows=stage.real_rows, real_path=stage.real_path,
+      c, mesh, model_cfg, t.frozen, real_rows=stage.real_rows, real_path=stage.real_path,
       real_dataset_id=stage.real_dataset_id, prompt_id=stage.prompt_id, weights_dir=stage.weights_dir)
   t.eval_sets = dict(stage.eval_sets)
   if c.eval.replay_rows and t.frozen is not None and stage.prompt_id >= 0:
@@ -238,8 +239,6 @@ def after_step(t: Trainer, aux) -> str | None:
     stop_reason = "wall_time"
   if row:
     t.writer.write(step, dict(tokens=step * stage.tokens_per_step, elapsed_s=t.extra["elapsed_s"], **row))
-  if t.replay is not None:
-    t.extra["replay"] = t.replay.state()
   return stop_reason
 
 
@@ -273,7 +272,7 @@ def finish(t: Trainer, stop_reason: str) -> dict:
   final.json, written last; returns the result."""
   c, stage, step = t.c, t.stage, t.step
   t.bar.close()
-  if getattr(t, "last_eval_step", None) != step:
+  if t.last_eval_step != step:
     t.last_eval = t.evaluate()
   final_params = t.merged(t.state["params"], t.frozen)
   result = dict(step=step, tokens=step * stage.tokens_per_step, stop_reason=stop_reason,
@@ -285,10 +284,9 @@ def finish(t: Trainer, stop_reason: str) -> dict:
     result.update(evaluate_lib.forgetting_metrics(c, final_params, t.frozen, result))
   t.checkpointer.save(step, t.state, t.extra, force=True)
   t.checkpointer.close()
-  if stage.hf_dir:
-    if c.export.hf:
-        hf_import.save_hf(final_params, stage.model_cfg, stage.hf_dir, os.path.join(t.workdir, "hf"))
-  else:
+  if stage.hf_dir and c.export.hf:
+    hf_import.save_hf(final_params, stage.model_cfg, stage.hf_dir, os.path.join(t.workdir, "hf"))
+  elif not stage.hf_dir:
     export_lib.export(t.workdir, final_params, c.to_dict(), dict(step=step, dataset_id=stage.dataset_id))
   t.writer.write(step, dict(final=True, **{k: v for k, v in result.items() if k != "step"}))
   t.writer.close()

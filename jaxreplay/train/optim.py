@@ -104,7 +104,7 @@ def scale_by_adam_accurate(b1: float, b2: float, eps: float = 1e-8, *, one_minus
     if not 0.0 < omb <= 1.0:
       raise ValueError(f"{name}={omb!r} is invalid: 1−β must lie in (0, 1].")
   log_b1, log_b2 = log_decay(omb1), log_decay(omb2)
-  ema1, ema2 = _ema(omb1), _ema(omb2)
+  ema1, ema2 = (ema_form(omb <= 0.5, omb, 1.0 - omb) for omb in (omb1, omb2))
 
   def init_fn(params):
     mu, nu = jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params)
@@ -136,10 +136,6 @@ def ema_form(by_one_minus_beta: bool, one_minus_beta, beta):
   if by_one_minus_beta:
     return lambda x, y: x + one_minus_beta * (y - x)
   return lambda x, y: one_minus_beta * y + beta * x
-
-
-def _ema(one_minus_beta: float):
-  return ema_form(one_minus_beta <= 0.5, one_minus_beta, 1.0 - one_minus_beta)
 
 
 def log_decay(one_minus_beta: float) -> float:

@@ -80,7 +80,7 @@ class Stage:
     self.real_rows = self.real_probe = None
     self.prompt_id, self.real_path, self.real_dataset_id = -1, "", -1
     B, div = c.optim.batch_size, sharding.batch_divisor(self.mesh) * c.train.microbatches
-    if B % (div * jax.process_count()) and B % div:
+    if B % div:
       raise config_lib.ConfigError(f"config.optim.batch_size={B} is not divisible by the {div} data-parallel "
                                    "devices × train.microbatches: choose a multiple of mesh.data × mesh.fsdp.")
     if c.model.path:
@@ -92,8 +92,7 @@ class Stage:
     self.weights_dir = self.hf_dir or c.init["from"]
     self.counts = decoder.param_counts(self.model_cfg)
     self.tokens_per_step = config_lib.tokens_per_step(c)
-    self.total_steps = total_steps(c, lambda: self.counts[c.model.param_count],
-                                              self.tokens_per_epoch)
+    self.total_steps = total_steps(c, lambda: self.counts[c.model.param_count], self.tokens_per_epoch)
     every = c.eval.every_steps or round(c.eval.every_tokens / self.tokens_per_step)
     self.eval_every = max(1, int(every))
 
