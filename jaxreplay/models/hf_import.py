@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 
 import jax
@@ -207,14 +208,9 @@ def load_params(directory: str, cfg: dec.ModelConfig, mesh=None):
   def build(path, shape, sh):
     key = tuple(getattr(p, "key", str(p)) for p in path)
     src = sources[key]
-    return jax.make_array_from_callback(shape.shape, sh, lambda idx: src(_normalise(idx, shape.shape)))
+    return jax.make_array_from_callback(shape.shape, sh, src)
 
   return jax.tree_util.tree_map_with_path(build, abstract, shardings)
-
-
-def _normalise(idx, shape):
-  return tuple(slice(*s.indices(n)) if isinstance(s, slice) else s for s, n in zip(idx, shape)) + tuple(
-      slice(0, n) for n in shape[len(idx):])
 
 
 def load(path_or_id: str, seq_len: int = 512, dtype="float32", mesh=None):
@@ -228,8 +224,7 @@ def load(path_or_id: str, seq_len: int = 512, dtype="float32", mesh=None):
 
 def save_hf(params, cfg: dec.ModelConfig, source_dir: str, out_dir: str):
   """Writes params as OUT_DIR/model.safetensors (float32) with SOURCE_DIR's config and tokenizer files."""
-  import shutil
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save_file  # the `hf` extra
   os.makedirs(out_dir, exist_ok=True)
   p = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
   D = cfg.d_model

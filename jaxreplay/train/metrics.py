@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import time
 
 import jax
@@ -49,24 +50,23 @@ def peak_memory_bytes() -> int | None:
   stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
   if stats and "peak_bytes_in_use" in stats:
     return int(stats["peak_bytes_in_use"])
-  import resource
   return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 class MetricWriter:
   """Appends one JSON object per line to WORKDIR/metrics.jsonl; mirrors scalars to TensorBoard / W&B."""
 
-  def __init__(self, workdir: str, log_cfg=None, config_dict: dict | None = None, resume_step: int = 0):
+  def __init__(self, workdir: str, log_cfg, config_dict: dict | None = None, resume_step: int = 0):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.is_main = jax.process_index() == 0
     self._tb = self._wandb = None
     if self.is_main:
       os.makedirs(workdir, exist_ok=True)
       self._truncate_after(resume_step)
-      if log_cfg is not None and log_cfg.tensorboard:
+      if log_cfg.tensorboard:
         from tensorboardX import SummaryWriter  # optional extra: pip install jaxreplay[tensorboard]
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      if log_cfg is not None and log_cfg.wandb:
+      if log_cfg.wandb:
         import wandb  # optional extra: pip install jaxreplay[wandb]
         self._wandb = wandb.init(project=log_cfg.wandb_project, dir=workdir, config=config_dict,
                                  name=os.path.basename(os.path.abspath(workdir)), resume="allow")
