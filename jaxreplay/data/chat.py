@@ -207,9 +207,9 @@ class Batches:
     i = step * self.batch_size + np.arange(self.batch_size)
     return np.array([self._perm(e)[w] for e, w in zip(i // self.n, i % self.n)])
 
-  def batch(self, step: int, process_index: int | None = None, process_count: int | None = None) -> dict:
-    """The rows of step `step` that process `process_index` (default: the constructor's) of `process_count` reads."""
-    pi, pc = self.process if process_index is None else (process_index, process_count)
+  def batch(self, step: int) -> dict:
+    """This process's rows of step `step`."""
+    pi, pc = self.process
     idx = np.array_split(self.indices(step), pc)[pi]
     return {k: v[idx] for k, v in self.arrays.items()}
 

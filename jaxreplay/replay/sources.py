@@ -54,8 +54,8 @@ def make_source(c, mesh, model_cfg, frozen, *, real_rows=None, real_path: str = 
   rows, seed = c.replay.batch_size or c.optim.batch_size, c.seed + REAL_SEED_OFFSET
   pi, pc = jax.process_index(), jax.process_count()
   if c.replay.source == "real" and real_rows is not None:  # a chat run's packed replay text, shuffled per epoch
-    batches = chat_data.Batches(dict(tokens=real_rows), rows, seed)
-    return RealReplay(lambda step: batches.batch(step, pi, pc)["tokens"], mesh)
+    batches = chat_data.Batches(dict(tokens=real_rows), rows, seed, pi, pc)
+    return RealReplay(lambda step: batches.batch(step)["tokens"], mesh)
   if c.replay.source == "real":  # a token directory (the pretraining data), in its own shuffled order
     data = loader.TrainBatches(real_path, c.model.seq_len, rows, seed, real_dataset_id, pi, pc, prefetch=0)
     return RealReplay(data.batch, mesh)
