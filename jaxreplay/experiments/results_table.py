@@ -148,8 +148,7 @@ def matched_rows(trajs: dict, before: float | None, baseline: str | None = None)
                      rise=None if y is None or before is None else y - before))
   base = next((r["rise"] for r in rows if r["run"] == baseline), None)
   for r in rows:
-    if base and r["rise"] is not None:
-      r["cut"] = 1.0 - r["rise"] / base
+    r["cut"] = 1.0 - r["rise"] / base if base and r["rise"] is not None else None
   return rows
 
 
