@@ -27,8 +27,7 @@ def _save(fig, out_path: str) -> str:
   return out_path
 
 
-def trajectories(trajs: dict, out_path: str, frontier=None, prev_before: float | None = None,
-                 title: str = "Forgetting during finetuning") -> str:
+def trajectories(trajs: dict, out_path: str, frontier=None, prev_before: float | None = None) -> str:
   """Previous-dataset loss (y) against downstream loss (x) along each run; the pretraining frontier dashed."""
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6.5, 4.8))
@@ -40,7 +39,8 @@ def trajectories(trajs: dict, out_path: str, frontier=None, prev_before: float |
             label="pretraining frontier")
   if prev_before is not None:
     ax.axhline(prev_before, color="grey", ls=":", lw=1, label="previous loss after pretraining")
-  ax.set(xlabel="downstream (finetuning) validation loss", ylabel="previous (pretraining) validation loss", title=title)
+  ax.set(xlabel="downstream (finetuning) validation loss", ylabel="previous (pretraining) validation loss",
+         title="Forgetting during finetuning")
   ax.invert_xaxis()
   ax.legend(fontsize=7)
   return _save(fig, out_path)

@@ -121,14 +121,13 @@ def report(path: str, out: str) -> list[str]:
         f" ← {r['parent']}" if len(parents) > 1 else ""))
     if trajs and (len(parents) <= 3 or len(fts) <= 12):
       written.append(plots.trajectories(trajs, os.path.join(out, "trajectories.png"), frontier=frontier(res)))
-  if len({m for r in fts for m in [method_label(r)]}) >= 3 and len(parents) == 1:
+  if len({method_label(r) for r in fts}) >= 3 and len(parents) == 1:
     written.append(plots.method_comparison(trajectories(res, label=method_label),
                                            os.path.join(out, "method_comparison.png")))
   g = grid_2d(res)
   if any(len({p for p, _ in d}) > 1 and len({t for _, t in d}) > 1 for d in g.values()):
     written.append(plots.grid_2d(g, os.path.join(out, "grid_2d.png")))
-  slices = {x: capacity_slice(res, x) for x in ("params", "tpp")}
-  slices = {x: [r for r in s if r["before"] is not None] for x, s in slices.items()}
+  slices = {x: [r for r in capacity_slice(res, x) if r["before"] is not None] for x in ("params", "tpp")}
   slices = {x: s for x, s in slices.items() if len(s) > 1}
   if slices:
     written.append(plots.capacity_slices(slices, os.path.join(out, "capacity_slices.png")))

@@ -109,11 +109,9 @@ def frontier(res: Results) -> list[tuple[float, float]]:
   return out
 
 
-def trajectories(res: Results, rows=None, label=None) -> dict:
-  """{label: [(downstream loss, previous loss), ...]} for finetuning runs (default label: run name)."""
-  out = {}
-  for r in rows if rows is not None else res.finetunes():
-    out[label(r) if label else r["name"]] = trajectory(res.history(r["name"]))
+def trajectories(res: Results, label) -> dict:
+  """{label(run): [(downstream loss, previous loss), ...]} for the finetuning runs that logged evaluations."""
+  out = {label(r): trajectory(res.history(r["name"])) for r in res.finetunes()}
   return {k: v for k, v in out.items() if v}
 
 
