@@ -147,9 +147,8 @@ class JaxReplayLM(TemplateLM):
   def score_rows(self, rows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
     """(sum of log p, all greedy) of the last n tokens of each (tokens, n) row, each token scored given the
     ones before it (`mcq.completion_logprobs`). Rows are at most max_length + 1 tokens."""
-    s = self.scorer
-    logp, greedy = mcq.completion_logprobs(s.cfg, s.params, [(ids, len(ids) - n) for ids, n in rows], s.pad_id,
-                                           self.batch_size)
+    s, rows = self.scorer, [(ids, len(ids) - n) for ids, n in rows]
+    logp, greedy = mcq.completion_logprobs(s.cfg, s.params, rows, s.pad_id, self.batch_size)
     return [(float(lp), bool(g)) for lp, g in zip(logp, greedy)]
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):

@@ -50,7 +50,8 @@ def main(argv: list[str]) -> int:
   finetunes = {k: v for k, v in workdirs.items() if k != "pretrain"}
   table = report.matched_table(workdirs["pretrain"], finetunes)
   print(report.format_matched(table, "English", "Spanish"))
-  plot = report.plot_trajectories(workdirs["pretrain"], finetunes, os.path.join(args.workdir, "quickstart.png"))
+  plot = os.path.join(args.workdir, "quickstart.png")
+  report.plot_trajectories(workdirs["pretrain"], finetunes, plot)
   write_json(os.path.join(args.workdir, "quickstart.json"), table)
   print(f"plot: {plot}")
   return 0
