@@ -43,8 +43,9 @@ def offline(monkeypatch, tmp_path):
 def test_local_jsonl_file_streams_its_text_field(offline):
   write_jsonl("pages.jsonl", [{"text": "a page"}, {"text": "  "}, {"text": "another"}, {"text": "third"}])
   assert list(corpora.hf_documents("pages.jsonl", limit=2)) == ["a page", "another"]
-  with pytest.raises(DataError, match="no field 'content'"):
-    list(corpora.hf_documents("pages.jsonl", text_field="content"))
+  write_jsonl("other.jsonl", [{"content": "a page"}])
+  with pytest.raises(DataError, match="no field 'text'"):
+    list(corpora.hf_documents("other.jsonl"))
 
 
 def test_hub_name_config_and_split_resolve_through_the_library(offline):

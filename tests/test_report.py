@@ -217,16 +217,21 @@ def test_learning_rate_and_time_to_target(tmp_path):
   assert {"learning_rate.png", "time_to_target.png"} <= names
 
 
-def test_the_workdir_form_used_by_the_quickstart(tmp_path):
+def test_the_workdir_form_used_by_the_quickstart(tmp_path, capsys):
   pre, ft = tmp_path / "pre", tmp_path / "none"
   for d, m in ((pre, dict(valid_ntp=3.0)), (ft, dict(prev_ntp=3.4, prev_ntp_delta=0.4, valid_ntp=2.5))):
     d.mkdir()
     (d / "final.json").write_text(json.dumps(m))
-    (d / "metrics.jsonl").write_text(json.dumps(dict(step=0, valid_ntp=4.0, prev_ntp=3.0)) + "\n")
-  rows = report.forgetting_table(str(pre), {"none": str(ft)})
-  assert rows[0]["forgetting"] == pytest.approx(0.4)
-  assert "| none" in report.format_table(rows)
-  assert os.path.exists(report.plot_trajectories(str(pre), {"none": str(ft)}, str(tmp_path / "t.png")))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(dict(step=i, valid_ntp=x, prev_ntp=y)) + "\n"
+                                             for i, (x, y) in enumerate(((4.0, 3.0), (2.5, 3.4)))))
+  rows = report.matched_table(str(pre), {"none": str(ft)})
+  assert rows[0]["matched_downstream"] == 2.5 and rows[0]["rise"] == pytest.approx(0.4)
+  assert rows[0]["downstream"] == 2.5 and rows[0]["cut"] == pytest.approx(0.0)
+  out = tmp_path / "out"
+  assert report.main(["jaxreplay report", str(pre), str(ft), "--out", str(out)]) == 0
+  table = (out / "forgetting.md").read_text()
+  assert "| none" in table and "matched downstream loss" in table and table in capsys.readouterr().out
+  assert os.path.getsize(out / "trajectories.png") > 0
 
 
 def test_capacity_slices_without_targets_compare_at_a_matched_downstream_loss(tmp_path):

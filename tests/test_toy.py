@@ -51,7 +51,8 @@ def test_example_layout():
     a = ((x[:, 1:4] - toy.DIGIT0) * [100, 10, 1]).sum(1)
     b = ((x[:, 5:8] - toy.DIGIT0) * [100, 10, 1]).sum(1) if task in ("add", "modadd") else 0 * a
     np.testing.assert_array_equal(x[:, 9:13] - toy.DIGIT0, toy.answer_digits(task, a, b))
-  assert toy.to_text(toy.examples("add", 1, np.random.default_rng(1))[0]).startswith("add ")
+  with pytest.raises(ValueError, match="unknown toy task"):
+    toy.examples("mul", 1, rng)
 
 
 def test_token_dirs_give_the_examples_as_rows(tmp_path):

@@ -172,9 +172,9 @@ def bible_documents(books: list[tuple[str, list[str]]]) -> Iterator[tuple[str, s
 
 # ---------------------------------------------------------------- Hugging Face datasets
 
-def hf_documents(path: str, name: str | None = None, split: str = "train", text_field: str = "text",
-                 limit: int | None = None, streaming: bool = True, **kwargs) -> Iterator[str]:
-  """Documents streamed from a Hugging Face dataset (e.g. path='allenai/c4', name='en').
+def hf_documents(path: str, name: str | None = None, split: str = "train", limit: int | None = None
+                 ) -> Iterator[str]:
+  """The `text` field of records streamed from a Hugging Face dataset (e.g. path='allenai/c4', name='en').
 
   A local .json/.jsonl/.parquet/.txt path is read with the matching builder, so the same code runs offline.
   Needs the optional `datasets` package (pip install 'jaxreplay[hf]').
@@ -185,16 +185,15 @@ def hf_documents(path: str, name: str | None = None, split: str = "train", text_
     raise DataError("Reading Hugging Face datasets needs the `datasets` package: "
                     "pip install 'jaxreplay[hf]'.") from None
   builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
-  ext = os.path.splitext(path)[1]
+  ext, files = os.path.splitext(path)[1], None
   if os.path.isfile(path) and ext in builder:
-    kwargs.setdefault("data_files", path)
-    path = builder[ext]
+    path, files = builder[ext], path
   try:
-    ds = datasets.load_dataset(path, name, split=split, streaming=streaming, **kwargs)
+    ds = datasets.load_dataset(path, name, split=split, streaming=True, data_files=files)
   except Exception as e:  # network, unknown dataset, bad config: one sentence with the cause
     raise DataError(f"Could not open Hugging Face dataset {path!r} (name={name!r}, split={split!r}): "
                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-  yield from texts_from_records(ds, text_field, limit, where=path)
+  yield from texts_from_records(ds, limit=limit, where=path)
 
 
 def texts_from_records(records: Iterable[dict], text_field: str = "text", limit: int | None = None,

@@ -20,9 +20,9 @@ from jaxreplay.io import read_metrics
 from jaxreplay.models import decoder
 
 
-def pretraining_curve(workdir: str) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens, valid loss) of every evaluation a run logged, in order."""
-  rows = [r for r in read_metrics(workdir) if "valid_ntp" in r and not r.get("final")]
+def pretraining_curve(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens, valid loss) of every evaluation among a run's logged rows, in order."""
+  rows = [r for r in rows if "valid_ntp" in r and "tokens" in r and not r.get("final")]
   tokens = np.array([r["tokens"] for r in rows], dtype=np.float64)
   loss = np.array([r["valid_ntp"] for r in rows], dtype=np.float64)
   return tokens, loss
@@ -66,7 +66,7 @@ def forgetting_metrics(c, params, frozen, result: dict) -> dict:
   if "prev_ntp" in result and "valid_ntp" in prev_final:
     out["prev_ntp_before"] = prev_final["valid_ntp"]
     out["prev_ntp_delta"] = result["prev_ntp"] - prev_final["valid_ntp"]
-    tokens, loss = pretraining_curve(prev_dir)
+    tokens, loss = pretraining_curve(read_metrics(prev_dir))
     out["compute_multiplier"] = compute_multiplier(tokens, loss, result["prev_ntp"])
   prev_cfg = config_lib.from_json_file(os.path.join(prev_dir, "config.json"))
   model_cfg = decoder.ModelConfig.from_config(prev_cfg.model)

@@ -39,8 +39,6 @@ from jaxreplay.evals import mcq
 from jaxreplay.data import load_tokenizer
 from jaxreplay.data.tokenizer import eos_id
 
-PAD_MULTIPLE = 64
-
 
 # ----------------------------------------------------------------------------- the seam to the model code
 
@@ -101,15 +99,6 @@ def load_scorer(path: str, max_length: int | None = None, prefix_id: int | None 
 
 # ----------------------------------------------------------------------------- the harness model
 
-@functools.lru_cache(maxsize=16)
-def _score_fn(cfg):
-  def score(params, tokens_BT, targets_BT):
-    logits_BTV = decoder.logits(cfg, params, tokens_BT)
-    logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV, -1), targets_BT[..., None], -1)[..., 0]
-    return logp_BT, jnp.argmax(logits_BTV, -1) == targets_BT
-  return jax.jit(score)
-
-
 @register_model("jaxreplay")
 class JaxReplayLM(TemplateLM):
   """The harness's view of a jaxreplay checkpoint (model_args: path, batch_size, max_length, prefix_id,
@@ -157,26 +146,10 @@ class JaxReplayLM(TemplateLM):
 
   def score_rows(self, rows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
     """(sum of log p, all greedy) of the last n tokens of each (tokens, n) row, each token scored given the
-    ones before it. Rows are at most max_length + 1 tokens."""
-    score = _score_fn(self.scorer.cfg)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    out: list = [None] * len(rows)
-    B = self.batch_size
-    for b in range(0, len(order), B):
-      chosen = order[b:b + B]
-      longest = len(rows[chosen[0]][0]) - 1
-      T = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max(self.max_length, longest))
-      tokens = np.full((B, T), self.scorer.pad_id, np.int32)
-      targets = np.zeros((B, T), np.int32)
-      for r, i in enumerate(chosen):
-        ids = rows[i][0]
-        tokens[r, :len(ids) - 1], targets[r, :len(ids) - 1] = ids[:-1], ids[1:]
-      logp, greedy = (np.asarray(x) for x in jax.device_get(score(self.scorer.params, tokens, targets)))
-      for r, i in enumerate(chosen):
-        ids, n = rows[i]
-        sl = slice(len(ids) - 1 - n, len(ids) - 1)
-        out[i] = (float(logp[r, sl].astype(np.float64).sum()), bool(greedy[r, sl].all()))
-    return out
+    ones before it (`mcq.completion_logprobs`). Rows are at most max_length + 1 tokens."""
+    s, rows = self.scorer, [(ids, len(ids) - n) for ids, n in rows]
+    logp, greedy = mcq.completion_logprobs(s.cfg, s.params, rows, s.pad_id, self.batch_size)
+    return [(float(lp), bool(g)) for lp, g in zip(logp, greedy)]
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
     rows = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxreplay import config as config_lib, sharding
@@ -67,15 +68,18 @@ def encode(tokenizer, items: list[dict], system: str = ""):
 @functools.lru_cache(maxsize=8)
 def _scorer(cfg: decoder.ModelConfig, mesh=None):
   def score(params, tokens_BT, mask_BT):
-    nll_BT = losses.token_nll(decoder.logits(cfg, params, tokens_BT), tokens_BT)
-    return -(nll_BT * mask_BT[:, 1:]).sum(axis=1)
+    logits_BTV = decoder.logits(cfg, params, tokens_BT)
+    nll_BT, mask_BT = losses.token_nll(logits_BTV, tokens_BT), mask_BT[:, 1:]
+    hit_BT = jnp.argmax(logits_BTV, axis=-1)[:, :-1] == tokens_BT[:, 1:]
+    return -(nll_BT * mask_BT).sum(axis=1), jnp.all(hit_BT | (mask_BT == 0), axis=1)
   # Scores come back replicated, so every host can read all of them.
   out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(score, out_shardings=out)
 
 
-def completion_logprobs(cfg, params, rows, pad_id: int, batch_size: int = 16, mesh=None) -> np.ndarray:
-  """Summed log-probability of each row's completion (tokens ids[start:]).
+def completion_logprobs(cfg, params, rows, pad_id: int, batch_size: int = 16, mesh=None):
+  """Summed log-probability of each row's completion (tokens ids[start:]), and whether greedy decoding from
+  ids[:start] reproduces it (every completion token is its position's argmax), as arrays [len(rows)].
 
   Rows are scored in order of length, each batch padded to a multiple of 64 tokens: few compilations, and a
   long question does not make every batch long.
@@ -85,7 +89,7 @@ def completion_logprobs(cfg, params, rows, pad_id: int, batch_size: int = 16, me
     batch_size = -(-batch_size // div) * div
   order = np.argsort([len(ids) for ids, _ in rows], kind="stable")
   score = _scorer(cfg, mesh)
-  out = np.zeros(len(rows), np.float64)
+  out, greedy = np.zeros(len(rows), np.float64), np.zeros(len(rows), bool)
   for b in range(0, len(rows), batch_size):
     chosen = order[b:b + batch_size]
     T = -(-max(len(rows[i][0]) for i in chosen) // 64) * 64
@@ -97,15 +101,16 @@ def completion_logprobs(cfg, params, rows, pad_id: int, batch_size: int = 16, me
       mask[r, start:len(ids)] = 1.0
     if mesh is not None:  # each process supplies its share of the rows
       tokens, mask = (sharding.put_batch(sharding.local_rows(x), mesh) for x in (tokens, mask))
-    out[chosen] = np.asarray(jax.device_get(score(params, tokens, mask)))[:len(chosen)]
-  return out
+    logp, hit = (np.asarray(x) for x in jax.device_get(score(params, tokens, mask)))
+    out[chosen], greedy[chosen] = logp[:len(chosen)], hit[:len(chosen)]
+  return out, greedy
 
 
 def evaluate(cfg, params, tokenizer, items: list[dict], batch_size: int = 16, mesh=None, system: str = "") -> dict:
   """accuracy, mean renormalised probability of the right answer, and the item count."""
   rows, n_choices = encode(tokenizer, items, system)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else max(cfg.pad_id, 0)
-  scores = completion_logprobs(cfg, params, rows, pad, batch_size, mesh)
+  scores, _ = completion_logprobs(cfg, params, rows, pad, batch_size, mesh)
   correct, prob = [], []
   at = 0
   for item, k in zip(items, n_choices):

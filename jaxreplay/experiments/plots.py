@@ -27,8 +27,7 @@ def _save(fig, out_path: str) -> str:
   return out_path
 
 
-def trajectories(trajs: dict, out_path: str, frontier=None, prev_before: float | None = None,
-                 title: str = "Forgetting during finetuning") -> str:
+def trajectories(trajs: dict, out_path: str, frontier=None, prev_before: float | None = None) -> str:
   """Previous-dataset loss (y) against downstream loss (x) along each run; the pretraining frontier dashed."""
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6.5, 4.8))
@@ -40,7 +39,8 @@ def trajectories(trajs: dict, out_path: str, frontier=None, prev_before: float |
             label="pretraining frontier")
   if prev_before is not None:
     ax.axhline(prev_before, color="grey", ls=":", lw=1, label="previous loss after pretraining")
-  ax.set(xlabel="downstream (finetuning) validation loss", ylabel="previous (pretraining) validation loss", title=title)
+  ax.set(xlabel="downstream (finetuning) validation loss", ylabel="previous (pretraining) validation loss",
+         title="Forgetting during finetuning")
   ax.invert_xaxis()
   ax.legend(fontsize=7)
   return _save(fig, out_path)
@@ -92,7 +92,6 @@ def capacity_slices(slices: dict, out_path: str) -> str:
   fig, axes = plt.subplots(1, len(slices), figsize=(5 * len(slices), 4), squeeze=False)
   titles = dict(params="Larger models forget less?", tpp="Longer pretraining increases forgetting?")
   for ax, (x, rows) in zip(axes[0], slices.items()):
-    rows = [r for r in rows if r["before"] is not None]
     xs = [r["x"] for r in rows]
     before = [r["before"] for r in rows]
     after = [r["after"] if r["after"] is not None else math.nan for r in rows]
@@ -130,7 +129,6 @@ def time_to_target(arms: dict, out_path: str) -> str:
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6, 4.5))
   for (name, pts), color in zip(arms.items(), ("tab:blue", "tab:red")):
-    pts = [p for p in pts if p[0] is not None and p[1] is not None]
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=name)
     for t, y, v in pts:
       ax.annotate(f"{v:g}", (t, y), fontsize=6, textcoords="offset points", xytext=(3, 3))

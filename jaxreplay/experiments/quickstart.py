@@ -9,12 +9,11 @@ Every stage resumes if interrupted; a finished quickstart prints its table again
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from jaxreplay.data.commands import resolve_path
-from jaxreplay.experiments import config_files, report, results_table
-from jaxreplay.io import read_metrics, write_json
+from jaxreplay.experiments import config_files, report
+from jaxreplay.io import write_json
 from jaxreplay.train import loop as training
 
 RUNS = (("pretrain", "pretrain"), ("finetune", "finetune_none"), ("finetune_kl", "finetune_kl_self"))
@@ -48,38 +47,12 @@ def main(argv: list[str]) -> int:
     training.run(c, workdir)
     workdirs[name] = workdir
 
-  table = matched_table(workdirs["pretrain"], {k: v for k, v in workdirs.items() if k != "pretrain"})
-  print(format_matched(table))
-  plot = report.plot_trajectories(workdirs["pretrain"], {k: v for k, v in workdirs.items() if k != "pretrain"},
-                                  os.path.join(args.workdir, "quickstart.png"))
+  finetunes = {k: v for k, v in workdirs.items() if k != "pretrain"}
+  table = report.matched_table(workdirs["pretrain"], finetunes)
+  print(report.format_matched(table, "English", "Spanish"))
+  plot = os.path.join(args.workdir, "quickstart.png")
+  report.plot_trajectories(workdirs["pretrain"], finetunes, plot)
   write_json(os.path.join(args.workdir, "quickstart.json"), table)
   print(f"plot: {plot}")
   return 0
 
-
-def matched_table(pretrain_dir: str, finetune_dirs: dict[str, str]) -> list[dict]:
-  """One row per finetune: its English loss where its Spanish loss first reached the matched Spanish loss.
-
-  The matched loss is the highest of the runs' lowest evaluated Spanish losses (one every run reached); each
-  run's English loss there is interpolated between its evaluations (`results_table.at_matched`), and its rise over
-  the pretrained model's English loss is compared with the run without replay ('cut' = 1 − rise / rise
-  without replay). End-of-run numbers would favour whichever run trained its Spanish least.
-  """
-  with open(os.path.join(pretrain_dir, "final.json")) as f:
-    before = json.load(f)["valid_ntp"]
-  trajs = {name: results_table.trajectory(read_metrics(d)) for name, d in finetune_dirs.items()}
-  table = results_table.matched_rows(trajs, before, next((n for n in trajs if n.endswith("none")), None))
-  for row in table:
-    with open(os.path.join(finetune_dirs[row["run"]], "final.json")) as f:
-      final = json.load(f)
-    row.update(downstream=final.get("valid_ntp"), compute_multiplier=final.get("compute_multiplier"))
-  return table
-
-
-def format_matched(rows: list[dict]) -> str:
-  cols = [("run", "run", "{}"), ("prev_before", "English loss before", "{:.3f}"),
-          ("matched_downstream", "matched Spanish loss", "{:.3f}"),
-          ("prev_at_matched", "English loss there", "{:.3f}"), ("rise", "forgetting", "{:+.3f}"),
-          ("cut", "forgetting cut", "{:.0%}"), ("downstream", "Spanish loss at end", "{:.3f}"),
-          ("compute_multiplier", "compute mult.", "{:.2f}")]
-  return report.markdown(rows, cols)

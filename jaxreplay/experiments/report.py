@@ -20,7 +20,8 @@ An instruct sweep (sweeps/instruct.py) has no pretraining runs to plot against: 
 results.md, one row per arm with its replay settings, held-out chat loss and accuracy, the forgetting probes
 (self_/real_: loss and KL to the original model on its own samples and on real text) and MCQ accuracies.
 
-`jaxreplay report PRETRAIN FINETUNE... --out DIR` is the older form over run workdirs (quickstart).
+`jaxreplay report PRETRAIN FINETUNE... --out DIR` is the older form over run workdirs: the quickstart's
+matched-loss table (forgetting.md) and trajectories.png.
 The assembly of each figure's numbers lives in `results_table.py` (pure, tested); drawing in `plots.py`.
 """
 
@@ -34,8 +35,8 @@ import os
 from jaxreplay.errors import UsageError
 from jaxreplay.experiments import plots
 from jaxreplay.experiments.results_table import (Results, batch_size_rules, capacity_slice, frontier, grid_2d,
-                                                 half_life_best, half_life_curves, half_life_grid,
-                                                 lr_panels, matched_forgetting, method_label, runs_table,
+                                                 half_life_best, half_life_curves, half_life_grid, lr_panels,
+                                                 matched_forgetting, matched_rows, method_label, runs_table,
                                                  time_to_target, toy_curves, toy_final, trajectories, trajectory,
                                                  write_csv)
 from jaxreplay.io import read_metrics
@@ -48,29 +49,33 @@ def _final(workdir: str) -> dict:
     return json.load(f)
 
 
-def forgetting_table(pretrain_dir: str, finetune_dirs: dict[str, str]) -> list[dict]:
-  """One row per finetuning run: previous-dataset loss before/after, downstream loss, forgetting."""
-  pre = _final(pretrain_dir)
-  rows = []
-  for name, workdir in finetune_dirs.items():
-    r = _final(workdir)
-    rows.append(dict(run=name, prev_before=pre["valid_ntp"], prev_after=r.get("prev_ntp"),
-                     forgetting=r.get("prev_ntp_delta"), downstream=r.get("valid_ntp"),
-                     prev_kl=r.get("prev_kl"), compute_multiplier=r.get("compute_multiplier"),
-                     tokens=r.get("tokens"), stop_reason=r.get("stop_reason")))
-  base = next((row["forgetting"] for row in rows if row["run"].endswith("none")), None)
-  for row in rows:
-    if base and row["forgetting"] is not None:
-      row["forgetting_reduction"] = 1.0 - row["forgetting"] / base
-  return rows
+def matched_table(pretrain_dir: str, finetune_dirs: dict[str, str]) -> list[dict]:
+  """One row per finetune: its previous-dataset loss where its downstream loss first reached the matched loss.
+
+  The matched loss is the highest of the runs' lowest evaluated downstream losses (one every run reached);
+  each run's previous loss there is interpolated between its evaluations (`results_table.at_matched`), and its
+  rise over the pretrained model's previous loss is compared with the run without replay ('cut' = 1 − rise /
+  rise without replay). End-of-run numbers would favour whichever run trained on the downstream data least.
+  """
+  trajs = {name: trajectory(read_metrics(d)) for name, d in finetune_dirs.items()}
+  baseline = next((n for n in trajs if n.endswith("none")), None)
+  table = matched_rows(trajs, _final(pretrain_dir)["valid_ntp"], baseline)
+  for row in table:
+    final = _final(finetune_dirs[row["run"]])
+    row.update(downstream=final.get("valid_ntp"), compute_multiplier=final.get("compute_multiplier"))
+  return table
 
 
-def format_table(rows: list[dict]) -> str:
-  cols = [("run", "run", "{}"), ("prev_before", "prev loss before", "{:.3f}"),
-          ("prev_after", "prev loss after", "{:.3f}"), ("forgetting", "forgetting", "{:+.3f}"),
-          ("downstream", "downstream loss", "{:.3f}"), ("compute_multiplier", "compute mult.", "{:.2f}"),
-          ("forgetting_reduction", "forgetting cut", "{:.0%}")]
-  return markdown(rows, cols)
+def format_matched(rows: list[dict], old: str = "previous", new: str = "downstream") -> str:
+  """A matched-loss table (`matched_table`, `matched_forgetting`) as Markdown, naming the datasets old and
+  new; columns no row has are left out."""
+  cols = [("run", "run", "{}"), ("method", "method", "{}"), ("seed", "seed", "{}"),
+          ("prev_before", f"{old} loss before", "{:.3f}"),
+          ("matched_downstream", f"matched {new} loss", "{:.3f}"),
+          ("prev_at_matched", f"{old} loss there", "{:.3f}"), ("rise", "forgetting", "{:+.3f}"),
+          ("cut", "forgetting cut", "{:.0%}"), ("downstream", f"{new} loss at end", "{:.3f}"),
+          ("compute_multiplier", "compute mult.", "{:.2f}")]
+  return markdown(rows, [c for c in cols if any(c[0] in r for r in rows)])
 
 
 def markdown(rows: list[dict], cols) -> str:
@@ -111,23 +116,18 @@ def report(path: str, out: str) -> list[str]:
   fts = res.finetunes()
   parents = {r["parent"] for r in fts}
   if fts:
-    _write(os.path.join(out, "matched.md"), markdown(matched_forgetting(res), [
-        ("run", "run", "{}"), ("method", "method", "{}"), ("seed", "seed", "{}"),
-        ("matched_downstream", "matched downstream loss", "{:.3f}"), ("prev_before", "prev before", "{:.3f}"),
-        ("prev_at_matched", "prev at matched", "{:.3f}"), ("rise", "rise", "{:+.3f}"),
-        ("cut", "forgetting cut", "{:.0%}")]), written)
+    _write(os.path.join(out, "matched.md"), format_matched(matched_forgetting(res)), written)
     trajs = trajectories(res, label=lambda r: r["name"].split("/")[-1] + (
         f" ← {r['parent']}" if len(parents) > 1 else ""))
     if trajs and (len(parents) <= 3 or len(fts) <= 12):
       written.append(plots.trajectories(trajs, os.path.join(out, "trajectories.png"), frontier=frontier(res)))
-  if len({m for r in fts for m in [method_label(r)]}) >= 3 and len(parents) == 1:
+  if len({method_label(r) for r in fts}) >= 3 and len(parents) == 1:
     written.append(plots.method_comparison(trajectories(res, label=method_label),
                                            os.path.join(out, "method_comparison.png")))
   g = grid_2d(res)
   if any(len({p for p, _ in d}) > 1 and len({t for _, t in d}) > 1 for d in g.values()):
     written.append(plots.grid_2d(g, os.path.join(out, "grid_2d.png")))
-  slices = {x: capacity_slice(res, x) for x in ("params", "tpp")}
-  slices = {x: [r for r in s if r["before"] is not None] for x, s in slices.items()}
+  slices = {x: [r for r in capacity_slice(res, x) if r["before"] is not None] for x in ("params", "tpp")}
   slices = {x: s for x, s in slices.items() if len(s) > 1}
   if slices:
     written.append(plots.capacity_slices(slices, os.path.join(out, "capacity_slices.png")))
@@ -183,10 +183,9 @@ def main(argv: list[str]) -> int:
     raise UsageError(f"{first} holds no results.sqlite: give a sweep workdir, or a pretraining workdir followed "
                      "by finetuning workdirs.")
   dirs = {os.path.basename(os.path.normpath(d)): d for d in args.paths[1:]}
-  rows = forgetting_table(first, dirs)
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "forgetting.md"), "w") as f:
-    f.write(format_table(rows) + "\n")
-  print(format_table(rows))
+  text = format_matched(matched_table(first, dirs))
+  _write(os.path.join(args.out, "forgetting.md"), text, [])
+  print(text)
   print(plot_trajectories(first, dirs, os.path.join(args.out, "trajectories.png")))
   return 0

@@ -13,10 +13,8 @@ import os
 import sqlite3
 from collections import defaultdict
 
-import numpy as np
-
 from jaxreplay.errors import SweepError
-from jaxreplay.evals.forgetting import compute_multiplier
+from jaxreplay.evals.forgetting import compute_multiplier, pretraining_curve
 from jaxreplay.io import read_metrics
 
 
@@ -111,11 +109,9 @@ def frontier(res: Results) -> list[tuple[float, float]]:
   return out
 
 
-def trajectories(res: Results, rows=None, label=None) -> dict:
-  """{label: [(downstream loss, previous loss), ...]} for finetuning runs (default label: run name)."""
-  out = {}
-  for r in rows if rows is not None else res.finetunes():
-    out[label(r) if label else r["name"]] = trajectory(res.history(r["name"]))
+def trajectories(res: Results, label) -> dict:
+  """{label(run): [(downstream loss, previous loss), ...]} for the finetuning runs that logged evaluations."""
+  out = {label(r): trajectory(res.history(r["name"])) for r in res.finetunes()}
   return {k: v for k, v in out.items() if v}
 
 
@@ -148,8 +144,7 @@ def matched_rows(trajs: dict, before: float | None, baseline: str | None = None)
                      rise=None if y is None or before is None else y - before))
   base = next((r["rise"] for r in rows if r["run"] == baseline), None)
   for r in rows:
-    if base and r["rise"] is not None:
-      r["cut"] = 1.0 - r["rise"] / base
+    r["cut"] = 1.0 - r["rise"] / base if base and r["rise"] is not None else None
   return rows
 
 
@@ -195,18 +190,13 @@ def capacity_slice(res: Results, x: str) -> list[dict]:
     v = x_of(r, res, x)
     if v:
       groups[v].append(r)
-  matched = None
+  matched, trajs = None, {}
   if groups and not any(cfg(k, "stop.target_loss") for kids in groups.values() for k in kids):
     trajs = {k["name"]: trajectory(res.history(k["name"])) for kids in groups.values() for k in kids}
     matched = matched_loss(trajs.values())
   out = []
   for v, kids in sorted(groups.items()):
-    if matched is None:
-      ok = [(k, k["metrics"].get("prev_ntp", math.inf)) for k in kids
-            if not cfg(k, "stop.target_loss") or k["metrics"].get("stop_reason") == "target_loss"]
-    else:
-      ok = [(k, at_matched(trajs[k["name"]], matched)) for k in kids]
-      ok = [(k, y) for k, y in ok if y is not None]
+    ok = prev_after(kids, trajs, matched)
     before = kids[0]["metrics"].get("prev_ntp_before")
     best = min(ok, key=lambda p: p[1]) if ok else None
     out.append(dict(x=v, before=before, after=best[1] if best else None, matched_downstream=matched,
@@ -214,6 +204,17 @@ def capacity_slice(res: Results, x: str) -> list[dict]:
                         best[0], "replay.method") != "none" else "") if best else None,
                     best_coeff=cfg(best[0], "replay.coeff") if best else None, reached=len(ok), runs=len(kids)))
   return out
+
+
+def prev_after(kids: list[dict], trajs: dict, matched: float | None) -> list[tuple[dict, float]]:
+  """(run, its previous loss after finetuning) for each of kids that counts: with a matched downstream loss,
+  the runs that reached it, read off their trajectories ({name: trajectory}) there; without one, at the end of
+  the runs that had no target loss or reached it."""
+  if matched is None:
+    return [(k, k["metrics"].get("prev_ntp", math.inf)) for k in kids
+            if not cfg(k, "stop.target_loss") or k["metrics"].get("stop_reason") == "target_loss"]
+  pairs = [(k, at_matched(trajs[k["name"]], matched)) for k in kids]
+  return [(k, y) for k, y in pairs if y is not None]
 
 
 def grid_2d(res: Results) -> dict:
@@ -244,20 +245,16 @@ def _cell_best(res: Results, parent: str, kids: list[dict]) -> dict:
   """{method: (loss delta, compute multiplier)} of the best run of each method among one model's finetunes."""
   trajs = {k["name"]: trajectory(res.history(k["name"])) for k in kids}
   matched = matched_loss(trajs.values()) if all(trajs.values()) else None
-  curve = [(r["tokens"], r["valid_ntp"]) for r in res.history(parent) if "valid_ntp" in r and "tokens" in r]
+  tokens, losses = pretraining_curve(res.history(parent))
   best = {}
-  for k in kids:
+  for k, prev in prev_after(kids, trajs, matched):
     m = k["metrics"]
     if matched is None:
-      if cfg(k, "stop.target_loss") and m.get("stop_reason") != "target_loss":
-        continue
-      prev, vals = m.get("prev_ntp", math.inf), (m.get("prev_ntp_delta"), m.get("compute_multiplier"))
+      vals = (m.get("prev_ntp_delta"), m.get("compute_multiplier"))
+    elif m.get("prev_ntp_before") is None:
+      continue
     else:
-      prev, before = at_matched(trajs[k["name"]], matched), m.get("prev_ntp_before")
-      if prev is None or before is None:
-        continue
-      mult = compute_multiplier(*map(np.array, zip(*curve)), prev) if curve else None
-      vals = (prev - before, mult)
+      vals = (prev - m["prev_ntp_before"], compute_multiplier(tokens, losses, prev) if len(tokens) else None)
     label = method_label(k)
     if label not in best or prev < best[label][0]:
       best[label] = (prev, vals)
