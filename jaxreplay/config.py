@@ -14,7 +14,7 @@ import ml_collections
 
 from jaxreplay import platform as platform_lib
 from jaxreplay.errors import ConfigError
-from jaxreplay.io import write_text
+from jaxreplay.io import write_json
 
 LENGTH_KEYS = ("tokens", "tokens_per_param", "epochs", "steps", "wall_time_s")
 REPLAY_METHODS = ("none", "kl", "ntp", "kl_downstream", "replace")
@@ -134,27 +134,21 @@ def _add_evaluation_and_replay(c: ml_collections.ConfigDict):
   c.export = ml_collections.ConfigDict(dict(hf=False))  # model.path runs: also write WORKDIR/hf (safetensors)
 
 
-def _get(c, key: str):
-  for part in key.split("."):
-    c = c[part]
-  return c
-
-
 def _positive(c, key: str, allow_zero: bool = False):
-  value = _get(c, key)
+  value = c[key]
   if value < 0 if allow_zero else value <= 0:
     raise ConfigError(f"config.{key}={value!r} is invalid: it must be {'≥ 0' if allow_zero else '> 0'}.")
 
 
 def _one_of(c, key: str, choices, value=None):
-  value = _get(c, key) if value is None else value
+  value = c[key] if value is None else value
   if value not in choices:
     raise ConfigError(f"config.{key}={value!r}: use one of {', '.join(choices)}.")
 
 
 def _fraction(c, key: str, interval: str = "[0, 1)"):
   """The value must lie in the interval, '[0, 1)' or '(0, 1]'."""
-  value = _get(c, key)
+  value = c[key]
   if not (0.0 <= value < 1.0 if interval == "[0, 1)" else 0.0 < value <= 1.0):
     raise ConfigError(f"config.{key}={value} must lie in {interval}.")
 
@@ -273,7 +267,7 @@ def _validate_data(c):
 
 def _validate_replay(c):
   for key in ("data.dataset_id", "replay.dataset_id"):
-    v = _get(c, key)
+    v = c[key]
     if v != -1 and not 0 <= v < NUM_RESERVED_IDS:
       raise ConfigError(f"config.{key}={v} is outside the tokenizer's reserved ids 0–{NUM_RESERVED_IDS - 1}: "
                         f"use one of them, or -1 to take it from the data's metadata.")
@@ -356,21 +350,15 @@ def tokens_per_step(c: ml_collections.ConfigDict) -> int:
   return c.optim.batch_size * c.model.seq_len
 
 
-def to_json(c: ml_collections.ConfigDict) -> str:
-  return json.dumps(c.to_dict(), indent=2, sort_keys=True)
-
-
 def from_json_file(path: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def write(c: ml_collections.ConfigDict, workdir: str) -> str:
+def write(c: ml_collections.ConfigDict, workdir: str):
   """Writes the resolved config atomically as workdir/config.json."""
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  write_text(path, to_json(c))
-  return path
+  write_json(os.path.join(workdir, "config.json"), c.to_dict(), sort_keys=True)
 
 
 def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict,
