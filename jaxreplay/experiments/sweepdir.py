@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import fcntl
 import fnmatch
 import hashlib
@@ -92,7 +93,8 @@ def prepare(spec: str, workdir: str, write: bool = True, only: str | None = None
       rewrite = True  # only settings that do not change results (logging, checkpointing, new default keys)
   if write and rewrite:
     os.makedirs(workdir, exist_ok=True)
-    write_json(path, dict(fingerprint=fp, spec=spec, created=time.time(), runs=[r.to_json() for r in runs]), indent=1)
+    runs_json = [dataclasses.asdict(r) for r in runs]
+    write_json(path, dict(fingerprint=fp, spec=spec, created=time.time(), runs=runs_json), indent=1)
   if write:
     os.makedirs(os.path.join(workdir, "locks"), exist_ok=True)
     connect(workdir).close()
