@@ -13,7 +13,7 @@ import pytest
 from jaxreplay.errors import ConfigError, SweepError
 from jaxreplay import config as config_lib
 from jaxreplay.experiments import runner
-from jaxreplay.experiments import sweepdir
+from jaxreplay.experiments import results_table
 from jaxreplay.experiments import sweeps
 
 from helpers import tiny_config, token_dir
@@ -228,7 +228,7 @@ def test_runner_runs_in_order_skips_finished_and_records(tmp_path, data):
   r = cli(spec, f"--workdir={w}")
   assert r.returncode == 0 and "start" not in r.stdout and "2/2 runs finished" in r.stdout
   assert set(rows(w)[0]) == set(results)
-  assert [r["name"] for r in sweepdir.results(w)] == ["pretrain/seed=0", "finetune/pretrain/seed=0"]
+  assert [r["name"] for r in results_table.Results(w).rows] == ["pretrain/seed=0", "finetune/pretrain/seed=0"]
   status = cli(spec, f"--workdir={w}", "--status").stdout
   assert status.count("  done  ") == 2 and "2 done of 2 runs" in status
 

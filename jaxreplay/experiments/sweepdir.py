@@ -12,7 +12,6 @@ queryable copy of those files, so a crash between the two loses nothing.
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
 import fcntl
 import fnmatch
@@ -142,7 +141,7 @@ def load_runs(workdir: str) -> tuple[list[Run], str]:
 
 def resolved_config(workdir: str, run: Run) -> ml_collections.ConfigDict:
   """The run's config with init.from pointing at the parent's workdir and data paths resolved."""
-  c = ml_collections.ConfigDict(copy.deepcopy(run.config))
+  c = ml_collections.ConfigDict(run.config)  # new groups: setting a key leaves run.config as it was
   if c.data.get("kind") != "chat":  # chat paths are plain files, read as given (relative to the working directory)
     if run.parent:
       c.init["from"] = run_dir(workdir, run.parent)
@@ -295,17 +294,3 @@ def dry_run(workdir: str, runs: list[Run]) -> str:
   return (f"{len(runs)} runs in dependency order (" + ", ".join(f"{n} {s}" for s, n in stages.items()) + ")"
           + (f", {done} already done" if done else "") + ":")
 
-
-def results(workdir: str) -> list[dict]:
-  """Every finished run's row: name, stage, parent, overrides, config and metrics (dicts), timestamps, host."""
-  db = connect(workdir)
-  cur = db.execute("SELECT * FROM results ORDER BY finished")
-  cols = [d[0] for d in cur.description]
-  out = []
-  for row in cur.fetchall():
-    r = dict(zip(cols, row))
-    for k in ("overrides", "config", "metrics"):
-      r[k] = json.loads(r[k]) if r[k] else {}
-    out.append(r)
-  db.close()
-  return out
