@@ -315,7 +315,7 @@ def run_sweep(a) -> int:
   pack = a.pack if a.pack is not None else int(getattr(sweeps.load(a.spec), "pack", 1) or 1)
   if a.dry_run:
     print(dry_run(workdir, runs))
-    print(cost.format_costs(runs, cost.PricingAssumptions(a.peak_tflops, a.mfu)))
+    print(cost.format_costs(runs, a.peak_tflops, a.mfu))
     if pack > 1:
       print(describe_plan(plan(workdir, runs, set(), pack), {r.name: resolved_config(workdir, r) for r in runs}))
     return 0
