@@ -86,12 +86,12 @@ def train_in_subprocess(workdir: str, name: str, cwd: str, *parents) -> dict:
 # ----------------------------------------------------------------------------------------------- the loop
 
 class LocalRunner:
-  def __init__(self, workdir: str, runs: list[Run], fp: str, jobs: int = 1, poll_s: float = 0.5, quiet=False,
-               devices: str = "", device_env: str = "CUDA_VISIBLE_DEVICES", pack: int = 1):
+  def __init__(self, workdir: str, runs: list[Run], fp: str, jobs: int = 1, devices: str = "",
+               device_env: str = "CUDA_VISIBLE_DEVICES", pack: int = 1):
     """devices: accelerator ids split evenly over the jobs ("0,1,2,3" with jobs=2 → "0,1" and "2,3"), set in
     device_env for each worker; empty: every worker sees every device (on GPUs then without preallocation).
     pack: at most this many runs per process, as packs (experiments/packing.py) or chains; 1: a run each."""
-    self.workdir, self.runs, self.fp, self.jobs, self.poll_s, self.quiet = workdir, runs, fp, jobs, poll_s, quiet
+    self.workdir, self.runs, self.fp, self.jobs = workdir, runs, fp, jobs
     self.pack = pack
     self.device_slots = device_slots(devices, jobs)
     self.device_env = device_env
@@ -100,8 +100,7 @@ class LocalRunner:
     self.stop = False
 
   def say(self, msg):
-    if not self.quiet:
-      print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
   def _start(self, job: dict, claims: list[Claim]):
     names = job["names"]
@@ -192,7 +191,7 @@ class LocalRunner:
           if any(n in busy for n in job["names"]):
             continue
           self._try_start(job, done, blocked, waiting_on_others)
-        time.sleep(self.poll_s)
+        time.sleep(0.5)
     finally:
       for proc, *_ in self.running.values():
         proc.send_signal(signal.SIGTERM)
