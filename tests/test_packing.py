@@ -3,6 +3,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import pytest
 
 from jaxreplay import config as config_lib
 from jaxreplay.errors import UsageError
-from jaxreplay.experiments import packing, pack_runner, runner
+from jaxreplay.experiments import packing, pack_runner, runner, sweepdir
 from jaxreplay.models import decoder, export as export_lib
 
 from helpers import tiny_config, token_dir
@@ -126,6 +127,22 @@ def test_restart_with_pack_one_is_refused_while_a_pack_is_unfinished(tmp_path, d
   r = cli(spec, f"--workdir={w}", "--pack=1")
   assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
   assert "was interrupted inside a pack of 3 runs" in r.stderr and "--pack=3" in r.stderr
+
+
+def test_a_pack_that_waits_for_its_parents_closes_the_results_table(tmp_path, data, monkeypatch):
+  spec = write_sweep(tmp_path / "s.py", *data)
+  w = str(tmp_path / "w")
+  runs, _ = runner.prepare(spec, w)
+  opened = []
+  def connect(workdir):
+    opened.append(sweepdir.connect(workdir))
+    return opened[-1]
+  monkeypatch.setattr(pack_runner, "connect", connect)
+  names = [r.name for r in runs if r.stage == "finetune"]
+  assert pack_runner.main(["--workdir", w, "--runs", json.dumps(names), "--kind", "pack"]) == 4
+  for db in opened:
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+      db.execute("SELECT 1")
 
 
 PACK_SCRIPT = """

@@ -24,38 +24,10 @@ from jaxreplay.experiments import multihost, packing
 from jaxreplay.experiments import sweepcost as cost
 from jaxreplay.experiments import sweeps
 from jaxreplay.experiments.sweepdir import (Claim, connect, dry_run, is_finished, is_locked, levels,  # noqa: F401 (re-exported)
-                                load_runs, prepare, record, resolved_config, run_dir, select, status, sync)
+                                load_runs, prepare, resolved_config, run_dir, select, status, sync)
 from jaxreplay.experiments.sweeps import Run
-from jaxreplay.experiments.pack_runner import compile_cache_env, die_with_parent, plan, recorded_pack, train_recorded
-
-EXIT_CLAIMED, EXIT_WAITING = 3, 4
-
-
-def worker(workdir: str, name: str) -> int:
-  """Entry point of one run's process; exit status 0 finished, 2 user error, 3 claimed elsewhere, 4 waiting."""
-  runs, fp = load_runs(workdir)
-  by_name = {r.name: r for r in runs}
-  if name not in by_name:
-    raise SweepError(f"Run {name!r} is not part of the sweep in {workdir}: see `jaxreplay sweep FILE --dry-run`.")
-  run = by_name[name]
-  if os.environ.get("JAXREPLAY_PARENT_PID"):
-    die_with_parent(int(os.environ["JAXREPLAY_PARENT_PID"]))
-  claim = Claim(workdir, name, wait_s=2.0)
-  if not claim:
-    print(f"run {name} is being trained by another process; skipping it", file=sys.stderr)
-    return EXIT_CLAIMED
-  db = connect(workdir)
-  try:
-    if is_finished(workdir, name):  # e.g. a resubmitted array task: record it (once) and train nothing
-      record(db, workdir, run, fp)
-      return 0
-    if run.parent and not is_finished(workdir, run.parent):
-      print(f"run {name} waits for {run.parent}, which has not finished", file=sys.stderr)
-      return EXIT_WAITING
-    return train_recorded(db, workdir, run, fp)
-  finally:
-    db.close()
-    claim.close()
+from jaxreplay.experiments.pack_runner import (EXIT_CLAIMED, EXIT_WAITING, compile_cache_env, plan,
+                                               recorded_pack, run_job)
 
 
 class RunFailed(RuntimeError):
@@ -337,6 +309,8 @@ def _variants_epilog(args: list[str]) -> str:
 
 
 def _worker_main(argv: list[str]) -> int:
+  """One run's process, as launch/ starts it: exit status 0 finished, 2 a user error, 3 (EXIT_CLAIMED) claimed
+  by another process, 4 (EXIT_WAITING) its parent has not finished."""
   p = argparse.ArgumentParser(prog="python -m jaxreplay.experiments.runner worker")
   p.add_argument("--workdir", required=True)
   p.add_argument("--run", default=None, help="run name")
@@ -347,7 +321,7 @@ def _worker_main(argv: list[str]) -> int:
   if name is None:
     runs, _ = load_runs(a.workdir)
     name = levels(runs)[a.level][a.index]
-  return worker(os.path.abspath(a.workdir), name)
+  return run_job(a.workdir, [name])
 
 
 if __name__ == "__main__":
