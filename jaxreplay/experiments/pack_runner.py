@@ -77,7 +77,7 @@ def recorded_pack(workdir: str, name: str) -> dict | None:
 
 
 def plan(workdir: str, runs: list[Run], done: set[str], n: int) -> list[dict]:
-  """Jobs for the unfinished runs: {kind: 'pack'|'chain'|'single', names}; recorded packs first as recorded."""
+  """Jobs for the unfinished runs: {kind: 'pack'|'chain', names}; recorded packs first as recorded."""
   todo = [r for r in runs if r.name not in done]
   jobs, taken = [], set()
   for r in todo:
@@ -91,7 +91,7 @@ def plan(workdir: str, runs: list[Run], done: set[str], n: int) -> list[dict]:
     taken.update(rec["members"])
   rest = [r for r in todo if r.name not in taken]
   if n == 1:
-    return jobs + [dict(kind="single", names=[r.name]) for r in rest]
+    return jobs + [dict(kind="chain", names=[r.name]) for r in rest]
   # A run that already trained alone resumes from its own checkpoints, alone.
   started_alone = {r.name for r in rest if os.path.isdir(os.path.join(run_dir(workdir, r.name), "checkpoints"))}
   configs = {r.name: resolved_config(workdir, r) for r in rest if r.name not in started_alone}

@@ -88,9 +88,8 @@ class LocalRunner:
     elif self.jobs > 1:  # several runs share the accelerators: no process may take most of their memory
       env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     log = open(os.path.join(run_dir(self.workdir, names[0]), "worker.log"), "ab")
-    kind = "pack" if job["kind"] == "pack" else "chain"  # a single run is a chain of one
     command = [sys.executable, "-m", "jaxreplay.experiments.pack_runner", "--workdir", self.workdir, "--runs",
-               json.dumps(names), "--kind", kind, "--pack", str(self.pack)]
+               json.dumps(names), "--kind", job["kind"], "--pack", str(self.pack)]
     proc = subprocess.Popen(command, env=env, pass_fds=tuple(fds), stdout=log, stderr=subprocess.STDOUT)
     log.close()
     self.running[",".join(names)] = (proc, claims, devices, names)
