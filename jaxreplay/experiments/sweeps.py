@@ -342,10 +342,6 @@ def format_variants(path: str) -> str:
   return "\n".join(f"  {(':' + k) if k else '(none)':<12} {v}" for k, v in variants(path).items())
 
 
-def _variant_pattern(name: str) -> str:
-  return "".join(r"\d+" if ch == "N" else re.escape(ch) for ch in name)
-
-
 def load(spec: str) -> Sweep:
   """A sweep from `path/to/file.py[:ARG]`: the file's get_sweep(ARG) (get_sweep() without an ARG)."""
   path, _, arg = spec.partition(":")
@@ -354,7 +350,8 @@ def load(spec: str) -> Sweep:
     raise SweepError(f"{path} has no get_sweep(arg) function: add one that returns a jaxreplay.experiments.sweeps.Sweep.")
   if hasattr(module, "VARIANTS"):  # a file of one's own may leave them out; every file in sweeps/ declares them
     declared = variants(path, module)
-    if not any(re.fullmatch(_variant_pattern(k), arg) for k in declared):  # said before get_sweep runs
+    patterns = ["".join(r"\d+" if ch == "N" else re.escape(ch) for ch in k) for k in declared]  # N: a number
+    if not any(re.fullmatch(p, arg) for p in patterns):  # said before get_sweep runs
       names = ", ".join(f"{k!r}" if k else "'' (no argument)" for k in declared)
       raise SweepError(f"{path} has no variant {arg!r}: use one of {names} (see `jaxreplay sweep {path} "
                        "--variants`).")
