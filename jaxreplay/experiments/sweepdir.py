@@ -174,14 +174,11 @@ def record(db, workdir: str, run: Run, fp: str, started: float | None = None):
 def sync(db, workdir: str, runs: list[Run], fp: str) -> set[str]:
   """Names of finished runs; adds rows for any finished run the table misses (a worker killed in between)."""
   rows = {n for (n,) in db.execute("SELECT name FROM results")}
-  done = set()
   for run in runs:
-    if run.name in rows:
-      done.add(run.name)
-    elif is_finished(workdir, run.name):
+    if run.name not in rows and is_finished(workdir, run.name):
       record(db, workdir, run, fp)
-      done.add(run.name)
-  return done
+      rows.add(run.name)
+  return {r.name for r in runs if r.name in rows}
 
 
 class Claim:
