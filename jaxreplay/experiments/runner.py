@@ -40,8 +40,7 @@ def train_in_subprocess(workdir: str, name: str, cwd: str, *parents) -> dict:
   `parents` are the parents' results: an engine that passes them runs the parents first. A run claimed by
   another process is waited for.
   """
-  env = dict(os.environ)
-  env.update(compile_cache_env(workdir, env))
+  env = dict(os.environ, **compile_cache_env(workdir, os.environ))
   while True:
     r = subprocess.run([sys.executable, "-m", "jaxreplay.experiments.runner", "worker", "--workdir", workdir, "--run", name],
                        cwd=cwd, env=env, capture_output=True, text=True)
