@@ -223,12 +223,11 @@ def expand(sweep: Sweep) -> list[Run]:
         c = _apply(st.base, overrides, st.name, name)
         if parent:
           c.stage = "finetune"
-        run = Run(name, st.name, parent, overrides, c.to_dict())
         configs[name] = c
-        runs[name] = run
+        runs[name] = Run(name, st.name, parent, overrides, c.to_dict())
         names.append((name, overrides))
     by_stage[st.name] = names
-  ordered = [_inherit_shape(r, configs, runs) for r in dependency_order(runs)]
+  ordered = [_inherit_shape(r, configs) for r in dependency_order(runs)]
   _check_prefixes(ordered)
   for run in ordered:
     try:
@@ -238,7 +237,7 @@ def expand(sweep: Sweep) -> list[Run]:
   return ordered
 
 
-def _inherit_shape(run: Run, configs: dict, runs: dict) -> Run:
+def _inherit_shape(run: Run, configs: dict) -> Run:
   """A finetuning run's model keys that its weights depend on come from its parent (already resolved: runs
   arrive parents first); one of them set explicitly by the child's grid to another value is an error."""
   if not run.parent:
@@ -251,8 +250,7 @@ def _inherit_shape(run: Run, configs: dict, runs: dict) -> Run:
     raise SweepError(f"Run {run.name!r} sets model.{k}={c.model[k]!r}, but the run it starts from, {run.parent!r}, "
                      f"has model.{k}={parent['model'][k]!r}: a finetuning run keeps its parent's model shape, so drop "
                      f"model.{k} from the finetuning stage's grid.")
-  runs[run.name] = dataclasses.replace(run, config=c.to_dict())
-  return runs[run.name]
+  return dataclasses.replace(run, config=c.to_dict())
 
 
 def _parents(st: Stage, sweep: Sweep, by_stage: dict):
