@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 
@@ -40,8 +41,6 @@ commands:
   instruct     finetune with --config=sweeps/instruct.py[:ARG] (a Hugging Face Llama/Qwen on chat data with
                BOS-prompted replay); a grid of them: jaxreplay sweep sweeps/instruct.py[:small] --workdir=DIR
 """
-
-COMMANDS = ("pretrain", "finetune", "data", "sweep", "report", "quickstart", "instruct", "eval")
 
 
 def _print_and_exit(message: str):
@@ -114,22 +113,18 @@ def train_command(stage: str, rest: list[str]):
   return 0
 
 
-def _dispatch(command: str, rest: list[str]) -> int:
-  if command == "instruct":  # a short alias: finetune, with sweeps/instruct.py unless --config names another file
-    command = "finetune"
-    if not any(a == "--config" or a.startswith("--config=") for a in rest):
-      rest = rest[:1] + [f"--config={os.path.join(config_files.SWEEPS_DIR, 'instruct.py')}"] + rest[1:]
-  if command in ("pretrain", "finetune"):
-    return train_command(command, rest)
-  if command == "data":
-    return data_commands.main(rest)
-  if command == "sweep":
-    return runner.main(rest)
-  if command == "report":
-    return report.main(rest)
-  if command == "eval":
-    return lm_eval_run.main(rest)
-  return quickstart.main(rest)
+def instruct_command(rest: list[str]):
+  """`jaxreplay instruct`: finetune, with sweeps/instruct.py unless --config names another file."""
+  if not any(a == "--config" or a.startswith("--config=") for a in rest):
+    rest = rest[:1] + [f"--config={os.path.join(config_files.SWEEPS_DIR, 'instruct.py')}"] + rest[1:]
+  return train_command("finetune", rest)
+
+
+# Each subcommand's entry point: it takes ["jaxreplay COMMAND", *flags] and returns the exit status.
+MAINS = {"pretrain": functools.partial(train_command, "pretrain"),
+         "finetune": functools.partial(train_command, "finetune"),
+         "data": data_commands.main, "sweep": runner.main, "report": report.main,
+         "quickstart": quickstart.main, "instruct": instruct_command, "eval": lm_eval_run.main}
 
 
 def main(argv=None):
@@ -139,11 +134,11 @@ def main(argv=None):
     return 0
   command = argv[1]
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; users watch the progress bar
-  if command not in COMMANDS:
-    _print_and_exit(f"unknown command {command!r}: use one of {', '.join(COMMANDS)}.")
+  if command not in MAINS:
+    _print_and_exit(f"unknown command {command!r}: use one of {', '.join(MAINS)}.")
   try:
     with _one_line_usage_errors(command):
-      return _dispatch(command, [f"jaxreplay {command}"] + argv[2:])
+      return MAINS[command]([f"jaxreplay {command}"] + argv[2:])
   except UserError as e:
     _print_and_exit(str(e))
   except OSError as e:  # a path that is missing or cannot be written, e.g. --workdir on a read-only disk

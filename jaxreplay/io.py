@@ -39,19 +39,14 @@ def atomic_open(path: str, mode: str = "w", fsync: bool = True):
     raise
 
 
-def write_text(path: str, text: str, fsync: bool = True):
-  with atomic_open(path, "w", fsync) as f:
+def write_text(path: str, text: str):
+  with atomic_open(path) as f:
     f.write(text)
 
 
-def write_bytes(path: str, data: bytes, fsync: bool = True):
-  with atomic_open(path, "wb", fsync) as f:
-    f.write(data)
-
-
-def write_json(path: str, obj, indent: int | None = 2, fsync: bool = True, **dumps_kwargs):
+def write_json(path: str, obj, indent: int | None = 2, **dumps_kwargs):
   """`obj` as JSON (dumped before the file is opened, so a value json cannot write leaves nothing behind)."""
-  write_text(path, json.dumps(obj, indent=indent, **dumps_kwargs), fsync)
+  write_text(path, json.dumps(obj, indent=indent, **dumps_kwargs))
 
 
 @contextlib.contextmanager

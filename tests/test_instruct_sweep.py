@@ -11,6 +11,7 @@ import pytest
 
 from jaxreplay import config as config_lib
 from jaxreplay.experiments import report
+from jaxreplay.experiments import results_table
 from jaxreplay.experiments import sweepdir
 from jaxreplay.experiments import sweeps
 
@@ -94,7 +95,7 @@ def test_instruct_sweep_runs_records_skips_finished_and_reports(cwd):
   name, w = "instruct/method=kl,src=self", str(cwd / "w")
   r = sweep_cli(cwd, str(spec), "--workdir=w")
   assert r.returncode == 0 and f"start  {name}" in r.stdout, r.stdout + r.stderr
-  [row] = sweepdir.results(w)
+  [row] = results_table.Results(w).rows
   m = row["metrics"]
   assert row["name"] == name and row["stage"] == "instruct" and row["config"]["replay"]["method"] == "kl"
   assert row["config"]["data"]["kind"] == "chat"

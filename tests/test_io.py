@@ -14,7 +14,8 @@ from jaxreplay import io
 def test_writes_land_whole_and_leave_no_tmp_file(tmp_path):
   io.write_json(str(tmp_path / "a.json"), {"x": [1, 2]}, sort_keys=True)
   io.write_text(str(tmp_path / "b.txt"), "héllo\n")
-  io.write_bytes(str(tmp_path / "c.bin"), b"\x00\xff")
+  with io.atomic_open(str(tmp_path / "c.bin"), "wb") as f:
+    f.write(b"\x00\xff")
   with io.atomic_open(str(tmp_path / "d.txt")) as f:
     f.write("one\n")
     f.write("two\n")
@@ -52,7 +53,8 @@ def _write_many(path: str, content: bytes, n: int, names_out=None):
   for _ in range(n):
     if names_out is not None:
       names_out.append(io.tmp_name(path))
-    io.write_bytes(path, content, fsync=False)
+    with io.atomic_open(path, "wb", fsync=False) as f:
+      f.write(content)
 
 
 def _check_reads(path: str, allowed: set, stop: threading.Event) -> list:

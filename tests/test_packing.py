@@ -3,6 +3,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import pytest
 
 from jaxreplay import config as config_lib
 from jaxreplay.errors import UsageError
-from jaxreplay.experiments import packing, pack_runner, runner
+from jaxreplay.experiments import packing, pack_runner, runner, sweepdir
 from jaxreplay.models import decoder, export as export_lib
 
 from helpers import tiny_config, token_dir
@@ -64,6 +65,7 @@ def test_lengths_group_so_idle_member_steps_stay_under_the_share(data):
   # [1000..480]: idle (0+50+100+500+520)/5000 = 0.234; with r100 it would pass 0.25.
   assert packs == [["r1000", "r950", "r900", "r500", "r480"], ["r100", "r64"], ["r16"]]
   assert sorted(x for p in packs for x in p) == sorted(configs)
+  assert packing.planned_share(packs, configs) == pytest.approx((1170 + 36) / (5000 + 200 + 16))  # over all packs
   tpp = tiny_config(a, tokens_per_param=2.0)  # lengths as loop.Stage computes them
   counts = decoder.param_counts(decoder.ModelConfig.from_config(tpp.model))
   assert packing.length(tpp) == round(2.0 * counts[tpp.model.param_count] / config_lib.tokens_per_step(tpp))
@@ -126,6 +128,22 @@ def test_restart_with_pack_one_is_refused_while_a_pack_is_unfinished(tmp_path, d
   r = cli(spec, f"--workdir={w}", "--pack=1")
   assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
   assert "was interrupted inside a pack of 3 runs" in r.stderr and "--pack=3" in r.stderr
+
+
+def test_a_pack_that_waits_for_its_parents_closes_the_results_table(tmp_path, data, monkeypatch):
+  spec = write_sweep(tmp_path / "s.py", *data)
+  w = str(tmp_path / "w")
+  runs, _ = runner.prepare(spec, w)
+  opened = []
+  def connect(workdir):
+    opened.append(sweepdir.connect(workdir))
+    return opened[-1]
+  monkeypatch.setattr(pack_runner, "connect", connect)
+  names = [r.name for r in runs if r.stage == "finetune"]
+  assert pack_runner.main(["--workdir", w, "--runs", json.dumps(names), "--kind", "pack"]) == 4
+  for db in opened:
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+      db.execute("SELECT 1")
 
 
 PACK_SCRIPT = """

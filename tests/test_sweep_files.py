@@ -48,6 +48,14 @@ def test_a_file_without_variants_cannot_be_listed(tmp_path):
     sweeps.variants(str(path))
 
 
+def test_load_runs_the_sweep_file_once(tmp_path):
+  path = tmp_path / "counted.py"
+  path.write_text("open(__file__ + '.n', 'a').write('x')\nfrom jaxreplay.experiments import sweeps\n"
+                  "VARIANTS = {'': 'one'}\ndef get_sweep(arg=''):\n  return sweeps.Sweep()\n")
+  sweeps.load(str(path))
+  assert (tmp_path / "counted.py.n").read_text() == "x"
+
+
 @pytest.mark.parametrize("file, variant", _variant_args())
 def test_every_variant_expands_validates_and_children_keep_the_parents_shape(file, variant, in_tmp):
   runs = sweeps.expand(sweeps.load(os.path.join(SWEEP_DIR, file) + (f":{variant}" if variant else "")))

@@ -13,7 +13,7 @@ import pytest
 from jaxreplay.errors import ConfigError, SweepError
 from jaxreplay import config as config_lib
 from jaxreplay.experiments import runner
-from jaxreplay.experiments import sweepdir
+from jaxreplay.experiments import results_table
 from jaxreplay.experiments import sweeps
 
 from helpers import tiny_config, token_dir
@@ -228,9 +228,36 @@ def test_runner_runs_in_order_skips_finished_and_records(tmp_path, data):
   r = cli(spec, f"--workdir={w}")
   assert r.returncode == 0 and "start" not in r.stdout and "2/2 runs finished" in r.stdout
   assert set(rows(w)[0]) == set(results)
-  assert [r["name"] for r in sweepdir.results(w)] == ["pretrain/seed=0", "finetune/pretrain/seed=0"]
+  assert [r["name"] for r in results_table.Results(w).rows] == ["pretrain/seed=0", "finetune/pretrain/seed=0"]
   status = cli(spec, f"--workdir={w}", "--status").stdout
   assert status.count("  done  ") == 2 and "2 done of 2 runs" in status
+
+
+def test_launchers_worker_waits_skips_a_claimed_run_and_trains_one(tmp_path, data):
+  """`python -m jaxreplay.experiments.runner worker` as launch/ starts it: exit 4 while the parent has not
+  finished, 3 while another process holds the run's claim, 0 once it has trained (or found) the run."""
+  spec = write_sweep(tmp_path / "s.py", *data, steps=10, n_pre=1)
+  w = str(tmp_path / "w")
+  runner.prepare(spec, w)
+  pre, ft = "pretrain/seed=0", "finetune/pretrain/seed=0"
+  env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  worker = lambda *args: subprocess.run([sys.executable, "-m", "jaxreplay.experiments.runner", "worker",
+                                         f"--workdir={w}", *args], capture_output=True, text=True, cwd=ROOT,
+                                        env=env, timeout=600)
+  r = worker(f"--run={ft}")
+  assert r.returncode == 4 and f"waits for {pre}" in r.stderr, r.stderr
+  claim = runner.Claim(w, pre)  # another process trains it
+  r = worker("--level=0", "--index=0")
+  claim.close()
+  assert r.returncode == 3 and "being trained by another process" in r.stderr, r.stderr
+  r = worker("--level=0", "--index=0")
+  assert r.returncode == 0 and runner.is_finished(w, pre), r.stdout + r.stderr
+  os.remove(os.path.join(w, "results.sqlite"))  # a resubmitted task trains nothing and records the run
+  r = worker(f"--run={pre}")
+  results, attempts = rows(w)
+  assert r.returncode == 0 and list(results) == [pre] and attempts == [], r.stderr
+  r = worker("--run=nothing")
+  assert r.returncode == 2 and "is not part of the sweep" in r.stderr, r.stderr
 
 
 def _wait_for(cond, timeout=120, what=""):

@@ -99,16 +99,12 @@ def check_overrides(argv: list[str]):
 def check_type(key: str, old, text: str):
   """ConfigError when `text` cannot become a value of the type of the setting's current value `old`."""
   kind = type(old)
-  if kind is bool:
-    ok = text.lower() in ("true", "false", "1", "0")
-  elif kind in (int, float):
-    try:
-      kind(text)
-      ok = True
-    except ValueError:
-      ok = kind is int and text.lstrip("-").replace("_", "").isdigit()
-  else:
+  if kind not in (bool, int, float):
     return
+  try:
+    ok = text.lower() in ("true", "false", "1", "0") if kind is bool else isinstance(kind(text), kind)
+  except ValueError:
+    ok = kind is int and text.lstrip("-").replace("_", "").isdigit()
   if not ok:
     raise ConfigError(f"--config.{key}={text!r} is not {'an' if kind is int else 'a'} {kind.__name__}: give a "
                       f"value of the setting's type (now {old!r}).")

@@ -14,7 +14,7 @@ from jaxreplay.experiments.sweepdir import Claim, connect, end_attempt, is_finis
 from jaxreplay.experiments.sweeps import Run
 
 
-def multihost_loop(workdir: str, runs: list[Run], fp: str, poll_s: float = 1.0) -> int:
+def multihost_loop(workdir: str, runs: list[Run], fp: str) -> int:
   """Every host of a slice trains the same run at once (in this process); host 0 claims and decides.
 
   A run that fails with a user error (the same on every host) is recorded and skipped with its descendants.
@@ -52,7 +52,7 @@ def multihost_loop(workdir: str, runs: list[Run], fp: str, poll_s: float = 1.0) 
     if name == "<done>":
       break
     if name == "<wait>":
-      time.sleep(poll_s)
+      time.sleep(1.0)
       continue
     try:
       train_one(workdir, by_name[name], fp, db)

@@ -11,6 +11,7 @@ says (its checkpoint holds every member), except --pack=1, which is refused whil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -28,10 +29,9 @@ from jaxreplay.experiments.sweeps import Run
 from jaxreplay.train import loop as train, pack as pack_lib
 
 MARKER = "pack.json"
-
-
-def pack_dir(workdir: str, names: list[str]) -> str:
-  return os.path.join(os.path.abspath(workdir), "packs", packing.pack_id(names))
+# A job's exit status besides 0 (trained or found finished) and 2 (a user error, said on stderr): its runs are
+# claimed by another process (EXIT_CLAIMED), or each waits for a parent that has not finished (EXIT_WAITING).
+EXIT_CLAIMED, EXIT_WAITING = 3, 4
 
 
 def train_one(workdir: str, run: Run, fp: str, db=None) -> dict:
@@ -44,13 +44,17 @@ def train_one(workdir: str, run: Run, fp: str, db=None) -> dict:
   return result
 
 
-def die_with_parent(parent_pid: int):
-  """SIGTERM this worker when the runner that started it dies (Linux), so its claims end with a checkpoint."""
+def die_with_parent():
+  """SIGTERM this worker when the runner that started it (JAXREPLAY_PARENT_PID) dies (Linux), so its claims
+  end with a checkpoint."""
+  parent = os.environ.get("JAXREPLAY_PARENT_PID")
+  if not parent:
+    return
   try:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
   except OSError:
     return
-  if os.getppid() != parent_pid:
+  if os.getppid() != int(parent):
     os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -73,7 +77,7 @@ def recorded_pack(workdir: str, name: str) -> dict | None:
 
 
 def plan(workdir: str, runs: list[Run], done: set[str], n: int) -> list[dict]:
-  """Jobs for the unfinished runs: {kind: 'pack'|'chain'|'single', names}; recorded packs first as recorded."""
+  """Jobs for the unfinished runs: {kind: 'pack'|'chain', names}; recorded packs first as recorded."""
   todo = [r for r in runs if r.name not in done]
   jobs, taken = [], set()
   for r in todo:
@@ -87,7 +91,7 @@ def plan(workdir: str, runs: list[Run], done: set[str], n: int) -> list[dict]:
     taken.update(rec["members"])
   rest = [r for r in todo if r.name not in taken]
   if n == 1:
-    return jobs + [dict(kind="single", names=[r.name]) for r in rest]
+    return jobs + [dict(kind="chain", names=[r.name]) for r in rest]
   # A run that already trained alone resumes from its own checkpoints, alone.
   started_alone = {r.name for r in rest if os.path.isdir(os.path.join(run_dir(workdir, r.name), "checkpoints"))}
   configs = {r.name: resolved_config(workdir, r) for r in rest if r.name not in started_alone}
@@ -126,28 +130,28 @@ def train_recorded(db, workdir: str, run: Run, fp: str) -> int:
   return 0
 
 
-def run_chain(workdir: str, names: list[str], by_name: dict, fp: str) -> int:
+def run_chain(db, workdir: str, runs: list[Run], fp: str) -> int:
   """Trains the runs one after another in this process; a failed run does not stop the next."""
-  db, rc = connect(workdir), 0
-  for name in names:
-    run = by_name[name]
-    if is_finished(workdir, name):
+  rc, waiting = 0, 0
+  for run in runs:
+    if is_finished(workdir, run.name):  # e.g. a resubmitted array task: record it (once) and train nothing
       record(db, workdir, run, fp)
-    elif not run.parent or is_finished(workdir, run.parent):
+    elif run.parent and not is_finished(workdir, run.parent):
+      print(f"run {run.name} waits for {run.parent}, which has not finished", file=sys.stderr)
+      waiting += 1
+    else:
       rc = max(rc, train_recorded(db, workdir, run, fp))
-  db.close()
-  return rc
+  return EXIT_WAITING if waiting == len(runs) else rc
 
 
-def run_packed(workdir: str, names: list[str], by_name: dict, fp: str, n: int) -> int:
+def run_packed(db, workdir: str, members: list[Run], fp: str, n: int) -> int:
   """Trains the runs as one pack; each member is recorded (or fails) on its own."""
-  db = connect(workdir)
-  members = [by_name[name] for name in names]
   waiting = [r.name for r in members if r.parent and not is_finished(workdir, r.parent)]
   if waiting:
     print(f"pack waits for the parents of {', '.join(waiting)}", file=sys.stderr)
-    return 4
-  directory = pack_dir(workdir, names)
+    return EXIT_WAITING
+  names = [r.name for r in members]
+  directory = os.path.join(workdir, "packs", packing.pack_id(names))
   for r in members:
     os.makedirs(run_dir(workdir, r.name), exist_ok=True)
     with open(os.path.join(run_dir(workdir, r.name), MARKER), "w") as f:
@@ -177,8 +181,34 @@ def run_packed(workdir: str, names: list[str], by_name: dict, fp: str, n: int) -
     if r.name in attempts:
       end_attempt(db, attempts[r.name], "done")
     print(f"done   {r.name}", flush=True)
-  db.close()
   return rc
+
+
+def run_job(workdir: str, names: list[str], kind: str = "chain", pack: int = 0) -> int:
+  """Trains a job's runs in this process, a chain or a pack (`pack`: the --pack that planned it, recorded),
+  under claims on every run: those the runner passed down (JAXREPLAY_LOCK_FDS), or its own."""
+  workdir = os.path.abspath(workdir)
+  die_with_parent()
+  runs, fp = load_runs(workdir)
+  by_name = {r.name: r for r in runs}
+  for name in names:
+    if name not in by_name:
+      raise SweepError(f"Run {name!r} is not part of the sweep in {workdir}: see `jaxreplay sweep FILE "
+                       "--dry-run`.")
+  inherited = [int(fd) for fd in os.environ.get("JAXREPLAY_LOCK_FDS", "").split(",") if fd]
+  claims = [Claim(workdir, name, inherited[i] if i < len(inherited) else None, wait_s=2.0)
+            for i, name in enumerate(names)]
+  try:
+    if not all(claims):
+      print(f"{', '.join(names)}: being trained by another process; skipped", file=sys.stderr)
+      return EXIT_CLAIMED
+    with contextlib.closing(connect(workdir)) as db:
+      if kind == "chain":
+        return run_chain(db, workdir, [by_name[n] for n in names], fp)
+      return run_packed(db, workdir, [by_name[n] for n in names], fp, pack or len(names))
+  finally:
+    for c in claims:
+      c.close()
 
 
 def main(argv: list[str]) -> int:
@@ -188,26 +218,8 @@ def main(argv: list[str]) -> int:
   p.add_argument("--kind", choices=("pack", "chain"), default="pack")
   p.add_argument("--pack", type=int, default=0, help="the --pack value that planned this job (recorded)")
   a = p.parse_args(argv)
-  workdir = os.path.abspath(a.workdir)
-  names = json.loads(a.runs)
-  runs, fp = load_runs(workdir)
-  by_name = {r.name: r for r in runs}
-  inherited = [int(fd) for fd in os.environ.get("JAXREPLAY_LOCK_FDS", "").split(",") if fd]
-  claims = [Claim(workdir, name, inherited[i] if i < len(inherited) else None, wait_s=2.0)
-            for i, name in enumerate(names)]
-  try:
-    if not all(claims):
-      print(f"runs {', '.join(names)} are being trained by another process; skipping them", file=sys.stderr)
-      return 3
-    if a.kind == "chain":
-      return run_chain(workdir, names, by_name, fp)
-    return run_packed(workdir, names, by_name, fp, a.pack or len(names))
-  finally:
-    for c in claims:
-      c.close()
+  return run_job(a.workdir, json.loads(a.runs), a.kind, a.pack)
 
 
 if __name__ == "__main__":
-  if os.environ.get("JAXREPLAY_PARENT_PID"):
-    die_with_parent(int(os.environ["JAXREPLAY_PARENT_PID"]))
   sys.exit(main(sys.argv[1:]))

@@ -132,17 +132,13 @@ def pack_id(names: list[str]) -> str:
 
 def planned_share(packs: list[list[str]], configs: dict) -> float:
   """The idle share of a plan over all its packs (for --dry-run)."""
-  idle = total = 0
-  for p in packs:
-    lengths = [length(configs[name]) or 0 for name in p]
-    top = max(lengths)
-    idle += sum(top - x for x in lengths)
-    total += top * len(lengths)
-  return idle / total if total else 0.0
+  lengths = [[length(configs[name]) or 0 for name in p] for p in packs]
+  total = sum(max(ls) * len(ls) for ls in lengths)  # member-steps: each member runs as long as the longest
+  return sum(max(ls) * len(ls) - sum(ls) for ls in lengths) / total if total else 0.0
 
 
 def chains(singles: list[str], n: int) -> list[list[str]]:
   """Runs that train alone, chained n at a time into one process each."""
-  return [singles[i:i + n] for i in range(0, len(singles), n)] if n > 1 else [[s] for s in singles]
+  return [singles[i:i + n] for i in range(0, len(singles), n)]
 
 

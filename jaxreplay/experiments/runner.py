@@ -24,38 +24,10 @@ from jaxreplay.experiments import multihost, packing
 from jaxreplay.experiments import sweepcost as cost
 from jaxreplay.experiments import sweeps
 from jaxreplay.experiments.sweepdir import (Claim, connect, dry_run, is_finished, is_locked, levels,  # noqa: F401 (re-exported)
-                                load_runs, prepare, record, resolved_config, run_dir, select, status, sync)
+                                load_runs, prepare, resolved_config, run_dir, select, status, sync)
 from jaxreplay.experiments.sweeps import Run
-from jaxreplay.experiments.pack_runner import compile_cache_env, die_with_parent, plan, recorded_pack, train_recorded
-
-EXIT_CLAIMED, EXIT_WAITING = 3, 4
-
-
-def worker(workdir: str, name: str) -> int:
-  """Entry point of one run's process; exit status 0 finished, 2 user error, 3 claimed elsewhere, 4 waiting."""
-  runs, fp = load_runs(workdir)
-  by_name = {r.name: r for r in runs}
-  if name not in by_name:
-    raise SweepError(f"Run {name!r} is not part of the sweep in {workdir}: see `jaxreplay sweep FILE --dry-run`.")
-  run = by_name[name]
-  if os.environ.get("JAXREPLAY_PARENT_PID"):
-    die_with_parent(int(os.environ["JAXREPLAY_PARENT_PID"]))
-  claim = Claim(workdir, name, wait_s=2.0)
-  if not claim:
-    print(f"run {name} is being trained by another process; skipping it", file=sys.stderr)
-    return EXIT_CLAIMED
-  db = connect(workdir)
-  try:
-    if is_finished(workdir, name):  # e.g. a resubmitted array task: record it (once) and train nothing
-      record(db, workdir, run, fp)
-      return 0
-    if run.parent and not is_finished(workdir, run.parent):
-      print(f"run {name} waits for {run.parent}, which has not finished", file=sys.stderr)
-      return EXIT_WAITING
-    return train_recorded(db, workdir, run, fp)
-  finally:
-    db.close()
-    claim.close()
+from jaxreplay.experiments.pack_runner import (EXIT_CLAIMED, EXIT_WAITING, compile_cache_env, plan,
+                                               recorded_pack, run_job)
 
 
 class RunFailed(RuntimeError):
@@ -68,8 +40,7 @@ def train_in_subprocess(workdir: str, name: str, cwd: str, *parents) -> dict:
   `parents` are the parents' results: an engine that passes them runs the parents first. A run claimed by
   another process is waited for.
   """
-  env = dict(os.environ)
-  env.update(compile_cache_env(workdir, env))
+  env = dict(os.environ, **compile_cache_env(workdir, os.environ))
   while True:
     r = subprocess.run([sys.executable, "-m", "jaxreplay.experiments.runner", "worker", "--workdir", workdir, "--run", name],
                        cwd=cwd, env=env, capture_output=True, text=True)
@@ -86,12 +57,12 @@ def train_in_subprocess(workdir: str, name: str, cwd: str, *parents) -> dict:
 # ----------------------------------------------------------------------------------------------- the loop
 
 class LocalRunner:
-  def __init__(self, workdir: str, runs: list[Run], fp: str, jobs: int = 1, poll_s: float = 0.5, quiet=False,
-               devices: str = "", device_env: str = "CUDA_VISIBLE_DEVICES", pack: int = 1):
+  def __init__(self, workdir: str, runs: list[Run], fp: str, jobs: int = 1, devices: str = "",
+               device_env: str = "CUDA_VISIBLE_DEVICES", pack: int = 1):
     """devices: accelerator ids split evenly over the jobs ("0,1,2,3" with jobs=2 → "0,1" and "2,3"), set in
     device_env for each worker; empty: every worker sees every device (on GPUs then without preallocation).
     pack: at most this many runs per process, as packs (experiments/packing.py) or chains; 1: a run each."""
-    self.workdir, self.runs, self.fp, self.jobs, self.poll_s, self.quiet = workdir, runs, fp, jobs, poll_s, quiet
+    self.workdir, self.runs, self.fp, self.jobs = workdir, runs, fp, jobs
     self.pack = pack
     self.device_slots = device_slots(devices, jobs)
     self.device_env = device_env
@@ -100,8 +71,7 @@ class LocalRunner:
     self.stop = False
 
   def say(self, msg):
-    if not self.quiet:
-      print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
   def _start(self, job: dict, claims: list[Claim]):
     names = job["names"]
@@ -117,9 +87,8 @@ class LocalRunner:
     elif self.jobs > 1:  # several runs share the accelerators: no process may take most of their memory
       env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     log = open(os.path.join(run_dir(self.workdir, names[0]), "worker.log"), "ab")
-    kind = "pack" if job["kind"] == "pack" else "chain"  # a single run is a chain of one
     command = [sys.executable, "-m", "jaxreplay.experiments.pack_runner", "--workdir", self.workdir, "--runs",
-               json.dumps(names), "--kind", kind, "--pack", str(self.pack)]
+               json.dumps(names), "--kind", job["kind"], "--pack", str(self.pack)]
     proc = subprocess.Popen(command, env=env, pass_fds=tuple(fds), stdout=log, stderr=subprocess.STDOUT)
     log.close()
     self.running[",".join(names)] = (proc, claims, devices, names)
@@ -192,7 +161,7 @@ class LocalRunner:
           if any(n in busy for n in job["names"]):
             continue
           self._try_start(job, done, blocked, waiting_on_others)
-        time.sleep(self.poll_s)
+        time.sleep(0.5)
     finally:
       for proc, *_ in self.running.values():
         proc.send_signal(signal.SIGTERM)
@@ -315,7 +284,7 @@ def run_sweep(a) -> int:
   pack = a.pack if a.pack is not None else int(getattr(sweeps.load(a.spec), "pack", 1) or 1)
   if a.dry_run:
     print(dry_run(workdir, runs))
-    print(cost.format_costs(runs, cost.PricingAssumptions(a.peak_tflops, a.mfu)))
+    print(cost.format_costs(runs, a.peak_tflops, a.mfu))
     if pack > 1:
       print(describe_plan(plan(workdir, runs, set(), pack), {r.name: resolved_config(workdir, r) for r in runs}))
     return 0
@@ -338,6 +307,8 @@ def _variants_epilog(args: list[str]) -> str:
 
 
 def _worker_main(argv: list[str]) -> int:
+  """One run's process, as launch/ starts it: exit status 0 finished, 2 a user error, 3 (EXIT_CLAIMED) claimed
+  by another process, 4 (EXIT_WAITING) its parent has not finished."""
   p = argparse.ArgumentParser(prog="python -m jaxreplay.experiments.runner worker")
   p.add_argument("--workdir", required=True)
   p.add_argument("--run", default=None, help="run name")
@@ -348,7 +319,7 @@ def _worker_main(argv: list[str]) -> int:
   if name is None:
     runs, _ = load_runs(a.workdir)
     name = levels(runs)[a.level][a.index]
-  return worker(os.path.abspath(a.workdir), name)
+  return run_job(a.workdir, [name])
 
 
 if __name__ == "__main__":

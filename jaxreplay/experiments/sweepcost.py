@@ -28,15 +28,6 @@ DEFAULT_MFU = 0.4
 
 
 @dataclasses.dataclass(frozen=True)
-class PricingAssumptions:
-  peak_tflops: float = DEFAULT_PEAK_TFLOPS
-  mfu: float = DEFAULT_MFU
-
-  def device_hours(self, flops: float) -> float:
-    return flops / (self.peak_tflops * 1e12 * self.mfu) / 3600.0
-
-
-@dataclasses.dataclass(frozen=True)
 class RunCost:
   name: str
   parent: str | None
@@ -91,7 +82,7 @@ def _num(x: float | None) -> str:
   return f"{x:.0f}" if e < 6 else f"{x / 10 ** (e // 3 * 3):.3g}{' KMGTPEZY'[e // 3]}"
 
 
-def format_costs(runs, pricing: PricingAssumptions = PricingAssumptions()) -> str:
+def format_costs(runs, peak_tflops: float = DEFAULT_PEAK_TFLOPS, mfu: float = DEFAULT_MFU) -> str:
   """One line per run (parent, shape, tokens, steps, FLOPs) and the sweep's total compute and device-hours."""
   costs = [run_cost(r) for r in runs]
   priced = [c for c in costs if c.shape != "-"]
@@ -115,8 +106,8 @@ def format_costs(runs, pricing: PricingAssumptions = PricingAssumptions()) -> st
                   else "")
                + (f"; not counted: {by_epochs} runs whose length is in epochs of data not found here (make it with "
                   "`jaxreplay data tokenize`, or run the dry run where it is)" if by_epochs else ""))
-  hours = pricing.device_hours(total)
-  lines.append(f"= {f'{hours:,.1f}' if hours >= 1 else f'{hours:.2g}'} device-hours at {pricing.peak_tflops:g} TFLOP/s peak and "
-               f"{pricing.mfu:.0%} MFU (--peak_tflops, --mfu; defaults {DEFAULT_PEAK_TFLOPS:g}: one H100 bf16 dense, "
+  hours = total / (peak_tflops * 1e12 * mfu) / 3600.0
+  lines.append(f"= {f'{hours:,.1f}' if hours >= 1 else f'{hours:.2g}'} device-hours at {peak_tflops:g} TFLOP/s peak and "
+               f"{mfu:.0%} MFU (--peak_tflops, --mfu; defaults {DEFAULT_PEAK_TFLOPS:g}: one H100 bf16 dense, "
                f"{DEFAULT_MFU:.0%})")
   return "\n".join(lines)

@@ -12,7 +12,7 @@ queryable copy of those files, so a crash between the two loses nothing.
 from __future__ import annotations
 
 import collections
-import copy
+import dataclasses
 import fcntl
 import fnmatch
 import hashlib
@@ -92,7 +92,8 @@ def prepare(spec: str, workdir: str, write: bool = True, only: str | None = None
       rewrite = True  # only settings that do not change results (logging, checkpointing, new default keys)
   if write and rewrite:
     os.makedirs(workdir, exist_ok=True)
-    write_json(path, dict(fingerprint=fp, spec=spec, created=time.time(), runs=[r.to_json() for r in runs]), indent=1)
+    runs_json = [dataclasses.asdict(r) for r in runs]
+    write_json(path, dict(fingerprint=fp, spec=spec, created=time.time(), runs=runs_json), indent=1)
   if write:
     os.makedirs(os.path.join(workdir, "locks"), exist_ok=True)
     connect(workdir).close()
@@ -140,7 +141,7 @@ def load_runs(workdir: str) -> tuple[list[Run], str]:
 
 def resolved_config(workdir: str, run: Run) -> ml_collections.ConfigDict:
   """The run's config with init.from pointing at the parent's workdir and data paths resolved."""
-  c = ml_collections.ConfigDict(copy.deepcopy(run.config))
+  c = ml_collections.ConfigDict(run.config)  # new groups: setting a key leaves run.config as it was
   if c.data.get("kind") != "chat":  # chat paths are plain files, read as given (relative to the working directory)
     if run.parent:
       c.init["from"] = run_dir(workdir, run.parent)
@@ -173,14 +174,11 @@ def record(db, workdir: str, run: Run, fp: str, started: float | None = None):
 def sync(db, workdir: str, runs: list[Run], fp: str) -> set[str]:
   """Names of finished runs; adds rows for any finished run the table misses (a worker killed in between)."""
   rows = {n for (n,) in db.execute("SELECT name FROM results")}
-  done = set()
   for run in runs:
-    if run.name in rows:
-      done.add(run.name)
-    elif is_finished(workdir, run.name):
+    if run.name not in rows and is_finished(workdir, run.name):
       record(db, workdir, run, fp)
-      done.add(run.name)
-  return done
+      rows.add(run.name)
+  return {r.name for r in runs if r.name in rows}
 
 
 class Claim:
@@ -293,17 +291,3 @@ def dry_run(workdir: str, runs: list[Run]) -> str:
   return (f"{len(runs)} runs in dependency order (" + ", ".join(f"{n} {s}" for s, n in stages.items()) + ")"
           + (f", {done} already done" if done else "") + ":")
 
-
-def results(workdir: str) -> list[dict]:
-  """Every finished run's row: name, stage, parent, overrides, config and metrics (dicts), timestamps, host."""
-  db = connect(workdir)
-  cur = db.execute("SELECT * FROM results ORDER BY finished")
-  cols = [d[0] for d in cur.description]
-  out = []
-  for row in cur.fetchall():
-    r = dict(zip(cols, row))
-    for k in ("overrides", "config", "metrics"):
-      r[k] = json.loads(r[k]) if r[k] else {}
-    out.append(r)
-  db.close()
-  return out

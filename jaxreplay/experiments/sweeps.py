@@ -114,9 +114,6 @@ class Run:
   overrides: dict  # the grid overrides that define this run (init.from holds the parent's NAME)
   config: dict  # the full config (init.from still the parent's name; the runner sets its workdir)
 
-  def to_json(self) -> dict:
-    return dataclasses.asdict(self)
-
 
 class Sweep:
   def __init__(self, description: str = "", pack: int = 1):
@@ -153,13 +150,9 @@ def format_value(v) -> str:
 
 
 def _short(key: str, keys, abbrev: dict) -> str:
-  if key in abbrev:
-    return abbrev[key]
-  if key in ABBREV:
-    return ABBREV[key]
   last = key.rsplit(".", 1)[-1]
   same = [k for k in keys if k.rsplit(".", 1)[-1] == last]
-  return key if len(same) > 1 else last
+  return {**ABBREV, **abbrev}.get(key, key if len(same) > 1 else last)
 
 
 def label(overrides: dict, abbrev: dict | None = None) -> str:
@@ -198,7 +191,7 @@ def _apply(base: ml_collections.ConfigDict, overrides: dict, stage: str, run: st
   return c
 
 
-def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
+def expand(sweep: Sweep) -> list[Run]:
   """All runs of a sweep in dependency order; raises SweepError (or ConfigError) before anything runs."""
   if not sweep.stages:
     raise SweepError("The sweep defines no stages: add one with sweep.stage(...).")
@@ -230,23 +223,21 @@ def expand(sweep: Sweep, validate: bool = True) -> list[Run]:
         c = _apply(st.base, overrides, st.name, name)
         if parent:
           c.stage = "finetune"
-        run = Run(name, st.name, parent, overrides, c.to_dict())
         configs[name] = c
-        runs[name] = run
+        runs[name] = Run(name, st.name, parent, overrides, c.to_dict())
         names.append((name, overrides))
     by_stage[st.name] = names
-  ordered = [_inherit_shape(r, configs, runs) for r in dependency_order(runs)]
+  ordered = [_inherit_shape(r, configs) for r in dependency_order(runs)]
   _check_prefixes(ordered)
-  if validate:
-    for run in ordered:
-      try:
-        config_lib.validate(configs[run.name])
-      except ConfigError as e:
-        raise ConfigError(f"Run {run.name!r}: {e}") from None
+  for run in ordered:
+    try:
+      config_lib.validate(configs[run.name])
+    except ConfigError as e:
+      raise ConfigError(f"Run {run.name!r}: {e}") from None
   return ordered
 
 
-def _inherit_shape(run: Run, configs: dict, runs: dict) -> Run:
+def _inherit_shape(run: Run, configs: dict) -> Run:
   """A finetuning run's model keys that its weights depend on come from its parent (already resolved: runs
   arrive parents first); one of them set explicitly by the child's grid to another value is an error."""
   if not run.parent:
@@ -259,8 +250,7 @@ def _inherit_shape(run: Run, configs: dict, runs: dict) -> Run:
     raise SweepError(f"Run {run.name!r} sets model.{k}={c.model[k]!r}, but the run it starts from, {run.parent!r}, "
                      f"has model.{k}={parent['model'][k]!r}: a finetuning run keeps its parent's model shape, so drop "
                      f"model.{k} from the finetuning stage's grid.")
-  runs[run.name] = dataclasses.replace(run, config=c.to_dict())
-  return runs[run.name]
+  return dataclasses.replace(run, config=c.to_dict())
 
 
 def _parents(st: Stage, sweep: Sweep, by_stage: dict):
@@ -315,7 +305,7 @@ def _check_prefixes(runs: list[Run]):
 
 
 def fingerprint(runs: list[Run]) -> str:
-  blob = json.dumps([r.to_json() for r in runs], sort_keys=True, default=str)
+  blob = json.dumps([dataclasses.asdict(r) for r in runs], sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -334,13 +324,12 @@ def _module(path: str):
                      "fix it.") from None
 
 
-def variants(path: str) -> dict[str, str]:
+def variants(path: str, module=None) -> dict[str, str]:
   """The variants a sweep file declares: its VARIANTS dict, {ARG: what it runs}; '' is the file with no ARG.
 
-  An upper-case N in an ARG stands for any whole number (`seed=N`).
+  An upper-case N in an ARG stands for any whole number (`seed=N`). module: the file, when already loaded.
   """
-  module = _module(path)
-  declared = getattr(module, "VARIANTS", None)
+  declared = getattr(module or _module(path), "VARIANTS", None)
   if not isinstance(declared, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in declared.items()):
     raise SweepError(f"{path} declares no VARIANTS: add VARIANTS = {{'': 'what the file runs', 'small': ...}} "
                      "listing every ARG its get_sweep accepts.")
@@ -351,18 +340,6 @@ def format_variants(path: str) -> str:
   return "\n".join(f"  {(':' + k) if k else '(none)':<12} {v}" for k, v in variants(path).items())
 
 
-def _variant_pattern(name: str) -> str:
-  return "".join(r"\d+" if ch == "N" else re.escape(ch) for ch in name)
-
-
-def check_variant(path: str, arg: str):
-  """One clear error for an ARG the file does not declare, before get_sweep runs."""
-  declared = variants(path)
-  if not any(re.fullmatch(_variant_pattern(k), arg) for k in declared):
-    names = ", ".join(f"{k!r}" if k else "'' (no argument)" for k in declared)
-    raise SweepError(f"{path} has no variant {arg!r}: use one of {names} (see `jaxreplay sweep {path} --variants`).")
-
-
 def load(spec: str) -> Sweep:
   """A sweep from `path/to/file.py[:ARG]`: the file's get_sweep(ARG) (get_sweep() without an ARG)."""
   path, _, arg = spec.partition(":")
@@ -370,7 +347,12 @@ def load(spec: str) -> Sweep:
   if not hasattr(module, "get_sweep"):
     raise SweepError(f"{path} has no get_sweep(arg) function: add one that returns a jaxreplay.experiments.sweeps.Sweep.")
   if hasattr(module, "VARIANTS"):  # a file of one's own may leave them out; every file in sweeps/ declares them
-    check_variant(path, arg)
+    declared = variants(path, module)
+    patterns = ["".join(r"\d+" if ch == "N" else re.escape(ch) for ch in k) for k in declared]  # N: a number
+    if not any(re.fullmatch(p, arg) for p in patterns):  # said before get_sweep runs
+      names = ", ".join(f"{k!r}" if k else "'' (no argument)" for k in declared)
+      raise SweepError(f"{path} has no variant {arg!r}: use one of {names} (see `jaxreplay sweep {path} "
+                       "--variants`).")
   try:
     sweep = module.get_sweep(arg) if arg else module.get_sweep()
   except (SweepError, ConfigError):
