@@ -65,7 +65,7 @@ def test_lengths_group_so_idle_member_steps_stay_under_the_share(data):
   # [1000..480]: idle (0+50+100+500+520)/5000 = 0.234; with r100 it would pass 0.25.
   assert packs == [["r1000", "r950", "r900", "r500", "r480"], ["r100", "r64"], ["r16"]]
   assert sorted(x for p in packs for x in p) == sorted(configs)
-  assert packing.planned_share(packs, configs) == pytest.approx((1170 + 36) / (5000 + 200 + 16))  # over all packs
+  assert packing.planned_share(packs, configs) == pytest.approx((1170 + 36) / (5000 + 200 + 16))
   tpp = tiny_config(a, tokens_per_param=2.0)  # lengths as loop.Stage computes them
   counts = decoder.param_counts(decoder.ModelConfig.from_config(tpp.model))
   assert packing.length(tpp) == round(2.0 * counts[tpp.model.param_count] / config_lib.tokens_per_step(tpp))

@@ -107,7 +107,7 @@ def format_costs(runs, peak_tflops: float = DEFAULT_PEAK_TFLOPS, mfu: float = DE
                + (f"; not counted: {by_epochs} runs whose length is in epochs of data not found here (make it with "
                   "`jaxreplay data tokenize`, or run the dry run where it is)" if by_epochs else ""))
   hours = total / (peak_tflops * 1e12 * mfu) / 3600.0
-  lines.append(f"= {f'{hours:,.1f}' if hours >= 1 else f'{hours:.2g}'} device-hours at {peak_tflops:g} TFLOP/s peak and "
-               f"{mfu:.0%} MFU (--peak_tflops, --mfu; defaults {DEFAULT_PEAK_TFLOPS:g}: one H100 bf16 dense, "
-               f"{DEFAULT_MFU:.0%})")
+  hours = f"{hours:,.1f}" if hours >= 1 else f"{hours:.2g}"
+  lines.append(f"= {hours} device-hours at {peak_tflops:g} TFLOP/s peak and {mfu:.0%} MFU (--peak_tflops, "
+               f"--mfu; defaults {DEFAULT_PEAK_TFLOPS:g}: one H100 bf16 dense, {DEFAULT_MFU:.0%})")
   return "\n".join(lines)
