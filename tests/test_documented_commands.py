@@ -45,7 +45,8 @@ class How:
 TINY_MODEL = {"model.d_model": 32, "model.n_layers": 1, "model.head_dim": 16, "model.seq_len": 32}
 TINY_RUN = {"optim.batch_size": 4, "optim.warmup_tokens": 0, "stop.tokens": 640, "eval.tokens": 256,
             "eval.batch_size": 4, "log.progress": False}  # 5 steps of 4 rows of 32 tokens
-PRETRAIN = ".venv/bin/jaxreplay pretrain --config=sweeps/quickstart.py:pretrain --config.model.d_model=256 --workdir=runs/en"
+PRETRAIN = (".venv/bin/jaxreplay pretrain --config=sweeps/quickstart.py:pretrain --config.model.d_model=256 "
+            "--workdir=runs/en")
 FINETUNE = (".venv/bin/jaxreplay finetune --config=sweeps/quickstart.py:finetune_kl --config.init.from=runs/en "
             "--workdir=runs/es_kl")
 SWEEP_RUN = "jaxreplay sweep FILE --workdir=DIR --jobs=N"
@@ -126,7 +127,8 @@ def test_every_documented_command_has_a_row():
 def test_the_reader_finds_commands_in_every_kind_of_block(tmp_path, monkeypatch):
   doc = tmp_path / "README.md"
   doc.write_text("Run `jaxreplay sweep X --status` or `jaxreplay` itself.\n\n    python -m a.b worker  # note\n"
-                 "```bash\nmake quickstart   # comment\n.venv/bin/python x.py\n```\n```\ntree/   `make test-slow`\n```\n")
+                 "```bash\nmake quickstart   # comment\n.venv/bin/python x.py\n```\n"
+                 "```\ntree/   `make test-slow`\n```\n")
   monkeypatch.setattr(sys.modules[__name__], "DOCS", (str(doc),))
   assert documented_commands() == {c: str(doc) for c in ("jaxreplay sweep X --status", "python -m a.b worker",
                                                          "make quickstart", ".venv/bin/python x.py", "make test-slow")}
@@ -150,7 +152,8 @@ def argv_of(command: str) -> list:
 
 def test_argv_of_substitutes_words_values_and_config_keys():
   assert argv_of(PRETRAIN)[:4] == [sys.executable, "-m", "jaxreplay.cli", "pretrain"]
-  assert argv_of(PRETRAIN).count("--config.model.d_model=32") == 1 and "--config.model.d_model=256" not in argv_of(PRETRAIN)
+  pretrain = argv_of(PRETRAIN)
+  assert pretrain.count("--config.model.d_model=32") == 1 and "--config.model.d_model=256" not in pretrain
   assert argv_of(SWEEP_RUN)[3:] == ["sweep", "tiny_sweep.py", "--workdir=w", "--jobs=2"]
   assert argv_of(TPU_WATCH)[1:4] == ["launch/tpu.py", "watch", "--mode=multihost"] and "--zone=z" in argv_of(TPU_WATCH)
 
@@ -305,7 +308,8 @@ def test_a_sweep_launched_every_documented_way(workspace):
   db.close()
   assert names == {"pretrain/seed=0", "finetune/pretrain/seed=0/method=none", "finetune/pretrain/seed=0/method=ntp"}
   out = run(status, workspace, env)
-  states = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.split()[:1] and line.split()[0] in names}
+  rows = [line.split() for line in out.splitlines()]
+  states = {row[0]: row[1] for row in rows if row and row[0] in names}
   assert states == dict.fromkeys(names, "done"), out
   out = run(report, workspace, env)
   assert os.listdir(workspace / "report/tpp") and all(os.path.exists(workspace / p) for p in out.split())
@@ -396,3 +400,20 @@ def test_readme_layout_names_every_module_of_the_tree():
   tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
   missing += sorted({p.split("/")[0] + "/" for p in tracked if "/" in p and not p.startswith(".")} - folders)
   assert not missing, "missing from the README's Layout: " + ", ".join(missing)
+
+
+REPO_PATH = r"\b(?:jaxreplay|sweeps|benchmarks|launch|docs|tests)/[\w./-]*\w\.(?:py|md|sh|png)\b"
+
+
+def test_every_path_the_docs_name_exists():
+  """A module that moves takes its mentions along: every repository path that the docs (and pyproject.toml's
+  comments) name exists."""
+  texts = [os.path.join(ROOT, p) for p in (*DOCS, "pyproject.toml")]
+  texts += [os.path.join(ROOT, "docs", n) for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md")]
+  missing = []
+  for path in texts:
+    with open(path) as f:
+      named = set(re.findall(REPO_PATH, f.read()))
+    missing += [f"{os.path.relpath(path, ROOT)} names {p}" for p in sorted(named)
+                if not os.path.exists(os.path.join(ROOT, p))]
+  assert not missing, "\n".join(missing)
