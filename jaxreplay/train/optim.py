@@ -99,30 +99,24 @@ def adam_kind(c: ml_collections.ConfigDict) -> tuple:
   return ("accurate", omb1 <= 0.5, omb2 <= 0.5)
 
 
-def adam_values(kind: tuple, b1: float, omb1: float, b2: float, omb2: float, eps: float) -> dict:
-  """Adam's constants in float64: optax's arithmetic takes 1 − β from β (as optax.scale_by_adam computes it),
-  the accurate one β from 1 − β, with log β for its bias correction."""
-  if kind[0] == "optax":
+def hyperparams(c: ml_collections.ConfigDict) -> dict:
+  """The values `adamw` is built from, Python floats (a pack member's are these rounded to float32, as a lone
+  run's constants are): Adam's decays (optax's arithmetic takes 1 − β from β, as optax.scale_by_adam does, the
+  accurate one β from 1 − β, with log β for its bias correction), ε and the weight decay."""
+  (b1, omb1), (b2, omb2) = decay_pair(c, "b1"), decay_pair(c, "b2")
+  if adam_kind(c)[0] == "optax":
     omb1, omb2 = 1.0 - b1, 1.0 - b2
   else:
     b1, b2 = 1.0 - omb1, 1.0 - omb2
-  return dict(b1=b1, omb1=omb1, b2=b2, omb2=omb2, log_b1=log_decay(omb1), log_b2=log_decay(omb2), eps=float(eps))
-
-
-def hyperparams(c: ml_collections.ConfigDict) -> dict:
-  """The values `adamw` is built from: Adam's constants and the weight decay (Python floats; a pack member's
-  are these rounded to float32, which is what a constant Python float becomes in the lone run's step)."""
-  (b1, omb1), (b2, omb2) = decay_pair(c, "b1"), decay_pair(c, "b2")
-  values = adam_values(adam_kind(c), b1, omb1, b2, omb2, c.optim.eps)
-  return dict(values, weight_decay=float(c.optim.weight_decay))
+  return dict(b1=b1, omb1=omb1, b2=b2, omb2=omb2, log_b1=log_decay(omb1), log_b2=log_decay(omb2),
+              eps=float(c.optim.eps), weight_decay=float(c.optim.weight_decay))
 
 
 def scale_by_adam(kind: tuple, hp: dict) -> optax.GradientTransformation:
   """Adam's scaling with its constants `hp` given as floats (a lone run) or traced arrays (a pack member).
 
-  kind ('optax',) is optax.scale_by_adam's arithmetic with 1−β given, so directly given betas reproduce
-  optax.adamw bit for bit. The accurate kind stays accurate as β → 1: for β ≥ ½ the moments move by
-  m += (1−β)(g − m) with 1−β from the host (float64, then one float32 rounding of a small number), and bias
+  ('optax',): optax.scale_by_adam's arithmetic with 1−β given (direct betas reproduce optax.adamw bit for bit).
+  'accurate' stays so as β → 1: moments move by m += (1−β)(g − m) for β ≥ ½ with 1−β from the host, and bias
   correction is 1−β^k = −expm1(k·log β). State is `optax.ScaleByAdamState` either way (checkpoints agree)."""
   accurate = kind[0] == "accurate"
   ema1 = ema_form(accurate and kind[1], hp["omb1"], hp["b1"])
@@ -144,22 +138,9 @@ def scale_by_adam(kind: tuple, hp: dict) -> optax.GradientTransformation:
     updates = jax.tree.map(
         lambda m, v: (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + hp["eps"]), mu, nu)
     nu = jax.tree.map(lambda v, old: v.astype(old.dtype), nu, state.nu)
-    mu = jax.tree.map(lambda m, old: m.astype(old.dtype), mu, state.mu)
     return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def scale_by_adam_accurate(b1: float, b2: float, eps: float = 1e-8, *, one_minus_b1: Optional[float] = None,
-                           one_minus_b2: Optional[float] = None) -> optax.GradientTransformation:
-  """The accurate Adam (scale_by_adam's) from β, or 1 − β where given (exact even when β rounds to 1)."""
-  omb1 = 1.0 - _check_decay(b1) if one_minus_b1 is None else float(one_minus_b1)
-  omb2 = 1.0 - _check_decay(b2) if one_minus_b2 is None else float(one_minus_b2)
-  for name, omb in (("one_minus_b1", omb1), ("one_minus_b2", omb2)):
-    if not 0.0 < omb <= 1.0:
-      raise ValueError(f"{name}={omb!r} is invalid: 1−β must lie in (0, 1].")
-  kind = ("accurate", omb1 <= 0.5, omb2 <= 0.5)
-  return scale_by_adam(kind, adam_values(kind, b1, omb1, b2, omb2, eps))
 
 
 def ema_form(by_one_minus_beta: bool, one_minus_beta, beta):
@@ -246,7 +227,3 @@ def describe(c: ml_collections.ConfigDict) -> dict:
   return dict(b1=b1, b2=b2, b1_half_life_tokens=decay_to_halflife(b1, n),
               b2_half_life_tokens=decay_to_halflife(b2, n), tokens_per_step=n, warmup_steps=warmup_steps(c))
 
-
-__all__ = ["halflife_to_decay", "halflife_to_one_minus_decay", "decay_to_halflife", "rescale_decay",
-           "resolved_betas", "scale_by_adam_accurate", "make_optimizer", "warmup_steps", "lr_schedule",
-           "describe", "MIN_ONE_MINUS_BETA_F32"]
