@@ -208,8 +208,8 @@ def test_grad_clip_matches_optax_chain():
   np.testing.assert_array_equal(ours, ref)
 
 
-# Not with grad_clip > 0 or eps = 0: there XLA's algebraic simplifier folds the lone run's constants (clip scale ×
-# 1−β₁; a / sqrt(b) → a·rsqrt(b) without ε) and the packed step differs by an ulp (as it did before optim.adamw).
+# Not with grad_clip > 0 or eps = 0: there XLA's algebraic simplifier folds the lone run's constants (clip scale
+# × 1−β₁; a / sqrt(b) → a·rsqrt(b) without ε) and the packed step differs by an ulp (as before optim.adamw).
 @pytest.mark.parametrize("overrides", [dict(b1=0.85, b2=0.995, eps=1e-7, weight_decay=0.1),
                                        dict(b2_half_life_tokens=1e8, weight_decay=0.02),
                                        dict(b1=0.3, b2_half_life_tokens=2e10)])

@@ -193,7 +193,8 @@ def test_members_load_each_frozen_model_and_replay_stream_once(data, parents, tm
   """Three members of two parents: two frozen models loaded, not three, and two replay streams made."""
   loads, streams = [], []
   load_frozen, make_source = loop.load_frozen, loop.replay_lib.make_source
-  monkeypatch.setattr(loop, "load_frozen", lambda stage, *a: loads.append(stage.c.init["from"]) or load_frozen(stage, *a))
+  monkeypatch.setattr(loop, "load_frozen",
+                      lambda stage, *a: loads.append(stage.c.init["from"]) or load_frozen(stage, *a))
   monkeypatch.setattr(loop.replay_lib, "make_source",
                       lambda c, *a, **kw: streams.append(c.init["from"]) or make_source(c, *a, **kw))
   configs = [finetune(data, p, steps=4, method="kl", source="real", coeff=1.0) for p in (parents * 2)[:3]]

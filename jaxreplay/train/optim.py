@@ -22,7 +22,7 @@ from jaxreplay import config as config_lib
 
 _LN_HALF = math.log(0.5)
 # Below this 1−β, float32's spacing near 1 (2^-24) resolves 1−β worse than 1e-4 relative, so optax's
-# arithmetic (which rounds β and β^k to float32) is replaced by `scale_by_adam_accurate`.
+# arithmetic (which rounds β and β^k to float32) is replaced by the accurate one (`scale_by_adam`).
 MIN_ONE_MINUS_BETA_F32 = 2.0**-24 * 1e4
 
 
@@ -116,7 +116,7 @@ def scale_by_adam(kind: tuple, hp: dict) -> optax.GradientTransformation:
   """Adam's scaling with its constants `hp` given as floats (a lone run) or traced arrays (a pack member).
 
   ('optax',): optax.scale_by_adam's arithmetic with 1−β given (direct betas reproduce optax.adamw bit for bit).
-  'accurate' stays so as β → 1: moments move by m += (1−β)(g − m) for β ≥ ½ with 1−β from the host, and bias
+  'accurate' stays so as β → 1: moments move by m += (1−β)(g − m) for β ≥ ½ (1−β from the host), and bias
   correction is 1−β^k = −expm1(k·log β). State is `optax.ScaleByAdamState` either way (checkpoints agree)."""
   accurate = kind[0] == "accurate"
   ema1 = ema_form(accurate and kind[1], hp["omb1"], hp["b1"])

@@ -1,11 +1,11 @@
 """A pack: several runs of one shape trained together as one program, each still a run of its own.
 
-Every member is a loop.Trainer set up by `loop.setup` as a lone run, driven through its own methods (`inputs`,
-`after_step`, `finish`), so it writes what a lone run writes in its own workdir at its own stop. Only the step differs: the members' states
-are stacked on a leading axis and trained by one step, vmapped over them (looped on a CPU; train/pack_step.py);
-a member that stops or fails (NaN loss) is frozen by masking and the others go on. The pack is checkpointed as a
-whole in its own directory (the stacked state and every member's extra), so a killed pack resumes every member
-from the same step.
+Every member is a loop.Trainer set up by `loop.setup` as a lone run and driven through its own methods
+(`inputs`, `after_step`, `finish`), so it writes what a lone run writes in its own workdir at its own stop.
+Only the step differs: the members' states are stacked on a leading axis and trained by one step, vmapped over
+them (looped on a CPU; train/pack_step.py); a member that stops or fails (NaN loss) is frozen by masking. The
+pack is checkpointed as a whole in its own directory (the stacked state and every member's extra), so a killed
+pack resumes every member from the same step.
 Members set up with one `loaded` dict load each frozen model (init.from) and replay stream once.
 Programs are compiled once per pack, not per member (loop.shared), and members that start equal share their
 step-0 evaluation.
