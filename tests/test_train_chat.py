@@ -209,6 +209,33 @@ def test_dataset_converters_follow_the_paper_filters():
   assert idata.mcq_item(dict(question="q", choices=["a", "b"], answer=1), "mmlu")["answer"] == 1
 
 
+def test_resumed_chat_run_equals_uninterrupted_ci_size(checkpoint, tmp_path):
+  """CI size of the one below: stopped after 1 of 2 steps (self-generated KL replay, a buffer of 2 rows used one
+  per step, so the resumed step takes the buffer's second row) and resumed, it ends where a 2-step run does."""
+  directory, _, _ = checkpoint
+  _write_data(tmp_path)
+  c = tiny_config(directory, tmp_path, method="kl", source="self", coeff=1.0)
+  c.replay.update(batch_size=1, buffer=2)
+  c.stop.steps = 2
+  c.checkpoint.every_steps = 1
+  c.eval.update(every_steps=2, mcq="")
+  full = train.run(c, str(tmp_path / "full"))
+  c.stop.steps = 1
+  train.run(c, str(tmp_path / "cut"))
+  os.remove(tmp_path / "cut" / "final.json")  # as if it had been preempted after its step-1 checkpoint
+  os.remove(tmp_path / "cut" / "config.json")
+  c.stop.steps = 2
+  resumed = train.run(c, str(tmp_path / "cut"))
+  assert resumed["step"] == full["step"] == 2
+  for k in ("valid_ntp", "self_kl"):
+    assert resumed[k] == pytest.approx(full[k], rel=1e-5, abs=1e-7), k
+  second = [[r for r in map(json.loads, open(tmp_path / d / "metrics.jsonl")) if r["step"] == 2 and "train_loss" in r]
+            for d in ("full", "cut")]
+  assert len(second[0]) == len(second[1]) == 1  # the resumed run logs step 2 once
+  assert second[1][0]["train_loss"] == pytest.approx(second[0][0]["train_loss"], rel=1e-5)
+  assert full["self_kl"] > 1e-6  # one step moved the model off π_pre: the KL compared is not zero on both
+
+
 @pytest.mark.slow
 def test_resumed_run_equals_uninterrupted(checkpoint, tmp_path):
   """Stopped after 2 steps and resumed to 4, a run ends where an uninterrupted 4-step run does."""
