@@ -125,6 +125,10 @@ def test_end_to_end_kl_self_replay_finetune(checkpoint, tmp_path):
   rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   first = next(r for r in rows if r["step"] == 1)
   assert abs(first["train_reg"]) < 1e-5  # the trained copy starts equal to the frozen model
+  steps_logged = [r for r in rows if "train_reg" in r and not r.get("final")]
+  assert len(steps_logged) == 4 and max(r["train_reg"] for r in steps_logged) > 1e-6
+  for r in steps_logged:  # the objective adds coeff (1) × KL(π_pre ‖ π_θ) ≥ 0 to the next-token loss
+    assert r["train_reg"] >= -1e-6 and r["train_loss"] == pytest.approx(r["train_ntp"] + r["train_reg"], rel=1e-5)
   assert rows[0]["step"] == 0 and abs(rows[0]["self_kl"]) < 1e-5 and "mcq_toy" in rows[0]
   assert result["step"] == 4 and result["train_step_compiles"] == 1
   assert result["valid_ntp"] < rows[0]["valid_ntp"]  # it learned the downstream data
