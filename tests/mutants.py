@@ -35,6 +35,10 @@ class Mutant:
   new: str
   tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
   before: tuple[str, ...] = ()  # the tests that covered this code before tests/test_eval_reference.py & co.
+  alt: tuple[tuple[str, str], ...] = ()  # other (old, new) spellings of the same bug, tried in turn (refactors)
+
+  def patches(self):
+    return ((self.old, self.new), *self.alt)
 
 
 E2E = ("tests/test_train.py", "-k", "pretraining_learns or target_loss_stops or finetune_with_real_kl")
@@ -75,12 +79,15 @@ MUTANTS = [
     Mutant("data order off by one after resume", "jaxreplay/train/loop.py",
            "batch_iter = stage.batches.iterate(t.step)", "batch_iter = stage.batches.iterate(t.step + (t.step > 0))",
            ("tests/test_train_chat.py", "-k", "ci_size"),
-           ("tests/test_train_chat.py", "tests/test_train.py", "-k", "resume")),
+           ("tests/test_train_chat.py", "tests/test_train.py", "-k", "resume"),
+           alt=(("batches.iterate(self.step)", "batches.iterate(self.step + (self.step > 0))"),)),
     Mutant("optimizer state not restored", "jaxreplay/train/loop.py",
            "    t.state, t.extra = restored\n",
            '    t.state, t.extra = dict(restored[0], opt_state=t.state["opt_state"]), restored[1]\n',
            ("tests/test_train_chat.py", "-k", "ci_size"),
-           ("tests/test_train_chat.py", "tests/test_train.py", "-k", "resume")),
+           ("tests/test_train_chat.py", "tests/test_train.py", "-k", "resume"),
+           alt=(("    state, extra = restored\n",
+                 '    state, extra = dict(restored[0], opt_state=state["opt_state"]), restored[1]\n'),)),
     Mutant("replay batch never used", "jaxreplay/train/steps.py",
            "replay_logits = decoder.logits(model_cfg, params, replay_BT)",
            'replay_logits = decoder.logits(model_cfg, params, batch["tokens"])',
@@ -134,12 +141,13 @@ def apply(dest: str, m: Mutant) -> str | None:
   exactly once."""
   path = os.path.join(dest, m.path)
   text = open(path).read() if os.path.exists(path) else ""
-  n = text.count(m.old)
-  if n != 1:
-    return None if n == 0 else ""
-  with open(path, "w") as f:
-    f.write(text.replace(m.old, m.new))
-  return text
+  counts = [text.count(old) for old, _ in m.patches()]
+  for (old, new), n in zip(m.patches(), counts):
+    if n == 1:
+      with open(path, "w") as f:
+        f.write(text.replace(old, new))
+      return text
+  return "" if any(counts) else None
 
 
 def verdict(code: int | None) -> str:
@@ -156,7 +164,7 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
   chosen = [m for m in MUTANTS if not a.only or any(s in m.name for s in a.only.split(","))]
   if a.anchors:
-    bad = [m for m in chosen if open(os.path.join(ROOT, m.path)).read().count(m.old) != 1]
+    bad = [m for m in chosen if not any(open(os.path.join(ROOT, m.path)).read().count(o) == 1 for o, _ in m.patches())]
     for m in bad:
       print(f"{m.name}: anchor not found exactly once in {m.path}: {m.old!r}")
     print(f"{len(chosen) - len(bad)} of {len(chosen)} patches apply")
