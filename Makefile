@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CORE_STAMP := $(VENV)/.installed-core
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: setup setup-test quickstart test test-slow sweeps-small bench
+.PHONY: setup setup-test quickstart test test-slow sweeps-small bench mutants
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: $(TEST_STAMP)
 
 test-slow: $(TEST_STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Deliberate bugs (tests/mutants.py), each applied in turn to a copy of the tree: prints which the fast tests catch.
+mutants: $(TEST_STAMP)
+	$(PY) tests/mutants.py $(MUTANTS_ARGS)
 
 # Every `:small` sweep of sweeps/ end to end, one after the other, then `jaxreplay report` on each; prints each
 # wall time and appends it to $(SMALL_ROOT)/times.jsonl. Starts afresh (a kept workdir would resume, not time).

@@ -18,7 +18,8 @@ The workdir must be on storage every host sees with working flock (Filestore/NFS
 
 `watch` is the unattended loop: create the queued resource if missing, re-create it when the slice is
 preempted or the request failed, install and (re)start the sweep on every worker, and stop when worker 0
-reports every run done (`--down_when_done` then deletes the slice). Every step is idempotent.
+reports every run done (`--down_when_done` then deletes the slice). A sweep that stops with failed runs is
+restarted (retrying them) at most --max_retries times, then reported, and watch exits 1. Every step is idempotent.
 """
 
 from __future__ import annotations
@@ -131,16 +132,25 @@ def run(g: Gcloud):
   g.ssh(start)
 
 
-def finished(g: Gcloud) -> bool:
+def sweep_status(g: Gcloud) -> dict[str, int]:
+  """The last line of `sweep --status` on worker 0 as counts, e.g. {"done": 2, "failed": 1, "runs": 3}."""
   a = g.a
   out = g.ssh(f"cd {REMOTE_DIR} && python -m jaxreplay.cli sweep {shlex.quote(a.sweep)} "
               f"--workdir={shlex.quote(a.workdir)} --status | tail -n 1", worker="0", check=False, capture=True)
-  words = out.split()  # "N done of N runs" when complete
-  return len(words) >= 5 and words[1] == "done" and words[0] == words[3]
+  counts, total = out.rpartition(" of ")[::2]  # "2 done, 1 failed of 3 runs"
+  pairs = [p.split() for p in counts.split(",")] + [total.split()]
+  return {p[1]: int(p[0]) for p in pairs if len(p) == 2 and p[0].isdigit()}
+
+
+def stopped(g: Gcloud) -> bool:
+  """Whether the sweep process on worker 0 has exited (it leaves failed runs to the next start)."""
+  out = g.ssh(f"if [ -f {PID_FILE} ] && kill -0 $(cat {PID_FILE}) 2>/dev/null; then echo running; else echo stopped; "
+              "fi", worker="0", check=False, capture=True)
+  return out.strip() == "stopped"
 
 
 def watch(g: Gcloud, max_cycles: int | None = None):
-  a, cycles = g.a, 0
+  a, cycles, retries = g.a, 0, 0
   while max_cycles is None or cycles < max_cycles:
     cycles += 1
     s = state(g)
@@ -154,12 +164,20 @@ def watch(g: Gcloud, max_cycles: int | None = None):
       if not wait_ready(g, a.ready_timeout_s, a.poll_s):
         continue
       install(g)
-    run(g)
-    if finished(g):
+    counts = sweep_status(g)
+    if counts.get("runs") and counts.get("done") == counts["runs"]:
       print(f"sweep {a.sweep} finished in {a.workdir}", flush=True)
       if a.down_when_done:
         down(g)
       return 0
+    if counts.get("failed") and stopped(g):  # each start retries the failed runs: a bounded number of times
+      if retries == a.max_retries:
+        print(f"sweep {a.sweep}: {counts['failed']} of {counts['runs']} runs failed again after {retries} retries; "
+              f"`jaxreplay sweep {a.sweep} --workdir={a.workdir} --status` lists them, each run's log says why",
+              flush=True)
+        return 1
+      retries += 1
+    run(g)
     if max_cycles is None or cycles < max_cycles:
       time.sleep(a.poll_s)
   return 1
@@ -183,6 +201,7 @@ def parse(argv):
   p.add_argument("--poll_s", type=float, default=60.0)
   p.add_argument("--ready_timeout_s", type=float, default=3600.0)
   p.add_argument("--down_when_done", action="store_true")
+  p.add_argument("--max_retries", type=int, default=2, help="watch: restarts of a sweep that stopped with failed runs")
   p.add_argument("--dry_run", action="store_true", help="print the gcloud commands; run nothing")
   a = p.parse_args(argv)
   if a.action in ("run", "watch") and not (a.sweep and a.workdir):

@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 
+import jax
 import numpy as np
 
 from jaxreplay import config as config_lib
@@ -55,3 +57,16 @@ def two_datasets(root) -> dict:
   """Two learnable token directories: 'a' (dataset id 0, pretraining) and 'b' (dataset id 1, finetuning)."""
   return dict(a=token_dir(root / "a", dataset_id=0, seed=0, step=3),
               b=token_dir(root / "b", dataset_id=1, seed=1, step=5))
+
+
+def dot_operand_dtypes(fn, *args) -> list[tuple[str, str]]:
+  """The element types of both operands of every matrix product in the lowered (StableHLO) program of `fn`:
+  what the compiler is asked to multiply in, whatever the outputs are cast to afterwards."""
+  text = jax.jit(fn).lower(*args).as_text()
+  out = []
+  for line in text.splitlines():
+    if "stablehlo.dot_general" in line:
+      m = re.search(r":\s*\(tensor<(?:\d+x)*(\w+)>,\s*tensor<(?:\d+x)*(\w+)>\)", line)
+      assert m, line
+      out.append((m.group(1), m.group(2)))
+  return out

@@ -5,6 +5,8 @@ Tolerances, for a 2-layer D=32 model: each of 12 training steps' loss within 1% 
 KL and next-token losses of bf16 logits finite and ≥ 0 (KL ≥ −1e-6: fp32 rounding of a sum near zero).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,9 @@ from jaxreplay import config as config_lib
 from jaxreplay.models import decoder as M
 from jaxreplay.models import losses
 from jaxreplay.models import sampler as S
-from jaxreplay.train import steps
+from jaxreplay.train import loop, steps
+
+from helpers import dot_operand_dtypes, tiny_config, token_dir
 
 T, V, B, STEPS, K = 16, 48, 8, 12, 8
 
@@ -86,3 +90,44 @@ def test_kl_and_next_token_losses_in_bf16_are_finite_and_nonnegative(trained):
   g = jax.jit(jax.grad(lambda p: losses.kl_loss(z32, M.logits(cfg_in("bfloat16"), p, toks))
                + losses.next_token_loss(M.logits(cfg_in("bfloat16"), p, toks), toks)))(p16)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(g))
+
+
+# --- bf16 that cannot be dropped silently -----------------------------------------------------------------------
+def test_a_bf16_config_multiplies_in_bf16_and_fp32_in_fp32():
+  """The lowered programs, as the compiler gets them: every product of the forward pass in the compute dtype;
+  in the training step all but the fp32 logits' and attention scores' backward products."""
+  toks = rows(0)
+  for dtype in ("float32", "bfloat16"):
+    cfg = cfg_in(dtype)
+    params = M.init_params(cfg, jax.random.key(0))
+    fwd = dot_operand_dtypes(lambda p, t: M.logits(cfg, p, t), params, toks)
+    assert len(fwd) >= 9 and set(fwd) == {("bf16", "bf16") if dtype == "bfloat16" else ("f32", "f32")}, fwd
+    opt = optax.adam(1e-2)
+    step = steps.make_train_step(steps.make_objective(cfg, None), opt, lambda s: 1e-2)
+    state = steps.init_state(cfg, opt, jax.random.key(0))
+    dots = dot_operand_dtypes(lambda s, r: step(s, None, r, None), state, toks)
+    n16 = sum(d == ("bf16", "bf16") for d in dots)
+    assert (n16 >= 0.75 * len(dots) >= 12) if dtype == "bfloat16" else n16 == 0, dots
+
+
+def test_bf16_logits_differ_from_fp32_by_bf16_rounding_not_fp32s():
+  """bf16 compute moves the logits by far more than fp32 rounding does (remat, another fp32 program: < 1e-5),
+  and by no more than bf16's 8-bit mantissa allows through 2 layers."""
+  params = M.init_params(cfg_in("float32"), jax.random.key(1))
+  toks = rows(3)
+  z32 = np.asarray(M.logits(cfg_in("float32"), params, toks))
+  z32b = np.asarray(jax.jit(lambda p, t: M.logits(dataclasses.replace(cfg_in("float32"), remat=True), p, t))(params,
+                                                                                                            toks))
+  z16 = np.asarray(M.logits(cfg_in("bfloat16"), params, toks))
+  assert np.abs(z32b - z32).max() < 1e-5
+  scale = np.abs(z32).max()
+  assert 1e-3 * scale < np.abs(z16 - z32).max() < 0.03 * scale
+
+
+def test_the_run_takes_its_compute_dtype_from_the_config(tmp_path):
+  """The stage's model computes in what config.model.compute_dtype says, and in the platform's choice for auto."""
+  data = token_dir(tmp_path / "a")
+  for name, want in (("bfloat16", jnp.bfloat16), ("float32", jnp.float32), ("auto", jnp.float32)):
+    c = tiny_config(data)
+    c.model.compute_dtype = name
+    assert loop.Stage(config_lib.validate(c), str(tmp_path / name)).model_cfg.dtype == want

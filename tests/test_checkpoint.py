@@ -480,6 +480,18 @@ def test_exported_weights_load_on_other_device_counts(env, reference, tmp_path):
   assert_same_params(exported(reference), dict(np.load(tmp_path / "on4.npz")))
 
 
+def test_preempted_run_resumes_on_two_devices(env, reference, preempted, tmp_path):
+  """CI size of the two below: the 1-device run stopped by SIGTERM resumes with its batch split over 2 devices
+  (the default data-parallel mesh), logs every step once and ends near the uninterrupted run."""
+  workdir = str(tmp_path / "two")
+  shutil.copytree(preempted[0], workdir)
+  train(env, workdir, devices=2)
+  steps = [r["step"] for r in metrics(workdir) if "train_loss" in r]
+  assert steps == list(range(1, STEPS + 1)) and preempted[1] < STEPS
+  assert_same_params(exported(workdir), exported(reference), exact=False)
+  assert json.load(open(os.path.join(workdir, "final.json")))["step"] == STEPS
+
+
 @pytest.mark.slow
 def test_run_on_4_devices_resumes_on_1_and_exports_for_any_count(env, reference, tmp_path):
   # mesh fsdp=-1: parameters and optimizer state sharded over all 4 devices, then over the single one.

@@ -88,7 +88,7 @@ def test_remat_and_bf16_give_close_logits(params):
   np.testing.assert_allclose(M.logits(dataclasses.replace(TINY, remat=True), params, toks), ref, atol=1e-5)
   bf = M.logits(dataclasses.replace(TINY, dtype=jnp.bfloat16), params, toks)
   assert bf.dtype == jnp.float32
-  assert float(jnp.abs(bf - ref).max()) < 0.1
+  assert 1e-3 * float(jnp.abs(ref).max()) < float(jnp.abs(bf - ref).max()) < 0.1  # bf16 rounding, not none
 
 
 def test_compile_time_does_not_grow_with_depth():

@@ -33,11 +33,20 @@ if cmd.startswith("compute tpus queued-resources describe"):
 elif cmd.startswith("compute tpus tpu-vm describe"):
   print(st["node"])
 elif cmd.startswith("compute tpus queued-resources create"):
-  st = {"qr": "ACTIVE", "node": "READY"}
+  st.update(qr="ACTIVE", node="READY")
 elif cmd.startswith("compute tpus queued-resources delete"):
-  st = {"qr": "", "node": ""}
-elif cmd.startswith("compute tpus tpu-vm ssh") and "--worker=0" in args:
-  print("3 done of 3 runs")
+  st.update(qr="", node="")
+elif cmd.startswith("compute tpus tpu-vm ssh"):
+  command = next(a for a in args if a.startswith("--command="))
+  alive = st.get("running") and len(st.get("status", [])) > 1  # with "running": until its last status line
+  if "--status" in command:  # worker 0's last status line: the next of st["status"] (the last one repeats)
+    lines = st.get("status", ["3 done of 3 runs"])
+    print(lines[0])
+    st["status"] = lines[1:] or lines
+  elif "echo stopped" in command:  # is the sweep still running on worker 0?
+    print("running" if alive else "stopped")
+  elif "nohup" in command and not alive:  # the start command: a real start (counted) unless still running
+    st["starts"] = st.get("starts", 0) + 1
 json.dump(st, open(path, "w"))
 '''
 
@@ -108,17 +117,52 @@ def test_tpu_watch_recreates_a_preempted_slice(tmp_path):
           "--sweep=sweeps/capacity.py", "--workdir=/mnt/runs/cap", "--package=jaxreplay", "--poll_s=0",
           "--down_when_done")
   assert "is PREEMPTED: re-creating it" in r.stdout and "finished" in r.stdout
-  verbs = [" ".join(c[2:4]) if c[2] == "queued-resources" else " ".join(c[2:4]) for c in calls(log)]
+  verbs = [" ".join(c[2:4]) for c in calls(log)]
   assert verbs == ["queued-resources describe", "tpu-vm describe",  # ACTIVE but the node was preempted
                    "queued-resources delete", "queued-resources create",
                    "queued-resources describe", "tpu-vm describe",  # ready again
-                   "tpu-vm ssh", "tpu-vm ssh", "tpu-vm ssh",  # install, start, status on worker 0
+                   "tpu-vm ssh", "tpu-vm ssh",  # install, status on worker 0: all done, nothing to start
                    "queued-resources delete"]
   c = calls(log)
   assert c[2] == ["compute", "tpus", "queued-resources", "delete", "sw-qr", "--force", "--quiet", *WHERE]
   assert c[3] == ["compute", "tpus", "queued-resources", "create", "sw-qr", "--node-id=sw",
                   "--accelerator-type=v5litepod-16", "--runtime-version=v2-alpha-tpuv5-lite", "--spot", *WHERE]
-  assert c[8][5] == "--worker=0" and "--status" in c[8][6]
+  assert c[7][5] == "--worker=0" and "--status" in c[7][6]
+
+
+WATCH = [*COMMON, "--sweep=sweeps/capacity.py", "--workdir=/mnt/runs/cap", "--package=jaxreplay", "--poll_s=0"]
+
+
+def test_tpu_watch_waits_for_an_unfinished_sweep(tmp_path):
+  """A running sweep: watch polls worker 0's status, keeps the sweep started, and stops once all runs are done."""
+  env, log, state = fake_bin(tmp_path, "gcloud", FAKE_GCLOUD)
+  state.write_text(json.dumps({"qr": "ACTIVE", "node": "READY", "running": True, "status": [
+      "3 pending of 3 runs", "1 done, 1 pending, 1 running of 3 runs", "2 done, 1 running of 3 runs",
+      "3 done of 3 runs", "3 done of 3 runs"]}))
+  r = tpu(env, "watch", *WATCH)
+  assert "finished in /mnt/runs/cap" in r.stdout
+  ssh = [c[6] for c in calls(log) if c[2:4] == ["tpu-vm", "ssh"]]
+  assert sum("--status" in x for x in ssh) == 4 and sum("nohup" in x for x in ssh) == 3, ssh
+  assert "starts" not in json.loads(state.read_text())  # sent each unfinished cycle; the running sweep kept going
+  assert not any("echo stopped" in x for x in ssh)  # no failed runs: never asked whether the sweep stopped
+
+
+def test_tpu_watch_retries_a_failed_run_a_bounded_number_of_times_then_reports_it(tmp_path):
+  env, log, state = fake_bin(tmp_path, "gcloud", FAKE_GCLOUD)
+  state.write_text(json.dumps({"qr": "ACTIVE", "node": "READY", "running": False,
+                               "status": ["2 done, 1 failed of 3 runs"]}))
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "tpu.py"), "watch", *WATCH, "--max_retries=2"],
+                     env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1, r.stdout + r.stderr
+  assert "1 of 3 runs failed again after 2 retries" in r.stdout and "--status` lists them" in r.stdout
+  assert json.loads(state.read_text())["starts"] == 2  # retried twice, then reported: not restarted forever
+  # A failure while the sweep still runs (its other runs going on) is not a retry: watch waits for it.
+  state.write_text(json.dumps({"qr": "ACTIVE", "node": "READY", "running": True,
+                               "status": ["1 done, 1 failed, 1 running of 3 runs"] * 5 + ["2 done, 1 failed of 3 runs"]}))
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "tpu.py"), "watch", *WATCH, "--max_retries=0"],
+                     env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1 and "after 0 retries" in r.stdout
+  assert "starts" not in json.loads(state.read_text())  # never restarted: the running sweep was left alone
 
 
 def test_slurm_arrays_chained_by_level(tmp_path):

@@ -118,6 +118,7 @@ def test_multiple_choice_scores_equal_a_naive_forward_pass(paper_run):
     np.testing.assert_allclose([g[0] for g in got], [s for s, _ in naive], rtol=1e-5, atol=1e-5)
     assert [g[1] for g in got] == [g for _, g in naive]
     correct.append(int(np.argmax([s for s, _ in naive])) == doc["answer"])
+  assert len(correct) == len(MC)  # every question was scored and checked
   assert results["results"]["tiny_mc"]["acc,none"] == pytest.approx(np.mean(correct))
 
 
@@ -127,6 +128,7 @@ def test_rolling_loglikelihood_follows_the_harness_windows(paper_run):
   results = adapter.run_tasks(lm, ["tiny_ppl"], include_path=paper_run["tasks"], log_samples=True)
   docs = [json.loads(l)["text"] for l in open(os.path.join(paper_run["tasks"], "docs.jsonl"))]
   L = SEQ_LEN
+  assert sorted(samples_by_doc(results, "tiny_ppl")) == list(range(len(docs))) == [0, 1, 2]  # the loop checks all
   for i, sample in samples_by_doc(results, "tiny_ppl").items():
     ids = tok.encode(docs[i]).ids
     # The first L tokens follow the prefix (the dataset-id token); each later chunk of up to L tokens is scored
@@ -145,6 +147,7 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(paper_run):
   cfg, params, tok = paper_run["cfg"], paper_run["params"], paper_run["tok"]
   lm = adapter.JaxReplayLM(paper_run["run"], batch_size=2)
   results = adapter.run_tasks(lm, ["tiny_gen"], limit=2, include_path=paper_run["tasks"], log_samples=True)
+  assert sorted(samples_by_doc(results, "tiny_gen")) == [0, 1]  # the loop checks both generations
   for i, sample in samples_by_doc(results, "tiny_gen").items():
     ids = tok.encode(TEXTS[i][:20]).ids
     for _ in range(6):  # naive greedy: a full forward pass per token

@@ -20,6 +20,8 @@ from jaxreplay.models import decoder as M
 from jaxreplay.models import losses
 from jaxreplay.models import sampler as S
 
+from helpers import dot_operand_dtypes
+
 L, T, V = 2, 10, 40
 TOKENS = np.asarray(jax.random.randint(jax.random.key(1), (3, T), 0, V))
 SEGMENTS = np.asarray([[1] * 4 + [2] * 6, [1] * T, [1] * 3 + [2] * 3 + [0] * 4])  # packed rows, padding
@@ -121,6 +123,22 @@ def test_the_tpu_choice_in_bf16_gives_the_cpu_logits_and_loss(params, cpu_output
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(got[case][1]))  # fp32 params, fp32 grads
   close_in_bf16(got["logits"], cpu_outputs["logits"])
   close_in_bf16(got["decode"], cpu_outputs["logits"][:, :5])
+  # and it did compute in bf16: further from fp32 than fp32 rounding (the fp32 variants agree to 2e-5)
+  assert np.abs(np.asarray(got["logits"]) - cpu_outputs["logits"]).max() > 1e-3 * np.abs(cpu_outputs["logits"]).max()
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
+def test_each_platforms_dtype_is_the_dtype_its_programs_multiply_in(platform, params):
+  """What `choices(platform).compute_dtype` claims, through the config's auto dtype and from_config, is the
+  operand type of every matrix product of the lowered forward pass and of the KV-cache decode."""
+  name = config_lib.compute_dtype_name(config_lib.default(), platform)
+  assert name == platform_lib.choices(platform).compute_dtype
+  cfg = cfg_for(platform, name, attention="xla" if platform == "gpu" else cfg_for(platform).attention)
+  want = {"float32": ("f32", "f32"), "bfloat16": ("bf16", "bf16")}[name]
+  fwd = dot_operand_dtypes(lambda p, t: M.logits(cfg, p, t), params, TOKENS)
+  dec = dot_operand_dtypes(lambda p, t: M.apply(cfg, p, t, cache=M.init_cache(cfg, 3), cache_index=0)[0],
+                           params, TOKENS[:, :4])
+  assert len(fwd) >= 9 and len(dec) >= 9 and set(fwd) == set(dec) == {want}, (fwd, dec)
 
 
 def test_the_gpu_choice_asks_for_cudnn_exactly_where_it_applies(params, cpu_outputs, monkeypatch):

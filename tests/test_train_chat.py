@@ -125,6 +125,10 @@ def test_end_to_end_kl_self_replay_finetune(checkpoint, tmp_path):
   rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   first = next(r for r in rows if r["step"] == 1)
   assert abs(first["train_reg"]) < 1e-5  # the trained copy starts equal to the frozen model
+  steps_logged = [r for r in rows if "train_reg" in r and not r.get("final")]
+  assert len(steps_logged) == 4 and max(r["train_reg"] for r in steps_logged) > 1e-6
+  for r in steps_logged:  # the objective adds coeff (1) × KL(π_pre ‖ π_θ) ≥ 0 to the next-token loss
+    assert r["train_reg"] >= -1e-6 and r["train_loss"] == pytest.approx(r["train_ntp"] + r["train_reg"], rel=1e-5)
   assert rows[0]["step"] == 0 and abs(rows[0]["self_kl"]) < 1e-5 and "mcq_toy" in rows[0]
   assert result["step"] == 4 and result["train_step_compiles"] == 1
   assert result["valid_ntp"] < rows[0]["valid_ntp"]  # it learned the downstream data
@@ -207,6 +211,33 @@ def test_dataset_converters_follow_the_paper_filters():
   arc = dict(question="q", choices=dict(label=["1", "2", "3"], text=["a", "b", "c"]), answerKey="2")
   assert idata.mcq_item(arc, "keyed") == dict(question="q", choices=["a", "b", "c"], answer=1)
   assert idata.mcq_item(dict(question="q", choices=["a", "b"], answer=1), "mmlu")["answer"] == 1
+
+
+def test_resumed_chat_run_equals_uninterrupted_ci_size(checkpoint, tmp_path):
+  """CI size of the one below: stopped after 1 of 2 steps (self-generated KL replay, a buffer of 2 rows used one
+  per step, so the resumed step takes the buffer's second row) and resumed, it ends where a 2-step run does."""
+  directory, _, _ = checkpoint
+  _write_data(tmp_path)
+  c = tiny_config(directory, tmp_path, method="kl", source="self", coeff=1.0)
+  c.replay.update(batch_size=1, buffer=2)
+  c.stop.steps = 2
+  c.checkpoint.every_steps = 1
+  c.eval.update(every_steps=2, mcq="")
+  full = train.run(c, str(tmp_path / "full"))
+  c.stop.steps = 1
+  train.run(c, str(tmp_path / "cut"))
+  os.remove(tmp_path / "cut" / "final.json")  # as if it had been preempted after its step-1 checkpoint
+  os.remove(tmp_path / "cut" / "config.json")
+  c.stop.steps = 2
+  resumed = train.run(c, str(tmp_path / "cut"))
+  assert resumed["step"] == full["step"] == 2
+  for k in ("valid_ntp", "self_kl"):
+    assert resumed[k] == pytest.approx(full[k], rel=1e-5, abs=1e-7), k
+  second = [[r for r in map(json.loads, open(tmp_path / d / "metrics.jsonl")) if r["step"] == 2 and "train_loss" in r]
+            for d in ("full", "cut")]
+  assert len(second[0]) == len(second[1]) == 1  # the resumed run logs step 2 once
+  assert second[1][0]["train_loss"] == pytest.approx(second[0][0]["train_loss"], rel=1e-5)
+  assert full["self_kl"] > 1e-6  # one step moved the model off π_pre: the KL compared is not zero on both
 
 
 @pytest.mark.slow

@@ -20,9 +20,13 @@ def _real_text(tmp_path):
   return str(path)
 
 
-def _regs(workdir):
+def _regs(workdir, coeff=1.0):
+  """{step: train_reg}, having checked that each step's loss is its next-token loss plus coeff × the regulariser."""
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  return {r["step"]: r["train_reg"] for r in rows if "train_reg" in r and not r.get("final")}
+  rows = [r for r in rows if "train_reg" in r and not r.get("final")]
+  for r in rows:
+    assert r["train_loss"] == pytest.approx(r["train_ntp"] + coeff * r["train_reg"], rel=1e-5, abs=1e-6), r
+  return {r["step"]: r["train_reg"] for r in rows}
 
 
 @pytest.mark.parametrize("method", ["kl", "ntp"])
