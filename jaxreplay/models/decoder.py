@@ -55,12 +55,26 @@ class ModelConfig:
   remat: bool = False
   scan_unroll: int = 1  # layers per scan iteration; n_layers = a fully unrolled loop
   attention: str = "einsum"  # the kernel: einsum, xla or cudnn (the platform's choice in from_config)
+  # q, k, v from one matmul with their kernels concatenated in the step (the parameters stay three): None = where
+  # it fits (K = N, no bias); False = three projections (the general path, which tests compare it against).
+  fuse_qkv: bool | None = None
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
     set_("n_heads", self.n_heads or self.d_model // self.head_dim)
     set_("n_kv_heads", self.n_kv_heads or self.n_heads)
     set_("d_mlp", self.d_mlp or self.mlp_ratio * self.d_model)
+    if self.fuse_qkv and not self._qkv_fits:
+      raise ValueError("fuse_qkv=True needs n_kv_heads == n_heads and no qkv bias; leave it None (where it fits).")
+
+  @property
+  def _qkv_fits(self) -> bool:
+    return self.n_kv_heads == self.n_heads and not self.qkv_bias
+
+  @property
+  def qkv_fused(self) -> bool:
+    """Whether the block computes q, k, v in one matmul (`fuse_qkv`, None: where it fits)."""
+    return self._qkv_fits if self.fuse_qkv is None else self.fuse_qkv
 
   @property
   def n_groups(self) -> int:
@@ -204,9 +218,14 @@ class Block(nn.Module):
 
     # Projections on [B·T, D] rows: XLA:CPU runs a 2-D matmul faster than the same contraction in 3-D.
     h_XD = self.norm("input_layernorm", x_BTD, D).reshape(B * T, D)
-    q_BTNH = jnp.einsum("xd,dnh->xnh", h_XD, w_q.astype(dt)).reshape(B, T, N, H)
-    k_BTKH = jnp.einsum("xd,dkh->xkh", h_XD, w_k.astype(dt)).reshape(B, T, K, H)
-    v_BTKH = jnp.einsum("xd,dkh->xkh", h_XD, w_v.astype(dt)).reshape(B, T, K, H)
+    if cfg.qkv_fused:  # one [B·T, D] × [D, 3·N·H] matmul (and one for each gradient) instead of three narrow ones
+      w_DCNH = jnp.stack([w_q, w_k, w_v], axis=1).astype(dt)
+      qkv_BTCNH = jnp.einsum("xd,dcnh->xcnh", h_XD, w_DCNH).reshape(B, T, 3, N, H)
+      q_BTNH, k_BTKH, v_BTKH = qkv_BTCNH[:, :, 0], qkv_BTCNH[:, :, 1], qkv_BTCNH[:, :, 2]
+    else:
+      q_BTNH = jnp.einsum("xd,dnh->xnh", h_XD, w_q.astype(dt)).reshape(B, T, N, H)
+      k_BTKH = jnp.einsum("xd,dkh->xkh", h_XD, w_k.astype(dt)).reshape(B, T, K, H)
+      v_BTKH = jnp.einsum("xd,dkh->xkh", h_XD, w_v.astype(dt)).reshape(B, T, K, H)
     if cfg.qkv_bias:
       z = nn.initializers.zeros
       q_BTNH = q_BTNH + self.param("q_bias", z, (N, H), jnp.float32).astype(dt)
