@@ -117,3 +117,10 @@ def test_compare_names_a_bad_revision_and_a_missing_benchmark(tmp_path):
     out = subprocess.run([sys.executable, "benchmarks/compare.py", *args], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and words in out.stderr, out.stderr
+
+
+def test_paper_reference_names_a_checkout_that_is_not_the_papers(tmp_path):
+  """The paper's code is fetched by the user, never vendored: a wrong --ref is one sentence and exit 2."""
+  out = subprocess.run([sys.executable, os.path.join(BENCH, "paper_reference.py"), f"--ref={tmp_path}"],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and "holds no train_single.py" in out.stderr, out.stderr
