@@ -111,6 +111,8 @@ def main(argv=None):
       for name, bench in zip(args.benchmarks, benches):
         for tree, path in trees.items():
           raw[name][tree].append(run_benchmark(path, bench, args.timeout_s))
+          print(json.dumps(dict(round=len(raw[name][tree]), tree=tree, benchmark=name, result=raw[name][tree][-1])),
+                file=sys.stderr, flush=True)  # progress, and what a run cut short still has
     result = dict(
         this=dict(root=ROOT, commit=git("rev-parse", "HEAD"), dirty=bool(git("status", "--porcelain",
                                                                              "--untracked-files=no"))),

@@ -158,12 +158,16 @@ def attention(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS, causal: bool):
   B, T, N, H = q_BTNH.shape
   K, dt = k_BSKH.shape[2], cfg.dtype
   if cfg.attention == "einsum":
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-    logits_BKGTS = logits_BKGTS * (H ** -0.5)
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+    # Without grouped heads (G = 1) no group axis: with one, XLA:CPU splits the softmax's fusions and passes over
+    # the [B, N, T, S] logits twice more per layer (measured, docs/performance.md).
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H) if N != K else q_BTNH
+    spec = "btkgh,bskh->bkgts" if N != K else "btkh,bskh->bkts"
+    logits_BKGTS = jnp.einsum(spec, q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * (H ** -0.5)
+    mask = mask_BTS[:, None, None] if N != K else mask_BTS[:, None]
+    logits_BKGTS = jnp.where(mask, logits_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
-    return jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH).reshape(B, T, N, H)
+    out_spec = "bkgts,bskh->btkgh" if N != K else "bkts,bskh->btkh"
+    return jnp.einsum(out_spec, probs_BKGTS, v_BSKH).reshape(B, T, N, H)
   if causal:
     impl = "cudnn" if cfg.attention == "cudnn" and platform_lib.cudnn_applies(dt, H) else "xla"
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation=impl)
