@@ -8,7 +8,9 @@ Each REV is checked out into a temporary git worktree. Every round runs each ben
 this one first, then each baseline (A B A B ... in one window), each tree's script with PYTHONPATH set to its
 own root so that it imports its own code. Every numeric figure of the benchmarks' JSON is printed for each tree,
 with the ratio this/baseline per round, its median and its spread (min, max): on a noisy machine only ratios
-of interleaved runs count. Prints one JSON object.
+of interleaved runs count. `--same-script` runs this tree's copy of each named script in every tree (copied
+into the temporary worktree; the script must use only what the older benchmarks/common.py offers, as
+step_time.py does). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import platform as platform_mod
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -88,6 +91,7 @@ def main(argv=None):
   p.add_argument("--baseline", action="append", required=True, help="a git revision (repeat for several)")
   p.add_argument("--rounds", type=int, default=2, help="runs of each benchmark per tree, interleaved")
   p.add_argument("--timeout-s", type=float, default=1800, help="the most one benchmark run may take")
+  p.add_argument("--same-script", action="store_true", help="run this tree's scripts against each revision's code")
   p.add_argument("--figures", default="", help="comma-separated parts of the figures' paths to keep (all: '')")
   p.add_argument("benchmarks", nargs="*", default=["train_throughput --sizes=small,medium --steps=30"])
   args = p.parse_args(argv)
@@ -105,6 +109,9 @@ def main(argv=None):
     for i, (rev, sha) in enumerate(revs.items()):
       trees[rev] = os.path.join(tmp, f"tree{i}")
       git("worktree", "add", "--detach", trees[rev], sha)
+      for bench in benches if args.same_script else ():
+        name = bench[0].removesuffix(".py") + ".py"
+        shutil.copy(os.path.join(HERE, name), os.path.join(trees[rev], "benchmarks", name))
     load_before = os.getloadavg()
     raw = {name: {tree: [] for tree in trees} for name in args.benchmarks}
     for _ in range(args.rounds):

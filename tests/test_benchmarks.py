@@ -124,3 +124,20 @@ def test_paper_reference_names_a_checkout_that_is_not_the_papers(tmp_path):
   out = subprocess.run([sys.executable, os.path.join(BENCH, "paper_reference.py"), f"--ref={tmp_path}"],
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 2 and "holds no train_single.py" in out.stderr, out.stderr
+
+
+def test_compare_same_script_runs_this_trees_script_on_the_baselines_code(tmp_path):
+  """A script new since the baseline (here: fig2.py, printing pkg.V · 10) runs against the baseline's package."""
+  _repo_with_benchmark(tmp_path, 2)
+  (tmp_path / "pkg" / "__init__.py").write_text("V = 5\n")
+  (tmp_path / "benchmarks" / "fig2.py").write_text("import json, pkg\nprint(json.dumps(dict(v=pkg.V * 10)))\n")
+  out = subprocess.run([sys.executable, "benchmarks/compare.py", "--baseline=HEAD", "--rounds=1", "--same-script",
+                        "fig2"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  fig = json.loads(out.stdout)["benchmarks"]["fig2"]["HEAD"]["v"]
+  assert (fig["this"], fig["baseline"], fig["ratio"]) == ([50.0], [20.0], 2.5)
+
+
+def test_step_time():
+  r = run("step_time.py", "--sizes=tiny", "--steps=2")["results"][0]
+  assert r["size"] == "tiny" and r["tokens_per_s_best"] >= r["tokens_per_s"] > 0 and r["tokens_per_cpu_s"] > 0
