@@ -129,9 +129,10 @@ def sampler_arms(size: str, paper) -> dict:
 
 def interleave(arms: dict, tokens: int, calls: int, rounds: int) -> dict:
   rates = {name: [] for name in arms}
-  for _ in range(rounds):
+  for r in range(rounds):
     for name, fn in arms.items():
       rates[name].append(round(tokens / timed(fn, calls), 1))
+      print(f"round {r + 1}: {name} {rates[name][-1]} tokens/s", file=sys.stderr, flush=True)  # progress
   ratios = [o / p for o, p in zip(rates["ours"], rates["paper"])]
   return dict(tokens_per_s=rates, ours_vs_paper=round(statistics.median(ratios), 4),
               ours_vs_paper_min=round(min(ratios), 4), ours_vs_paper_max=round(max(ratios), 4))
