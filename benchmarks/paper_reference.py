@@ -156,7 +156,8 @@ def main():
     row["train_step"] = interleave(arms, tokens, args.steps, args.rounds)
     if not args.no_sample:
       arms, tokens = sampler_arms(size, paper)
-      row["sampler"] = dict(batch=SAMPLE_BATCH.get(size, common.SIZES[size]["batch"]), **interleave(arms, tokens, args.samples, args.rounds))
+      rows = SAMPLE_BATCH.get(size, common.SIZES[size]["batch"])
+      row["sampler"] = dict(batch=rows, **interleave(arms, tokens, args.samples, args.rounds))
     results.append(row)
   print(json.dumps(dict(backend=jax.default_backend(), machine=platform_mod.node(), cpus=os.cpu_count(),
                         load_avg_before=[round(x, 2) for x in load_before],
