@@ -76,3 +76,68 @@ def test_suite_runs_its_cpu_plan_and_its_accelerator_plan_names_real_sizes():
       if a.startswith(("--sizes=", "--size=")):
         assert set(a.split("=", 1)[1].split(",")) <= set(common.SIZES), (name, a)
   assert sum(cap for *_, cap in suite.PLANS["accelerator"]) <= 600  # every cap together fits one device call
+
+
+def _repo_with_benchmark(root, value: int):
+  """A git repository holding compare.py and a benchmark that prints a number from the tree's own package."""
+  os.makedirs(root / "benchmarks")
+  os.makedirs(root / "pkg")
+  with open(os.path.join(BENCH, "compare.py")) as f:
+    (root / "benchmarks" / "compare.py").write_text(f.read())
+  (root / "benchmarks" / "fig.py").write_text(
+      "import json, sys, pkg\nprint('noise before the JSON')\n"
+      "print(json.dumps(dict(results=[dict(size=sys.argv[1], tokens_per_s=pkg.V, label='x')])))\n")
+  (root / "pkg" / "__init__.py").write_text(f"V = {value}\n")
+  env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+             GIT_COMMITTER_EMAIL="t@t")
+  for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "baseline"]):
+    subprocess.run(["git", *cmd], cwd=root, check=True, env=env)
+
+
+def test_compare_runs_each_tree_with_its_own_code(tmp_path):
+  """The baseline revision prints V=2 from its own package, the working tree V=3: the ratio is exactly 1.5 in
+  every round, each tree's values are its own, and the temporary worktree is gone afterwards."""
+  _repo_with_benchmark(tmp_path, 2)
+  (tmp_path / "pkg" / "__init__.py").write_text("V = 3\n")
+  out = subprocess.run([sys.executable, "benchmarks/compare.py", "--baseline=HEAD", "--rounds=2", "fig small"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=""))
+  assert out.returncode == 0, out.stderr
+  r = json.loads(out.stdout)
+  fig = r["benchmarks"]["fig small"]["HEAD"]["results.small.tokens_per_s"]
+  assert fig == dict(this=[3.0, 3.0], baseline=[2.0, 2.0], ratio=1.5, ratio_min=1.5, ratio_max=1.5)
+  assert r["rounds"] == 2 and r["this"]["dirty"] and len(r["load_avg_before"]) == 3
+  worktrees = subprocess.run(["git", "worktree", "list"], cwd=tmp_path, capture_output=True, text=True).stdout
+  assert len(worktrees.strip().splitlines()) == 1
+
+
+def test_compare_names_a_bad_revision_and_a_missing_benchmark(tmp_path):
+  _repo_with_benchmark(tmp_path, 2)
+  for args, words in ((["--baseline=nope", "fig a"], "--baseline=nope is not a git revision"),
+                      (["--baseline=HEAD", "nothere"], "benchmarks/nothere.py does not exist")):
+    out = subprocess.run([sys.executable, "benchmarks/compare.py", *args], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and words in out.stderr, out.stderr
+
+
+def test_paper_reference_names_a_checkout_that_is_not_the_papers(tmp_path):
+  """The paper's code is fetched by the user, never vendored: a wrong --ref is one sentence and exit 2."""
+  out = subprocess.run([sys.executable, os.path.join(BENCH, "paper_reference.py"), f"--ref={tmp_path}"],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and "holds no train_single.py" in out.stderr, out.stderr
+
+
+def test_compare_same_script_runs_this_trees_script_on_the_baselines_code(tmp_path):
+  """A script new since the baseline (here: fig2.py, printing pkg.V · 10) runs against the baseline's package."""
+  _repo_with_benchmark(tmp_path, 2)
+  (tmp_path / "pkg" / "__init__.py").write_text("V = 5\n")
+  (tmp_path / "benchmarks" / "fig2.py").write_text("import json, pkg\nprint(json.dumps(dict(v=pkg.V * 10)))\n")
+  out = subprocess.run([sys.executable, "benchmarks/compare.py", "--baseline=HEAD", "--rounds=1", "--same-script",
+                        "fig2"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  fig = json.loads(out.stdout)["benchmarks"]["fig2"]["HEAD"]["v"]
+  assert (fig["this"], fig["baseline"], fig["ratio"]) == ([50.0], [20.0], 2.5)
+
+
+def test_step_time():
+  r = run("step_time.py", "--sizes=tiny", "--steps=2")["results"][0]
+  assert r["size"] == "tiny" and r["tokens_per_s_best"] >= r["tokens_per_s"] > 0 and r["tokens_per_cpu_s"] > 0

@@ -171,6 +171,28 @@ def test_every_block_type_matches_a_numpy_reference_and_its_cache(name):
   np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=2e-5, rtol=1e-5)
 
 
+def test_fused_qkv_is_picked_where_it_fits_and_equals_three_projections():
+  """The fused-qkv layout (one matmul on the concatenated kernels; parameters unchanged) is the config's choice
+  for K = N without biases, refused elsewhere, and gives the three projections' logits and gradients, on default
+  positions, on packed segments and through the cache."""
+  assert TINY.qkv_fused and dataclasses.replace(VARIANTS["qwen3"], n_kv_heads=2).qkv_fused
+  assert not any(VARIANTS[n].qkv_fused for n in ("llama", "qwen2", "qwen3"))
+  with pytest.raises(ValueError, match="fuse_qkv=True needs"):
+    dataclasses.replace(VARIANTS["qwen2"], fuse_qkv=True)
+  general = dataclasses.replace(TINY, fuse_qkv=False)
+  p = random_params(TINY, 3)
+  toks = np.asarray(jax.random.randint(jax.random.key(4), (2, 16), 0, 50))
+  segs = np.repeat([[1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3, 3, 0, 0]], 2, 0)
+  for kw in ({}, dict(segments_BT=segs, positions_BT=M.segment_positions(segs))):
+    loss = lambda cfg, p: (M.logits(cfg, p, toks, **kw) ** 2).mean()
+    fused, ref = (jax.jit(jax.value_and_grad(lambda p, c=c: loss(c, p)))(p) for c in (TINY, general))
+    np.testing.assert_allclose(fused[0], ref[0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(fused[1]), jax.tree.leaves(ref[1])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  steps = [M.apply(c, p, toks[:, :5], cache=M.init_cache(c, 2), cache_index=0)[0] for c in (TINY, general)]
+  np.testing.assert_allclose(steps[0], steps[1], rtol=1e-5, atol=1e-5)
+
+
 def test_a_format_1_export_loads_converted(tmp_path):
   """An export of the paper model written before the decoders became one: fused {qkv, out, up, down} leaves and
   no params_format in info.json. It loads as this decoder's parameters and gives the same logits as the old

@@ -55,12 +55,26 @@ class ModelConfig:
   remat: bool = False
   scan_unroll: int = 1  # layers per scan iteration; n_layers = a fully unrolled loop
   attention: str = "einsum"  # the kernel: einsum, xla or cudnn (the platform's choice in from_config)
+  # q, k, v from one matmul with their kernels concatenated in the step (the parameters stay three): None = where
+  # it fits (K = N, no bias); False = three projections (the general path, which tests compare it against).
+  fuse_qkv: bool | None = None
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
     set_("n_heads", self.n_heads or self.d_model // self.head_dim)
     set_("n_kv_heads", self.n_kv_heads or self.n_heads)
     set_("d_mlp", self.d_mlp or self.mlp_ratio * self.d_model)
+    if self.fuse_qkv and not self._qkv_fits:
+      raise ValueError("fuse_qkv=True needs n_kv_heads == n_heads and no qkv bias; leave it None (where it fits).")
+
+  @property
+  def _qkv_fits(self) -> bool:
+    return self.n_kv_heads == self.n_heads and not self.qkv_bias
+
+  @property
+  def qkv_fused(self) -> bool:
+    """Whether the block computes q, k, v in one matmul (`fuse_qkv`, None: where it fits)."""
+    return self._qkv_fits if self.fuse_qkv is None else self.fuse_qkv
 
   @property
   def n_groups(self) -> int:
@@ -144,12 +158,16 @@ def attention(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS, causal: bool):
   B, T, N, H = q_BTNH.shape
   K, dt = k_BSKH.shape[2], cfg.dtype
   if cfg.attention == "einsum":
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-    logits_BKGTS = logits_BKGTS * (H ** -0.5)
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+    # Without grouped heads (G = 1) no group axis: with one, XLA:CPU splits the softmax's fusions and passes over
+    # the [B, N, T, S] logits twice more per layer (measured, docs/performance.md).
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H) if N != K else q_BTNH
+    spec = "btkgh,bskh->bkgts" if N != K else "btkh,bskh->bkts"
+    logits_BKGTS = jnp.einsum(spec, q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * (H ** -0.5)
+    mask = mask_BTS[:, None, None] if N != K else mask_BTS[:, None]
+    logits_BKGTS = jnp.where(mask, logits_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
-    return jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH).reshape(B, T, N, H)
+    out_spec = "bkgts,bskh->btkgh" if N != K else "bkts,bskh->btkh"
+    return jnp.einsum(out_spec, probs_BKGTS, v_BSKH).reshape(B, T, N, H)
   if causal:
     impl = "cudnn" if cfg.attention == "cudnn" and platform_lib.cudnn_applies(dt, H) else "xla"
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation=impl)
@@ -204,9 +222,14 @@ class Block(nn.Module):
 
     # Projections on [B·T, D] rows: XLA:CPU runs a 2-D matmul faster than the same contraction in 3-D.
     h_XD = self.norm("input_layernorm", x_BTD, D).reshape(B * T, D)
-    q_BTNH = jnp.einsum("xd,dnh->xnh", h_XD, w_q.astype(dt)).reshape(B, T, N, H)
-    k_BTKH = jnp.einsum("xd,dkh->xkh", h_XD, w_k.astype(dt)).reshape(B, T, K, H)
-    v_BTKH = jnp.einsum("xd,dkh->xkh", h_XD, w_v.astype(dt)).reshape(B, T, K, H)
+    if cfg.qkv_fused:  # one [B·T, D] × [D, 3·N·H] matmul (and one for each gradient) instead of three narrow ones
+      w_DCNH = jnp.stack([w_q, w_k, w_v], axis=1).astype(dt)
+      qkv_BTCNH = jnp.einsum("xd,dcnh->xcnh", h_XD, w_DCNH).reshape(B, T, 3, N, H)
+      q_BTNH, k_BTKH, v_BTKH = qkv_BTCNH[:, :, 0], qkv_BTCNH[:, :, 1], qkv_BTCNH[:, :, 2]
+    else:
+      q_BTNH = jnp.einsum("xd,dnh->xnh", h_XD, w_q.astype(dt)).reshape(B, T, N, H)
+      k_BTKH = jnp.einsum("xd,dkh->xkh", h_XD, w_k.astype(dt)).reshape(B, T, K, H)
+      v_BTKH = jnp.einsum("xd,dkh->xkh", h_XD, w_v.astype(dt)).reshape(B, T, K, H)
     if cfg.qkv_bias:
       z = nn.initializers.zeros
       q_BTNH = q_BTNH + self.param("q_bias", z, (N, H), jnp.float32).astype(dt)
