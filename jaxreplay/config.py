@@ -361,6 +361,17 @@ def write(c: ml_collections.ConfigDict, workdir: str):
   write_json(os.path.join(workdir, "config.json"), c.to_dict(), sort_keys=True)
 
 
+def check_workdir(c: ml_collections.ConfigDict, workdir: str):
+  """Refuses a workdir that holds a different run, before anything is written."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  diff = differences(from_json_file(path), c)
+  if diff:
+    raise ConfigError(f"The workdir {workdir} holds a run with a different config ({', '.join(diff[:5])} differ): "
+                      "use a new --workdir, or the same config to resume it.")
+
+
 def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict,
                 ignore=("log", "checkpoint", "mesh", "data.num_workers", "data.prefetch")) -> list[str]:
   """Dotted keys whose values differ, ignoring keys that do not change the numbers (a run may resume on

@@ -250,6 +250,8 @@ def main(argv: list[str]) -> int:
   p.add_argument("--extend", action="store_true",
                  help="accept a workdir whose recorded sweep lacks some of this definition's runs (runs only added)")
   p.add_argument("--only", default=None, help="glob(s) or substring(s), comma-separated; their parents run too")
+  p.add_argument("--cache_dir", default=None, help="where default:LANG data is built (default: $JAXREPLAY_CACHE, "
+                 "$XDG_CACHE_HOME/jaxreplay or ~/.cache/jaxreplay); every worker reads it")
   p.add_argument("--devices", default="", help="accelerator ids to split over the jobs, e.g. 0,1,2,3 (GPUs)")
   p.add_argument("--device_env", default="CUDA_VISIBLE_DEVICES",
                  help="variable that gives each worker its devices (TPU: TPU_VISIBLE_CHIPS)")
@@ -270,23 +272,29 @@ def main(argv: list[str]) -> int:
     raise UsageError(f"--jobs={a.jobs} must be ≥ 1.")
   if a.pack is not None and a.pack < 1:
     raise UsageError(f"--pack={a.pack} must be ≥ 1: the most runs one process trains together (1 turns packing off).")
+  if a.status and not os.path.isdir(a.workdir):
+    raise UsageError(f"--workdir={a.workdir} does not exist: give the directory a sweep was started in.")
+  if a.cache_dir:  # the workers this process starts read it too
+    os.environ["JAXREPLAY_CACHE"] = os.path.abspath(os.path.expanduser(a.cache_dir))
   return run_sweep(a)
 
 
 def run_sweep(a) -> int:
   workdir = os.path.abspath(a.workdir)
   readonly = a.dry_run or a.status
-  runs, fp = prepare(a.spec, workdir, write=not readonly, only=None if a.status else a.only, extend=a.extend)
+  sweep = sweeps.load(a.spec)
+  runs, fp = prepare(a.spec, workdir, write=not readonly, only=None if a.status else a.only, extend=a.extend,
+                     sweep=sweep)
   if a.status:
     print(status(workdir, runs))
     return 0
   runs = select(runs, a.only)
-  pack = a.pack if a.pack is not None else int(getattr(sweeps.load(a.spec), "pack", 1) or 1)
+  pack = a.pack if a.pack is not None else int(getattr(sweep, "pack", 1) or 1)
   if a.dry_run:
     print(dry_run(workdir, runs))
     print(cost.format_costs(runs, a.peak_tflops, a.mfu))
     if pack > 1:
-      print(describe_plan(plan(workdir, runs, set(), pack), {r.name: resolved_config(workdir, r) for r in runs}))
+      print(describe_plan(plan(workdir, runs, set(), pack), {r.name: resolved_config(workdir, r, False) for r in runs}))
     return 0
   if a.multihost:
     kw = {k: v for k, v in dict(coordinator_address=a.coordinator, num_processes=a.num_processes,

@@ -26,8 +26,7 @@ import ml_collections
 
 from jaxreplay.io import write_json
 from jaxreplay import config as config_lib
-from jaxreplay.data.commands import resolve_path
-from jaxreplay.experiments import sweeps
+from jaxreplay.experiments import resolve, sweeps
 from jaxreplay.experiments.sweeps import Run, SweepError
 
 SWEEP_FILE = "sweep.json"
@@ -69,12 +68,12 @@ def end_attempt(db, attempt: int, status: str, message: str = ""):
 
 
 def prepare(spec: str, workdir: str, write: bool = True, only: str | None = None,
-            extend: bool = False) -> tuple[list[Run], str]:
+            extend: bool = False, sweep: sweeps.Sweep | None = None) -> tuple[list[Run], str]:
   """Loads, expands and validates the sweep (and checks that `only` selects some run) before writing anything;
   checks (and records) that the workdir holds this sweep, or, with `extend`, this sweep with runs added to the
   one recorded (none removed or changed, so every recorded result stays valid). Returns every run, not only the
-  selected ones."""
-  runs = sweeps.expand(sweeps.load(spec))
+  selected ones. `sweep`: spec's Sweep, when already loaded."""
+  runs = sweeps.expand(sweep or sweeps.load(spec))
   select(runs, only)
   fp = sweeps.fingerprint(runs)
   path = os.path.join(workdir, SWEEP_FILE)
@@ -139,17 +138,11 @@ def load_runs(workdir: str) -> tuple[list[Run], str]:
   return [Run(**r) for r in data["runs"]], data["fingerprint"]
 
 
-def resolved_config(workdir: str, run: Run) -> ml_collections.ConfigDict:
-  """The run's config with init.from pointing at the parent's workdir and data paths resolved."""
-  c = ml_collections.ConfigDict(run.config)  # new groups: setting a key leaves run.config as it was
-  if c.data.get("kind") != "chat":  # chat paths are plain files, read as given (relative to the working directory)
-    if run.parent:
-      c.init["from"] = run_dir(workdir, run.parent)
-    c.data.path = resolve_path(c.data.path)
-    c.data.mix_path = c.data.mix_path and resolve_path(c.data.mix_path)
-    c.replay.path = c.replay.path and resolve_path(c.replay.path)
-  c.lock()
-  return c
+def resolved_config(workdir: str, run: Run, parent_ready: bool = True) -> ml_collections.ConfigDict:
+  """The run's config through the one entrance, init.from pointing at the parent's workdir (parent_ready=False:
+  for a plan made before the parents trained)."""
+  init_from = run_dir(workdir, run.parent) if run.parent else None
+  return resolve.run_config(run.config, run_dir(workdir, run.name), init_from=init_from, parent_ready=parent_ready)
 
 
 def is_finished(workdir: str, name: str) -> bool:

@@ -33,13 +33,12 @@ import itertools
 import json
 import os
 import re
-import sys
 
 import ml_collections
 
 from jaxreplay import config as config_lib
 from jaxreplay.errors import ConfigError, SweepError
-from jaxreplay.experiments import config_files
+from jaxreplay.experiments import resolve
 
 
 # Short names for common keys in run labels; any other key shows its last component (or all of it when two
@@ -310,17 +309,14 @@ def fingerprint(runs: list[Run]) -> str:
 
 
 def _module(path: str):
+  path = resolve.find_file(path)
   if not path.endswith(".py") or not os.path.isfile(path):
     raise SweepError(f"Sweep file {path!r} does not exist or is not a .py file: give the path to a file in "
                      "sweeps/, e.g. sweeps/quickstart.py:small.")
-  folder = os.path.dirname(os.path.abspath(path))
-  if folder not in sys.path:  # sweep files may import shared helpers next to them (sweeps/_paper.py)
-    sys.path.insert(0, folder)
-  name = "jaxreplay_sweep_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
   try:
-    return config_files.load_module(path, name)
+    return resolve.load_file(path)  # its folder importable: sweep files import helpers next to them (_paper.py)
   except Exception as e:  # the user's own file: any failure in it is theirs to fix, said in one line
-    raise SweepError(f"Sweep file {path} could not be loaded ({type(e).__name__}: {config_files.first_line(e)}): "
+    raise SweepError(f"Sweep file {path} could not be loaded ({type(e).__name__}: {resolve.first_line(e)}): "
                      "fix it.") from None
 
 
@@ -358,7 +354,7 @@ def load(spec: str) -> Sweep:
   except (SweepError, ConfigError):
     raise
   except Exception as e:  # as in _module
-    raise SweepError(f"{path}: get_sweep({arg!r}) failed ({type(e).__name__}: {config_files.first_line(e)}): fix "
+    raise SweepError(f"{path}: get_sweep({arg!r}) failed ({type(e).__name__}: {resolve.first_line(e)}): fix "
                      "the file or its argument.") from None
   if not isinstance(sweep, Sweep):
     raise SweepError(f"{path}: get_sweep returned {type(sweep).__name__}, not a jaxreplay.experiments.sweeps.Sweep.")

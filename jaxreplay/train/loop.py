@@ -27,7 +27,7 @@ from jaxreplay.models import decoder, export as export_lib, hf_import
 from jaxreplay.replay import sources as replay_lib
 from jaxreplay.train import checkpoint as ckpt_lib, evaluation, metrics as metrics_lib, optim, steps
 from jaxreplay.train import preemption as preemption_lib
-from jaxreplay.train.stage import Stage, check_workdir, inherit_parent_shape  # noqa: F401 (the CLI's names)
+from jaxreplay.train.stage import Stage
 
 
 DONE_FILE = "final.json"
@@ -43,7 +43,7 @@ def run(c, workdir: str, evaluators=()) -> dict:
   `evaluators`: callables params -> {name: value}, run at every evaluation alongside the losses.
   """
   if is_finished(workdir):
-    check_workdir(c, workdir)
+    config_lib.check_workdir(c, workdir)
     with open(os.path.join(workdir, DONE_FILE)) as f:
       return json.load(f)
   t = setup(c, workdir, evaluators)
