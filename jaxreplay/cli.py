@@ -1,9 +1,4 @@
-"""`jaxreplay SUBCOMMAND ...`: thin wrappers over the library.
-
-  jaxreplay pretrain --config=sweeps/quickstart.py:pretrain --config.model.d_model=256 --workdir=DIR
-  jaxreplay finetune --config=sweeps/quickstart.py:finetune --config.init.from=DIR --workdir=DIR2
-  jaxreplay data default|tokenizer|tokenize ...
-  jaxreplay quickstart --workdir=runs/quickstart
+"""`jaxreplay COMMAND ...` (the commands: USAGE below): thin wrappers over the library.
 
 Parse, dispatch, and map errors: every user error (`jaxreplay.errors.UserError`) and every path that cannot
 be read or written ends in one sentence on stderr and exit status 2. The subcommands' work is in the library.

@@ -135,15 +135,14 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: dict):
     group[leaf] = _value(key, group[leaf], text)
 
 
-def _take_parent_shape(c, explicit):
-  """The model keys the weights in init.from depend on come from that run's export, unless the user set one
-  (`explicit`) to another value, which is an error."""
-  parent = export_lib.exported_config(c.init["from"])
+def take_parent_shape(c, parent: dict, explicit=(), where: str = ""):
+  """c's model keys that the weights depend on become those of the run it starts from (`parent`: its config),
+  unless the user set one (`explicit`, e.g. 'd_model') to another value, which is an error."""
   conflicts = config_lib.inherit_model_shape(c, parent, explicit)
   if conflicts:
     k = conflicts[0]
-    raise ConfigError(f"config.model.{k}={c.model[k]!r} differs from the run in init.from ({parent['model'][k]!r}): "
-                      f"finetuning keeps the pretrained model's shape, so drop --config.model.{k}.")
+    raise ConfigError(f"{where}config.model.{k}={c.model[k]!r} differs from the run in init.from "
+                      f"({parent['model'][k]!r}): finetuning keeps the pretrained model's shape, so drop model.{k}.")
 
 
 def _resolve_paths(c, cache_dir):
@@ -180,7 +179,8 @@ def run_config(experiment, workdir: str, overrides: dict | None = None, cache_di
     c.init["from"] = init_from
   config_lib.validate(c)  # a bad value fails at once, before the default data is built or jax starts
   if c.init["from"] and parent_ready:
-    _take_parent_shape(c, [k[len("model."):] for k in overrides or {} if k.startswith("model.")])
+    take_parent_shape(c, export_lib.exported_config(c.init["from"]),
+                      [k[len("model."):] for k in overrides or {} if k.startswith("model.")])
   _resolve_paths(c, cache_dir)
   config_lib.check_workdir(c, workdir)
   return c

@@ -19,6 +19,7 @@ import time
 
 import jax
 
+from jaxreplay import rundir
 from jaxreplay.errors import SweepError, UsageError, UserError
 from jaxreplay.experiments import multihost, packing
 from jaxreplay.experiments import sweepcost as cost
@@ -50,8 +51,7 @@ def train_in_subprocess(workdir: str, name: str, cwd: str, *parents) -> dict:
     if r.returncode not in (0, EXIT_CLAIMED):
       raise RunFailed(f"run {name} failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()[-1500:]}")
     break
-  with open(os.path.join(run_dir(workdir, name), "final.json")) as f:
-    return dict(name=name, **json.load(f))
+  return dict(name=name, **rundir.read_final(run_dir(workdir, name)))
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -86,7 +86,7 @@ class LocalRunner:
       env[self.device_env] = devices
     elif self.jobs > 1:  # several runs share the accelerators: no process may take most of their memory
       env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    log = open(os.path.join(run_dir(self.workdir, names[0]), "worker.log"), "ab")
+    log = open(os.path.join(run_dir(self.workdir, names[0]), rundir.WORKER_LOG), "ab")
     command = [sys.executable, "-m", "jaxreplay.experiments.pack_runner", "--workdir", self.workdir, "--runs",
                json.dumps(names), "--kind", job["kind"], "--pack", str(self.pack)]
     proc = subprocess.Popen(command, env=env, pass_fds=tuple(fds), stdout=log, stderr=subprocess.STDOUT)
@@ -107,7 +107,7 @@ class LocalRunner:
       del self.running[key]
       if rc in (EXIT_CLAIMED, EXIT_WAITING):
         continue
-      tail = _tail(os.path.join(run_dir(self.workdir, names[0]), "worker.log"))
+      tail = _tail(os.path.join(run_dir(self.workdir, names[0]), rundir.WORKER_LOG))
       for name in names:
         if is_finished(self.workdir, name):
           self.say(f"done   {name}")

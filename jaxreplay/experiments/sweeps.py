@@ -14,7 +14,7 @@ stop.tokens_per_param) replaces the base's length criterion. `after=` makes each
 finetuning run of each named run: a stage (every run of it), (stage, {key: value}) (its runs with those
 overrides), or a list of run names; `match=` pairs a child only with parents that agree on the given keys.
 A child's `init.from` is the NAME of its parent; the runner turns it into that run's workdir. A child takes
-every model key its weights depend on from its parent (`config.inherit_model_shape`); a child grid key that
+every model key its weights depend on from its parent (`resolve.take_parent_shape`); a child grid key that
 contradicts its parent is an error at expansion.
 
 Run names are `STAGE/LABEL` for runs that start from nothing and `STAGE/PARENT_NAME/LABEL` for the others
@@ -241,14 +241,9 @@ def _inherit_shape(run: Run, configs: dict) -> Run:
   arrive parents first); one of them set explicitly by the child's grid to another value is an error."""
   if not run.parent:
     return run
-  c, parent = configs[run.name], configs[run.parent].to_dict()
-  explicit = [k[len("model."):] for k in run.overrides if k.startswith("model.")]
-  conflicts = config_lib.inherit_model_shape(c, parent, explicit)
-  if conflicts:
-    k = conflicts[0]
-    raise SweepError(f"Run {run.name!r} sets model.{k}={c.model[k]!r}, but the run it starts from, {run.parent!r}, "
-                     f"has model.{k}={parent['model'][k]!r}: a finetuning run keeps its parent's model shape, so drop "
-                     f"model.{k} from the finetuning stage's grid.")
+  c = configs[run.name]
+  resolve.take_parent_shape(c, configs[run.parent].to_dict(),
+                            [k[len("model."):] for k in run.overrides if k.startswith("model.")], f"Run {run.name!r}: ")
   return dataclasses.replace(run, config=c.to_dict())
 
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxreplay import config as config_lib, sharding
+from jaxreplay import config as config_lib, rundir, sharding
 from jaxreplay.errors import TrainingError  # noqa: F401 (raised here; callers catch it as train.TrainingError)
 from jaxreplay.io import write_json
 from jaxreplay.evals import forgetting as evaluate_lib, mcq, toy
@@ -30,7 +30,7 @@ from jaxreplay.train import preemption as preemption_lib
 from jaxreplay.train.stage import Stage
 
 
-DONE_FILE = "final.json"
+DONE_FILE = rundir.FINAL
 
 
 def is_finished(workdir: str) -> bool:
@@ -285,7 +285,7 @@ def finish(t: Trainer, stop_reason: str) -> dict:
   t.checkpointer.save(step, t.state, t.extra, force=True)
   t.checkpointer.close()
   if stage.hf_dir and c.export.hf:
-    hf_import.save_hf(final_params, stage.model_cfg, stage.hf_dir, os.path.join(t.workdir, "hf"))
+    hf_import.save_hf(final_params, stage.model_cfg, stage.hf_dir, os.path.join(t.workdir, rundir.HF))
   elif not stage.hf_dir:
     export_lib.export(t.workdir, final_params, c.to_dict(), dict(step=step, dataset_id=stage.dataset_id))
   t.writer.write(step, dict(final=True, **{k: v for k, v in result.items() if k != "step"}))

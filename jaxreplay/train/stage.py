@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxreplay import config as config_lib, sharding
+from jaxreplay import config as config_lib, rundir, sharding
 from jaxreplay.io import write_json
 from jaxreplay.data import chat as chat_data, loader, tokenfile
 from jaxreplay.models import decoder, export as export_lib, hf_import
@@ -159,7 +159,7 @@ class Stage:
   def write_data_stats(self):
     """What chat packing made of the data, as data_stats.json (process 0; nothing for token data)."""
     if self.c.model.path and jax.process_index() == 0:
-      write_json(os.path.join(self.workdir, "data_stats.json"), dict(
+      write_json(os.path.join(self.workdir, rundir.DATA_STATS), dict(
           train=self.train.stats, valid=self.valid.stats if self.valid is not None else None,
           total_steps=self.total_steps, replay_rows=None if self.real_rows is None else len(self.real_rows)))
 
