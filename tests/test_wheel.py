@@ -64,8 +64,8 @@ def test_the_installed_package_is_the_wheel(venv, tmp_path):
 
 @pytest.mark.slow  # trains three quickstart runs, an instruct run and a toy sweep: minutes on a 2-core CPU
 def test_documented_commands_run_from_the_wheel_in_another_directory(venv, tmp_path):
-  cache = default_cache(tmp_path / "cache", vocab=1024, train_tokens=60_000, valid_tokens=70_000)
-  out = jaxreplay(venv, ["quickstart", "--workdir=qs", "--scale=0.002", f"--cache_dir={cache}"], tmp_path)
+  cache = default_cache(tmp_path / "cache", vocab=1024, train_tokens=300_000, valid_tokens=70_000)
+  out = jaxreplay(venv, ["quickstart", "--workdir=qs", "--scale=0.1", f"--cache_dir={cache}"], tmp_path)
   assert "matched Spanish loss" in out and (tmp_path / "qs" / "quickstart.json").exists()
   jaxreplay(venv, ["instruct", "--config=sweeps/instruct.py:small", "--workdir=one"], tmp_path)
   assert (tmp_path / "one" / "final.json").exists()

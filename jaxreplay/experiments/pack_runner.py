@@ -95,7 +95,7 @@ def plan(workdir: str, runs: list[Run], done: set[str], n: int) -> list[dict]:
     return jobs + [dict(kind="chain", names=[r.name]) for r in rest]
   # A run that already trained alone resumes from its own checkpoints, alone.
   started_alone = {r.name for r in rest if os.path.isdir(rundir.checkpoints_dir(run_dir(workdir, r.name)))}
-  configs = {r.name: resolved_config(workdir, r, parent_ready=False) for r in rest if r.name not in started_alone}
+  configs = {r.name: resolved_config(workdir, r, planning=True) for r in rest if r.name not in started_alone}
   singles_by_stage: dict[str, list[str]] = {}
   stage_of = {r.name: r.stage for r in rest}
   for p in packing.group(configs, n) + [[name] for name in sorted(started_alone)]:

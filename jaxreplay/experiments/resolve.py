@@ -145,9 +145,9 @@ def take_parent_shape(c, parent: dict, explicit=(), where: str = ""):
                       f"({parent['model'][k]!r}): finetuning keeps the pretrained model's shape, so drop model.{k}.")
 
 
-def _resolve_paths(c, cache_dir):
-  """Token directories (and default:LANG[:VOCAB], built on first use) as absolute paths, each checked under its
-  own key; chat data's files are read as given."""
+def _resolve_paths(c, cache_dir, check: bool):
+  """Token directories (and default:LANG[:VOCAB], built on first use) as absolute paths, each checked (`check`)
+  under its own key; chat data's files are read as given."""
   if c.data.kind != "tokens":
     return
   for key in TOKEN_PATHS:
@@ -156,17 +156,17 @@ def _resolve_paths(c, cache_dir):
     if not value and key != "data.path":
       continue
     path = resolve_path(value, cache_dir)
-    if not os.path.isdir(path):
+    if check and not os.path.isdir(path):
       raise DataError(f"Token directory {path} does not exist: create it with `jaxreplay data tokenize` or fix "
                       f"config.{key}.")
     c[group][leaf] = path
 
 
 def run_config(experiment, workdir: str, overrides: dict | None = None, cache_dir: str | None = None,
-               stage: str | None = None, init_from: str | None = None, parent_ready: bool = True):
+               stage: str | None = None, init_from: str | None = None, planning: bool = False):
   """The validated config of the run in `workdir`: `experiment` is FILE.py[:ARG] or a config (a sweep's run,
-  copied); `overrides` {KEY: text}; `stage` and `init_from` (a workdir) set those keys. parent_ready=False (a
-  sweep's plan, before its parents trained) leaves the shape as the sweep's expansion took it."""
+  copied); `overrides` {KEY: text}; `stage` and `init_from` (a workdir) set those keys. `planning` (a sweep's
+  plan, made before its parents trained) keeps the shape the sweep's expansion took and checks no directory."""
   if isinstance(experiment, str):
     c = experiment_config(experiment)
   else:
@@ -178,9 +178,10 @@ def run_config(experiment, workdir: str, overrides: dict | None = None, cache_di
   if init_from is not None:
     c.init["from"] = init_from
   config_lib.validate(c)  # a bad value fails at once, before the default data is built or jax starts
-  if c.init["from"] and parent_ready:
+  if c.init["from"] and not planning:
     take_parent_shape(c, export_lib.exported_config(c.init["from"]),
                       [k[len("model."):] for k in overrides or {} if k.startswith("model.")])
-  _resolve_paths(c, cache_dir)
-  config_lib.check_workdir(c, workdir)
+  _resolve_paths(c, cache_dir, check=not planning)
+  if not planning:
+    config_lib.check_workdir(c, workdir)
   return c

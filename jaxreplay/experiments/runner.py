@@ -294,7 +294,8 @@ def run_sweep(a) -> int:
     print(dry_run(workdir, runs))
     print(cost.format_costs(runs, a.peak_tflops, a.mfu))
     if pack > 1:
-      print(describe_plan(plan(workdir, runs, set(), pack), {r.name: resolved_config(workdir, r, False) for r in runs}))
+      configs = {r.name: resolved_config(workdir, r, planning=True) for r in runs}
+      print(describe_plan(plan(workdir, runs, set(), pack), configs))
     return 0
   if a.multihost:
     kw = {k: v for k, v in dict(coordinator_address=a.coordinator, num_processes=a.num_processes,

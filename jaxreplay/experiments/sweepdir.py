@@ -123,11 +123,11 @@ def load_runs(workdir: str) -> tuple[list[Run], str]:
   return [Run(**r) for r in data["runs"]], data["fingerprint"]
 
 
-def resolved_config(workdir: str, run: Run, parent_ready: bool = True) -> ml_collections.ConfigDict:
-  """The run's config through the one entrance, init.from pointing at the parent's workdir (parent_ready=False:
-  for a plan made before the parents trained)."""
+def resolved_config(workdir: str, run: Run, planning: bool = False) -> ml_collections.ConfigDict:
+  """The run's config through the one entrance, init.from pointing at the parent's workdir (`planning`: for a plan
+  made before the parents trained)."""
   init_from = run_dir(workdir, run.parent) if run.parent else None
-  return resolve.run_config(run.config, run_dir(workdir, run.name), init_from=init_from, parent_ready=parent_ready)
+  return resolve.run_config(run.config, run_dir(workdir, run.name), init_from=init_from, planning=planning)
 
 
 def is_finished(workdir: str, name: str) -> bool:
