@@ -148,7 +148,7 @@ def take_parent_shape(c, parent: dict, explicit=(), where: str = ""):
 def _resolve_paths(c, cache_dir, check: bool):
   """Token directories (and default:LANG[:VOCAB], built on first use) as absolute paths, each checked (`check`)
   under its own key; chat data's files are read as given."""
-  if c.data.kind != "tokens":
+  if c.data.get("kind", "tokens") != "tokens":  # .get: a sweep's run stored before the key existed
     return
   for key in TOKEN_PATHS:
     group, leaf = key.split(".")
