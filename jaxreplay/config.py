@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from jaxreplay import platform as platform_lib
+from jaxreplay import platform as platform_lib, rundir
 from jaxreplay.errors import ConfigError
 from jaxreplay.io import write_json
 
@@ -358,7 +358,18 @@ def from_json_file(path: str) -> ml_collections.ConfigDict:
 def write(c: ml_collections.ConfigDict, workdir: str):
   """Writes the resolved config atomically as workdir/config.json."""
   os.makedirs(workdir, exist_ok=True)
-  write_json(os.path.join(workdir, "config.json"), c.to_dict(), sort_keys=True)
+  write_json(rundir.config_file(workdir), c.to_dict(), sort_keys=True)
+
+
+def check_workdir(c: ml_collections.ConfigDict, workdir: str):
+  """Refuses a workdir that holds a different run, before anything is written."""
+  path = rundir.config_file(workdir)
+  if not os.path.exists(path):
+    return
+  diff = differences(from_json_file(path), c)
+  if diff:
+    raise ConfigError(f"The workdir {workdir} holds a run with a different config ({', '.join(diff[:5])} differ): "
+                      "use a new --workdir, or the same config to resume it.")
 
 
 def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict,

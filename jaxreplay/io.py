@@ -14,6 +14,8 @@ import os
 import shutil
 import uuid
 
+from jaxreplay import rundir
+
 
 def tmp_name(path: str) -> str:
   """A name beside `path` that no other writer, in this process or another, uses at the same time."""
@@ -80,7 +82,7 @@ def file_lock(path: str):
 
 def read_metrics(workdir: str) -> list[dict]:
   """The rows of WORKDIR/metrics.jsonl (none when it does not exist yet)."""
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = os.path.join(workdir, rundir.METRICS)
   if not os.path.exists(path):
     return []
   with open(path) as f:

@@ -14,7 +14,7 @@ PACKAGE = os.path.join(ROOT, "jaxreplay")
 # docs/architecture.md "Layers": each layer imports only itself and the layers below it.
 LAYERS = {
     "jaxreplay": 0, "jaxreplay.errors": 0, "jaxreplay.io": 0, "jaxreplay.config": 0, "jaxreplay.sharding": 0,
-    "jaxreplay.platform": 0,
+    "jaxreplay.platform": 0, "jaxreplay.rundir": 0,
     "jaxreplay.models": 1, "jaxreplay.data": 1,
     "jaxreplay.replay": 2, "jaxreplay.evals": 2,
     "jaxreplay.train": 3,

@@ -14,7 +14,7 @@ stop.tokens_per_param) replaces the base's length criterion. `after=` makes each
 finetuning run of each named run: a stage (every run of it), (stage, {key: value}) (its runs with those
 overrides), or a list of run names; `match=` pairs a child only with parents that agree on the given keys.
 A child's `init.from` is the NAME of its parent; the runner turns it into that run's workdir. A child takes
-every model key its weights depend on from its parent (`config.inherit_model_shape`); a child grid key that
+every model key its weights depend on from its parent (`resolve.take_parent_shape`); a child grid key that
 contradicts its parent is an error at expansion.
 
 Run names are `STAGE/LABEL` for runs that start from nothing and `STAGE/PARENT_NAME/LABEL` for the others
@@ -31,15 +31,13 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
 import re
-import sys
 
 import ml_collections
 
 from jaxreplay import config as config_lib
 from jaxreplay.errors import ConfigError, SweepError
-from jaxreplay.experiments import config_files
+from jaxreplay.experiments import resolve
 
 
 # Short names for common keys in run labels; any other key shows its last component (or all of it when two
@@ -242,14 +240,9 @@ def _inherit_shape(run: Run, configs: dict) -> Run:
   arrive parents first); one of them set explicitly by the child's grid to another value is an error."""
   if not run.parent:
     return run
-  c, parent = configs[run.name], configs[run.parent].to_dict()
-  explicit = [k[len("model."):] for k in run.overrides if k.startswith("model.")]
-  conflicts = config_lib.inherit_model_shape(c, parent, explicit)
-  if conflicts:
-    k = conflicts[0]
-    raise SweepError(f"Run {run.name!r} sets model.{k}={c.model[k]!r}, but the run it starts from, {run.parent!r}, "
-                     f"has model.{k}={parent['model'][k]!r}: a finetuning run keeps its parent's model shape, so drop "
-                     f"model.{k} from the finetuning stage's grid.")
+  c = configs[run.name]
+  resolve.take_parent_shape(c, configs[run.parent].to_dict(),
+                            [k[len("model."):] for k in run.overrides if k.startswith("model.")], f"Run {run.name!r}: ")
   return dataclasses.replace(run, config=c.to_dict())
 
 
@@ -309,27 +302,12 @@ def fingerprint(runs: list[Run]) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _module(path: str):
-  if not path.endswith(".py") or not os.path.isfile(path):
-    raise SweepError(f"Sweep file {path!r} does not exist or is not a .py file: give the path to a file in "
-                     "sweeps/, e.g. sweeps/quickstart.py:small.")
-  folder = os.path.dirname(os.path.abspath(path))
-  if folder not in sys.path:  # sweep files may import shared helpers next to them (sweeps/_paper.py)
-    sys.path.insert(0, folder)
-  name = "jaxreplay_sweep_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
-  try:
-    return config_files.load_module(path, name)
-  except Exception as e:  # the user's own file: any failure in it is theirs to fix, said in one line
-    raise SweepError(f"Sweep file {path} could not be loaded ({type(e).__name__}: {config_files.first_line(e)}): "
-                     "fix it.") from None
-
-
 def variants(path: str, module=None) -> dict[str, str]:
   """The variants a sweep file declares: its VARIANTS dict, {ARG: what it runs}; '' is the file with no ARG.
 
   An upper-case N in an ARG stands for any whole number (`seed=N`). module: the file, when already loaded.
   """
-  declared = getattr(module or _module(path), "VARIANTS", None)
+  declared = getattr(module or resolve.experiment_file(path, "Sweep file", SweepError), "VARIANTS", None)
   if not isinstance(declared, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in declared.items()):
     raise SweepError(f"{path} declares no VARIANTS: add VARIANTS = {{'': 'what the file runs', 'small': ...}} "
                      "listing every ARG its get_sweep accepts.")
@@ -343,7 +321,7 @@ def format_variants(path: str) -> str:
 def load(spec: str) -> Sweep:
   """A sweep from `path/to/file.py[:ARG]`: the file's get_sweep(ARG) (get_sweep() without an ARG)."""
   path, _, arg = spec.partition(":")
-  module = _module(path)
+  module = resolve.experiment_file(path, "Sweep file", SweepError)
   if not hasattr(module, "get_sweep"):
     raise SweepError(f"{path} has no get_sweep(arg) function: add one that returns a jaxreplay.experiments.sweeps.Sweep.")
   if hasattr(module, "VARIANTS"):  # a file of one's own may leave them out; every file in sweeps/ declares them
@@ -353,13 +331,7 @@ def load(spec: str) -> Sweep:
       names = ", ".join(f"{k!r}" if k else "'' (no argument)" for k in declared)
       raise SweepError(f"{path} has no variant {arg!r}: use one of {names} (see `jaxreplay sweep {path} "
                        "--variants`).")
-  try:
-    sweep = module.get_sweep(arg) if arg else module.get_sweep()
-  except (SweepError, ConfigError):
-    raise
-  except Exception as e:  # as in _module
-    raise SweepError(f"{path}: get_sweep({arg!r}) failed ({type(e).__name__}: {config_files.first_line(e)}): fix "
-                     "the file or its argument.") from None
+  sweep = resolve.call(module, "get_sweep", spec, SweepError)
   if not isinstance(sweep, Sweep):
     raise SweepError(f"{path}: get_sweep returned {type(sweep).__name__}, not a jaxreplay.experiments.sweeps.Sweep.")
   return sweep

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from jax import lax
 from jax.experimental import multihost_utils
 
+from jaxreplay import rundir
 from jaxreplay.io import write_json
 from jaxreplay.errors import CheckpointError
 from jaxreplay.models import decoder
@@ -148,7 +149,7 @@ def export(workdir: str, params, config_dict: dict, info: dict):
   """Writes WORKDIR/export/{params, config.json, info.json}; info.json is removed first and written last,
   so it exists only while a complete export does."""
   quiet_orbax_logs()
-  directory = os.path.abspath(os.path.join(workdir, "export"))
+  directory = rundir.export_dir(workdir)
   info_path = os.path.join(directory, "info.json")
   if jax.process_index() == 0:
     os.makedirs(directory, exist_ok=True)
@@ -170,7 +171,7 @@ def exported_config(workdir: str) -> dict:
   if not workdir or not os.path.isdir(workdir):
     raise CheckpointError(f"init.from={workdir!r} does not exist: set config.init.from to the workdir of a "
                           "finished pretraining run.")
-  directory = os.path.join(workdir, "export")
+  directory = rundir.export_dir(workdir)
   if not os.path.exists(os.path.join(directory, "info.json")):
     raise CheckpointError(f"init.from={workdir!r} holds no finished export ({directory}/info.json is missing): "
                           "point it at the workdir of a pretraining run that has finished, or rerun that run "
@@ -181,7 +182,7 @@ def exported_config(workdir: str) -> dict:
 
 def exported_info(workdir: str) -> dict:
   exported_config(workdir)
-  with open(os.path.join(workdir, "export", "info.json")) as f:
+  with open(os.path.join(rundir.export_dir(workdir), "info.json")) as f:
     return json.load(f)
 
 
@@ -191,7 +192,7 @@ def load_exported(workdir: str, like_params=None):
   parameter format (info.json's params_format, 1 when absent) is converted by `decoder.upgrade_params`."""
   quiet_orbax_logs()
   old_format = exported_info(workdir).get("params_format", 1) < decoder.PARAMS_FORMAT
-  params_dir = os.path.abspath(os.path.join(workdir, "export", "params"))
+  params_dir = os.path.join(rundir.export_dir(workdir), "params")
   ckptr = ocp.StandardCheckpointer()
   with no_unraisable():
     try:

@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxreplay import rundir
 from jaxreplay.errors import CheckpointError
 from jaxreplay.models.export import (INTEGRITY_VERSION, abstract_like, agree, barrier, flat_tree,
                                      integrity_record, no_unraisable, one_line, quiet_orbax_logs)
@@ -52,7 +53,7 @@ def _integrity_problem(state, record) -> str | None:
 
 def check_writable(workdir: str) -> str:
   """Fails early, with one sentence, if WORKDIR/checkpoints cannot be written; returns its path."""
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  directory = rundir.checkpoints_dir(workdir)
   if "://" in workdir:
     return directory
   try:

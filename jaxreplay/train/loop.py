@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxreplay import config as config_lib, sharding
+from jaxreplay import config as config_lib, rundir, sharding
 from jaxreplay.errors import TrainingError  # noqa: F401 (raised here; callers catch it as train.TrainingError)
 from jaxreplay.io import write_json
 from jaxreplay.evals import forgetting, mcq, toy
@@ -29,10 +29,10 @@ from jaxreplay.models import decoder, export as export_lib, hf_import
 from jaxreplay.replay import sources as replay_lib
 from jaxreplay.train import checkpoint as ckpt_lib, evaluation, metrics as metrics_lib, optim, steps
 from jaxreplay.train import preemption as preemption_lib
-from jaxreplay.train.stage import Stage, check_workdir, inherit_parent_shape  # noqa: F401 (the CLI's names)
+from jaxreplay.train.stage import Stage
 
 
-DONE_FILE = "final.json"
+DONE_FILE = rundir.FINAL
 
 
 def is_finished(workdir: str) -> bool:
@@ -45,7 +45,7 @@ def run(c, workdir: str, evaluators=()) -> dict:
   `evaluators`: callables params -> {name: value}, run at every evaluation alongside the losses.
   """
   if is_finished(workdir):
-    check_workdir(c, workdir)
+    config_lib.check_workdir(c, workdir)
     with open(os.path.join(workdir, DONE_FILE)) as f:
       return json.load(f)
   t = setup(c, workdir, evaluators)
@@ -183,7 +183,7 @@ class Trainer:
     self.checkpointer.save(step, self.state, self.extra, force=True)
     self.checkpointer.close()
     if stage.hf_dir and c.export.hf:
-      hf_import.save_hf(final_params, stage.model_cfg, stage.hf_dir, os.path.join(self.workdir, "hf"))
+      hf_import.save_hf(final_params, stage.model_cfg, stage.hf_dir, os.path.join(self.workdir, rundir.HF))
     elif not stage.hf_dir:
       export_lib.export(self.workdir, final_params, c.to_dict(), dict(step=step, dataset_id=stage.dataset_id))
     self.writer.write(step, dict(final=True, **{k: v for k, v in result.items() if k != "step"}))
