@@ -93,7 +93,7 @@ def check_writable(directory) -> str:
   probe = join(directory, f".write-probe-{uuid.uuid4().hex[:12]}")
   try:
     if is_url(directory):
-      fs, _ = _fs(directory)
+      fs, _ = fs_and_path(directory)
       bucket = _bucket(directory).split("://", 1)[1]
       if not fs.exists(bucket):
         raise StorageError(f"The bucket {_bucket(directory)} does not exist (or these credentials cannot see "
@@ -115,7 +115,7 @@ def _one_line(e: BaseException) -> str:
   return text if len(text) < 200 else text[:197] + "..."
 
 
-def _fs(url: str):
+def fs_and_path(url: str):
   """(fsspec filesystem, path inside it), with no listing cache: other hosts write the same bucket."""
   import fsspec
   _require_gcsfs(url)
@@ -127,14 +127,14 @@ def _fs(url: str):
 
 def exists(p) -> bool:
   if is_url(p):
-    fs, inner = _fs(p)
+    fs, inner = fs_and_path(p)
     return fs.exists(inner)
   return os.path.exists(str(path(p)))
 
 
 def isdir(p) -> bool:
   if is_url(p):
-    fs, inner = _fs(p)
+    fs, inner = fs_and_path(p)
     return fs.isdir(inner)
   return os.path.isdir(str(path(p)))
 
@@ -142,7 +142,7 @@ def isdir(p) -> bool:
 def listdir(p) -> list[str]:
   """Names (not paths) directly under `p`; [] when there is nothing."""
   if is_url(p):
-    fs, inner = _fs(p)
+    fs, inner = fs_and_path(p)
     try:
       return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(inner, detail=False)} - {""})
     except FileNotFoundError:
@@ -152,7 +152,7 @@ def listdir(p) -> list[str]:
 
 def read_bytes(p) -> bytes:
   if is_url(p):
-    fs, inner = _fs(p)
+    fs, inner = fs_and_path(p)
     return fs.cat_file(inner)
   with open(p, "rb") as f:
     return f.read()
@@ -168,7 +168,7 @@ def read_json(p):
 
 def size(p) -> int:
   if is_url(p):
-    fs, inner = _fs(p)
+    fs, inner = fs_and_path(p)
     return int(fs.size(inner))
   return os.path.getsize(p)
 
@@ -176,7 +176,7 @@ def size(p) -> int:
 def read_range(p, start: int, stop: int) -> bytes:
   """Bytes [start, stop) of a file or object (one ranged GET on an object store)."""
   if is_url(p):
-    fs, inner = _fs(p)
+    fs, inner = fs_and_path(p)
     return fs.cat_file(inner, start=start, end=stop)
   with open(p, "rb") as f:
     f.seek(start)
@@ -207,7 +207,7 @@ def atomic_open(path: str, mode: str = "w", fsync: bool = True):
     buf = _io.StringIO() if mode == "w" else _io.BytesIO()
     yield buf
     data = buf.getvalue()
-    fs, inner = _fs(path)
+    fs, inner = fs_and_path(path)
     fs.pipe_file(inner, data.encode("utf-8") if mode == "w" else data)
     return
   tmp = tmp_name(path)
@@ -249,7 +249,7 @@ def remove(p):
   """Removes a file or object (a missing one is fine)."""
   with contextlib.suppress(FileNotFoundError):
     if is_url(p):
-      fs, inner = _fs(p)
+      fs, inner = fs_and_path(p)
       fs.rm_file(inner)
     else:
       os.remove(p)
@@ -258,7 +258,7 @@ def remove(p):
 def rmtree(p):
   """Removes a directory, or every object under a prefix (a missing one is fine)."""
   if is_url(p):
-    fs, inner = _fs(p)
+    fs, inner = fs_and_path(p)
     with contextlib.suppress(FileNotFoundError):
       fs.rm(inner, recursive=True)
   else:
@@ -270,7 +270,7 @@ def copy_to_local(src: str, dst: str):
   tmp = tmp_name(dst)
   try:
     if is_url(src):
-      fs, inner = _fs(src)
+      fs, inner = fs_and_path(src)
       fs.get_file(inner, tmp)
     else:
       shutil.copyfile(src, tmp)
