@@ -265,6 +265,15 @@ def rmtree(p):
     shutil.rmtree(p, ignore_errors=True)
 
 
+def move(src: str, dst: str):
+  """Renames a file or directory; on an object store, copies every object under `src` and then deletes them."""
+  if is_url(src):
+    fs, inner = fs_and_path(src)
+    fs.mv(inner, fs_and_path(dst)[1], recursive=True)
+  else:
+    os.replace(src, dst)
+
+
 def copy_to_local(src: str, dst: str):
   """Downloads a file or object to a local path, atomically (a reader never sees half a download)."""
   tmp = tmp_name(dst)
