@@ -290,6 +290,19 @@ def copy_to_local(src: str, dst: str):
     raise
 
 
+def upload_dir(local: str, url: str, last: str | None = None):
+  """Uploads the files of a local directory under `url`, the file named `last` after all others (a marker that
+  readers take to mean the directory is complete)."""
+  names = sorted(os.listdir(local), key=lambda n: n == last)
+  for name in names:
+    src = os.path.join(local, name)
+    if os.path.isdir(src):
+      upload_dir(src, join(url, name))
+    else:
+      fs, inner = fs_and_path(join(url, name))
+      fs.put_file(src, inner)
+
+
 class Appender:
   """Appends text to a file; on an object store, rewrites the object from this copy at most every
   `min_interval_s` seconds (and at `flush`/`close`), so it is always one whole, valid file."""
