@@ -6,7 +6,6 @@ override what they need. `validate` runs before any work and raises `ConfigError
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -14,6 +13,7 @@ import ml_collections
 
 from jaxreplay import platform as platform_lib
 from jaxreplay.errors import ConfigError
+from jaxreplay import io
 from jaxreplay.io import write_json
 
 LENGTH_KEYS = ("tokens", "tokens_per_param", "epochs", "steps", "wall_time_s")
@@ -351,14 +351,13 @@ def tokens_per_step(c: ml_collections.ConfigDict) -> int:
 
 
 def from_json_file(path: str) -> ml_collections.ConfigDict:
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(io.read_json(path))  # path may be a URL
 
 
 def write(c: ml_collections.ConfigDict, workdir: str):
   """Writes the resolved config atomically as workdir/config.json."""
-  os.makedirs(workdir, exist_ok=True)
-  write_json(os.path.join(workdir, "config.json"), c.to_dict(), sort_keys=True)
+  io.makedirs(workdir)
+  write_json(io.join(workdir, "config.json"), c.to_dict(), sort_keys=True)
 
 
 def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict,

@@ -8,14 +8,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxreplay import config as config_lib
+from jaxreplay import io
 from jaxreplay.io import read_metrics
 from jaxreplay.models import decoder
 
@@ -61,14 +60,13 @@ def forgetting_metrics(c, params, frozen, result: dict) -> dict:
   """Metrics that compare the finetuned `params` with the pretraining run in `c.init.from`."""
   prev_dir = c.init["from"]
   out = {}
-  with open(os.path.join(prev_dir, "final.json")) as f:
-    prev_final = json.load(f)
+  prev_final = io.read_json(io.join(prev_dir, "final.json"))  # prev_dir may be a URL
   if "prev_ntp" in result and "valid_ntp" in prev_final:
     out["prev_ntp_before"] = prev_final["valid_ntp"]
     out["prev_ntp_delta"] = result["prev_ntp"] - prev_final["valid_ntp"]
     tokens, loss = pretraining_curve(read_metrics(prev_dir))
     out["compute_multiplier"] = compute_multiplier(tokens, loss, result["prev_ntp"])
-  prev_cfg = config_lib.from_json_file(os.path.join(prev_dir, "config.json"))
+  prev_cfg = config_lib.from_json_file(io.join(prev_dir, "config.json"))
   model_cfg = decoder.ModelConfig.from_config(prev_cfg.model)
   init = _init_params(model_cfg, jax.random.key(prev_cfg.seed))
   out["drift_ratio"] = drift_ratio(params, frozen, init)

@@ -10,9 +10,7 @@ run; the host syncs with the device only when it logs or evaluates.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 
 import jax
@@ -21,6 +19,7 @@ from tqdm import tqdm
 
 from jaxreplay import config as config_lib, sharding
 from jaxreplay.errors import TrainingError  # noqa: F401 (raised here; callers catch it as train.TrainingError)
+from jaxreplay import io
 from jaxreplay.io import write_json
 from jaxreplay.evals import forgetting as evaluate_lib, mcq, toy
 from jaxreplay.models import decoder, export as export_lib, hf_import
@@ -34,7 +33,7 @@ DONE_FILE = "final.json"
 
 
 def is_finished(workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, DONE_FILE))
+  return io.exists(io.join(workdir, DONE_FILE))
 
 
 def run(c, workdir: str, evaluators=()) -> dict:
@@ -44,8 +43,7 @@ def run(c, workdir: str, evaluators=()) -> dict:
   """
   if is_finished(workdir):
     check_workdir(c, workdir)
-    with open(os.path.join(workdir, DONE_FILE)) as f:
-      return json.load(f)
+    return io.read_json(io.join(workdir, DONE_FILE))
   t = setup(c, workdir, evaluators)
   stop_reason = train_loop(t)
   return finish(t, stop_reason)
@@ -155,9 +153,9 @@ def write_run_files(c, stage: Stage, workdir: str):
   if jax.process_index() != 0:
     return
   config_lib.write(c, workdir)
-  tokenizer = os.path.join(c.data.path, "tokenizer.json")
-  if c.data.path and os.path.exists(tokenizer):
-    shutil.copyfile(tokenizer, os.path.join(workdir, "tokenizer.json"))
+  tokenizer = io.join(c.data.path or ".", "tokenizer.json")
+  if c.data.path and io.exists(tokenizer):
+    io.write_bytes(io.join(workdir, "tokenizer.json"), io.read_bytes(tokenizer))
   stage.write_data_stats()
 
 
@@ -291,5 +289,5 @@ def finish(t: Trainer, stop_reason: str) -> dict:
   t.writer.write(step, dict(final=True, **{k: v for k, v in result.items() if k != "step"}))
   t.writer.close()
   if jax.process_index() == 0:
-    write_json(os.path.join(t.workdir, DONE_FILE), result, sort_keys=True)
+    write_json(io.join(t.workdir, DONE_FILE), result, sort_keys=True)
   return result

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from jaxreplay import config as config_lib, sharding
+from jaxreplay import io
 from jaxreplay.io import write_json
 from jaxreplay.data import chat as chat_data, loader, tokenfile
 from jaxreplay.models import decoder, export as export_lib, hf_import
@@ -21,8 +22,8 @@ from jaxreplay.replay import self_generated
 
 def check_workdir(c, workdir: str):
   """Refuses a workdir that holds a different run, before anything is written."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = io.join(workdir, "config.json")
+  if not io.exists(path):
     return
   diff = config_lib.differences(config_lib.from_json_file(path), c)
   if diff:
