@@ -85,6 +85,9 @@ class Checkpointer:
     self.damaged_dir = self.directory + ".damaged"
     self.cfg = ckpt_cfg
     self._last_save_time = time.monotonic()
+    # Called before each save: e.g. the metric writer's flush, so that metrics.jsonl on an object store (rewritten
+    # at intervals) holds every row up to the checkpoint that a resumed run starts from.
+    self.before_save = lambda: None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=ckpt_cfg.keep_last,
         keep_period=ckpt_cfg.keep_every_steps or None,
@@ -199,6 +202,7 @@ class Checkpointer:
       return False
     if step in self.manager.all_steps():
       return False
+    self.before_save()
     try:
       record = integrity_record(state)
       self.manager.save(step, args=ocp.args.Composite(

@@ -197,6 +197,7 @@ def setup(c, workdir: str, evaluators=(), restore=None, start_eval: bool = True)
     t.eval_sets["self"] = [evaluation.self_probe(c, model_cfg, t.frozen, stage.prompt_id, mesh)]
   compile_steps(t)
   t.writer = metrics_lib.MetricWriter(workdir, c.log, c.to_dict(), resume_step=t.start_step)
+  t.checkpointer.before_save = t.writer.flush
   peak = metrics_lib.cached_matmul_peak(model_cfg.dtype) if jax.process_index() == 0 else None
   t.throughput = metrics_lib.Throughput(stage.tokens_per_step, decoder.flops_per_token(model_cfg), peak)
   t.bar = tqdm(total=stage.total_steps, initial=t.start_step, unit="step", dynamic_ncols=True,

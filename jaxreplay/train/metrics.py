@@ -99,6 +99,10 @@ class MetricWriter:
     if self._wandb is not None:
       self._wandb.log(row, step=step)
 
+  def flush(self):
+    if self.is_main:
+      self._out.flush()
+
   def close(self):
     if self.is_main:
       self._out.close()
