@@ -85,3 +85,11 @@ def test_a_gs_path_without_gcsfs_names_the_extra_to_install():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
   assert out.strip() == ("gs://bucket/runs/x is a gs:// path, which needs gcsfs: pip install 'jaxreplay[gcs]' "
                          "(or pip install gcsfs).")
+
+
+def test_glob_finds_every_final_json_in_a_bucket_and_on_disk(gcs_bucket, tmp_path):
+  for root in (gcs_bucket, str(tmp_path)):
+    for name in ("runs/a/final.json", "runs/b/c/final.json", "runs/b/config.json"):
+      io.makedirs(os.path.dirname(io.join(root, name)))
+      io.write_json(io.join(root, name), {})
+    assert io.glob(f"{root}/runs/**/final.json") == [f"{root}/runs/a/final.json", f"{root}/runs/b/c/final.json"]

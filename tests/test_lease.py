@@ -98,3 +98,23 @@ def test_of_several_takers_of_an_expired_lease_exactly_one_wins(lease_path):
   results = _race(lease_path, ttl_s=60.0)
   winners = [h for won, h in results if won]
   assert len(winners) == 1 and read_holder(lease_path).holder == winners[0]
+
+
+def _adopt_and_beat(token, out):
+  lease = Lease.adopt(token)
+  out.put((lease.heartbeat(), lease.holder))
+
+
+def test_a_lease_handed_to_a_worker_process_is_held_and_kept_there(lease_path):
+  """A sweep runner claims a run and starts a worker process that trains it: the worker adopts the lease."""
+  runner = Lease(lease_path, ttl_s=60)
+  assert runner.try_acquire()
+  ctx = multiprocessing.get_context("spawn")
+  out = ctx.Queue()
+  p = ctx.Process(target=_adopt_and_beat, args=(runner.handoff(), out))
+  p.start()
+  beat, holder = out.get(timeout=60)
+  p.join(timeout=30)
+  assert beat and holder == runner.holder == read_holder(lease_path).holder
+  assert not Lease(lease_path, ttl_s=60).try_acquire()
+  assert not runner.heartbeat()  # the worker's heartbeat moved the generation on: the runner no longer holds it

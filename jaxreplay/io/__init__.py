@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob as glob_lib
 import io as _io
 import json
 import os
@@ -148,6 +149,15 @@ def listdir(p) -> list[str]:
     except FileNotFoundError:
       return []
   return sorted(os.listdir(p)) if os.path.isdir(p) else []
+
+
+def glob(pattern: str) -> list[str]:
+  """Paths (URLs stay URLs) matching a glob pattern, sorted: e.g. every WORKDIR/runs/**/final.json."""
+  if is_url(pattern):
+    fs, inner = fs_and_path(pattern)
+    scheme = str(pattern).split("://", 1)[0]
+    return sorted(f"{scheme}://{p}" for p in fs.glob(inner))
+  return sorted(glob_lib.glob(pattern, recursive=True))
 
 
 def read_bytes(p) -> bytes:

@@ -212,6 +212,19 @@ class Lease:
     self.generation = generation
     return generation is not None
 
+  def handoff(self) -> str:
+    """A token for `Lease.adopt` in another process (a sweep runner's worker), which then holds this lease."""
+    return json.dumps(dict(path=self.path, ttl_s=self.ttl_s, holder=self.holder, generation=self.generation,
+                           since=self.since))
+
+  @classmethod
+  def adopt(cls, token: str) -> "Lease":
+    """The lease a `handoff` token names, held by this process from now on; its first heartbeat checks it."""
+    t = json.loads(token)
+    lease = cls(t["path"], t["ttl_s"])
+    lease.holder, lease.generation, lease.since = t["holder"], t["generation"], t["since"]
+    return lease
+
   def release(self) -> None:
     if self.generation is not None:
       self._store.delete(self.generation)
