@@ -1,9 +1,4 @@
-"""`jaxreplay SUBCOMMAND ...`: thin wrappers over the library.
-
-  jaxreplay pretrain --config=sweeps/quickstart.py:pretrain --config.model.d_model=256 --workdir=DIR
-  jaxreplay finetune --config=sweeps/quickstart.py:finetune --config.init.from=DIR --workdir=DIR2
-  jaxreplay data default|tokenizer|tokenize ...
-  jaxreplay quickstart --workdir=runs/quickstart
+"""`jaxreplay COMMAND ...` (the commands: USAGE below): thin wrappers over the library.
 
 Parse, dispatch, and map errors: every user error (`jaxreplay.errors.UserError`) and every path that cannot
 be read or written ends in one sentence on stderr and exit status 2. The subcommands' work is in the library.
@@ -18,14 +13,11 @@ import os
 import sys
 
 import jax
-from absl import flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from jaxreplay import config as config_lib
 from jaxreplay.data import commands as data_commands
-from jaxreplay.data.commands import resolve_path
 from jaxreplay.errors import UsageError, UserError
-from jaxreplay.experiments import config_files, lm_eval_run, quickstart, report, runner
+from jaxreplay.experiments import lm_eval_run, quickstart, report, resolve, runner
 from jaxreplay.train import loop as training
 
 USAGE = """usage: jaxreplay COMMAND [flags]
@@ -63,68 +55,36 @@ def _one_line_usage_errors(command: str):
     argparse.ArgumentParser.error = saved
 
 
-def _define_train_flags():
-  flags.DEFINE_string("workdir", None, "Directory for this run's checkpoints, metrics and exported weights.")
-  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (TPU pods, multi-node GPU).")
-  flags.DEFINE_string("cache_dir", None, "Where default:LANG data is built (default: $JAXREPLAY_CACHE, "
-                      "$XDG_CACHE_HOME/jaxreplay or ~/.cache/jaxreplay).")
-  config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. sweeps/quickstart.py:pretrain.",
-                                  lock_config=True)
-
-
-def _parse_train_flags(rest: list[str]) -> list[str]:
-  try:
-    return flags.FLAGS(rest)
-  except flags.Error as e:
-    raise UsageError(f"{config_files.first_line(e).rstrip('.')}: the flags are --config=FILE.py[:ARG], "
-                     "--config.KEY=VALUE, --workdir=DIR, --cache_dir=DIR and --multihost.") from None
-
-
-def train_command(stage: str, rest: list[str]):
-  """`jaxreplay pretrain|finetune`: one run of the training stage."""
-  rest, init_from = config_files.take_init_from(rest)
-  config_files.check_overrides(rest)
-  sys.argv = rest  # config_flags reads overrides from sys.argv itself
-  _define_train_flags()
-  argv = _parse_train_flags(rest)
-  FLAGS = flags.FLAGS
-  if len(argv) > 1:
-    raise UsageError(f"unexpected arguments {argv[1:]}: pass settings as --config.KEY=VALUE.")
-  if FLAGS.workdir is None:
+def train_command(stage: str, rest: list[str], default_config: str | None = None):
+  """`jaxreplay pretrain|finetune|instruct`: one run of the training stage."""
+  overrides, rest = resolve.take_overrides(rest)
+  p = argparse.ArgumentParser(prog=rest[0], allow_abbrev=False)
+  p.add_argument("--config", default=default_config, help="experiment file, e.g. sweeps/quickstart.py:pretrain")
+  p.add_argument("--workdir", help="directory for this run's checkpoints, metrics and exported weights")
+  p.add_argument("--cache_dir", help="where default:LANG data is built (default: $JAXREPLAY_CACHE, "
+                 "$XDG_CACHE_HOME/jaxreplay or ~/.cache/jaxreplay)")
+  p.add_argument("--multihost", action="store_true",
+                 help="call jax.distributed.initialize() first (TPU pods, multi-node GPU)")
+  a = p.parse_args(rest[1:])
+  if a.workdir is None:
     raise UsageError("--workdir is required: name the directory this run writes to.")
-  if FLAGS.config is None:
+  if a.config is None:
     raise UsageError("--config is required, e.g. --config=sweeps/quickstart.py:pretrain.")
-  if FLAGS.multihost:
+  if a.multihost:
     jax.distributed.initialize()  # coordinator and process ids come from the TPU / cluster environment
-  c = FLAGS.config
-  c.stage = stage
-  if init_from is not None:
-    c.init["from"] = init_from
-  config_lib.validate(c)  # a bad value fails at once, before the default data is built or jax starts
-  if init_from:  # the model shape is the parent's; a --config.model.X that contradicts it is an error
-    explicit = [a[len("--config.model."):].split("=")[0] for a in rest if a.startswith("--config.model.")]
-    training.inherit_parent_shape(c, init_from, explicit)
-  if c.data.kind == "tokens":  # chat data: JSON-lines files, read as given
-    c.data.path = resolve_path(c.data.path, FLAGS.cache_dir)
-  if c.data.mix_path:
-    c.data.mix_path = resolve_path(c.data.mix_path, FLAGS.cache_dir)
-  result = training.run(c, FLAGS.workdir)
+  c = resolve.run_config(a.config, a.workdir, overrides, a.cache_dir, stage=stage)
+  result = training.run(c, a.workdir)
   print({k: v for k, v in result.items() if isinstance(v, (int, float, str))})
   return 0
-
-
-def instruct_command(rest: list[str]):
-  """`jaxreplay instruct`: finetune, with sweeps/instruct.py unless --config names another file."""
-  if not any(a == "--config" or a.startswith("--config=") for a in rest):
-    rest = rest[:1] + [f"--config={os.path.join(config_files.SWEEPS_DIR, 'instruct.py')}"] + rest[1:]
-  return train_command("finetune", rest)
 
 
 # Each subcommand's entry point: it takes ["jaxreplay COMMAND", *flags] and returns the exit status.
 MAINS = {"pretrain": functools.partial(train_command, "pretrain"),
          "finetune": functools.partial(train_command, "finetune"),
          "data": data_commands.main, "sweep": runner.main, "report": report.main,
-         "quickstart": quickstart.main, "instruct": instruct_command, "eval": lm_eval_run.main}
+         "quickstart": quickstart.main, "eval": lm_eval_run.main,
+         "instruct": functools.partial(train_command, "finetune",
+                                       default_config=os.path.join(resolve.SWEEPS_DIR, "instruct.py"))}
 
 
 def main(argv=None):

@@ -6,14 +6,13 @@ override what they need. `validate` runs before any work and raises `ConfigError
 
 from __future__ import annotations
 
+import json
 import math
-import os
 
 import ml_collections
 
-from jaxreplay import platform as platform_lib
+from jaxreplay import io, platform as platform_lib, rundir
 from jaxreplay.errors import ConfigError
-from jaxreplay import io
 from jaxreplay.io import write_json
 
 LENGTH_KEYS = ("tokens", "tokens_per_param", "epochs", "steps", "wall_time_s")
@@ -357,7 +356,18 @@ def from_json_file(path: str) -> ml_collections.ConfigDict:
 def write(c: ml_collections.ConfigDict, workdir: str):
   """Writes the resolved config atomically as workdir/config.json."""
   io.makedirs(workdir)
-  write_json(io.join(workdir, "config.json"), c.to_dict(), sort_keys=True)
+  write_json(rundir.config_file(workdir), c.to_dict(), sort_keys=True)
+
+
+def check_workdir(c: ml_collections.ConfigDict, workdir: str):
+  """Refuses a workdir that holds a different run, before anything is written."""
+  path = rundir.config_file(workdir)
+  if not io.exists(path):
+    return
+  diff = differences(from_json_file(path), c)
+  if diff:
+    raise ConfigError(f"The workdir {workdir} holds a run with a different config ({', '.join(diff[:5])} differ): "
+                      "use a new --workdir, or the same config to resume it.")
 
 
 def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict,

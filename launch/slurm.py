@@ -24,6 +24,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from jaxreplay import rundir  # noqa: E402
 from jaxreplay.errors import ConfigError, SweepError  # noqa: E402
 from jaxreplay.experiments import sweepdir  # noqa: E402
 
@@ -45,7 +46,7 @@ def sbatch_script(a, workdir: str, level: int, n: int) -> str:
   lines += ["set -euo pipefail", f"cd {shlex.quote(a.cwd)}"]
   if a.setup:
     lines.append(a.setup)
-  lines += [f"export JAX_COMPILATION_CACHE_DIR=${{JAX_COMPILATION_CACHE_DIR:-{os.path.join(workdir, 'jax_cache')}}}",
+  lines += [f"export JAX_COMPILATION_CACHE_DIR=${{JAX_COMPILATION_CACHE_DIR:-{os.path.join(workdir, rundir.JAX_CACHE)}}}",
             f"exec python -m jaxreplay.experiments.runner worker --workdir={shlex.quote(workdir)} --level={level} "
             "--index=$SLURM_ARRAY_TASK_ID", ""]
   return "\n".join(lines)

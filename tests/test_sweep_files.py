@@ -171,8 +171,8 @@ def test_a_child_that_sets_another_shape_than_its_parent_fails_at_expansion(tmp_
       "  return s\n")
   r = _cli(str(path), f"--workdir={tmp_path / 'w'}", cwd=tmp_path)
   assert r.returncode == 2 and not os.path.exists(tmp_path / "w" / "runs")
-  assert ("Run 'finetune/pretrain/d=256/d=128' sets model.d_model=128, but the run it starts from, "
-          "'pretrain/d=256', has model.d_model=256") in r.stderr, r.stderr
+  assert ("Run 'finetune/pretrain/d=256/d=128': config.model.d_model=128 differs from the run in init.from (256): "
+          "finetuning keeps the pretrained model's shape") in r.stderr, r.stderr
   # the width the base config says is replaced by the parent's when the child does not set it
   s = sweeps.load(str(path))
   s.stages[1].grid = [{}]

@@ -8,13 +8,11 @@
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreplay import config as config_lib
-from jaxreplay import io
+from jaxreplay import config as config_lib, rundir
 from jaxreplay.io import read_metrics
 from jaxreplay.models import decoder
 
@@ -60,13 +58,13 @@ def forgetting_metrics(c, params, frozen, result: dict) -> dict:
   """Metrics that compare the finetuned `params` with the pretraining run in `c.init.from`."""
   prev_dir = c.init["from"]
   out = {}
-  prev_final = io.read_json(io.join(prev_dir, "final.json"))  # prev_dir may be a URL
+  prev_final = rundir.read_final(prev_dir)
   if "prev_ntp" in result and "valid_ntp" in prev_final:
     out["prev_ntp_before"] = prev_final["valid_ntp"]
     out["prev_ntp_delta"] = result["prev_ntp"] - prev_final["valid_ntp"]
     tokens, loss = pretraining_curve(read_metrics(prev_dir))
     out["compute_multiplier"] = compute_multiplier(tokens, loss, result["prev_ntp"])
-  prev_cfg = config_lib.from_json_file(io.join(prev_dir, "config.json"))
+  prev_cfg = config_lib.from_json_file(rundir.config_file(prev_dir))
   model_cfg = decoder.ModelConfig.from_config(prev_cfg.model)
   init = _init_params(model_cfg, jax.random.key(prev_cfg.seed))
   out["drift_ratio"] = drift_ratio(params, frozen, init)

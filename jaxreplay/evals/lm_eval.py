@@ -33,6 +33,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from jaxreplay import rundir
 from jaxreplay.errors import LMEvalError
 from jaxreplay.models import decoder, export as export_lib, hf_import, sampler
 from jaxreplay.evals import mcq
@@ -67,7 +68,7 @@ def paper_scorer(cfg, params, tokenizer, prefix_id: int) -> Scorer:
 def load_scorer(path: str, max_length: int | None = None, prefix_id: int | None = None) -> Scorer:
   """A Scorer for a paper-model run (PATH/export), an instruct run (PATH/hf) or a Hugging Face directory."""
   path = os.path.abspath(os.path.expanduser(path))
-  if os.path.exists(os.path.join(path, "export", "info.json")):
+  if os.path.exists(os.path.join(rundir.export_dir(path), "info.json")):
     config, info = export_lib.exported_config(path), export_lib.exported_info(path)
     cfg = decoder.ModelConfig.from_config(ml_collections.ConfigDict(config["model"]), "float32",
                                           jax.default_backend())
@@ -79,7 +80,7 @@ def load_scorer(path: str, max_length: int | None = None, prefix_id: int | None 
     s = paper_scorer(cfg, export_lib.load_exported(path), tok,
                      info.get("dataset_id", 0) if prefix_id is None else prefix_id)
     return dataclasses.replace(s, max_length=min(max_length or cfg.seq_len, cfg.seq_len), name=path)
-  hf_dir = next((d for d in (os.path.join(path, "hf"), path) if os.path.exists(os.path.join(d, "config.json"))),
+  hf_dir = next((d for d in (os.path.join(path, rundir.HF), path) if os.path.exists(os.path.join(d, "config.json"))),
                 None)
   if hf_dir is None:
     raise LMEvalError(f"{path} holds no model to evaluate: give the workdir of a finished run (with export/ or "

@@ -14,24 +14,15 @@ import importlib.util
 import os
 import time
 
-from jaxreplay.io import write_json
+from jaxreplay import rundir
 from jaxreplay.errors import LMEvalError, UsageError
 from jaxreplay.experiments import sweepdir
+from jaxreplay.io import write_json
+from jaxreplay.rundir import sweep_of
 
-RESULTS_FILE = "lm_eval.json"
+RESULTS_FILE = rundir.LM_EVAL
 TABLE = ("CREATE TABLE IF NOT EXISTS lm_eval (name TEXT, task TEXT, metric TEXT, value REAL, evaluated REAL, "
          "PRIMARY KEY (name, task, metric))")
-
-
-def sweep_of(workdir: str) -> tuple[str, str] | None:
-  """(sweep workdir, run name) when `workdir` is SWEEP/runs/NAME of a sweep, else None."""
-  parts = os.path.abspath(workdir).split(os.sep)
-  for i in range(len(parts) - 1, 0, -1):
-    if parts[i] == "runs" and i + 1 < len(parts):
-      root = os.sep.join(parts[:i]) or os.sep
-      if os.path.exists(os.path.join(root, sweepdir.SWEEP_FILE)):
-        return root, "/".join(parts[i + 1:])
-  return None
 
 
 def record_in_sweep(root: str, name: str, scores: dict) -> int:
@@ -78,5 +69,5 @@ def main(argv: list[str]) -> int:
   sweep = sweep_of(a.workdir)
   if sweep:
     n = record_in_sweep(*sweep, scores)
-    print(f"sweep table: {n} scores of {sweep[1]} in {os.path.join(sweep[0], sweepdir.DB_FILE)} (table lm_eval)")
+    print(f"sweep table: {n} scores of {sweep[1]} in {os.path.join(sweep[0], rundir.RESULTS)} (table lm_eval)")
   return 0

@@ -21,6 +21,7 @@ import time
 
 import jax
 
+from jaxreplay import rundir
 from jaxreplay.errors import SweepError, UserError
 from jaxreplay.experiments import packing
 from jaxreplay.experiments.sweepdir import (Claim, connect, end_attempt, is_finished, load_runs, record,
@@ -28,7 +29,7 @@ from jaxreplay.experiments.sweepdir import (Claim, connect, end_attempt, is_fini
 from jaxreplay.experiments.sweeps import Run
 from jaxreplay.train import loop as train, pack as pack_lib
 
-MARKER = "pack.json"
+MARKER = rundir.PACK
 # A job's exit status besides 0 (trained or found finished) and 2 (a user error, said on stderr): its runs are
 # claimed by another process (EXIT_CLAIMED), or each waits for a parent that has not finished (EXIT_WAITING).
 EXIT_CLAIMED, EXIT_WAITING = 3, 4
@@ -62,7 +63,7 @@ def compile_cache_env(workdir: str, env) -> dict:
   """Runs of a sweep share shapes, so they share compiled steps: a persistent XLA cache in the workdir."""
   if env.get("JAX_COMPILATION_CACHE_DIR"):
     return {}
-  return dict(JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "jax_cache"),
+  return dict(JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, rundir.JAX_CACHE),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
 
 
@@ -93,8 +94,8 @@ def plan(workdir: str, runs: list[Run], done: set[str], n: int) -> list[dict]:
   if n == 1:
     return jobs + [dict(kind="chain", names=[r.name]) for r in rest]
   # A run that already trained alone resumes from its own checkpoints, alone.
-  started_alone = {r.name for r in rest if os.path.isdir(os.path.join(run_dir(workdir, r.name), "checkpoints"))}
-  configs = {r.name: resolved_config(workdir, r) for r in rest if r.name not in started_alone}
+  started_alone = {r.name for r in rest if os.path.isdir(rundir.checkpoints_dir(run_dir(workdir, r.name)))}
+  configs = {r.name: resolved_config(workdir, r, planning=True) for r in rest if r.name not in started_alone}
   singles_by_stage: dict[str, list[str]] = {}
   stage_of = {r.name: r.stage for r in rest}
   for p in packing.group(configs, n) + [[name] for name in sorted(started_alone)]:
@@ -151,7 +152,7 @@ def run_packed(db, workdir: str, members: list[Run], fp: str, n: int) -> int:
     print(f"pack waits for the parents of {', '.join(waiting)}", file=sys.stderr)
     return EXIT_WAITING
   names = [r.name for r in members]
-  directory = os.path.join(workdir, "packs", packing.pack_id(names))
+  directory = os.path.join(workdir, rundir.PACKS, packing.pack_id(names))
   for r in members:
     os.makedirs(run_dir(workdir, r.name), exist_ok=True)
     with open(os.path.join(run_dir(workdir, r.name), MARKER), "w") as f:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from jaxreplay.data.commands import resolve_path
-from jaxreplay.experiments import config_files, report
+from jaxreplay.experiments import report, resolve
 from jaxreplay.io import write_json
 from jaxreplay.train import loop as training
 
@@ -29,19 +28,14 @@ def main(argv: list[str]) -> int:
   args = p.parse_args(argv[1:])
   if not args.scale > 0:
     p.error(f"--scale={args.scale} must be > 0 (e.g. 0.1 for a tenth of every token budget)")
-  if args.config is not None and not os.path.isfile(args.config):
-    p.error(f"--config file {args.config!r} does not exist: give an experiment file like sweeps/quickstart.py")
-  path = args.config or os.path.join(config_files.SWEEPS_DIR, "quickstart.py")
-  get_config = config_files.load_module(path, "quickstart_experiment").get_config
+  path = args.config or os.path.join(resolve.SWEEPS_DIR, "quickstart.py")
+  module = resolve.experiment_file(path)
   workdirs = {}
   for arg, name in RUNS:
-    c = get_config(arg)
-    c.data.path = resolve_path(c.data.path, args.cache_dir)
-    if c.stop.tokens:
-      c.stop.tokens = int(c.stop.tokens * args.scale)
+    c = resolve.experiment_config(f"{path}:{arg}", module)
     workdir = os.path.join(args.workdir, name)
-    if arg != "pretrain":
-      c.init["from"] = workdirs["pretrain"]
+    scaled = {"stop.tokens": str(int(c.stop.tokens * args.scale))} if c.stop.tokens else {}
+    c = resolve.run_config(c, workdir, scaled, args.cache_dir, init_from=workdirs.get("pretrain"))
     print(f"== {name}: {c.stage} on {os.path.basename(c.data.path)}, {c.stop.tokens:,} tokens, "
           f"replay={c.replay.method}/{c.replay.source}", flush=True)
     training.run(c, workdir)

@@ -28,10 +28,10 @@ The assembly of each figure's numbers lives in `results_table.py` (pure, tested)
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 
+from jaxreplay import rundir
 from jaxreplay.errors import UsageError
 from jaxreplay.experiments import plots
 from jaxreplay.experiments.results_table import (Results, batch_size_rules, capacity_slice, frontier, grid_2d,
@@ -44,11 +44,6 @@ from jaxreplay.io import read_metrics
 # ----------------------------------------------------------------------------------------- run workdirs
 
 
-def _final(workdir: str) -> dict:
-  with open(os.path.join(workdir, "final.json")) as f:
-    return json.load(f)
-
-
 def matched_table(pretrain_dir: str, finetune_dirs: dict[str, str]) -> list[dict]:
   """One row per finetune: its previous-dataset loss where its downstream loss first reached the matched loss.
 
@@ -59,9 +54,9 @@ def matched_table(pretrain_dir: str, finetune_dirs: dict[str, str]) -> list[dict
   """
   trajs = {name: trajectory(read_metrics(d)) for name, d in finetune_dirs.items()}
   baseline = next((n for n in trajs if n.endswith("none")), None)
-  table = matched_rows(trajs, _final(pretrain_dir)["valid_ntp"], baseline)
+  table = matched_rows(trajs, rundir.read_final(pretrain_dir)["valid_ntp"], baseline)
   for row in table:
-    final = _final(finetune_dirs[row["run"]])
+    final = rundir.read_final(finetune_dirs[row["run"]])
     row.update(downstream=final.get("valid_ntp"), compute_multiplier=final.get("compute_multiplier"))
   return table
 
@@ -101,7 +96,7 @@ def _fmt(fmt, v) -> str:
 def plot_trajectories(pretrain_dir: str, finetune_dirs: dict[str, str], out_path: str) -> str:
   """Previous-dataset loss (y) against downstream loss (x) along each finetuning run."""
   trajs = {name: trajectory(read_metrics(d)) for name, d in finetune_dirs.items()}
-  return plots.trajectories(trajs, out_path, prev_before=_final(pretrain_dir)["valid_ntp"])
+  return plots.trajectories(trajs, out_path, prev_before=rundir.read_final(pretrain_dir)["valid_ntp"])
 
 
 def report(path: str, out: str) -> list[str]:
@@ -175,7 +170,7 @@ def main(argv: list[str]) -> int:
   p.add_argument("--out", default="report")
   args = p.parse_args(argv[1:])
   first = args.paths[0]
-  if len(args.paths) == 1 and (first.endswith(".sqlite") or os.path.exists(os.path.join(first, "results.sqlite"))):
+  if len(args.paths) == 1 and (first.endswith(".sqlite") or os.path.exists(os.path.join(first, rundir.RESULTS))):
     for path in report(first, args.out):
       print(path)
     return 0

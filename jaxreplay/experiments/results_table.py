@@ -13,6 +13,7 @@ import os
 import sqlite3
 from collections import defaultdict
 
+from jaxreplay import rundir
 from jaxreplay.errors import SweepError
 from jaxreplay.evals.forgetting import compute_multiplier, pretraining_curve
 from jaxreplay.io import read_metrics
@@ -28,7 +29,7 @@ class Results:
   """The rows of a sweep's results table, with each run's config, metrics and logged trajectory."""
 
   def __init__(self, path: str):
-    self.db_path = path if path.endswith(".sqlite") else os.path.join(path, "results.sqlite")
+    self.db_path = path if path.endswith(".sqlite") else os.path.join(path, rundir.RESULTS)
     if not os.path.exists(self.db_path):
       raise SweepError(f"{self.db_path} does not exist: give a sweep workdir (`jaxreplay sweep ... "
                        "--workdir=DIR`) or its results.sqlite.")
@@ -44,7 +45,7 @@ class Results:
 
   def history(self, name: str) -> list[dict]:
     """The run's logged rows (metrics.jsonl), without the final summary row."""
-    d = os.path.join(self.workdir, "runs", *name.split("/"))
+    d = rundir.run_dir(self.workdir, name)
     return [r for r in read_metrics(d) if not r.get("final")]
 
   def finetunes(self) -> list[dict]:

@@ -19,6 +19,7 @@ import time
 
 import jax
 
+from jaxreplay import rundir
 from jaxreplay.errors import SweepError, UsageError, UserError
 from jaxreplay.experiments import multihost, packing
 from jaxreplay.experiments import sweepcost as cost
@@ -50,8 +51,7 @@ def train_in_subprocess(workdir: str, name: str, cwd: str, *parents) -> dict:
     if r.returncode not in (0, EXIT_CLAIMED):
       raise RunFailed(f"run {name} failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()[-1500:]}")
     break
-  with open(os.path.join(run_dir(workdir, name), "final.json")) as f:
-    return dict(name=name, **json.load(f))
+  return dict(name=name, **rundir.read_final(run_dir(workdir, name)))
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -86,7 +86,7 @@ class LocalRunner:
       env[self.device_env] = devices
     elif self.jobs > 1:  # several runs share the accelerators: no process may take most of their memory
       env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    log = open(os.path.join(run_dir(self.workdir, names[0]), "worker.log"), "ab")
+    log = open(os.path.join(run_dir(self.workdir, names[0]), rundir.WORKER_LOG), "ab")
     command = [sys.executable, "-m", "jaxreplay.experiments.pack_runner", "--workdir", self.workdir, "--runs",
                json.dumps(names), "--kind", job["kind"], "--pack", str(self.pack)]
     proc = subprocess.Popen(command, env=env, pass_fds=tuple(fds), stdout=log, stderr=subprocess.STDOUT)
@@ -107,7 +107,7 @@ class LocalRunner:
       del self.running[key]
       if rc in (EXIT_CLAIMED, EXIT_WAITING):
         continue
-      tail = _tail(os.path.join(run_dir(self.workdir, names[0]), "worker.log"))
+      tail = _tail(os.path.join(run_dir(self.workdir, names[0]), rundir.WORKER_LOG))
       for name in names:
         if is_finished(self.workdir, name):
           self.say(f"done   {name}")
@@ -250,6 +250,8 @@ def main(argv: list[str]) -> int:
   p.add_argument("--extend", action="store_true",
                  help="accept a workdir whose recorded sweep lacks some of this definition's runs (runs only added)")
   p.add_argument("--only", default=None, help="glob(s) or substring(s), comma-separated; their parents run too")
+  p.add_argument("--cache_dir", default=None, help="where default:LANG data is built (default: $JAXREPLAY_CACHE, "
+                 "$XDG_CACHE_HOME/jaxreplay or ~/.cache/jaxreplay); every worker reads it")
   p.add_argument("--devices", default="", help="accelerator ids to split over the jobs, e.g. 0,1,2,3 (GPUs)")
   p.add_argument("--device_env", default="CUDA_VISIBLE_DEVICES",
                  help="variable that gives each worker its devices (TPU: TPU_VISIBLE_CHIPS)")
@@ -270,23 +272,30 @@ def main(argv: list[str]) -> int:
     raise UsageError(f"--jobs={a.jobs} must be ≥ 1.")
   if a.pack is not None and a.pack < 1:
     raise UsageError(f"--pack={a.pack} must be ≥ 1: the most runs one process trains together (1 turns packing off).")
+  if a.status and not os.path.isdir(a.workdir):
+    raise UsageError(f"--workdir={a.workdir} does not exist: give the directory a sweep was started in.")
+  if a.cache_dir:  # the workers this process starts read it too
+    os.environ["JAXREPLAY_CACHE"] = os.path.abspath(os.path.expanduser(a.cache_dir))
   return run_sweep(a)
 
 
 def run_sweep(a) -> int:
   workdir = os.path.abspath(a.workdir)
   readonly = a.dry_run or a.status
-  runs, fp = prepare(a.spec, workdir, write=not readonly, only=None if a.status else a.only, extend=a.extend)
+  sweep = sweeps.load(a.spec)
+  runs, fp = prepare(a.spec, workdir, write=not readonly, only=None if a.status else a.only, extend=a.extend,
+                     sweep=sweep)
   if a.status:
     print(status(workdir, runs))
     return 0
   runs = select(runs, a.only)
-  pack = a.pack if a.pack is not None else int(getattr(sweeps.load(a.spec), "pack", 1) or 1)
+  pack = a.pack if a.pack is not None else int(getattr(sweep, "pack", 1) or 1)
   if a.dry_run:
     print(dry_run(workdir, runs))
     print(cost.format_costs(runs, a.peak_tflops, a.mfu))
     if pack > 1:
-      print(describe_plan(plan(workdir, runs, set(), pack), {r.name: resolved_config(workdir, r) for r in runs}))
+      configs = {r.name: resolved_config(workdir, r, planning=True) for r in runs}
+      print(describe_plan(plan(workdir, runs, set(), pack), configs))
     return 0
   if a.multihost:
     kw = {k: v for k, v in dict(coordinator_address=a.coordinator, num_processes=a.num_processes,

@@ -1,9 +1,5 @@
-"""A sweep's workdir: the recorded definition, the results table, per-run claims, progress.
-
-  DIR/sweep.json        the expanded sweep and its fingerprint (a different definition is refused)
-  DIR/results.sqlite    one row per finished run (SQLite, WAL); rebuilt from final.json files if lost
-  DIR/locks/*.lock      one per run; the process that trains a run holds an flock on it
-  DIR/runs/NAME/        the run's workdir (checkpoints, metrics, final.json); NAME is e.g. pretrain/d=256
+"""A sweep's workdir (its layout: jaxreplay/rundir.py): the recorded definition (a different one is refused), the
+results table (SQLite, WAL; rebuilt from final.json files if lost), per-run flock claims, progress.
 
 A run is finished when its final.json exists (train.run writes it last, atomically); the table is a
 queryable copy of those files, so a crash between the two loses nothing.
@@ -15,7 +11,6 @@ import collections
 import dataclasses
 import fcntl
 import fnmatch
-import hashlib
 import json
 import os
 import socket
@@ -24,14 +19,12 @@ import time
 
 import ml_collections
 
+from jaxreplay import config as config_lib, rundir
 from jaxreplay.io import write_json
-from jaxreplay import config as config_lib
-from jaxreplay.data.commands import resolve_path
-from jaxreplay.experiments import sweeps
+from jaxreplay.rundir import run_dir
+from jaxreplay.experiments import resolve, sweeps
 from jaxreplay.experiments.sweeps import Run, SweepError
 
-SWEEP_FILE = "sweep.json"
-DB_FILE = "results.sqlite"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (name TEXT PRIMARY KEY, stage TEXT, parent TEXT, overrides TEXT, config TEXT,
   metrics TEXT, started REAL, finished REAL, host TEXT, fingerprint TEXT);
@@ -40,17 +33,8 @@ CREATE TABLE IF NOT EXISTS attempts (id INTEGER PRIMARY KEY AUTOINCREMENT, name 
 """
 
 
-def run_dir(workdir: str, name: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "runs", *name.split("/"))
-
-
-def lock_path(workdir: str, name: str) -> str:
-  safe = name.replace("/", "__")[:80]
-  return os.path.join(workdir, "locks", f"{safe}.{hashlib.sha1(name.encode()).hexdigest()[:8]}.lock")
-
-
 def connect(workdir: str) -> sqlite3.Connection:
-  db = sqlite3.connect(os.path.join(workdir, DB_FILE), timeout=120, isolation_level=None)
+  db = sqlite3.connect(os.path.join(workdir, rundir.RESULTS), timeout=120, isolation_level=None)
   db.execute("PRAGMA journal_mode=WAL")
   db.execute("PRAGMA synchronous=NORMAL")
   db.executescript(SCHEMA)
@@ -69,15 +53,15 @@ def end_attempt(db, attempt: int, status: str, message: str = ""):
 
 
 def prepare(spec: str, workdir: str, write: bool = True, only: str | None = None,
-            extend: bool = False) -> tuple[list[Run], str]:
+            extend: bool = False, sweep: sweeps.Sweep | None = None) -> tuple[list[Run], str]:
   """Loads, expands and validates the sweep (and checks that `only` selects some run) before writing anything;
   checks (and records) that the workdir holds this sweep, or, with `extend`, this sweep with runs added to the
   one recorded (none removed or changed, so every recorded result stays valid). Returns every run, not only the
-  selected ones."""
-  runs = sweeps.expand(sweeps.load(spec))
+  selected ones. `sweep`: spec's Sweep, when already loaded."""
+  runs = sweeps.expand(sweep or sweeps.load(spec))
   select(runs, only)
   fp = sweeps.fingerprint(runs)
-  path = os.path.join(workdir, SWEEP_FILE)
+  path = os.path.join(workdir, rundir.SWEEP)
   rewrite = not os.path.exists(path)
   if not rewrite:
     with open(path) as f:
@@ -95,7 +79,7 @@ def prepare(spec: str, workdir: str, write: bool = True, only: str | None = None
     runs_json = [dataclasses.asdict(r) for r in runs]
     write_json(path, dict(fingerprint=fp, spec=spec, created=time.time(), runs=runs_json), indent=1)
   if write:
-    os.makedirs(os.path.join(workdir, "locks"), exist_ok=True)
+    os.makedirs(os.path.join(workdir, rundir.LOCKS), exist_ok=True)
     connect(workdir).close()
   return runs, fp
 
@@ -131,41 +115,34 @@ def _describe_change(old_runs: list[dict], runs: list[Run], allow_added: bool = 
 
 
 def load_runs(workdir: str) -> tuple[list[Run], str]:
-  path = os.path.join(workdir, SWEEP_FILE)
+  path = os.path.join(workdir, rundir.SWEEP)
   if not os.path.exists(path):
-    raise SweepError(f"{workdir} holds no {SWEEP_FILE}: start the sweep with `jaxreplay sweep FILE --workdir=...`.")
+    raise SweepError(f"{workdir} holds no {rundir.SWEEP}: start the sweep with `jaxreplay sweep FILE --workdir=...`.")
   with open(path) as f:
     data = json.load(f)
   return [Run(**r) for r in data["runs"]], data["fingerprint"]
 
 
-def resolved_config(workdir: str, run: Run) -> ml_collections.ConfigDict:
-  """The run's config with init.from pointing at the parent's workdir and data paths resolved."""
-  c = ml_collections.ConfigDict(run.config)  # new groups: setting a key leaves run.config as it was
-  if c.data.get("kind") != "chat":  # chat paths are plain files, read as given (relative to the working directory)
-    if run.parent:
-      c.init["from"] = run_dir(workdir, run.parent)
-    c.data.path = resolve_path(c.data.path)
-    c.data.mix_path = c.data.mix_path and resolve_path(c.data.mix_path)
-    c.replay.path = c.replay.path and resolve_path(c.replay.path)
-  c.lock()
-  return c
+def resolved_config(workdir: str, run: Run, planning: bool = False) -> ml_collections.ConfigDict:
+  """The run's config through the one entrance, init.from pointing at the parent's workdir (`planning`: for a plan
+  made before the parents trained)."""
+  init_from = run_dir(workdir, run.parent) if run.parent else None
+  return resolve.run_config(run.config, run_dir(workdir, run.name), init_from=init_from, planning=planning)
 
 
 def is_finished(workdir: str, name: str) -> bool:
-  return os.path.exists(os.path.join(run_dir(workdir, name), "final.json"))
+  return rundir.is_finished(run_dir(workdir, name))
 
 
 def record(db, workdir: str, run: Run, fp: str, started: float | None = None):
   """Adds the finished run's row (once; a second call changes nothing)."""
   d = run_dir(workdir, run.name)
-  with open(os.path.join(d, "final.json")) as f:
-    metrics = json.load(f)
-  cfg_path = os.path.join(d, "config.json")
+  metrics = rundir.read_final(d)
+  cfg_path = rundir.config_file(d)
   cfg = open(cfg_path).read() if os.path.exists(cfg_path) else json.dumps(run.config)
   db.execute("INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?)",
              (run.name, run.stage, run.parent, json.dumps(run.overrides, sort_keys=True, default=str), cfg,
-              json.dumps(metrics, sort_keys=True), started, os.path.getmtime(os.path.join(d, "final.json")),
+              json.dumps(metrics, sort_keys=True), started, os.path.getmtime(rundir.final_file(d)),
               socket.gethostname(), fp))
   if started is not None:  # a runner's sync may have added the row first, without the start time
     db.execute("UPDATE results SET started=? WHERE name=? AND started IS NULL", (started, run.name))
@@ -188,7 +165,7 @@ class Claim:
     """wait_s: keep trying that long (a status probe holds a lock for an instant)."""
     self.fd = fd
     if fd is None:
-      path = lock_path(workdir, name)
+      path = rundir.lock_file(workdir, name)
       os.makedirs(os.path.dirname(path), exist_ok=True)
       self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
       end = time.monotonic() + wait_s
@@ -251,7 +228,7 @@ def levels(runs: list[Run]) -> list[list[str]]:
 
 def status(workdir: str, runs: list[Run]) -> str:
   rows, failed = {}, set()
-  if os.path.exists(os.path.join(workdir, DB_FILE)):
+  if os.path.exists(os.path.join(workdir, rundir.RESULTS)):
     db = connect(workdir)
     rows = {n: json.loads(m) for n, m in db.execute("SELECT name, metrics FROM results")}
     failed = {n for n, st in db.execute(
@@ -263,15 +240,14 @@ def status(workdir: str, runs: list[Run]) -> str:
   for r in runs:
     m = rows.get(r.name)
     if m is None and is_finished(workdir, r.name):
-      with open(os.path.join(run_dir(workdir, r.name), "final.json")) as f:
-        m = json.load(f)
+      m = rundir.read_final(run_dir(workdir, r.name))
     if m is not None:
       state = "done"
-    elif os.path.isdir(os.path.join(workdir, "locks")) and is_locked(workdir, r.name):
+    elif os.path.isdir(os.path.join(workdir, rundir.LOCKS)) and is_locked(workdir, r.name):
       state = "running"
     elif r.name in failed:
       state = "failed"
-    elif os.path.isdir(os.path.join(run_dir(workdir, r.name), "checkpoints")):
+    elif os.path.isdir(rundir.checkpoints_dir(run_dir(workdir, r.name))):
       state = "partial"
     else:
       state = "pending"

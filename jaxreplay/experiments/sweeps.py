@@ -14,7 +14,7 @@ stop.tokens_per_param) replaces the base's length criterion. `after=` makes each
 finetuning run of each named run: a stage (every run of it), (stage, {key: value}) (its runs with those
 overrides), or a list of run names; `match=` pairs a child only with parents that agree on the given keys.
 A child's `init.from` is the NAME of its parent; the runner turns it into that run's workdir. A child takes
-every model key its weights depend on from its parent (`config.inherit_model_shape`); a child grid key that
+every model key its weights depend on from its parent (`resolve.take_parent_shape`); a child grid key that
 contradicts its parent is an error at expansion.
 
 Run names are `STAGE/LABEL` for runs that start from nothing and `STAGE/PARENT_NAME/LABEL` for the others
@@ -33,13 +33,12 @@ import itertools
 import json
 import os
 import re
-import sys
 
 import ml_collections
 
 from jaxreplay import config as config_lib
 from jaxreplay.errors import ConfigError, SweepError
-from jaxreplay.experiments import config_files
+from jaxreplay.experiments import resolve
 
 
 # Short names for common keys in run labels; any other key shows its last component (or all of it when two
@@ -242,14 +241,9 @@ def _inherit_shape(run: Run, configs: dict) -> Run:
   arrive parents first); one of them set explicitly by the child's grid to another value is an error."""
   if not run.parent:
     return run
-  c, parent = configs[run.name], configs[run.parent].to_dict()
-  explicit = [k[len("model."):] for k in run.overrides if k.startswith("model.")]
-  conflicts = config_lib.inherit_model_shape(c, parent, explicit)
-  if conflicts:
-    k = conflicts[0]
-    raise SweepError(f"Run {run.name!r} sets model.{k}={c.model[k]!r}, but the run it starts from, {run.parent!r}, "
-                     f"has model.{k}={parent['model'][k]!r}: a finetuning run keeps its parent's model shape, so drop "
-                     f"model.{k} from the finetuning stage's grid.")
+  c = configs[run.name]
+  resolve.take_parent_shape(c, configs[run.parent].to_dict(),
+                            [k[len("model."):] for k in run.overrides if k.startswith("model.")], f"Run {run.name!r}: ")
   return dataclasses.replace(run, config=c.to_dict())
 
 
@@ -310,17 +304,14 @@ def fingerprint(runs: list[Run]) -> str:
 
 
 def _module(path: str):
+  path = resolve.find_file(path)
   if not path.endswith(".py") or not os.path.isfile(path):
     raise SweepError(f"Sweep file {path!r} does not exist or is not a .py file: give the path to a file in "
                      "sweeps/, e.g. sweeps/quickstart.py:small.")
-  folder = os.path.dirname(os.path.abspath(path))
-  if folder not in sys.path:  # sweep files may import shared helpers next to them (sweeps/_paper.py)
-    sys.path.insert(0, folder)
-  name = "jaxreplay_sweep_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
   try:
-    return config_files.load_module(path, name)
+    return resolve.load_file(path)  # its folder importable: sweep files import helpers next to them (_paper.py)
   except Exception as e:  # the user's own file: any failure in it is theirs to fix, said in one line
-    raise SweepError(f"Sweep file {path} could not be loaded ({type(e).__name__}: {config_files.first_line(e)}): "
+    raise SweepError(f"Sweep file {path} could not be loaded ({type(e).__name__}: {resolve.first_line(e)}): "
                      "fix it.") from None
 
 
@@ -358,7 +349,7 @@ def load(spec: str) -> Sweep:
   except (SweepError, ConfigError):
     raise
   except Exception as e:  # as in _module
-    raise SweepError(f"{path}: get_sweep({arg!r}) failed ({type(e).__name__}: {config_files.first_line(e)}): fix "
+    raise SweepError(f"{path}: get_sweep({arg!r}) failed ({type(e).__name__}: {resolve.first_line(e)}): fix "
                      "the file or its argument.") from None
   if not isinstance(sweep, Sweep):
     raise SweepError(f"{path}: get_sweep returned {type(sweep).__name__}, not a jaxreplay.experiments.sweeps.Sweep.")

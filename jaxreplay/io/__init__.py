@@ -195,7 +195,7 @@ def read_range(p, start: int, stop: int) -> bytes:
 
 def read_metrics(workdir: str) -> list[dict]:
   """The rows of WORKDIR/metrics.jsonl (none when it does not exist yet)."""
-  p = join(workdir, "metrics.jsonl")
+  p = join(workdir, "metrics.jsonl")  # rundir.METRICS, which builds on this module and so cannot be imported
   if not exists(p):
     return []
   return [json.loads(l) for l in read_text(p).splitlines() if l.strip()]

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from jax import lax
 from jax.experimental import multihost_utils
 
-from jaxreplay import io
+from jaxreplay import io, rundir
 from jaxreplay.io import write_json
 from jaxreplay.errors import CheckpointError
 from jaxreplay.models import decoder
@@ -147,8 +147,8 @@ def export(workdir: str, params, config_dict: dict, info: dict):
   """Writes WORKDIR/export/{params, config.json, info.json}; info.json is removed first and written last,
   so it exists only while a complete export does."""
   quiet_orbax_logs()
-  directory = io.abspath(io.join(workdir, "export"))  # may be a URL: orbax writes there through tensorstore
-  info_path = io.join(directory, "info.json")
+  directory = rundir.export_dir(workdir)
+  info_path = io.join(directory, "info.json")  # a URL too when the workdir is: orbax writes through tensorstore
   if jax.process_index() == 0:
     io.makedirs(directory)
     io.remove(info_path)
@@ -168,7 +168,7 @@ def exported_config(workdir: str) -> dict:
   if not workdir or not io.isdir(workdir):
     raise CheckpointError(f"init.from={workdir!r} does not exist: set config.init.from to the workdir of a "
                           "finished pretraining run.")
-  directory = io.join(workdir, "export")
+  directory = rundir.export_dir(workdir)
   if not io.exists(io.join(directory, "info.json")):
     raise CheckpointError(f"init.from={workdir!r} holds no finished export ({directory}/info.json is missing): "
                           "point it at the workdir of a pretraining run that has finished, or rerun that run "
@@ -178,7 +178,7 @@ def exported_config(workdir: str) -> dict:
 
 def exported_info(workdir: str) -> dict:
   exported_config(workdir)
-  return io.read_json(io.join(workdir, "export", "info.json"))
+  return io.read_json(io.join(rundir.export_dir(workdir), "info.json"))
 
 
 def load_exported(workdir: str, like_params=None):
@@ -187,7 +187,7 @@ def load_exported(workdir: str, like_params=None):
   parameter format (info.json's params_format, 1 when absent) is converted by `decoder.upgrade_params`."""
   quiet_orbax_logs()
   old_format = exported_info(workdir).get("params_format", 1) < decoder.PARAMS_FORMAT
-  params_dir = io.abspath(io.join(workdir, "export", "params"))
+  params_dir = io.join(rundir.export_dir(workdir), "params")
   ckptr = ocp.StandardCheckpointer()
   with no_unraisable():
     try:

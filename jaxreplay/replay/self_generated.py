@@ -39,7 +39,7 @@ from jaxreplay import io
 from jaxreplay.io import atomic_open, file_lock, write_json
 from jaxreplay.errors import ConfigError
 from jaxreplay import config as config_lib
-from jaxreplay import sharding
+from jaxreplay import rundir, sharding
 from jaxreplay.models import decoder, export as export_lib, sampler
 
 FORMAT = 1
@@ -74,7 +74,7 @@ def _sha256_file(path: str) -> str:
 def checkpoint_fingerprint(weights_dir: str, frozen) -> dict:
   """What identifies the weights samples come from: a run's export info and config (or a Hugging Face
   checkpoint's config.json), and checksums of the weights themselves (integer sums, the same on any mesh)."""
-  export_config = io.join(weights_dir, "export", "config.json")
+  export_config = io.join(rundir.export_dir(weights_dir), "config.json")
   if io.exists(export_config):
     info, config_path = export_lib.exported_info(weights_dir), export_config
   else:  # a Hugging Face checkpoint directory (config.model.path)

@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jaxreplay import io
+from jaxreplay import io, rundir
 from jaxreplay.errors import CheckpointError, StorageError
 from jaxreplay.models.export import (INTEGRITY_VERSION, abstract_like, agree, barrier, flat_tree,
                                      integrity_record, no_unraisable, one_line, quiet_orbax_logs)
@@ -57,12 +57,12 @@ def _integrity_problem(state, record) -> str | None:
 
 def check_writable(workdir: str) -> str:
   """Fails early, with one sentence, if WORKDIR/checkpoints cannot be written; returns its path."""
+  directory = rundir.checkpoints_dir(workdir)
   if io.is_url(workdir):
     try:
-      return io.check_writable(io.join(workdir, "checkpoints"))
+      return io.check_writable(directory)
     except StorageError as e:
       raise CheckpointError(str(e)) from None
-  directory = os.path.abspath(os.path.join(io.path(workdir), "checkpoints"))
   try:
     os.makedirs(directory, exist_ok=True)
     fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)

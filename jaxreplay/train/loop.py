@@ -17,23 +17,22 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxreplay import config as config_lib, sharding
+from jaxreplay import config as config_lib, io, rundir, sharding
 from jaxreplay.errors import TrainingError  # noqa: F401 (raised here; callers catch it as train.TrainingError)
-from jaxreplay import io
 from jaxreplay.io import write_json
 from jaxreplay.evals import forgetting as evaluate_lib, mcq, toy
 from jaxreplay.models import decoder, export as export_lib, hf_import
 from jaxreplay.replay import sources as replay_lib
 from jaxreplay.train import checkpoint as ckpt_lib, evaluation, metrics as metrics_lib, optim, steps
 from jaxreplay.train import preemption as preemption_lib
-from jaxreplay.train.stage import Stage, check_workdir, inherit_parent_shape  # noqa: F401 (the CLI's names)
+from jaxreplay.train.stage import Stage
 
 
-DONE_FILE = "final.json"
+DONE_FILE = rundir.FINAL
 
 
 def is_finished(workdir: str) -> bool:
-  return io.exists(io.join(workdir, DONE_FILE))
+  return rundir.is_finished(workdir)
 
 
 def run(c, workdir: str, evaluators=()) -> dict:
@@ -42,8 +41,8 @@ def run(c, workdir: str, evaluators=()) -> dict:
   `evaluators`: callables params -> {name: value}, run at every evaluation alongside the losses.
   """
   if is_finished(workdir):
-    check_workdir(c, workdir)
-    return io.read_json(io.join(workdir, DONE_FILE))
+    config_lib.check_workdir(c, workdir)
+    return rundir.read_final(workdir)
   t = setup(c, workdir, evaluators)
   stop_reason = train_loop(t)
   return finish(t, stop_reason)
@@ -197,7 +196,7 @@ def setup(c, workdir: str, evaluators=(), restore=None, start_eval: bool = True)
     t.eval_sets["self"] = [evaluation.self_probe(c, model_cfg, t.frozen, stage.prompt_id, mesh)]
   compile_steps(t)
   t.writer = metrics_lib.MetricWriter(workdir, c.log, c.to_dict(), resume_step=t.start_step)
-  t.checkpointer.before_save = t.writer.flush
+  t.checkpointer.before_save = t.writer.flush  # metrics.jsonl holds every row the checkpoint covers
   peak = metrics_lib.cached_matmul_peak(model_cfg.dtype) if jax.process_index() == 0 else None
   t.throughput = metrics_lib.Throughput(stage.tokens_per_step, decoder.flops_per_token(model_cfg), peak)
   t.bar = tqdm(total=stage.total_steps, initial=t.start_step, unit="step", dynamic_ncols=True,
@@ -284,11 +283,11 @@ def finish(t: Trainer, stop_reason: str) -> dict:
   t.checkpointer.save(step, t.state, t.extra, force=True)
   t.checkpointer.close()
   if stage.hf_dir and c.export.hf:
-    hf_import.save_hf(final_params, stage.model_cfg, stage.hf_dir, os.path.join(t.workdir, "hf"))
+    hf_import.save_hf(final_params, stage.model_cfg, stage.hf_dir, os.path.join(t.workdir, rundir.HF))
   elif not stage.hf_dir:
     export_lib.export(t.workdir, final_params, c.to_dict(), dict(step=step, dataset_id=stage.dataset_id))
   t.writer.write(step, dict(final=True, **{k: v for k, v in result.items() if k != "step"}))
   t.writer.close()
   if jax.process_index() == 0:
-    write_json(io.join(t.workdir, DONE_FILE), result, sort_keys=True)
+    write_json(rundir.final_file(t.workdir), result, sort_keys=True)
   return result

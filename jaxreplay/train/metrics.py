@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxreplay import io
+from jaxreplay import io, rundir
 from jaxreplay.io import write_text
 
 
@@ -58,7 +58,7 @@ class MetricWriter:
   """Appends one JSON object per line to WORKDIR/metrics.jsonl; mirrors scalars to TensorBoard / W&B."""
 
   def __init__(self, workdir: str, log_cfg, config_dict: dict | None = None, resume_step: int = 0):
-    self.path = io.join(workdir, "metrics.jsonl")
+    self.path = io.join(workdir, rundir.METRICS)
     self.is_main = jax.process_index() == 0
     self._tb = self._wandb = None
     if self.is_main:

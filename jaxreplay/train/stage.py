@@ -12,40 +12,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxreplay import config as config_lib, sharding
-from jaxreplay import io
+from jaxreplay import config as config_lib, rundir, sharding
 from jaxreplay.io import write_json
 from jaxreplay.data import chat as chat_data, loader, tokenfile
 from jaxreplay.models import decoder, export as export_lib, hf_import
 from jaxreplay.replay import self_generated
-
-
-def check_workdir(c, workdir: str):
-  """Refuses a workdir that holds a different run, before anything is written."""
-  path = io.join(workdir, "config.json")
-  if not io.exists(path):
-    return
-  diff = config_lib.differences(config_lib.from_json_file(path), c)
-  if diff:
-    raise config_lib.ConfigError(
-        f"The workdir {workdir} holds a run with a different config ({', '.join(diff[:5])} differ): "
-        "use a new --workdir, or the same config to resume it.")
-
-
-def check_parent_shape(c, parent: dict, keys):
-  """Refuses a model key of `keys` whose value differs from the parent run's (its config, `parent`)."""
-  for k in keys:
-    if k in c.model and c.model[k] != parent["model"][k]:
-      raise config_lib.ConfigError(
-          f"config.model.{k}={c.model[k]!r} differs from the run in init.from ({parent['model'][k]!r}): finetuning "
-          f"keeps the pretrained model's shape, so drop --config.model.{k}.")
-
-
-def inherit_parent_shape(c, init_from: str, explicit=()):
-  """`jaxreplay finetune`: every model key the weights in init_from depend on comes from that run's export,
-  unless the user set it (`explicit`) to another value, which is an error."""
-  parent = export_lib.exported_config(init_from)
-  check_parent_shape(c, parent, config_lib.inherit_model_shape(c, parent, explicit))
 
 
 def total_steps(c: ml_collections.ConfigDict, params: Callable[[], int], tokens_per_epoch: int | None) -> int | None:
@@ -66,14 +37,12 @@ def total_steps(c: ml_collections.ConfigDict, params: Callable[[], int], tokens_
 
 
 class Stage:
-  """Everything one run reads, resolved from the config before the first step.
+  """Everything one run reads, from a config that `experiments/resolve.run_config` validated and resolved.
 
   `weights_dir`: where the frozen model π_pre comes from (init.from's workdir, model.path's directory, or ''
   for pretraining); `eval_sets`: name -> a re-iterable of this process's eval batches."""
 
   def __init__(self, c, workdir: str):
-    config_lib.validate(c)
-    check_workdir(c, workdir)
     self.c, self.workdir = c, workdir
     self.mesh = sharding.make_mesh(c.mesh)
     self.prev = None  # the pretraining run a finetuning run starts from
@@ -104,9 +73,7 @@ class Stage:
     dtype = config_lib.compute_dtype_name(c, jax.default_backend())
     self.model_cfg = decoder.ModelConfig.from_config(c.model, dtype, jax.default_backend())
     if c.init["from"]:
-      parent = export_lib.exported_config(c.init["from"])
-      check_parent_shape(c, parent, config_lib.weight_model_keys(parent["model"]))
-      self.prev = ml_collections.ConfigDict(parent)
+      self.prev = ml_collections.ConfigDict(export_lib.exported_config(c.init["from"]))
 
   def _hf_model(self):
     c, platform = self.c, jax.default_backend()
@@ -192,7 +159,7 @@ class Stage:
   def write_data_stats(self):
     """What chat packing made of the data, as data_stats.json (process 0; nothing for token data)."""
     if self.c.model.path and jax.process_index() == 0:
-      write_json(os.path.join(self.workdir, "data_stats.json"), dict(
+      write_json(os.path.join(self.workdir, rundir.DATA_STATS), dict(
           train=self.train.stats, valid=self.valid.stats if self.valid is not None else None,
           total_steps=self.total_steps, replay_rows=None if self.real_rows is None else len(self.real_rows)))
 
