@@ -57,6 +57,27 @@ def lock_file(root: str, name: str) -> str:
   return io.join(root, LOCKS, f"{safe}.{hashlib.sha1(name.encode()).hexdigest()[:8]}.lock")
 
 
+def host_dir(root: str) -> str:
+  """Where this host keeps a sweep's local files (results.sqlite, worker logs, jax_cache): the sweep root on a
+  disk; for a URL, a folder of this host's cache named by it (SQLite cannot lock, nor a log append, on an object
+  store; the table is a cache of the final.json objects, rebuilt from them)."""
+  if not io.is_url(root):
+    return root
+  return os.path.join(io.host_cache_dir(), "sweeps", hashlib.sha1(io.abspath(root).encode()).hexdigest()[:16])
+
+
+def worker_log(root: str, name: str) -> str:
+  """The log of the worker process that trains run NAME: in its workdir, or in host_dir on an object store."""
+  if not io.is_url(root):
+    return os.path.join(run_dir(root, name), WORKER_LOG)
+  return os.path.join(host_dir(root), "logs", name.replace("/", "__") + ".log")
+
+
+def lease_file(root: str, name: str) -> str:
+  """The lease object a runner creates to claim run NAME of a sweep on an object store (no flock there)."""
+  return lock_file(root, name)[:-len(".lock")] + ".lease.json"
+
+
 def sweep_of(workdir: str) -> tuple[str, str] | None:
   """(sweep root, run name) when `workdir` is SWEEP/runs/NAME of a sweep, else None."""
   parts = io.abspath(workdir).split("/")  # a URL splits as 'gs:', '', 'bucket', ...

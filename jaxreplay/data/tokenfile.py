@@ -127,20 +127,12 @@ class TokenDir:
     return getattr(self, name)
 
 
-def _cache_root() -> str:
-  """The per-host cache (the rule of data/commands.py's default cache dir, which imports this module)."""
-  if os.environ.get("JAXREPLAY_CACHE"):
-    return os.environ["JAXREPLAY_CACHE"]
-  xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(xdg, "jaxreplay")
-
-
 def local_copy(url: str, cache_root: str | None = None) -> str:
   """This host's copy of the token directory at `url`, downloaded once (again when its meta.json changes)."""
   read_meta(url)  # a missing or unfinished directory: one sentence before any download
   meta_bytes = io.read_bytes(io.join(url, META_FILE))
   key = hashlib.sha256(url.rstrip("/").encode() + b"\0" + meta_bytes).hexdigest()[:20]
-  local = os.path.join(cache_root or _cache_root(), "remote_tokens", key)
+  local = os.path.join(cache_root or io.host_cache_dir(), "remote_tokens", key)
   if os.path.isfile(os.path.join(local, META_FILE)):
     return local
   os.makedirs(os.path.dirname(local), exist_ok=True)

@@ -72,6 +72,14 @@ def abspath(p) -> str:
   return str(p).rstrip("/") if is_url(p) else os.path.abspath(str(path(p)))
 
 
+def host_cache_dir() -> str:
+  """This host's cache: $JAXREPLAY_CACHE, else $XDG_CACHE_HOME/jaxreplay, else ~/.cache/jaxreplay."""
+  if os.environ.get("JAXREPLAY_CACHE"):
+    return os.environ["JAXREPLAY_CACHE"]
+  xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(xdg, "jaxreplay")
+
+
 def _bucket(p: str) -> str:
   return str(p).split("://", 1)[0] + "://" + str(p).split("://", 1)[1].split("/", 1)[0]
 
@@ -181,6 +189,14 @@ def size(p) -> int:
     fs, inner = fs_and_path(p)
     return int(fs.size(inner))
   return os.path.getsize(p)
+
+
+def mtime(p) -> float:
+  """Last modification, seconds since the epoch (an object's `updated` time)."""
+  if is_url(p):
+    fs, inner = fs_and_path(p)
+    return fs.modified(inner).timestamp()
+  return os.path.getmtime(p)
 
 
 def read_range(p, start: int, stop: int) -> bytes:
