@@ -70,7 +70,7 @@ def test_one_runner_finishes_a_grid_on_a_bucket(gcs_bucket, data, tmp_path):  # 
 def test_a_killed_runner_is_taken_over_and_two_runners_train_each_run_once(gcs_bucket, data, tmp_path):  # noqa: F811
   spec = write_sweep(tmp_path / "s.py", *_upload(data, gcs_bucket), steps=60, n_pre=2, ckpt_every=5, ft_steps=5)
   workdir = f"{gcs_bucket}/sweep"
-  ttl = dict(JAXREPLAY_LEASE_TTL_S="4")
+  ttl = dict(JAXREPLAY_LEASE_TTL_S="10")  # beats every 3.3 s: room for a loaded machine
   hosts = [tmp_path / "host_a", tmp_path / "host_b"]
   p = _runner(spec, workdir, hosts[0], **ttl)
   ckpts = f"{workdir}/runs/pretrain/seed=0/checkpoints"
@@ -78,7 +78,7 @@ def test_a_killed_runner_is_taken_over_and_two_runners_train_each_run_once(gcs_b
   while not any(n.isdigit() for n in io.listdir(ckpts)):
     assert time.monotonic() < deadline and p.poll() is None, "no checkpoint was written"
     time.sleep(0.5)
-  p.send_signal(signal.SIGKILL)  # its lease stays behind, with no heartbeat: it expires after 4 s
+  p.send_signal(signal.SIGKILL)  # its lease stays behind, with no heartbeat: it expires after 10 s
   p.communicate()
   assert not io.exists(f"{workdir}/runs/pretrain/seed=0/final.json")
   procs = [_runner(spec, workdir, h, **ttl) for h in hosts]  # two hosts, each with its own results table
@@ -96,3 +96,27 @@ def test_a_killed_runner_is_taken_over_and_two_runners_train_each_run_once(gcs_b
     assert not any(n == m and s < e2 and s2 < e for m, s2, e2 in spans[i + 1:]), spans
   first = io.read_metrics(f"{workdir}/runs/pretrain/seed=0")
   assert first[-1]["final"] and first[-1]["step"] == 60
+
+
+def test_a_claim_on_a_bucket_is_a_heartbeated_lease_that_knows_when_it_is_lost(gcs_bucket, monkeypatch):
+  from jaxreplay.experiments import sweepdir
+  from jaxreplay.io import lease as lease_lib
+  monkeypatch.setattr(sweepdir, "LEASE_TTL_S", 0.6)
+  workdir = f"{gcs_bucket}/sweep"
+  claim = sweepdir.Claim(workdir, "pretrain/seed=0")
+  assert claim and not sweepdir.Claim(workdir, "pretrain/seed=0") and sweepdir.is_locked(workdir, "pretrain/seed=0")
+  time.sleep(1.0)  # longer than the TTL: the heartbeats keep it
+  assert not claim.lost() and not sweepdir.Claim(workdir, "pretrain/seed=0")
+  # Another runner replaces it (as it would once the heartbeats stopped for a TTL): the holder sees it is lost.
+  path = rundir.lease_file(workdir, "pretrain/seed=0")
+  for _ in range(20):  # matched to the generation the holder last wrote (a heartbeat in between: try again)
+    token = json.dumps(dict(path=path, ttl_s=60, holder="other-host:1:0", generation=claim.lease.generation, since=0))
+    store = lease_lib.Lease.adopt(token)
+    if store.heartbeat():
+      break
+  deadline = time.monotonic() + 5
+  while not claim.lost():
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+  claim.close()
+  assert lease_lib.read_holder(path).holder == store.holder  # closing a lost claim deletes nothing

@@ -100,6 +100,9 @@ class LocalRunner:
   def _reap(self):
     for key, (proc, claims, devices, names) in list(self.running.items()):
       rc = proc.poll()
+      if rc is None and any(c.lost() for c in claims):
+        self.say(f"lease lost for {', '.join(names)} (taken over by another runner): stopping its worker")
+        proc.terminate()
       if rc is None:
         continue
       for c in claims:

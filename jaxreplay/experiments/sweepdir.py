@@ -200,6 +200,10 @@ class Claim:
   def __bool__(self):
     return self.fd is not None
 
+  def lost(self) -> bool:
+    """A lease that expired (heartbeats held up) and was taken over: its worker must stop writing the run."""
+    return self.lease is not None and self.lease.generation is None and self.fd is not None
+
   def close(self):
     if self.lease is not None and self.fd is not None:
       self._alive.__exit__(None, None, None)  # stops the heartbeats and deletes the lease
