@@ -121,3 +121,16 @@ def test_a_workdir_in_a_missing_bucket_is_one_sentence_and_exit_2(gcs_server, tm
   assert p.returncode == 2 and lines == [
       "jaxreplay: error: The bucket gs://no-such-bucket-3 does not exist (or these credentials cannot see it): "
       "create it (gcloud storage buckets create gs://no-such-bucket-3) or fix the URL."]
+
+
+def test_a_gs_workdir_without_gcsfs_names_the_extra_and_exits_2(tmp_path):
+  cfg = _setup(str(tmp_path / "local"), tmp_path)
+  shadow = tmp_path / "no_gcsfs" / "gcsfs"
+  shadow.mkdir(parents=True)
+  (shadow / "__init__.py").write_text("raise ImportError('gcsfs is not installed')\n")  # as if it were absent
+  env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'no_gcsfs'}:{ROOT}", JAXREPLAY_CACHE=str(tmp_path / "cache"))
+  r = subprocess.run([sys.executable, "-m", "jaxreplay.cli", "pretrain", f"--config={cfg}", "--workdir=gs://b/runs/x"],
+                     env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+  lines = [l for l in r.stderr.splitlines() if l.startswith("jaxreplay: error:")]
+  assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+  assert lines[0].endswith("is a gs:// path, which needs gcsfs: pip install 'jaxreplay[gcs]' (or pip install gcsfs).")
