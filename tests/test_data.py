@@ -5,6 +5,8 @@ import json
 import lzma
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -451,3 +453,62 @@ def test_cli_tokenizer_and_tokenize(tmp_path, capsys):
   with pytest.raises(DataError, match="neither a file nor a corpus name"):  # the CLI prints it and exits 2
     commands.main(["jaxreplay data", "tokenize", "--tokenizer", tok, "--out", out, "--dataset_id", "1",
                    str(tmp_path / "missing.txt")])
+
+
+def _files_under(root):
+  return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+          for d, _, fs in os.walk(root) for f in fs}
+
+
+def test_cli_refuses_empty_and_non_utf8_inputs_and_keeps_what_was_written(tok_path, tmp_path):
+  """Through the real CLI: exit 2, one sentence naming the file (and the byte offset), no token directory
+  made or left half-made, and a token directory already at --out untouched."""
+  good = tmp_path / "good.txt"
+  good.write_text("\n".join(lines("en_bible_kjv.txt.xz", 50)) + "\n")
+  latin = "Génesis 1:1 En el principio\n".encode("latin-1")
+  (tmp_path / "latin.txt").write_bytes(b"In the beginning\n" * 3 + latin)
+  with lzma.open(tmp_path / "cut.txt.xz", "wb") as f:
+    f.write("año\n".encode() * 4 + "ñ".encode()[:1])  # a 2-byte character cut off at the end
+  cut_at = len("año\n".encode()) * 4
+  (tmp_path / "empty.txt").write_text("")
+  (tmp_path / "blank.txt").write_text("  \n\n\t\n")
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(FIXTURES)), JAX_PLATFORMS="cpu")
+
+  def jaxreplay(*args, out):
+    return subprocess.Popen([sys.executable, "-m", "jaxreplay.cli", "data", *args, f"--out={out}"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  kept = tmp_path / "kept"
+  assert jaxreplay("tokenize", f"--tokenizer={tok_path}", "--dataset_id=0", str(good), out=kept).wait() == 0
+  before = _files_under(kept)
+  first_bad = (b"In the beginning\n" * 3 + latin).index(b"\xe9")  # independent of the library's scan
+  cases = [  # (args, out, the words the error must hold)
+      (["tokenize", str(tmp_path / "empty.txt")], tmp_path / "t_empty", ["empty.txt", "holds no text"]),
+      (["tokenize", str(good), str(tmp_path / "blank.txt")], kept, ["blank.txt", "holds no text"]),
+      (["tokenize", str(tmp_path / "latin.txt")], kept, ["latin.txt", f"byte offset {first_bad} holds e9"]),
+      (["tokenize", str(tmp_path / "cut.txt.xz")], tmp_path / "t_cut",
+       ["cut.txt.xz", f"byte offset {cut_at} of the decompressed text holds c3"]),
+      (["tokenizer", "--vocab_size=300", str(tmp_path / "empty.txt")], tmp_path / "tok_empty.json",
+       ["empty.txt", "holds no text"]),
+  ]
+  procs = [(args, want, jaxreplay(*args[:1], *([f"--tokenizer={tok_path}", "--dataset_id=0"]
+                                               if args[0] == "tokenize" else []), *args[1:], out=out))
+           for args, out, want in cases]
+  for args, want, p in procs:
+    _, err = p.communicate(timeout=120)
+    last = err.strip().splitlines()[-1]  # above it only the progress bar
+    assert p.returncode == 2 and "Traceback" not in err, (args, err)
+    assert last.startswith("jaxreplay: error: ") and all(w in last for w in want), (args, last)
+  assert _files_under(kept) == before
+  assert sorted(os.listdir(tmp_path)) == sorted(["good.txt", "latin.txt", "cut.txt.xz", "empty.txt", "blank.txt",
+                                                 "kept"])  # no new directory, no temporary left behind
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 20])
+def test_first_non_utf8_across_chunk_boundaries(tmp_path, chunk):
+  data = "ok ñandú €5 ".encode() * 5 + b"\xe2\x82" + "x 🙂".encode()  # a 3-byte character missing its last byte
+  path = tmp_path / "t.txt"
+  path.write_bytes(data)
+  with pytest.raises(UnicodeDecodeError) as e:
+    data.decode("utf-8")
+  assert corpora.first_non_utf8(str(path), chunk) == (e.value.start, data[e.value.start:e.value.end])

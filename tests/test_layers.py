@@ -1,19 +1,20 @@
 """The package's shape, read from its source with `ast` (nothing is imported): layers that import one way
-(DESIGN.md), no circle, imports at the top of files, no private name used across modules, small files and
-functions. Each exception is listed below with its reason, and an exception that no longer applies fails too.
+(docs/architecture.md, "Layers"), no circle, imports at the top of files, no private name used across modules, small files and
+functions (docs/architecture.md explains the layers). Each exception is listed below with its reason, and an exception that no longer applies fails too.
 """
 
 import ast
 import functools
 import os
+import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "jaxreplay")
 
-# DESIGN.md "Layout": each layer imports only itself and the layers below it.
+# docs/architecture.md "Layers": each layer imports only itself and the layers below it.
 LAYERS = {
     "jaxreplay": 0, "jaxreplay.errors": 0, "jaxreplay.io": 0, "jaxreplay.config": 0, "jaxreplay.sharding": 0,
-    "jaxreplay.platform": 0,
+    "jaxreplay.platform": 0, "jaxreplay.rundir": 0,
     "jaxreplay.models": 1, "jaxreplay.data": 1,
     "jaxreplay.replay": 2, "jaxreplay.evals": 2,
     "jaxreplay.train": 3,
@@ -61,7 +62,7 @@ def layer(module: str) -> int:
   for k in range(len(parts), 0, -1):
     if ".".join(parts[:k]) in LAYERS:
       return LAYERS[".".join(parts[:k])]
-  raise AssertionError(f"{module} has no layer: add it to LAYERS in tests/test_layers.py (and DESIGN.md)")
+  raise AssertionError(f"{module} has no layer: add it to LAYERS in tests/test_layers.py (and docs/architecture.md)")
 
 
 def top_level_nodes(tree: ast.Module) -> set:
@@ -121,7 +122,16 @@ def test_every_import_goes_to_the_same_or_a_lower_layer():
   bad = [f"{src} (layer {layer(src)}) imports {dst} (layer {layer(dst)}), line {lines[0][0]}"
          for (src, dst), lines in edges().items()
          if layer(dst) > layer(src) and (src, dst) not in ALLOWED_IMPORTS]
-  assert not bad, "imports against the layers (DESIGN.md):\n" + "\n".join(bad)
+  assert not bad, "imports against the layers (docs/architecture.md):\n" + "\n".join(bad)
+
+
+def test_docs_architecture_lists_the_same_layers():
+  """The table of docs/architecture.md names each entry of LAYERS in its layer, and nothing else."""
+  with open(os.path.join(ROOT, "docs", "architecture.md")) as f:
+    rows = [line.split("|") for line in f if re.match(r"\| \d \|", line)]
+  documented = {"jaxreplay." + name.strip("`/").removesuffix(".py"): int(row[1])
+                for row in rows for name in re.findall(r"`[a-z_]+/?`", row[2])}
+  assert documented == {k: v for k, v in LAYERS.items() if k != "jaxreplay"}
 
 
 def test_the_import_graph_has_no_cycle():

@@ -148,7 +148,7 @@ def test_accurate_adam_members_equal_lone_runs(data, tmp_path):
     c = tiny_config(data["a"], steps=12)
     c.optim.b2_half_life_tokens = hl
     configs.append(c)
-  assert pack_step.adam_kind(configs[0])[0] == "accurate"
+  assert optim.adam_kind(configs[0])[0] == "accurate"
   assert_member_equals_lone(configs, tmp_path)
 
 
@@ -187,6 +187,21 @@ def test_members_from_different_parents_stack_their_frozen_models(data, parents,
   configs = [finetune(data, p, method="kl", source="real", coeff=1.0) for p in parents]
   configs[1].seed = 3  # its own data order and replay stream
   assert_member_equals_lone(configs, tmp_path)
+
+
+def test_members_load_each_frozen_model_and_replay_stream_once(data, parents, tmp_path, monkeypatch):
+  """Three members of two parents: two frozen models loaded, not three, and two replay streams made."""
+  loads, streams = [], []
+  load_frozen, make_source = loop.load_frozen, loop.replay_lib.make_source
+  monkeypatch.setattr(loop, "load_frozen",
+                      lambda stage, *a: loads.append(stage.c.init["from"]) or load_frozen(stage, *a))
+  monkeypatch.setattr(loop.replay_lib, "make_source",
+                      lambda c, *a, **kw: streams.append(c.init["from"]) or make_source(c, *a, **kw))
+  configs = [finetune(data, p, steps=4, method="kl", source="real", coeff=1.0) for p in (parents * 2)[:3]]
+  configs[2].optim.lr = 3e-3  # member 0's parent and seed: its frozen model and replay stream
+  out = pack.run_pack(configs, [str(tmp_path / f"m{k}") for k in range(3)], str(tmp_path / "pack"))
+  assert sorted(loads) == sorted(streams) == sorted(parents)
+  assert [o["pack_replay_streams"] for o in out] == [2, 2, 2] and [o["step"] for o in out] == [4, 4, 4]
 
 
 def test_member_stopping_at_a_target_loss_is_frozen_and_exported_at_its_stop(data, tmp_path):

@@ -15,7 +15,7 @@ import itertools
 import json
 import os
 import sys
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from jaxreplay.config import NUM_RESERVED_IDS
 from jaxreplay.errors import DataError
@@ -74,8 +74,18 @@ def documents(inputs: list[str], mode: str = "lines", limit: int | None = None) 
                         "or hf:DATASET[:NAME[:SPLIT]].")
       parts.append(corpora.read_text_files([inp], mode))
       sources.append(f"file:{os.path.abspath(inp)}")
-  docs = itertools.chain.from_iterable(parts)
+  docs = itertools.chain.from_iterable(map(not_empty, parts, inputs))
   return (itertools.islice(docs, limit) if limit else docs), sources, group
+
+
+def not_empty(docs: Iterable, inp: str) -> Iterator:
+  """The documents of one input; an input with none would add no tokens, which is a mistake, not a corpus."""
+  n = 0
+  for n, doc in enumerate(docs, 1):
+    yield doc
+  if n == 0:
+    raise DataError(f"Input {inp} holds no text (it is empty or only whitespace), so it yields no tokens: "
+                    "fix the path or leave it out of the inputs.")
 
 
 def cmd_tokenizer(inputs: list[str], out: str, vocab_size: int = 4096, mode: str = "lines",

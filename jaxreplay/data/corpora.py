@@ -7,6 +7,8 @@ so a corpus of any size streams into `write_token_dir` without being held in mem
 from __future__ import annotations
 
 import bz2
+import codecs
+import contextlib
 import gzip
 import io
 import itertools
@@ -27,12 +29,42 @@ TEXT_MODES = ("lines", "paragraphs", "file")
 
 # ---------------------------------------------------------------- local text files
 
+_OPENERS = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
+
+
 def open_text(path: str) -> io.TextIOBase:
-  """Opens plain, .xz, .gz or .bz2 text as UTF-8."""
+  """Opens plain, .xz, .gz or .bz2 text as strict UTF-8 (read it inside `utf8_errors(path)`)."""
   if not os.path.isfile(path):
     raise DataError(f"Text file {path} does not exist: check the input path.")
-  opener = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)
-  return opener(path, "rt", encoding="utf-8", errors="replace")
+  return _OPENERS.get(os.path.splitext(path)[1], open)(path, "rt", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def utf8_errors(path: str):
+  """Turns a UnicodeDecodeError while reading `path` into one sentence naming the file and the byte offset."""
+  try:
+    yield
+  except UnicodeDecodeError:
+    offset, bad = first_non_utf8(path)
+    where = "of the decompressed text " if os.path.splitext(path)[1] in _OPENERS else ""
+    raise DataError(f"{path} is not UTF-8 text: byte offset {offset} {where}holds {bad.hex(' ')}, which is no "
+                    "UTF-8 character; convert the file to UTF-8 (e.g. `iconv -f LATIN1 -t UTF-8`).") from None
+
+
+def first_non_utf8(path: str, chunk: int = 1 << 20) -> tuple[int, bytes]:
+  """(offset, bytes) of the first invalid UTF-8 sequence of a (decompressed) file; only read after an error."""
+  decoder, done = codecs.getincrementaldecoder("utf-8")(), 0
+  with _OPENERS.get(os.path.splitext(path)[1], open)(path, "rb") as f:
+    while True:
+      data = f.read(chunk)
+      pending = decoder.getstate()[0]  # bytes of a character split across reads, decoded with this chunk
+      try:
+        decoder.decode(data, final=not data)
+      except UnicodeDecodeError as e:
+        return done - len(pending) + e.start, e.object[e.start:e.end]
+      if not data:
+        return done, b""  # not reached for a file that failed to decode
+      done += len(data)
 
 
 def read_text_files(paths: Iterable[str], mode: str = "lines") -> Iterator[str]:
@@ -40,7 +72,7 @@ def read_text_files(paths: Iterable[str], mode: str = "lines") -> Iterator[str]:
   if mode not in TEXT_MODES:
     raise DataError(f"mode={mode!r} is unknown: use one of {', '.join(TEXT_MODES)}.")
   for path in paths:
-    with open_text(path) as f:
+    with open_text(path) as f, utf8_errors(path):
       if mode == "file":
         text = f.read().strip()
         yield from [text] if text else []
@@ -141,7 +173,7 @@ def bible_books(lang: str, cache_dir: str, source: str = "auto") -> tuple[list[t
     raise DataError(f"Neither the Debian package {spec['package']} nor the shared text {spec['shared']} is "
                     "available: allow access to the Debian registry or set $JAXREPLAY_CORPORA to "
                     "shared/data/corpora.")
-  with open_text(path) as f:
+  with open_text(path) as f, utf8_errors(path):
     lines = [line.rstrip("\n") for line in f]
   return split_verses_into_books(lines, EMPTY_VERSES[lang], path), f"file:{spec['shared']}"
 

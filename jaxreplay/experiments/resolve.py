@@ -19,7 +19,7 @@ import ml_collections
 
 from jaxreplay import config as config_lib, io
 from jaxreplay.data.commands import resolve_path
-from jaxreplay.errors import ConfigError, DataError, UsageError
+from jaxreplay.errors import ConfigError, DataError, UsageError, UserError
 from jaxreplay.models import export as export_lib
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,28 +58,33 @@ def load_file(path: str):
   return module
 
 
-def experiment_file(path: str):
-  """The experiment file at `path` (see find_file), loaded; ConfigError saying why when it cannot be."""
+def experiment_file(path: str, what: str = "--config file", error=ConfigError):
+  """The experiment (or sweep) file at `path` (see find_file), loaded; `error` saying why when it cannot be."""
   path = find_file(path)
   if not path.endswith(".py") or not os.path.isfile(path):
-    raise ConfigError(f"--config file {path!r} does not exist: give the path to an experiment file in sweeps/, "
-                      "e.g. --config=sweeps/quickstart.py:pretrain.")
+    raise error(f"{what} {path!r} does not exist or is not a .py file: give the path to an experiment file in "
+                "sweeps/, e.g. sweeps/quickstart.py.")
   try:
     return load_file(path)
   except Exception as e:  # the user's own file: any failure in it is theirs to fix, said in one line
-    raise ConfigError(f"--config={path} could not be loaded ({type(e).__name__}: {first_line(e)}): fix the "
-                      "experiment file.") from None
+    raise error(f"{what} {path} could not be loaded ({type(e).__name__}: {first_line(e)}): fix it.") from None
+
+
+def call(module, function: str, value: str, error=ConfigError):
+  """module.function(ARG) for FILE.py[:ARG] (`value`; function() without an ARG); `error` saying why it failed."""
+  arg = value.partition(":")[2]
+  try:
+    return getattr(module, function)(arg) if arg else getattr(module, function)()
+  except UserError:  # already one sentence
+    raise
+  except Exception as e:  # as in experiment_file
+    raise error(f"{value}: {function}({arg!r}) failed ({type(e).__name__}: {first_line(e)}): fix the file or its "
+                "argument.") from None
 
 
 def experiment_config(value: str, module=None) -> ml_collections.ConfigDict:
   """The config FILE.py[:ARG] makes (`module`: the file, when already loaded); ConfigError saying why not."""
-  path, _, arg = value.partition(":")
-  module = module or experiment_file(path)
-  try:
-    return module.get_config(arg) if arg else module.get_config()
-  except Exception as e:  # as in experiment_file
-    raise ConfigError(f"--config={value} could not be loaded ({type(e).__name__}: {first_line(e)}): fix the "
-                      "experiment file or its argument.") from None
+  return call(module or experiment_file(value.partition(":")[0]), "get_config", value)
 
 
 def take_overrides(argv: list[str]) -> tuple[dict, list[str]]:
@@ -148,7 +153,7 @@ def take_parent_shape(c, parent: dict, explicit=(), where: str = ""):
 def _resolve_paths(c, cache_dir, check: bool):
   """Token directories (and default:LANG[:VOCAB], built on first use) as absolute paths, each checked (`check`)
   under its own key; chat data's files are read as given."""
-  if c.data.kind != "tokens":
+  if c.data.get("kind", "tokens") != "tokens":  # .get: a sweep's run stored before the key existed
     return
   for key in TOKEN_PATHS:
     group, leaf = key.split(".")

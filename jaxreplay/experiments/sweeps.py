@@ -31,7 +31,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
 import re
 
 import ml_collections
@@ -303,24 +302,12 @@ def fingerprint(runs: list[Run]) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _module(path: str):
-  path = resolve.find_file(path)
-  if not path.endswith(".py") or not os.path.isfile(path):
-    raise SweepError(f"Sweep file {path!r} does not exist or is not a .py file: give the path to a file in "
-                     "sweeps/, e.g. sweeps/quickstart.py:small.")
-  try:
-    return resolve.load_file(path)  # its folder importable: sweep files import helpers next to them (_paper.py)
-  except Exception as e:  # the user's own file: any failure in it is theirs to fix, said in one line
-    raise SweepError(f"Sweep file {path} could not be loaded ({type(e).__name__}: {resolve.first_line(e)}): "
-                     "fix it.") from None
-
-
 def variants(path: str, module=None) -> dict[str, str]:
   """The variants a sweep file declares: its VARIANTS dict, {ARG: what it runs}; '' is the file with no ARG.
 
   An upper-case N in an ARG stands for any whole number (`seed=N`). module: the file, when already loaded.
   """
-  declared = getattr(module or _module(path), "VARIANTS", None)
+  declared = getattr(module or resolve.experiment_file(path, "Sweep file", SweepError), "VARIANTS", None)
   if not isinstance(declared, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in declared.items()):
     raise SweepError(f"{path} declares no VARIANTS: add VARIANTS = {{'': 'what the file runs', 'small': ...}} "
                      "listing every ARG its get_sweep accepts.")
@@ -334,7 +321,7 @@ def format_variants(path: str) -> str:
 def load(spec: str) -> Sweep:
   """A sweep from `path/to/file.py[:ARG]`: the file's get_sweep(ARG) (get_sweep() without an ARG)."""
   path, _, arg = spec.partition(":")
-  module = _module(path)
+  module = resolve.experiment_file(path, "Sweep file", SweepError)
   if not hasattr(module, "get_sweep"):
     raise SweepError(f"{path} has no get_sweep(arg) function: add one that returns a jaxreplay.experiments.sweeps.Sweep.")
   if hasattr(module, "VARIANTS"):  # a file of one's own may leave them out; every file in sweeps/ declares them
@@ -344,13 +331,7 @@ def load(spec: str) -> Sweep:
       names = ", ".join(f"{k!r}" if k else "'' (no argument)" for k in declared)
       raise SweepError(f"{path} has no variant {arg!r}: use one of {names} (see `jaxreplay sweep {path} "
                        "--variants`).")
-  try:
-    sweep = module.get_sweep(arg) if arg else module.get_sweep()
-  except (SweepError, ConfigError):
-    raise
-  except Exception as e:  # as in _module
-    raise SweepError(f"{path}: get_sweep({arg!r}) failed ({type(e).__name__}: {resolve.first_line(e)}): fix "
-                     "the file or its argument.") from None
+  sweep = resolve.call(module, "get_sweep", spec, SweepError)
   if not isinstance(sweep, Sweep):
     raise SweepError(f"{path}: get_sweep returned {type(sweep).__name__}, not a jaxreplay.experiments.sweeps.Sweep.")
   return sweep

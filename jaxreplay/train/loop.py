@@ -1,17 +1,19 @@
 """One training stage, pretraining or finetuning (a paper model, or a Hugging Face model on chat data): set up,
 restore, loop, evaluate, log, checkpoint, stop, export.
 
-`run` is three public pieces that other loops reuse (train/pack.py trains K stacked runs with them):
-`setup` (everything up to the first step, restored from the last checkpoint), `train_loop` (the steps, until a
-stop), `finish` (final evaluation, export, final.json). Data order and replay rows are pure functions of the
-step, so a resumed run reads exactly the batches an uninterrupted one would. The train step compiles once per
-run; the host syncs with the device only when it logs or evaluates.
+`setup` builds the `Trainer`, what a run holds while it trains; `train_loop` steps it until a stop and
+`Trainer.finish` ends it. Another loop drives Trainers through `inputs`, `after_step` and `finish` alone
+(train/pack.py trains K stacked runs so). Data order and replay rows are pure functions of the step, so a
+resumed run reads exactly the batches an uninterrupted one would. The train step compiles once per run; the
+host syncs with the device only when it logs or evaluates.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -20,7 +22,7 @@ from tqdm import tqdm
 from jaxreplay import config as config_lib, io, rundir, sharding
 from jaxreplay.errors import TrainingError  # noqa: F401 (raised here; callers catch it as train.TrainingError)
 from jaxreplay.io import write_json
-from jaxreplay.evals import forgetting as evaluate_lib, mcq, toy
+from jaxreplay.evals import forgetting, mcq, toy
 from jaxreplay.models import decoder, export as export_lib, hf_import
 from jaxreplay.replay import sources as replay_lib
 from jaxreplay.train import checkpoint as ckpt_lib, evaluation, metrics as metrics_lib, optim, steps
@@ -44,8 +46,7 @@ def run(c, workdir: str, evaluators=()) -> dict:
     config_lib.check_workdir(c, workdir)
     return rundir.read_final(workdir)
   t = setup(c, workdir, evaluators)
-  stop_reason = train_loop(t)
-  return finish(t, stop_reason)
+  return t.finish(train_loop(t))
 
 
 def task_evaluators(c, stage: Stage) -> list:
@@ -54,20 +55,40 @@ def task_evaluators(c, stage: Stage) -> list:
   if stage.data_meta.get("toy"):  # toy continual tasks: greedy answer accuracy on every task at each eval
     out.append(toy.evaluator_for(c, stage.data_meta, c.data.path, stage.model_cfg))
   if c.eval.get("lm_eval_tasks") and not c.model.path:  # lm-evaluation-harness tasks (the `eval` extra)
-    from jaxreplay.evals import lm_eval as lm_eval_adapter
-    out.append(lm_eval_adapter.evaluator_for(c, stage.model_cfg, stage.dataset_id,
-                                             os.path.join(c.data.path, "tokenizer.json")))
+    from jaxreplay.evals import lm_eval
+    out.append(lm_eval.evaluator_for(c, stage.model_cfg, stage.dataset_id,
+                                     os.path.join(c.data.path, "tokenizer.json")))
   if c.eval.mcq:  # multiple-choice benchmarks scored as chats
     out.append(mcq.evaluator_for(c, stage.model_cfg, stage.tokenizer, stage.mesh))
   return out
 
 
+@dataclasses.dataclass(eq=False)
 class Trainer:
-  """One stage's live pieces between `setup` and `finish`: the stage, the state and frozen weights, the jitted
-  steps, the replay source, the checkpointer and the writers. `step` is the last completed step.
-  `result_extra`: keys another loop adds to final.json (train/pack.py: the pack's size)."""
-  result_extra: dict = {}
+  """What one run holds while it trains, built by `setup` alone; a loop drives it by `inputs`, `after_step` and
+  `finish`. `step`: the last completed step; `extra`: saved with every checkpoint (best loss, elapsed seconds)."""
+  c: Any
+  workdir: str
+  stage: Stage
+  evaluators: tuple
+  frozen: Any  # π_pre's weights, None when pretraining
+  state: Any
+  state_sh: Any
+  extra: dict
+  replay: Any  # the replay source, None without replay
+  eval_sets: dict
+  train_step: Callable
+  eval_fn: Callable
+  merged: Callable  # (trainable, frozen) -> the model's parameters
+  checkpointer: ckpt_lib.Checkpointer
+  writer: metrics_lib.MetricWriter
+  throughput: metrics_lib.Throughput
+  bar: Any
+  wall_start: float
+  step: int
+  last_eval: dict = dataclasses.field(default_factory=dict)
   last_eval_step: int | None = None
+  batch_iter: Iterator | None = None
 
   def evaluate(self) -> dict:
     """Every eval set's losses and the evaluators' metrics, on the current (merged) parameters."""
@@ -76,6 +97,97 @@ class Trainer:
     for evaluator in self.evaluators:  # task-specific metrics, e.g. the toy tasks' answer accuracy
       out.update(evaluator(params))
     return out
+
+  def needs_start_eval(self) -> bool:
+    return self.step == 0 and self.c.eval.at_start  # before the first step of a fresh run
+
+  def evaluate_at_start(self, result: dict | None = None):
+    """A fresh run's step-0 evaluation (eval.at_start), its first metrics row; `result`: the same evaluation
+    already made on equal parameters (train/pack.py evaluates members that start equal once)."""
+    self.last_eval = self.evaluate() if result is None else dict(result)
+    self.last_eval_step = self.step
+    self.writer.write(0, dict(tokens=0, **self.last_eval))
+
+  def release_state(self):
+    """Hands the state to the caller (a pack stacks its members'); `after_step` gives the run its new one."""
+    state, self.state = self.state, None
+    return state
+
+  def inputs(self):
+    """This step's training rows (host arrays), replay rows and teacher logits (global arrays, or None)."""
+    if self.batch_iter is None:  # the first step since setup
+      self.batch_iter = self.stage.batches.iterate(self.step)
+      self.throughput.reset()
+    _, batch = next(self.batch_iter)
+    replay_BT, teacher_BTV = self.replay.next(self.step) if self.replay is not None else (None, None)
+    return batch, replay_BT, teacher_BTV
+
+  def logs(self, step: int) -> bool:
+    return step % self.c.log.every_steps == 0 or step == self.stage.total_steps
+
+  def after_step(self, state, aux: dict) -> str | None:
+    """Takes a step's new state (a pack's view of its slice) and metrics (read on `logs` steps); logs, evaluates,
+    returns the stop: 'length', 'target', 'target_loss', 'early_stop', 'wall_time' or None."""
+    c, stage, self.state = self.c, self.stage, state
+    step = self.step = self.step + 1
+    self.throughput.tick()
+    self.bar.update(1)
+    self.extra["elapsed_s"] = time.monotonic() - self.wall_start
+    row, stop_reason = {}, None
+    if self.logs(step):
+      aux = jax.device_get(aux)
+      self.check_finite(aux)
+      row.update({k: float(v) for k, v in aux.items()}, **self.throughput.report())
+      self.bar.set_postfix(loss=f"{row['train_loss']:.3f}")
+    if step % stage.eval_every == 0 or step == stage.total_steps:
+      self.last_eval, self.last_eval_step = self.evaluate(), step
+      row.update(self.last_eval)
+      stop_reason = evaluation.check_stops(c, self.last_eval, self.extra)
+    if c.stop.wall_time_s and self.extra["elapsed_s"] >= c.stop.wall_time_s:
+      stop_reason = "wall_time"
+    if row:
+      self.writer.write(step, dict(tokens=step * stage.tokens_per_step, elapsed_s=self.extra["elapsed_s"], **row))
+    if stop_reason is None and stage.total_steps is not None and step >= stage.total_steps:
+      stop_reason = "length"
+    return stop_reason
+
+  def check_finite(self, aux: dict):
+    if not np.isfinite(aux["train_loss"]):
+      self.close()
+      raise TrainingError(f"The training loss became {aux['train_loss']} at step {self.step}: lower optim.lr "
+                          f"(now {self.c.optim.lr}) or add optim.grad_clip; the last good checkpoint is kept in "
+                          f"{self.checkpointer.directory}.")
+
+  def finish(self, stop_reason: str, state=None, **extra) -> dict:
+    """The final evaluation (unless the last step had one), checkpoint, export (and export.hf), metrics row and
+    final.json, written last; returns the result. `state`: the final state, from a caller that holds it (a
+    pack); `extra`: keys it adds to the result (the pack's size, its step's compiles)."""
+    c, stage, step = self.c, self.stage, self.step
+    self.state = self.state if state is None else state
+    self.bar.close()
+    if self.last_eval_step != step:
+      self.last_eval = self.evaluate()
+    final_params = self.merged(self.state["params"], self.frozen)
+    result = dict(step=step, tokens=step * stage.tokens_per_step, stop_reason=stop_reason,
+                  elapsed_s=self.extra["elapsed_s"], params_paper=stage.counts["paper"],
+                  params_true=stage.counts["true"], train_step_compiles=self.train_step._cache_size(),
+                  **self.last_eval)
+    result.update(extra)
+    if self.replay is not None:  # what replay.teacher='auto' resolved to
+      result["replay_teacher"] = "sampled" if self.replay.sampled_teacher else "forward"
+    if stage.prev is not None:
+      result.update(forgetting.forgetting_metrics(c, final_params, self.frozen, result))
+    self.checkpointer.save(step, self.state, self.extra, force=True)
+    self.checkpointer.close()
+    if stage.hf_dir and c.export.hf:
+      hf_import.save_hf(final_params, stage.model_cfg, stage.hf_dir, os.path.join(self.workdir, rundir.HF))
+    elif not stage.hf_dir:
+      export_lib.export(self.workdir, final_params, c.to_dict(), dict(step=step, dataset_id=stage.dataset_id))
+    self.writer.write(step, dict(final=True, **{k: v for k, v in result.items() if k != "step"}))
+    self.writer.close()
+    if jax.process_index() == 0:
+      write_json(rundir.final_file(self.workdir), result, sort_keys=True)
+    return result
 
   def close(self):
     self.checkpointer.close()
@@ -104,47 +216,84 @@ def shared(key, build):
   return SHARED_PROGRAMS[key]
 
 
-def init_state(t: Trainer, key):
-  """The train state (fresh, or the frozen weights' copy; LoRA adapters) restored from the last checkpoint."""
-  stage, c = t.stage, t.c
-  trainable_fn, t.merge_fn = replay_lib.parameterization(c)
-  init_fn = lambda k, frozen: steps.init_state(stage.model_cfg, t.optimizer, k, trainable_fn, frozen)
-  abstract = jax.eval_shape(init_fn, key, t.frozen)
-  t.state_sh = sharding.state_shardings(abstract, stage.mesh)
-  init = lambda: jax.jit(init_fn, out_shardings=t.state_sh)
-  if t.merge_fn is None:
+def replay_stream_key(c) -> tuple | None:
+  """Runs with equal keys read the same replay rows at every step (None: no replay, or none known to share)."""
+  r = c.replay
+  if not c.init["from"] or r.method in ("none", "kl_downstream"):
+    return None
+  rows = r.batch_size or c.optim.batch_size
+  if r.source == "real":
+    return ("real", r.path or c.init["from"], c.seed, rows)
+  return ("self", c.init["from"], c.seed, rows, r.buffer, r.temperature, r.top_k, r.top_p, r.dataset_id,
+          str(r.prompt_ids), r.cache_dir)
+
+
+class SharedSource:
+  """A replay source that several runs read (a pack's members): each step's rows are made once."""
+
+  def __init__(self, source):
+    self.source, self.sampled_teacher, self.last = source, source.sampled_teacher, (None, None)
+
+  def next(self, step: int):
+    if self.last[0] != step:
+      self.last = (step, self.source.next(step))
+    return self.last[1]
+
+
+def once(loaded: dict | None, key, load: Callable):
+  """load(), or what a run set up before with the same `loaded` got for `key` (a pack's members share a frozen
+  model and replay sources so); key None: never shared."""
+  if loaded is None or key is None:
+    return load()
+  if key not in loaded:
+    loaded[key] = load()
+  return loaded[key]
+
+
+def replay_source(c, stage: Stage, frozen, loaded: dict | None):
+  """The run's replay source, or None; runs set up with one `loaded` share one per replay stream."""
+  def load():
+    source = replay_lib.make_source(
+        c, stage.mesh, stage.model_cfg, frozen, real_rows=stage.real_rows, real_path=stage.real_path,
+        real_dataset_id=stage.real_dataset_id, prompt_id=stage.prompt_id, weights_dir=stage.weights_dir)
+    return source if source is None or loaded is None else SharedSource(source)
+  stream = replay_stream_key(c)
+  return once(loaded, stream and ("replay", stream, stage.model_cfg, stage.mesh), load)
+
+
+def init_state(stage: Stage, optimizer, key, frozen, trainable_fn, merge_fn):
+  """The fresh train state (new parameters, or the frozen weights' copy; LoRA adapters) and its shardings."""
+  init_fn = lambda k, frozen: steps.init_state(stage.model_cfg, optimizer, k, trainable_fn, frozen)
+  abstract = jax.eval_shape(init_fn, key, frozen)
+  state_sh = sharding.state_shardings(abstract, stage.mesh)
+  init = lambda: jax.jit(init_fn, out_shardings=state_sh)
+  if merge_fn is None:
     # The optimizer's initial state depends on its structure (in `abstract`), never on its hyperparameters'
     # values, so runs of one model, mesh and state structure share one init (a LoRA one holds its run's key).
-    init = shared(("init", stage.model_cfg, stage.mesh, t.frozen is None, jax.tree.structure(abstract),
+    init = shared(("init", stage.model_cfg, stage.mesh, frozen is None, jax.tree.structure(abstract),
                    tuple(jax.tree.leaves(abstract))), init)
   else:
     init = init()
-  t.state = init(key, t.frozen)
-  t.checkpointer = ckpt_lib.Checkpointer(t.workdir, c.checkpoint)
-  t.extra = dict(best=None, evals_since_best=0, elapsed_s=0.0)
-  restored = (t.restore or t.checkpointer.restore_latest)(t.state)
-  if restored is not None:
-    t.state, t.extra = restored
-  t.start_step = t.step = int(jax.device_get(t.state["step"]))
+  return init(key, frozen), state_sh
 
 
-def compile_steps(t: Trainer):
-  """The jitted train step (explicit shardings, donated state), eval step and parameter merge."""
-  stage, c, mesh = t.stage, t.c, t.stage.mesh
-  objective = steps.make_objective(stage.model_cfg, c.replay if t.frozen is not None else None, t.merge_fn)
+def compile_steps(stage: Stage, optimizer, state_sh, param_sh, frozen, merge_fn, replay):
+  """(train step, eval step, parameter merge), jitted: the train step with explicit shardings, donated state."""
+  c, mesh = stage.c, stage.mesh
+  objective = steps.make_objective(stage.model_cfg, c.replay if frozen is not None else None, merge_fn)
   batch_sh = sharding.batch_sharding(mesh)
   if c.model.path:
     batch_sh = dict(tokens=batch_sh, mask=batch_sh, segments=batch_sh)
-  replay_sh = sharding.batch_sharding(mesh) if t.replay is not None else None
+  replay_sh = sharding.batch_sharding(mesh) if replay is not None else None
   # The frozen model's logits on the replay rows when kept from sampling (replay.teacher): no forward of it.
-  teacher_sh = sharding.batch_sharding(mesh, 3) if t.replay is not None and t.replay.sampled_teacher else None
-  frozen_sh = t.param_sh if t.frozen is not None else None
-  step = steps.make_train_step(objective, t.optimizer, optim.lr_schedule(c, stage.total_steps), c.train.microbatches)
-  t.train_step = jax.jit(step, in_shardings=(t.state_sh, frozen_sh, batch_sh, replay_sh, teacher_sh),
-                         out_shardings=(t.state_sh, None), donate_argnums=(0,))
-  kl = t.frozen is not None
-  t.eval_fn = shared(("eval", stage.model_cfg, kl), lambda: jax.jit(steps.make_eval_step(stage.model_cfg, kl)))
-  t.merged = jax.jit(t.merge_fn) if t.merge_fn is not None else (lambda p, f: p)
+  teacher_sh = sharding.batch_sharding(mesh, 3) if replay is not None and replay.sampled_teacher else None
+  frozen_sh = param_sh if frozen is not None else None
+  step = steps.make_train_step(objective, optimizer, optim.lr_schedule(c, stage.total_steps), c.train.microbatches)
+  train_step = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh, replay_sh, teacher_sh),
+                       out_shardings=(state_sh, None), donate_argnums=(0,))
+  kl = frozen is not None
+  eval_fn = shared(("eval", stage.model_cfg, kl), lambda: jax.jit(steps.make_eval_step(stage.model_cfg, kl)))
+  return train_step, eval_fn, jax.jit(merge_fn) if merge_fn is not None else (lambda p, f: p)
 
 
 def write_run_files(c, stage: Stage, workdir: str):
@@ -158,104 +307,64 @@ def write_run_files(c, stage: Stage, workdir: str):
   stage.write_data_stats()
 
 
-def needs_start_eval(t: Trainer) -> bool:
-  return t.start_step == 0 and t.c.eval.at_start
-
-
-def evaluate_at_start(t: Trainer, result: dict | None = None):
-  """A fresh run's step-0 evaluation (eval.at_start), its first metrics row; `result`: the same evaluation already
-  made on equal parameters (train/pack.py evaluates members that start equal once)."""
-  t.last_eval = t.evaluate() if result is None else dict(result)
-  t.writer.write(0, dict(tokens=0, **t.last_eval))
-
-
-def setup(c, workdir: str, evaluators=(), restore=None, start_eval: bool = True) -> Trainer:
-  """Everything before the first step: the stage, the run files, the state restored from the last checkpoint,
-  the replay source, the forgetting probes, the compiled steps, the metric writer and the progress bar.
+def setup(c, workdir: str, evaluators=(), restore=None, start_eval: bool = True, loaded: dict | None = None
+          ) -> Trainer:
+  """The Trainer: everything before the first step (the stage, the run files, the state restored from the last
+  checkpoint, the replay source, the forgetting probes, the compiled steps, the metric writer, the progress bar).
 
   `restore(fresh_state) -> (state, extra) | None` replaces reading the run's own checkpoints (train/pack.py
   restores its members from the pack's checkpoint). start_eval=False leaves the step-0 evaluation to the caller
-  (evaluate_at_start)."""
-  t = Trainer()
-  t.c, t.workdir, t.restore = c, workdir, restore
-  t.stage = stage = Stage(c, workdir)
+  (Trainer.evaluate_at_start). Runs set up with one `loaded` dict (a pack's members) load each frozen model
+  and replay stream once."""
+  stage = Stage(c, workdir)
   ckpt_lib.check_writable(workdir)  # before anything is written
-  t.evaluators = (*evaluators, *task_evaluators(c, stage))
+  evaluators = (*evaluators, *task_evaluators(c, stage))
   write_run_files(c, stage, workdir)
   mesh, model_cfg, key = stage.mesh, stage.model_cfg, jax.random.key(c.seed)
-  t.optimizer = optim.make_optimizer(c, stage.total_steps)
+  optimizer = optim.make_optimizer(c, stage.total_steps)
   abstract_params = jax.eval_shape(lambda: decoder.init_params(model_cfg, key))
-  t.param_sh = sharding.param_shardings(abstract_params, mesh)
-  t.frozen = load_frozen(stage, abstract_params, t.param_sh)
-  init_state(t, key)
-  t.replay = replay_lib.make_source(
-      c, mesh, model_cfg, t.frozen, real_rows=stage.real_rows, real_path=stage.real_path,
-      real_dataset_id=stage.real_dataset_id, prompt_id=stage.prompt_id, weights_dir=stage.weights_dir)
-  t.eval_sets = dict(stage.eval_sets)
-  if c.eval.replay_rows and t.frozen is not None and stage.prompt_id >= 0:
-    t.eval_sets["self"] = [evaluation.self_probe(c, model_cfg, t.frozen, stage.prompt_id, mesh)]
-  compile_steps(t)
-  t.writer = metrics_lib.MetricWriter(workdir, c.log, c.to_dict(), resume_step=t.start_step)
-  t.checkpointer.before_save = t.writer.flush  # metrics.jsonl holds every row the checkpoint covers
+  param_sh = sharding.param_shardings(abstract_params, mesh)
+  frozen = once(loaded, ("frozen", stage.weights_dir, model_cfg, mesh),
+                lambda: load_frozen(stage, abstract_params, param_sh))
+  trainable_fn, merge_fn = replay_lib.parameterization(c)
+  state, state_sh = init_state(stage, optimizer, key, frozen, trainable_fn, merge_fn)
+  checkpointer = ckpt_lib.Checkpointer(workdir, c.checkpoint)
+  extra = dict(best=None, evals_since_best=0, elapsed_s=0.0)
+  restored = (restore or checkpointer.restore_latest)(state)
+  if restored is not None:
+    state, extra = restored
+  start_step = int(jax.device_get(state["step"]))
+  replay = replay_source(c, stage, frozen, loaded)
+  eval_sets = dict(stage.eval_sets)
+  if c.eval.replay_rows and frozen is not None and stage.prompt_id >= 0:
+    eval_sets["self"] = [evaluation.self_probe(c, model_cfg, frozen, stage.prompt_id, mesh)]
+  train_step, eval_fn, merged = compile_steps(stage, optimizer, state_sh, param_sh, frozen, merge_fn, replay)
   peak = metrics_lib.cached_matmul_peak(model_cfg.dtype) if jax.process_index() == 0 else None
-  t.throughput = metrics_lib.Throughput(stage.tokens_per_step, decoder.flops_per_token(model_cfg), peak)
-  t.bar = tqdm(total=stage.total_steps, initial=t.start_step, unit="step", dynamic_ncols=True,
+  t = Trainer(
+      c=c, workdir=workdir, stage=stage, evaluators=evaluators, frozen=frozen, state=state, state_sh=state_sh,
+      extra=extra, replay=replay, eval_sets=eval_sets, train_step=train_step, eval_fn=eval_fn, merged=merged,
+      checkpointer=checkpointer, writer=metrics_lib.MetricWriter(workdir, c.log, c.to_dict(), resume_step=start_step),
+      throughput=metrics_lib.Throughput(stage.tokens_per_step, decoder.flops_per_token(model_cfg), peak),
+      bar=tqdm(total=stage.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                disable=not (c.log.progress and jax.process_index() == 0),
-               desc=os.path.basename(os.path.abspath(workdir)))
-  t.last_eval, t.wall_start = {}, time.monotonic() - t.extra["elapsed_s"]
-  if start_eval and needs_start_eval(t):
-    evaluate_at_start(t)
+               desc=os.path.basename(os.path.abspath(workdir))),
+      wall_start=time.monotonic() - extra["elapsed_s"], step=start_step)
+  checkpointer.before_save = t.writer.flush  # metrics.jsonl holds every row the checkpoint covers
+  if start_eval and t.needs_start_eval():
+    t.evaluate_at_start()
   return t
 
 
-def check_finite(t: Trainer, aux: dict):
-  if not np.isfinite(aux["train_loss"]):
-    t.checkpointer.close()
-    raise TrainingError(f"The training loss became {aux['train_loss']} at step {t.step}: lower optim.lr "
-                        f"(now {t.c.optim.lr}) or add optim.grad_clip; the last good checkpoint is kept in "
-                        f"{t.checkpointer.directory}.")
-
-
-def after_step(t: Trainer, aux) -> str | None:
-  """Logging, evaluation and the stops after step `t.step`; returns the stop reason, if any."""
-  c, stage, step = t.c, t.stage, t.step
-  t.throughput.tick()
-  t.bar.update(1)
-  t.extra["elapsed_s"] = time.monotonic() - t.wall_start
-  row, stop_reason = {}, None
-  if step % c.log.every_steps == 0 or step == stage.total_steps:
-    aux = jax.device_get(aux)
-    check_finite(t, aux)
-    row.update({k: float(v) for k, v in aux.items()}, **t.throughput.report())
-    t.bar.set_postfix(loss=f"{row['train_loss']:.3f}")
-  if step % stage.eval_every == 0 or step == stage.total_steps:
-    t.last_eval = t.evaluate()
-    t.last_eval_step = step
-    row.update(t.last_eval)
-    stop_reason = evaluation.check_stops(c, t.last_eval, t.extra)
-  if c.stop.wall_time_s and t.extra["elapsed_s"] >= c.stop.wall_time_s:
-    stop_reason = "wall_time"
-  if row:
-    t.writer.write(step, dict(tokens=step * stage.tokens_per_step, elapsed_s=t.extra["elapsed_s"], **row))
-  return stop_reason
-
-
 def train_loop(t: Trainer) -> str:
-  """Steps from the restored one until a stop: 'length', 'target', 'target_loss', 'early_stop', 'wall_time'.
-  On SIGTERM (agreed on by every host) it saves a checkpoint and exits."""
-  stage, mesh = t.stage, t.stage.mesh
-  t.last_eval_step = t.step if t.last_eval else None
+  """Steps from the restored one until a stop (Trainer.after_step's reasons). On SIGTERM (agreed on by every
+  host) it saves a checkpoint and exits."""
+  if t.stage.total_steps is not None and t.step >= t.stage.total_steps:
+    return "length"
   with preemption_lib.Preemption() as preemption:
-    batch_iter = stage.batches.iterate(t.step)
-    t.throughput.reset()
     while True:
-      if stage.total_steps is not None and t.step >= stage.total_steps:
-        return "length"
-      _, batch = next(batch_iter)
-      replay_BT, teacher_BTV = t.replay.next(t.step) if t.replay is not None else (None, None)
-      t.state, aux = t.train_step(t.state, t.frozen, evaluation.put(batch, mesh), replay_BT, teacher_BTV)
-      t.step += 1
-      stop_reason = after_step(t, aux)
+      batch, replay_BT, teacher_BTV = t.inputs()
+      state, aux = t.train_step(t.state, t.frozen, evaluation.put(batch, t.stage.mesh), replay_BT, teacher_BTV)
+      stop_reason = t.after_step(state, aux)
       if preemption.reached(t.step):
         t.checkpointer.save(t.step, t.state, t.extra, force=True)
         t.close()
@@ -263,31 +372,3 @@ def train_loop(t: Trainer) -> str:
       if stop_reason:
         return stop_reason
       t.checkpointer.save(t.step, t.state, t.extra)
-
-
-def finish(t: Trainer, stop_reason: str) -> dict:
-  """The final evaluation (unless the last step had one), checkpoint, export (and export.hf), metrics row and
-  final.json, written last; returns the result."""
-  c, stage, step = t.c, t.stage, t.step
-  t.bar.close()
-  if t.last_eval_step != step:
-    t.last_eval = t.evaluate()
-  final_params = t.merged(t.state["params"], t.frozen)
-  result = dict(step=step, tokens=step * stage.tokens_per_step, stop_reason=stop_reason,
-                elapsed_s=t.extra["elapsed_s"], params_paper=stage.counts["paper"], params_true=stage.counts["true"],
-                train_step_compiles=t.train_step._cache_size(), **t.last_eval, **t.result_extra)
-  if t.replay is not None:  # what replay.teacher='auto' resolved to
-    result["replay_teacher"] = "sampled" if t.replay.sampled_teacher else "forward"
-  if stage.prev is not None:
-    result.update(evaluate_lib.forgetting_metrics(c, final_params, t.frozen, result))
-  t.checkpointer.save(step, t.state, t.extra, force=True)
-  t.checkpointer.close()
-  if stage.hf_dir and c.export.hf:
-    hf_import.save_hf(final_params, stage.model_cfg, stage.hf_dir, os.path.join(t.workdir, rundir.HF))
-  elif not stage.hf_dir:
-    export_lib.export(t.workdir, final_params, c.to_dict(), dict(step=step, dataset_id=stage.dataset_id))
-  t.writer.write(step, dict(final=True, **{k: v for k, v in result.items() if k != "step"}))
-  t.writer.close()
-  if jax.process_index() == 0:
-    write_json(rundir.final_file(t.workdir), result, sort_keys=True)
-  return result

@@ -22,7 +22,7 @@ from jaxreplay import config as config_lib
 
 _LN_HALF = math.log(0.5)
 # Below this 1−β, float32's spacing near 1 (2^-24) resolves 1−β worse than 1e-4 relative, so optax's
-# arithmetic (which rounds β and β^k to float32) is replaced by `scale_by_adam_accurate`.
+# arithmetic (which rounds β and β^k to float32) is replaced by the accurate one (`scale_by_adam`).
 MIN_ONE_MINUS_BETA_F32 = 2.0**-24 * 1e4
 
 
@@ -90,49 +90,62 @@ def resolved_betas(c: ml_collections.ConfigDict) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------------------- adam
 
-def scale_by_adam_accurate(b1: float, b2: float, eps: float = 1e-8, *, one_minus_b1: Optional[float] = None,
-                           one_minus_b2: Optional[float] = None) -> optax.GradientTransformation:
-  """Adam's scaling with decays that stay accurate as β → 1.
+def adam_kind(c: ml_collections.ConfigDict) -> tuple:
+  """What about Adam is compiled in, not a value: optax's arithmetic or the accurate one, and the latter's form
+  of each moment update (by 1−β or by β). A pack's members must agree on it."""
+  (_, omb1), (_, omb2) = decay_pair(c, "b1"), decay_pair(c, "b2")
+  if min(omb1, omb2) >= MIN_ONE_MINUS_BETA_F32:
+    return ("optax",)
+  return ("accurate", omb1 <= 0.5, omb2 <= 0.5)
 
-  For β ≥ ½ the moments move by m += (1−β)(g − m) with 1−β from the host (float64, then one float32
-  rounding of a small number, relative error ~6e-8), and bias correction is 1−β^k = −expm1(k·log β). State is
-  `optax.ScaleByAdamState`, so checkpoints are interchangeable with `optax.scale_by_adam`.
-  """
-  omb1 = 1.0 - _check_decay(b1) if one_minus_b1 is None else float(one_minus_b1)
-  omb2 = 1.0 - _check_decay(b2) if one_minus_b2 is None else float(one_minus_b2)
-  for name, omb in (("one_minus_b1", omb1), ("one_minus_b2", omb2)):
-    if not 0.0 < omb <= 1.0:
-      raise ValueError(f"{name}={omb!r} is invalid: 1−β must lie in (0, 1].")
-  log_b1, log_b2 = log_decay(omb1), log_decay(omb2)
-  ema1, ema2 = (ema_form(omb <= 0.5, omb, 1.0 - omb) for omb in (omb1, omb2))
+
+def hyperparams(c: ml_collections.ConfigDict) -> dict:
+  """The values `adamw` is built from, Python floats (a pack member's are these rounded to float32, as a lone
+  run's constants are): Adam's decays (optax's arithmetic takes 1 − β from β, as optax.scale_by_adam does, the
+  accurate one β from 1 − β, with log β for its bias correction), ε and the weight decay."""
+  (b1, omb1), (b2, omb2) = decay_pair(c, "b1"), decay_pair(c, "b2")
+  if adam_kind(c)[0] == "optax":
+    omb1, omb2 = 1.0 - b1, 1.0 - b2
+  else:
+    b1, b2 = 1.0 - omb1, 1.0 - omb2
+  return dict(b1=b1, omb1=omb1, b2=b2, omb2=omb2, log_b1=log_decay(omb1), log_b2=log_decay(omb2),
+              eps=float(c.optim.eps), weight_decay=float(c.optim.weight_decay))
+
+
+def scale_by_adam(kind: tuple, hp: dict) -> optax.GradientTransformation:
+  """Adam's scaling with its constants `hp` given as floats (a lone run) or traced arrays (a pack member).
+
+  ('optax',): optax.scale_by_adam's arithmetic with 1−β given (direct betas reproduce optax.adamw bit for bit).
+  'accurate' stays so as β → 1: moments move by m += (1−β)(g − m) for β ≥ ½ (1−β from the host), and bias
+  correction is 1−β^k = −expm1(k·log β). State is `optax.ScaleByAdamState` either way (checkpoints agree)."""
+  accurate = kind[0] == "accurate"
+  ema1 = ema_form(accurate and kind[1], hp["omb1"], hp["b1"])
+  ema2 = ema_form(accurate and kind[2], hp["omb2"], hp["b2"])
 
   def init_fn(params):
     mu, nu = jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params)
     return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
   def update_fn(updates, state, params=None):
-    return accurate_adam_update(updates, state, ema1, ema2, log_b1, log_b2, eps)
+    mu = jax.tree.map(lambda g, m: ema1(m, g), updates, state.mu)
+    nu = jax.tree.map(lambda g, v: ema2(v, g * g), updates, state.nu)
+    count = optax.safe_increment(state.count)
+    if accurate:  # β = 0 gives log β = -inf and 1−β^k = 1
+      k = count.astype(jnp.float32)
+      bc1, bc2 = -jnp.expm1(k * hp["log_b1"]), -jnp.expm1(k * hp["log_b2"])
+    else:
+      bc1, bc2 = 1 - hp["b1"] ** count, 1 - hp["b2"] ** count  # optax.tree.bias_correction's
+    updates = jax.tree.map(
+        lambda m, v: (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + hp["eps"]), mu, nu)
+    nu = jax.tree.map(lambda v, old: v.astype(old.dtype), nu, state.nu)
+    return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def accurate_adam_update(updates, state: optax.ScaleByAdamState, ema1, ema2, log_b1, log_b2, eps):
-  """scale_by_adam_accurate's update, its constants given: floats here, a pack member's traced values in
-  train/pack_step.py (so both run this arithmetic)."""
-  mu = jax.tree.map(lambda g, m: ema1(m, g), updates, state.mu)
-  nu = jax.tree.map(lambda g, v: ema2(v, g * g), updates, state.nu)
-  count = optax.safe_increment(state.count)
-  k = count.astype(jnp.float32)
-  bc1, bc2 = -jnp.expm1(k * log_b1), -jnp.expm1(k * log_b2)  # β = 0 gives log β = -inf and 1−β^k = 1
-  updates = jax.tree.map(
-      lambda m, v: (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps), mu, nu)
-  nu = jax.tree.map(lambda v, old: v.astype(old.dtype), nu, state.nu)
-  return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
-
-
 def ema_form(by_one_minus_beta: bool, one_minus_beta, beta):
   """x ← βx + (1−β)y in the form float32 keeps accurate: for β ≥ ½ (by_one_minus_beta) the decay is carried by
-  1−β alone (float32 β would round it), for β < ½ by β (so β = 0 gives y exactly, with no cancellation)."""
+  1−β alone (float32 β would round it), otherwise by both, as optax does (β = 0 gives y exactly)."""
   if by_one_minus_beta:
     return lambda x, y: x + one_minus_beta * (y - x)
   return lambda x, y: one_minus_beta * y + beta * x
@@ -143,22 +156,19 @@ def log_decay(one_minus_beta: float) -> float:
   return math.log1p(-one_minus_beta) if one_minus_beta < 1.0 else -math.inf
 
 
-def make_optimizer(c: ml_collections.ConfigDict, total_steps: Optional[int]) -> optax.GradientTransformation:
-  """AdamW (optax.adamw semantics: weight decay × LR) with optional global-norm clipping.
-
-  When float32 represents both decays well (1−β ≥ MIN_ONE_MINUS_BETA_F32) this is exactly optax's
-  scale_by_adam, so directly given betas reproduce optax.adamw bit for bit; otherwise the accurate variant.
-  """
-  o = c.optim
-  (b1, omb1), (b2, omb2) = decay_pair(c, "b1"), decay_pair(c, "b2")
-  if min(omb1, omb2) >= MIN_ONE_MINUS_BETA_F32:
-    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=o.eps)
-  else:
-    adam = scale_by_adam_accurate(b1, b2, o.eps, one_minus_b1=omb1, one_minus_b2=omb2)
-  parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-  parts += [adam, optax.add_decayed_weights(o.weight_decay),
-            optax.scale_by_learning_rate(lr_schedule(c, total_steps))]
+def adamw(kind: tuple, hp: dict, grad_clip: float, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """The chain clip → Adam → decoupled weight decay × LR (optax.adamw's semantics), from `hyperparams`' values:
+  floats for a lone run, one member's traced float32 values inside a pack's step (train/pack_step.py)."""
+  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+  parts += [scale_by_adam(kind, hp), optax.add_decayed_weights(hp["weight_decay"]),
+            optax.scale_by_learning_rate(schedule)]
   return optax.chain(*parts)
+
+
+def make_optimizer(c: ml_collections.ConfigDict, total_steps: Optional[int]) -> optax.GradientTransformation:
+  """AdamW with optional global-norm clipping; optax's Adam arithmetic where float32 represents both decays
+  well (1−β ≥ MIN_ONE_MINUS_BETA_F32), the accurate one otherwise."""
+  return adamw(adam_kind(c), hyperparams(c), float(c.optim.grad_clip), lr_schedule(c, total_steps))
 
 
 # -------------------------------------------------------------------------------------------- schedules
@@ -217,7 +227,3 @@ def describe(c: ml_collections.ConfigDict) -> dict:
   return dict(b1=b1, b2=b2, b1_half_life_tokens=decay_to_halflife(b1, n),
               b2_half_life_tokens=decay_to_halflife(b2, n), tokens_per_step=n, warmup_steps=warmup_steps(c))
 
-
-__all__ = ["halflife_to_decay", "halflife_to_one_minus_decay", "decay_to_halflife", "rescale_decay",
-           "resolved_betas", "scale_by_adam_accurate", "make_optimizer", "warmup_steps", "lr_schedule",
-           "describe", "MIN_ONE_MINUS_BETA_F32"]

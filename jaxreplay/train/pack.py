@@ -1,13 +1,12 @@
 """A pack: several runs of one shape trained together as one program, each still a run of its own.
 
-Every member is set up by `loop.setup` exactly as a lone run (its stage, data order, eval sets, frozen model,
-replay source, writer), logged and evaluated by `loop.after_step` and finished by `loop.finish`, so it writes
-what a lone run writes in its own workdir at its own stop. Only the step differs: the members' states are
-stacked on a leading axis and trained by one step, vmapped over them (looped on a CPU; train/pack_step.py); a
-member that stops or fails (NaN loss) is frozen by masking and the others go on. The pack is checkpointed as a
-whole in its own directory (the stacked state and every member's extra), so a killed pack resumes every member
-from the same step.
-Members that share init.from share one frozen model, and members with the same replay stream share one source.
+Every member is a loop.Trainer set up by `loop.setup` as a lone run and driven through its own methods
+(`inputs`, `after_step`, `finish`), so it writes what a lone run writes in its own workdir at its own stop.
+Only the step differs: the members' states are stacked on a leading axis and trained by one step, vmapped over
+them (looped on a CPU; train/pack_step.py); a member that stops or fails (NaN loss) is frozen by masking. The
+pack is checkpointed as a whole in its own directory (the stacked state and every member's extra), so a killed
+pack resumes every member from the same step.
+Members set up with one `loaded` dict load each frozen model (init.from) and replay stream once.
 Programs are compiled once per pack, not per member (loop.shared), and members that start equal share their
 step-0 evaluation.
 """
@@ -25,25 +24,13 @@ from jaxreplay import platform as platform_lib
 from jaxreplay.errors import ConfigError, TrainingError
 from jaxreplay.io import write_json
 from jaxreplay.models import decoder
-from jaxreplay.train import checkpoint as ckpt_lib, loop, pack_step, preemption as preemption_lib, steps
+from jaxreplay.train import checkpoint as ckpt_lib, loop, optim, pack_step, preemption as preemption_lib, steps
 
 PACK_FILE = "pack.json"  # in the pack's directory: its members, in order
 
 
 class PackError(ConfigError):
   """The runs given cannot train as one pack; the message says why and what to do."""
-
-
-def replay_stream_key(c) -> tuple | None:
-  """Members with equal keys read the same replay rows at every step (None: no replay)."""
-  r = c.replay
-  if not c.init["from"] or r.method in ("none", "kl_downstream"):
-    return None
-  rows = r.batch_size or c.optim.batch_size
-  if r.source == "real":
-    return ("real", r.path or c.init["from"], c.seed, rows)
-  return ("self", c.init["from"], c.seed, rows, r.buffer, r.temperature, r.top_k, r.top_p, r.dataset_id,
-          str(r.prompt_ids), r.cache_dir)
 
 
 def eval_sets_key(c) -> tuple:
@@ -78,6 +65,7 @@ class Pack:
     self.restored = None  # (stacked state, extra) of the pack's checkpoint, read at the first member's setup
     self.results: list = [None] * self.K
     self.trainers: list = [None] * self.K
+    self.loaded: dict = {}  # the frozen models and replay sources of the members (loop.setup loads each once)
 
   def member(self, k: int, key: str):
     """Member k's slice of state[key], on the shardings a lone run's state has (so the programs that read it, such
@@ -101,7 +89,7 @@ class Pack:
       if loop.is_finished(wd):
         self.results[k] = loop.run(c, wd)  # reads final.json
         continue
-      t = loop.setup(c, wd, restore=self._restore_member(k), start_eval=False)
+      t = loop.setup(c, wd, restore=self._restore_member(k), start_eval=False, loaded=self.loaded)
       if t.stage.total_steps is None:
         raise PackError(f"Run {wd} has no fixed length: a pack needs each member's length; train it alone "
                         "(--pack=1).")
@@ -115,7 +103,7 @@ class Pack:
     live = [t for t in self.trainers if t is not None]
     if not live:
       return
-    self._share(live)
+    self._check(live)
     self._evaluate_at_start(live)
     self._stack(live)
     self._compile(live)
@@ -125,7 +113,7 @@ class Pack:
     and the same eval sets, are evaluated at step 0 once: the same program on the same values, so the same bits."""
     done = []  # (key, member evaluated, its result)
     for t in live:
-      if not loop.needs_start_eval(t):
+      if not t.needs_start_eval():
         continue
       key = (id(t.frozen), eval_sets_key(t.c))
       result = next((ev for k, u, ev in done if k == key and equal_trees(u.state["params"], t.state["params"])),
@@ -133,52 +121,42 @@ class Pack:
       if result is None:
         result = t.evaluate()
         done.append((key, t, result))
-      loop.evaluate_at_start(t, result)
+      t.evaluate_at_start(result)
 
-  def _share(self, live):
-    """One frozen model per init.from, one replay source per stream, one eval program."""
-    frozen, sources = {}, {}
-    for t in live:
-      if t.frozen is not None:
-        t.frozen = frozen.setdefault(t.c.init["from"], t.frozen)
-      key = replay_stream_key(t.c)
-      if t.replay is not None:
-        t.replay = sources.setdefault(key, t.replay)
-      t.eval_fn = live[0].eval_fn
-    self.n_streams = len(sources)
+  def _check(self, live):
+    """Refuses members of different programs; finds which frozen models and replay sources they share."""
     first = live[0]
     for t in live:
       if (t.stage.model_cfg != first.stage.model_cfg or t.stage.tokens_per_step != first.stage.tokens_per_step
-          or pack_step.adam_kind(t.c) != pack_step.adam_kind(first.c) or (t.replay is None) != (first.replay is None)
+          or optim.adam_kind(t.c) != optim.adam_kind(first.c) or (t.replay is None) != (first.replay is None)
           or (t.frozen is None) != (first.frozen is None)):
         raise PackError(f"Runs {first.workdir} and {t.workdir} differ in their program, so they cannot train as "
                         "one pack: group runs with experiments.packing, which keeps them apart.")
-    self.frozen_list = [t.frozen if t is not None else first.frozen for t in self.trainers]
-    self.frozen_axis = None if len(frozen) <= 1 else 0
-    self.frozen = first.frozen if len(frozen) <= 1 else pack_step.stack(self.frozen_list)
-    self.replay_axis = None if len(sources) <= 1 else 0
+    n_frozen = len({id(t.frozen) for t in live})
+    self.n_streams = len({id(t.replay) for t in live if t.replay is not None})
+    self.frozen_axis = None if n_frozen <= 1 else 0
+    self.frozen = first.frozen if n_frozen <= 1 else pack_step.stack([(t or first).frozen for t in self.trainers])
+    self.replay_axis = None if self.n_streams <= 1 else 0
     self.sampled_teacher = bool(first.replay is not None and first.replay.sampled_teacher)
 
   def _stack(self, live):
     first = live[0]
     placeholder = lambda k: self.trainers[k] or first
     self.length = max(t.stage.total_steps for t in live)
+    states = {k: t.release_state() for k, t in enumerate(self.trainers) if t is not None}
     if self.restored:
       self.state, extra = self.restored
       self.step = int(extra["pack_step"])
       self.extras = extra["members"]
     else:
-      self.state = pack_step.stack([placeholder(k).state for k in range(self.K)])
+      self.state = pack_step.stack([states.get(k, states[min(states)]) for k in range(self.K)])
       self.step = 0
       self.extras = [placeholder(k).extra for k in range(self.K)]
     self.hparams = pack_step.stack([pack_step.member_hparams(placeholder(k).c) for k in range(self.K)])
     self.lr_KS = jnp.asarray(np.stack([pack_step.lr_table(placeholder(k).c, placeholder(k).stage.total_steps,
                                                           self.length) for k in range(self.K)]))
     self.trainers_sh = [placeholder(k).state_sh for k in range(self.K)]
-    for k, t in enumerate(self.trainers):
-      if t is not None:
-        t.state = LazyMember(self, k)
-        t.result_extra = dict(pack_members=self.K, pack_replay_streams=self.n_streams)
+    self.views = {k: LazyMember(self, k) for k in states}  # what each member's after_step gets as its state
 
   def _compile(self, live):
     c0 = live[0].c
@@ -188,32 +166,23 @@ class Pack:
     teacher_fn = ((lambda frozen, rows: decoder.logits(model_cfg, frozen, rows))
                   if c0.replay.method == "kl" and live[0].frozen is not None and not self.sampled_teacher else None)
     loop_members = platform_lib.choices(jax.default_backend()).loop_pack_members
-    step = pack_step.make_packed_step(objective, pack_step.adam_kind(c0), float(c0.optim.grad_clip),
+    step = pack_step.make_packed_step(objective, optim.adam_kind(c0), float(c0.optim.grad_clip),
                                       frozen_axis=self.frozen_axis, replay_axis=self.replay_axis,
                                       traced_coeff=traced, loop_members=loop_members, teacher_fn=teacher_fn)
     self.train_step = jax.jit(step, donate_argnums=(0,))
-    for t in live:
-      t.train_step = self.train_step  # final.json's train_step_compiles counts the pack's program
 
   # ----------------------------------------------------------------------------------------------- steps
 
-  def _inputs(self, iters):
-    first = next(t for t in self.trainers if t is not None)
-    shape = (first.c.optim.batch_size, first.c.model.seq_len)
-    batch = np.stack([np.asarray(next(iters[k])[1]) if t is not None else np.zeros(shape, np.int32)
-                      for k, t in enumerate(self.trainers)])
-    sources = {}
-    for t in self.trainers:
-      if t is not None and t.replay is not None and id(t.replay) not in sources:
-        sources[id(t.replay)] = t.replay.next(self.step)
-    if not sources:
-      return jnp.asarray(batch), None, None
-    if self.replay_axis is None:
-      rows, teacher = next(iter(sources.values()))
-      return jnp.asarray(batch), rows, teacher
-    pick = [sources[id((t or first).replay)] for t in self.trainers]
-    teacher = jnp.stack([p[1] for p in pick]) if self.sampled_teacher else None
-    return jnp.asarray(batch), jnp.stack([p[0] for p in pick]), teacher
+  def _inputs(self):
+    """The members' training rows, stacked, and replay rows: one stream's, or each member's stacked."""
+    inputs = [t.inputs() if t is not None else None for t in self.trainers]
+    first = next(i for i in inputs if i is not None)
+    pick = [i or first for i in inputs]  # a stopped member's rows are any (its step is masked)
+    batch = jnp.asarray(np.stack([np.asarray(p[0]) for p in pick]))
+    if first[1] is None or self.replay_axis is None:
+      return batch, first[1], first[2]
+    teacher = jnp.stack([p[2] for p in pick]) if self.sampled_teacher else None
+    return batch, jnp.stack([p[1] for p in pick]), teacher
 
   def _extra(self) -> dict:
     for k, t in enumerate(self.trainers):
@@ -222,42 +191,32 @@ class Pack:
     return dict(pack_step=self.step, members=self.extras, failed={str(k): v for k, v in self.failed.items()})
 
   def _after_step(self, aux) -> bool:
-    """Each member's logging, evaluation and stop (loop.after_step); returns whether one stopped or failed."""
-    host = None
-    changed = False
+    """Each member's after_step with its state and metrics, and finish at its stop; returns whether one stopped
+    or failed (a NaN loss fails that member alone)."""
+    host, changed = None, False
     for k, t in enumerate(self.trainers):
       if t is None:
         continue
-      t.step = self.step
-      logs = self.step % t.c.log.every_steps == 0 or self.step == t.stage.total_steps
-      if logs and host is None:
+      if t.logs(self.step) and host is None:
         host = jax.device_get(aux)
       try:
-        reason = loop.after_step(t, {key: v[k] for key, v in host.items()} if logs else {})
-      except TrainingError as e:  # a NaN loss: this member fails alone
+        reason = t.after_step(self.views[k], {key: v[k] for key, v in host.items()} if t.logs(self.step) else {})
+      except TrainingError as e:  # the member has closed its writers
         self.failed[k], self.results[k] = str(e), e
-        t.bar.close()  # its checkpointer is closed by check_finite
-        t.writer.close()
         self.trainers[k], changed = None, True
         continue
-      if reason is None and self.step >= t.stage.total_steps:
-        reason = "length"
       if reason:
-        t.state = {key: self.member(k, key) for key in self.state}
         self.extras[k] = t.extra
-        self.results[k] = loop.finish(t, reason)
+        self.results[k] = t.finish(reason, {key: self.member(k, key) for key in self.state}, pack_members=self.K,
+                                   pack_replay_streams=self.n_streams,
+                                   train_step_compiles=self.train_step._cache_size())  # the pack's program
         self.trainers[k], changed = None, True
     return changed
 
   def train(self) -> list:
-    live = [t for t in self.trainers if t is not None]
-    iters = {k: t.stage.batches.iterate(self.step) for k, t in enumerate(self.trainers) if t is not None}
-    for t in live:
-      t.last_eval_step = t.step if t.last_eval else None
-      t.throughput.reset()
     with preemption_lib.Preemption() as preemption:
       while any(t is not None for t in self.trainers):
-        batch, rows, teacher = self._inputs(iters)
+        batch, rows, teacher = self._inputs()
         active = jnp.asarray([t is not None for t in self.trainers])
         self.state, aux = self.train_step(self.state, self.hparams, self.lr_KS, active, self.frozen, batch, rows,
                                           teacher)
