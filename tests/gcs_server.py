@@ -11,8 +11,10 @@ Use in a test file: `from gcs_server import gcs_bucket, gcs_server  # noqa: F401
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -43,6 +45,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _die_with_parent():
+  """Linux: the server gets SIGTERM when the process that started it dies (a killed pytest worker leaves none)."""
+  ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
   """(status, body) of one plain HTTP request; errors come back as their status, not raised."""
   req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
@@ -62,7 +69,8 @@ class GCSServer:
     self.log = tempfile.NamedTemporaryFile(prefix="fake-gcs-", suffix=".log", delete=False)
     self.proc = subprocess.Popen(
         [_binary(), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(self.port),
-         "-external-url", self.url, "-log-level", "warn"], stdout=self.log, stderr=self.log)
+         "-external-url", self.url, "-log-level", "warn"], stdout=self.log, stderr=self.log,
+        preexec_fn=_die_with_parent)
     deadline = time.monotonic() + 20
     while not self._ready():
       if time.monotonic() > deadline or self.proc.poll() is not None:
