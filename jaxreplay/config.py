@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import ml_collections
 
-from jaxreplay import platform as platform_lib, rundir
+from jaxreplay import io, platform as platform_lib, rundir
 from jaxreplay.errors import ConfigError
 from jaxreplay.io import write_json
 
@@ -351,20 +350,19 @@ def tokens_per_step(c: ml_collections.ConfigDict) -> int:
 
 
 def from_json_file(path: str) -> ml_collections.ConfigDict:
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(io.read_json(path))  # path may be a URL
 
 
 def write(c: ml_collections.ConfigDict, workdir: str):
   """Writes the resolved config atomically as workdir/config.json."""
-  os.makedirs(workdir, exist_ok=True)
+  io.makedirs(workdir)
   write_json(rundir.config_file(workdir), c.to_dict(), sort_keys=True)
 
 
 def check_workdir(c: ml_collections.ConfigDict, workdir: str):
   """Refuses a workdir that holds a different run, before anything is written."""
   path = rundir.config_file(workdir)
-  if not os.path.exists(path):
+  if not io.exists(path):
     return
   diff = differences(from_json_file(path), c)
   if diff:

@@ -58,3 +58,7 @@ class SweepError(UserError, ValueError):
 
 class UsageError(UserError, ValueError):
   """A command-line flag or argument is missing or wrong; the message names the flag and the fix."""
+
+
+class StorageError(UserError, OSError):
+  """A path or bucket that cannot be used (missing, not writable, gcsfs absent, local mixed with remote)."""

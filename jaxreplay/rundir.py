@@ -6,13 +6,16 @@ this one (paths in, paths out).
           run is finished when it exists)
   SWEEP/  sweep.json (the expanded sweep), results.sqlite (a row per finished run), locks/ (a flock per run),
           runs/NAME/ (each run's workdir), packs/ID/ (runs trained together), jax_cache/
+
+A workdir may be a URL (gs://bucket/...): every path here is then a URL too (jaxreplay.io joins them).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+
+from jaxreplay import io
 
 CONFIG, METRICS, CHECKPOINTS, EXPORT, HF = "config.json", "metrics.jsonl", "checkpoints", "export", "hf"
 TOKENIZER, FINAL, DATA_STATS = "tokenizer.json", "final.json", "data_stats.json"
@@ -21,46 +24,66 @@ SWEEP, RESULTS, LOCKS, RUNS, PACKS, JAX_CACHE = "sweep.json", "results.sqlite", 
 
 
 def config_file(workdir: str) -> str:
-  return os.path.join(workdir, CONFIG)
+  return io.join(workdir, CONFIG)
 
 
 def final_file(workdir: str) -> str:
-  return os.path.join(workdir, FINAL)
+  return io.join(workdir, FINAL)
 
 
 def is_finished(workdir: str) -> bool:
-  return os.path.exists(final_file(workdir))
+  return io.exists(final_file(workdir))
 
 
 def read_final(workdir: str) -> dict:
-  with open(final_file(workdir)) as f:
-    return json.load(f)
+  return io.read_json(final_file(workdir))
 
 
 def checkpoints_dir(workdir: str) -> str:
-  return os.path.abspath(os.path.join(workdir, CHECKPOINTS))
+  return io.abspath(io.join(workdir, CHECKPOINTS))
 
 
 def export_dir(workdir: str) -> str:
-  return os.path.abspath(os.path.join(workdir, EXPORT))
+  return io.abspath(io.join(workdir, EXPORT))
 
 
 def run_dir(root: str, name: str) -> str:
   """The workdir of the sweep's run NAME (e.g. pretrain/d=256)."""
-  return os.path.join(os.path.abspath(root), RUNS, *name.split("/"))
+  return io.join(io.abspath(root), RUNS, *name.split("/"))
 
 
 def lock_file(root: str, name: str) -> str:
   safe = name.replace("/", "__")[:80]
-  return os.path.join(root, LOCKS, f"{safe}.{hashlib.sha1(name.encode()).hexdigest()[:8]}.lock")
+  return io.join(root, LOCKS, f"{safe}.{hashlib.sha1(name.encode()).hexdigest()[:8]}.lock")
+
+
+def host_dir(root: str) -> str:
+  """Where this host keeps a sweep's local files (results.sqlite, worker logs, jax_cache): the sweep root on a
+  disk; for a URL, a folder of this host's cache named by it (SQLite cannot lock, nor a log append, on an object
+  store; the table is a cache of the final.json objects, rebuilt from them)."""
+  if not io.is_url(root):
+    return root
+  return os.path.join(io.host_cache_dir(), "sweeps", hashlib.sha1(io.abspath(root).encode()).hexdigest()[:16])
+
+
+def worker_log(root: str, name: str) -> str:
+  """The log of the worker process that trains run NAME: in its workdir, or in host_dir on an object store."""
+  if not io.is_url(root):
+    return os.path.join(run_dir(root, name), WORKER_LOG)
+  return os.path.join(host_dir(root), "logs", name.replace("/", "__") + ".log")
+
+
+def lease_file(root: str, name: str) -> str:
+  """The lease object a runner creates to claim run NAME of a sweep on an object store (no flock there)."""
+  return lock_file(root, name)[:-len(".lock")] + ".lease.json"
 
 
 def sweep_of(workdir: str) -> tuple[str, str] | None:
   """(sweep root, run name) when `workdir` is SWEEP/runs/NAME of a sweep, else None."""
-  parts = os.path.abspath(workdir).split(os.sep)
+  parts = io.abspath(workdir).split("/")  # a URL splits as 'gs:', '', 'bucket', ...
   for i in range(len(parts) - 1, 0, -1):
     if parts[i] == RUNS and i + 1 < len(parts):
-      root = os.sep.join(parts[:i]) or os.sep
-      if os.path.exists(os.path.join(root, SWEEP)):
+      root = "/".join(parts[:i]) or os.sep
+      if io.exists(io.join(root, SWEEP)):
         return root, "/".join(parts[i + 1:])
   return None

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 
 from jaxreplay.config import NUM_RESERVED_IDS
 from jaxreplay.errors import DataError
+from jaxreplay import io
 from jaxreplay.io import file_lock
 
 from . import corpora
@@ -162,7 +163,7 @@ def resolve_path(path: str, cache_dir: str | None = None) -> str:
                       f"{', '.join(corpora.BIBLES)}: e.g. default:en or default:es:4096.")
     vocab = int(parts[2]) if len(parts) == 3 else 4096
     return build_default_corpora(cache_dir, vocab_size=vocab)[parts[1]]
-  return os.path.abspath(os.path.expanduser(path))
+  return io.abspath(os.path.expanduser(path))  # a URL (gs://...) as given
 
 
 def main(argv: list[str]) -> int:

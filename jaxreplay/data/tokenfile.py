@@ -4,21 +4,30 @@ A token directory holds `train.bin` and `valid.bin` (documents, each followed by
 uint16, or uint32 when the vocabulary exceeds 65,535), `meta.json` and a copy of the `tokenizer.json` that
 made them. The loader memory-maps the files, so a corpus of any size costs no memory; `open_token_dir`
 checks everything a run depends on before the first step, so a bad file fails at once with one sentence.
+
+A token directory may be a URL (gs://...). Each host then reads it through a local copy that it downloads once
+into its cache ($JAXREPLAY_CACHE, else $XDG_CACHE_HOME/jaxreplay, else ~/.cache/jaxreplay), keyed by the URL and
+its meta.json: ranged GETs per batch reached 0.3–0.5 M tokens/s even from a loopback server (256 random rows a
+batch), below the loader's 0.5 M floor, while the memory-mapped copy gives ~400 M. `write_token_dir` to a URL
+builds the directory locally and uploads it, meta.json last (a reader takes meta.json to mean complete).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 from typing import Callable, Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from jaxreplay.errors import DataError
+from jaxreplay import io
 from jaxreplay.io import atomic_dir
 
 from .tokenizer import TOKENIZER_FILE, batched, eos_id, load_tokenizer, tokenizer_file, tokenizer_hash
@@ -57,6 +66,14 @@ def write_token_dir(out_dir: str, documents: Iterable, tokenizer_path: str, *, d
   memory stays bounded by one chunk. Writing goes to a temporary directory renamed at the end, so an
   interrupted run never leaves a directory that looks complete.
   """
+  if io.is_url(out_dir):
+    with tempfile.TemporaryDirectory(prefix="jaxreplay-tokens-") as tmp:
+      local = os.path.join(tmp, os.path.basename(out_dir.rstrip("/")))
+      meta = write_token_dir(local, documents, tokenizer_path, dataset_id=dataset_id, name=name, sources=sources,
+                             is_valid=is_valid, chunk_docs=chunk_docs, progress=progress)
+      io.rmtree(out_dir)
+      io.upload_dir(local, out_dir, last=META_FILE)
+    return meta
   tok = load_tokenizer(tokenizer_path)
   vocab = tok.get_vocab_size()
   eos, dtype = eos_id(tok), dtype_for(vocab)
@@ -110,17 +127,34 @@ class TokenDir:
     return getattr(self, name)
 
 
+def local_copy(url: str, cache_root: str | None = None) -> str:
+  """This host's copy of the token directory at `url`, downloaded once (again when its meta.json changes)."""
+  read_meta(url)  # a missing or unfinished directory: one sentence before any download
+  meta_bytes = io.read_bytes(io.join(url, META_FILE))
+  key = hashlib.sha256(url.rstrip("/").encode() + b"\0" + meta_bytes).hexdigest()[:20]
+  local = os.path.join(cache_root or io.host_cache_dir(), "remote_tokens", key)
+  if os.path.isfile(os.path.join(local, META_FILE)):
+    return local
+  os.makedirs(os.path.dirname(local), exist_ok=True)
+  with atomic_dir(local) as tmp:  # several processes of one host may download at once: each renames a whole copy
+    for name in io.listdir(url):
+      if name != META_FILE:
+        io.copy_to_local(io.join(url, name), os.path.join(tmp, name))
+    with open(os.path.join(tmp, META_FILE), "wb") as f:
+      f.write(meta_bytes)
+  return local
+
+
 def read_meta(path: str) -> dict:
-  meta_path = os.path.join(path, META_FILE)
-  if not os.path.isdir(path):
+  meta_path = io.join(path, META_FILE)
+  if not io.isdir(path):
     raise DataError(f"Token directory {path} does not exist: create it with `jaxreplay data tokenize` "
                     "or fix config.data.path.")
-  if not os.path.isfile(meta_path):
+  if not io.exists(meta_path):
     raise DataError(f"{meta_path} is missing, so {path} is not a finished token directory: "
                     "(re)create it with `jaxreplay data tokenize`.")
   try:
-    with open(meta_path) as f:
-      meta = json.load(f)
+    meta = io.read_json(meta_path)
   except (OSError, json.JSONDecodeError) as e:
     raise DataError(f"{meta_path} is not valid JSON ({e}): recreate the directory with `jaxreplay data tokenize`.")
   missing = [k for k in META_KEYS if k not in meta]
@@ -137,6 +171,9 @@ def open_token_dir(path: str, vocab_size: int | None = None, seq_len: int = 1,
   incomplete directory, a file whose size does not fit its dtype, a tokenizer other than the run's,
   a vocabulary larger than the model's, ids outside it, or a training split shorter than one row.
   """
+  if io.is_url(path):
+    td = open_token_dir(local_copy(path), vocab_size, seq_len, tokenizer_hash)
+    return dataclasses.replace(td, path=path)
   meta = read_meta(path)
   meta_path = os.path.join(path, META_FILE)
   if vocab_size is not None and meta["vocab_size"] > vocab_size:

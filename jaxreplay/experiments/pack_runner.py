@@ -21,7 +21,7 @@ import time
 
 import jax
 
-from jaxreplay import rundir
+from jaxreplay import io, rundir
 from jaxreplay.errors import SweepError, UserError
 from jaxreplay.experiments import packing
 from jaxreplay.experiments.sweepdir import (Claim, connect, end_attempt, is_finished, load_runs, record,
@@ -63,7 +63,7 @@ def compile_cache_env(workdir: str, env) -> dict:
   """Runs of a sweep share shapes, so they share compiled steps: a persistent XLA cache in the workdir."""
   if env.get("JAX_COMPILATION_CACHE_DIR"):
     return {}
-  return dict(JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, rundir.JAX_CACHE),
+  return dict(JAX_COMPILATION_CACHE_DIR=os.path.join(rundir.host_dir(workdir), rundir.JAX_CACHE),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
 
 
@@ -94,7 +94,7 @@ def plan(workdir: str, runs: list[Run], done: set[str], n: int) -> list[dict]:
   if n == 1:
     return jobs + [dict(kind="chain", names=[r.name]) for r in rest]
   # A run that already trained alone resumes from its own checkpoints, alone.
-  started_alone = {r.name for r in rest if os.path.isdir(rundir.checkpoints_dir(run_dir(workdir, r.name)))}
+  started_alone = {r.name for r in rest if io.isdir(rundir.checkpoints_dir(run_dir(workdir, r.name)))}
   configs = {r.name: resolved_config(workdir, r, planning=True) for r in rest if r.name not in started_alone}
   singles_by_stage: dict[str, list[str]] = {}
   stage_of = {r.name: r.stage for r in rest}
@@ -188,7 +188,7 @@ def run_packed(db, workdir: str, members: list[Run], fp: str, n: int) -> int:
 def run_job(workdir: str, names: list[str], kind: str = "chain", pack: int = 0) -> int:
   """Trains a job's runs in this process, a chain or a pack (`pack`: the --pack that planned it, recorded),
   under claims on every run: those the runner passed down (JAXREPLAY_LOCK_FDS), or its own."""
-  workdir = os.path.abspath(workdir)
+  workdir = io.abspath(workdir)
   die_with_parent()
   runs, fp = load_runs(workdir)
   by_name = {r.name: r for r in runs}

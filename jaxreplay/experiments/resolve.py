@@ -17,7 +17,7 @@ import sys
 
 import ml_collections
 
-from jaxreplay import config as config_lib
+from jaxreplay import config as config_lib, io
 from jaxreplay.data.commands import resolve_path
 from jaxreplay.errors import ConfigError, DataError, UsageError, UserError
 from jaxreplay.models import export as export_lib
@@ -161,7 +161,7 @@ def _resolve_paths(c, cache_dir, check: bool):
     if not value and key != "data.path":
       continue
     path = resolve_path(value, cache_dir)
-    if check and not os.path.isdir(path):
+    if check and not io.isdir(path):  # path may be a URL (gs://...)
       raise DataError(f"Token directory {path} does not exist: create it with `jaxreplay data tokenize` or fix "
                       f"config.{key}.")
     c[group][leaf] = path

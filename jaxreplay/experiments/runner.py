@@ -19,12 +19,12 @@ import time
 
 import jax
 
-from jaxreplay import rundir
+from jaxreplay import io, rundir
 from jaxreplay.errors import SweepError, UsageError, UserError
 from jaxreplay.experiments import multihost, packing
 from jaxreplay.experiments import sweepcost as cost
 from jaxreplay.experiments import sweeps
-from jaxreplay.experiments.sweepdir import (Claim, connect, dry_run, is_finished, is_locked, levels,  # noqa: F401 (re-exported)
+from jaxreplay.experiments.sweepdir import (INHERITED, Claim, connect, dry_run, is_finished, is_locked, levels,  # noqa: F401 (re-exported)
                                 load_runs, prepare, resolved_config, run_dir, select, status, sync)
 from jaxreplay.experiments.sweeps import Run
 from jaxreplay.experiments.pack_runner import (EXIT_CLAIMED, EXIT_WAITING, compile_cache_env, plan,
@@ -76,8 +76,8 @@ class LocalRunner:
   def _start(self, job: dict, claims: list[Claim]):
     names = job["names"]
     for name in names:
-      os.makedirs(run_dir(self.workdir, name), exist_ok=True)
-    fds = [c.fd for c in claims]
+      io.makedirs(run_dir(self.workdir, name))
+    fds = [c.fd for c in claims]  # INHERITED for a lease: this process heartbeats it while the worker trains
     env = dict(os.environ, JAXREPLAY_PARENT_PID=str(os.getpid()), JAXREPLAY_LOCK_FDS=",".join(map(str, fds)))
     env.update(compile_cache_env(self.workdir, env))
     devices = None
@@ -86,10 +86,12 @@ class LocalRunner:
       env[self.device_env] = devices
     elif self.jobs > 1:  # several runs share the accelerators: no process may take most of their memory
       env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    log = open(os.path.join(run_dir(self.workdir, names[0]), rundir.WORKER_LOG), "ab")
+    os.makedirs(os.path.dirname(rundir.worker_log(self.workdir, names[0])), exist_ok=True)
+    log = open(rundir.worker_log(self.workdir, names[0]), "ab")
     command = [sys.executable, "-m", "jaxreplay.experiments.pack_runner", "--workdir", self.workdir, "--runs",
                json.dumps(names), "--kind", job["kind"], "--pack", str(self.pack)]
-    proc = subprocess.Popen(command, env=env, pass_fds=tuple(fds), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command, env=env, pass_fds=tuple(f for f in fds if f != INHERITED), stdout=log,
+                            stderr=subprocess.STDOUT)
     log.close()
     self.running[",".join(names)] = (proc, claims, devices, names)
     what = names[0] if len(names) == 1 else f"{job['kind']} of {len(names)}: {', '.join(names)}"
@@ -98,6 +100,9 @@ class LocalRunner:
   def _reap(self):
     for key, (proc, claims, devices, names) in list(self.running.items()):
       rc = proc.poll()
+      if rc is None and any(c.lost() for c in claims):
+        self.say(f"lease lost for {', '.join(names)} (taken over by another runner): stopping its worker")
+        proc.terminate()
       if rc is None:
         continue
       for c in claims:
@@ -107,7 +112,7 @@ class LocalRunner:
       del self.running[key]
       if rc in (EXIT_CLAIMED, EXIT_WAITING):
         continue
-      tail = _tail(os.path.join(run_dir(self.workdir, names[0]), rundir.WORKER_LOG))
+      tail = _tail(rundir.worker_log(self.workdir, names[0]))
       for name in names:
         if is_finished(self.workdir, name):
           self.say(f"done   {name}")
@@ -272,7 +277,7 @@ def main(argv: list[str]) -> int:
     raise UsageError(f"--jobs={a.jobs} must be ≥ 1.")
   if a.pack is not None and a.pack < 1:
     raise UsageError(f"--pack={a.pack} must be ≥ 1: the most runs one process trains together (1 turns packing off).")
-  if a.status and not os.path.isdir(a.workdir):
+  if a.status and not io.isdir(a.workdir):
     raise UsageError(f"--workdir={a.workdir} does not exist: give the directory a sweep was started in.")
   if a.cache_dir:  # the workers this process starts read it too
     os.environ["JAXREPLAY_CACHE"] = os.path.abspath(os.path.expanduser(a.cache_dir))
@@ -280,7 +285,7 @@ def main(argv: list[str]) -> int:
 
 
 def run_sweep(a) -> int:
-  workdir = os.path.abspath(a.workdir)
+  workdir = io.abspath(a.workdir)
   readonly = a.dry_run or a.status
   sweep = sweeps.load(a.spec)
   runs, fp = prepare(a.spec, workdir, write=not readonly, only=None if a.status else a.only, extend=a.extend,

@@ -19,7 +19,8 @@ import time
 
 import ml_collections
 
-from jaxreplay import config as config_lib, rundir
+from jaxreplay import config as config_lib, io, rundir
+from jaxreplay.io.lease import Lease, read_holder
 from jaxreplay.io import write_json
 from jaxreplay.rundir import run_dir
 from jaxreplay.experiments import resolve, sweeps
@@ -33,8 +34,18 @@ CREATE TABLE IF NOT EXISTS attempts (id INTEGER PRIMARY KEY AUTOINCREMENT, name 
 """
 
 
+# A runner killed on an object store frees its runs this long after its last heartbeat (tests shorten it).
+LEASE_TTL_S = float(os.environ.get("JAXREPLAY_LEASE_TTL_S", "120"))
+INHERITED = -1  # Claim.fd of a worker whose runner holds the lease (and heartbeats it) for it
+
+
+def results_file(workdir: str) -> str:
+  return os.path.join(rundir.host_dir(workdir), rundir.RESULTS)
+
+
 def connect(workdir: str) -> sqlite3.Connection:
-  db = sqlite3.connect(os.path.join(workdir, rundir.RESULTS), timeout=120, isolation_level=None)
+  os.makedirs(rundir.host_dir(workdir), exist_ok=True)
+  db = sqlite3.connect(results_file(workdir), timeout=120, isolation_level=None)
   db.execute("PRAGMA journal_mode=WAL")
   db.execute("PRAGMA synchronous=NORMAL")
   db.executescript(SCHEMA)
@@ -61,11 +72,10 @@ def prepare(spec: str, workdir: str, write: bool = True, only: str | None = None
   runs = sweeps.expand(sweep or sweeps.load(spec))
   select(runs, only)
   fp = sweeps.fingerprint(runs)
-  path = os.path.join(workdir, rundir.SWEEP)
-  rewrite = not os.path.exists(path)
+  path = io.join(workdir, rundir.SWEEP)
+  rewrite = not io.exists(path)
   if not rewrite:
-    with open(path) as f:
-      old = json.load(f)
+    old = io.read_json(path)
     if old["fingerprint"] != fp:
       change = _describe_change(old["runs"], runs, allow_added=extend)
       if change:
@@ -75,11 +85,11 @@ def prepare(spec: str, workdir: str, write: bool = True, only: str | None = None
                          "it.")
       rewrite = True  # only settings that do not change results (logging, checkpointing, new default keys)
   if write and rewrite:
-    os.makedirs(workdir, exist_ok=True)
+    io.makedirs(workdir)
     runs_json = [dataclasses.asdict(r) for r in runs]
     write_json(path, dict(fingerprint=fp, spec=spec, created=time.time(), runs=runs_json), indent=1)
   if write:
-    os.makedirs(os.path.join(workdir, rundir.LOCKS), exist_ok=True)
+    io.makedirs(io.join(workdir, rundir.LOCKS))
     connect(workdir).close()
   return runs, fp
 
@@ -115,11 +125,10 @@ def _describe_change(old_runs: list[dict], runs: list[Run], allow_added: bool = 
 
 
 def load_runs(workdir: str) -> tuple[list[Run], str]:
-  path = os.path.join(workdir, rundir.SWEEP)
-  if not os.path.exists(path):
+  path = io.join(workdir, rundir.SWEEP)
+  if not io.exists(path):
     raise SweepError(f"{workdir} holds no {rundir.SWEEP}: start the sweep with `jaxreplay sweep FILE --workdir=...`.")
-  with open(path) as f:
-    data = json.load(f)
+  data = io.read_json(path)
   return [Run(**r) for r in data["runs"]], data["fingerprint"]
 
 
@@ -139,10 +148,10 @@ def record(db, workdir: str, run: Run, fp: str, started: float | None = None):
   d = run_dir(workdir, run.name)
   metrics = rundir.read_final(d)
   cfg_path = rundir.config_file(d)
-  cfg = open(cfg_path).read() if os.path.exists(cfg_path) else json.dumps(run.config)
+  cfg = io.read_text(cfg_path) if io.exists(cfg_path) else json.dumps(run.config)
   db.execute("INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?)",
              (run.name, run.stage, run.parent, json.dumps(run.overrides, sort_keys=True, default=str), cfg,
-              json.dumps(metrics, sort_keys=True), started, os.path.getmtime(rundir.final_file(d)),
+              json.dumps(metrics, sort_keys=True), started, io.mtime(rundir.final_file(d)),
               socket.gethostname(), fp))
   if started is not None:  # a runner's sync may have added the row first, without the start time
     db.execute("UPDATE results SET started=? WHERE name=? AND started IS NULL", (started, run.name))
@@ -159,12 +168,20 @@ def sync(db, workdir: str, runs: list[Run], fp: str) -> set[str]:
 
 
 class Claim:
-  """An exclusive flock on a run's lock file; released when closed or when every holder process dies."""
+  """An exclusive flock on a run's lock file; released when closed or when every holder process dies. On an object
+  store (no flock), a lease object instead, heartbeated from a thread of this process while it is held: a killed
+  runner's runs are taken over once its lease expires (LEASE_TTL_S)."""
 
   def __init__(self, workdir: str, name: str, fd: int | None = None, wait_s: float = 0.0):
     """wait_s: keep trying that long (a status probe holds a lock for an instant)."""
-    self.fd = fd
-    if fd is None:
+    self.fd, self.lease = fd, None
+    if fd is None and io.is_url(workdir):
+      self.lease = Lease(rundir.lease_file(workdir, name), LEASE_TTL_S)
+      if self.lease.try_acquire():
+        self._alive = self.lease.kept_alive()
+        self._alive.__enter__()
+        self.fd = INHERITED
+    elif fd is None:
       path = rundir.lock_file(workdir, name)
       os.makedirs(os.path.dirname(path), exist_ok=True)
       self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -183,13 +200,22 @@ class Claim:
   def __bool__(self):
     return self.fd is not None
 
+  def lost(self) -> bool:
+    """A lease that expired (heartbeats held up) and was taken over: its worker must stop writing the run."""
+    return self.lease is not None and self.lease.generation is None and self.fd is not None
+
   def close(self):
-    if self.fd is not None:
+    if self.lease is not None and self.fd is not None:
+      self._alive.__exit__(None, None, None)  # stops the heartbeats and deletes the lease
+    elif self.fd is not None and self.fd != INHERITED:
       os.close(self.fd)
-      self.fd = None
+    self.fd = None
 
 
 def is_locked(workdir: str, name: str) -> bool:
+  if io.is_url(workdir):
+    holder = read_holder(rundir.lease_file(workdir, name))
+    return holder is not None and not holder.expired()
   claim = Claim(workdir, name)
   held = not claim
   claim.close()
@@ -228,7 +254,7 @@ def levels(runs: list[Run]) -> list[list[str]]:
 
 def status(workdir: str, runs: list[Run]) -> str:
   rows, failed = {}, set()
-  if os.path.exists(os.path.join(workdir, rundir.RESULTS)):
+  if os.path.exists(results_file(workdir)):
     db = connect(workdir)
     rows = {n: json.loads(m) for n, m in db.execute("SELECT name, metrics FROM results")}
     failed = {n for n, st in db.execute(
@@ -243,11 +269,14 @@ def status(workdir: str, runs: list[Run]) -> str:
       m = rundir.read_final(run_dir(workdir, r.name))
     if m is not None:
       state = "done"
-    elif os.path.isdir(os.path.join(workdir, rundir.LOCKS)) and is_locked(workdir, r.name):
+    elif io.isdir(io.join(workdir, rundir.LOCKS)) and is_locked(workdir, r.name):
       state = "running"
+      holder = read_holder(rundir.lease_file(workdir, r.name)) if io.is_url(workdir) else None
+      if holder is not None:  # on an object store: who holds it, and since when
+        state = f"running on {holder.describe()}"
     elif r.name in failed:
       state = "failed"
-    elif os.path.isdir(rundir.checkpoints_dir(run_dir(workdir, r.name))):
+    elif io.isdir(rundir.checkpoints_dir(run_dir(workdir, r.name))):
       state = "partial"
     else:
       state = "pending"

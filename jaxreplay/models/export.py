@@ -8,7 +8,6 @@ helpers here (quiet logs, one-line errors, path-keyed trees, barriers, checksums
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -20,7 +19,7 @@ import orbax.checkpoint as ocp
 from jax import lax
 from jax.experimental import multihost_utils
 
-from jaxreplay import rundir
+from jaxreplay import io, rundir
 from jaxreplay.io import write_json
 from jaxreplay.errors import CheckpointError
 from jaxreplay.models import decoder
@@ -132,15 +131,14 @@ def integrity_record(state) -> dict:
 def _tokenizer_reference(workdir: str, config_dict: dict) -> dict:
   """Which tokenizer reads this model's ids: the hash recorded with its data, and where a copy lies."""
   path = (config_dict.get("data") or {}).get("path") or ""
-  meta_path = os.path.join(path, "meta.json")
+  meta_path = io.join(path, "meta.json") if path else ""
   ref = dict(data_path=path)
-  if path and os.path.exists(meta_path):
-    with open(meta_path) as f:
-      meta = json.load(f)
+  if path and io.exists(meta_path):
+    meta = io.read_json(meta_path)
     ref.update(tokenizer_hash=meta.get("tokenizer_hash"), vocab_size=meta.get("vocab_size"))
-  for tok in (os.path.join(workdir, "tokenizer.json"), os.path.join(path, "tokenizer.json")):
-    if path and os.path.exists(tok):
-      ref["tokenizer_path"] = os.path.abspath(tok)
+  for tok in (io.join(workdir, "tokenizer.json"), io.join(path or ".", "tokenizer.json")):
+    if path and io.exists(tok):
+      ref["tokenizer_path"] = io.abspath(tok)
       break
   return ref
 
@@ -150,40 +148,37 @@ def export(workdir: str, params, config_dict: dict, info: dict):
   so it exists only while a complete export does."""
   quiet_orbax_logs()
   directory = rundir.export_dir(workdir)
-  info_path = os.path.join(directory, "info.json")
+  info_path = io.join(directory, "info.json")  # a URL too when the workdir is: orbax writes through tensorstore
   if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
-    if os.path.exists(info_path):
-      os.remove(info_path)
+    io.makedirs(directory)
+    io.remove(info_path)
   barrier("jaxreplay_export_start")
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(directory, "params"), params, force=True)
+  ckptr.save(io.join(directory, "params"), params, force=True)
   ckptr.wait_until_finished()
   ckptr.close()
   if jax.process_index() == 0:
     info = dict(info, tokenizer=_tokenizer_reference(workdir, config_dict), params_format=decoder.PARAMS_FORMAT)
     for name, obj in (("config.json", config_dict), ("info.json", info)):
-      write_json(os.path.join(directory, name), obj, sort_keys=True)
+      write_json(io.join(directory, name), obj, sort_keys=True)
   barrier("jaxreplay_export_done")
 
 
 def exported_config(workdir: str) -> dict:
-  if not workdir or not os.path.isdir(workdir):
+  if not workdir or not io.isdir(workdir):
     raise CheckpointError(f"init.from={workdir!r} does not exist: set config.init.from to the workdir of a "
                           "finished pretraining run.")
   directory = rundir.export_dir(workdir)
-  if not os.path.exists(os.path.join(directory, "info.json")):
+  if not io.exists(io.join(directory, "info.json")):
     raise CheckpointError(f"init.from={workdir!r} holds no finished export ({directory}/info.json is missing): "
                           "point it at the workdir of a pretraining run that has finished, or rerun that run "
                           "to finish it.")
-  with open(os.path.join(directory, "config.json")) as f:
-    return json.load(f)
+  return io.read_json(io.join(directory, "config.json"))
 
 
 def exported_info(workdir: str) -> dict:
   exported_config(workdir)
-  with open(os.path.join(rundir.export_dir(workdir), "info.json")) as f:
-    return json.load(f)
+  return io.read_json(io.join(rundir.export_dir(workdir), "info.json"))
 
 
 def load_exported(workdir: str, like_params=None):
@@ -192,7 +187,7 @@ def load_exported(workdir: str, like_params=None):
   parameter format (info.json's params_format, 1 when absent) is converted by `decoder.upgrade_params`."""
   quiet_orbax_logs()
   old_format = exported_info(workdir).get("params_format", 1) < decoder.PARAMS_FORMAT
-  params_dir = os.path.join(rundir.export_dir(workdir), "params")
+  params_dir = io.join(rundir.export_dir(workdir), "params")
   ckptr = ocp.StandardCheckpointer()
   with no_unraisable():
     try:

@@ -11,7 +11,9 @@ With `replay.cache_dir` the refills are stored on disk under a directory named b
 that determines them (the checkpoint's export and weights, the model, the sampling settings, seed, row length,
 batch rows, buffer). Every run of a sweep that starts from the same checkpoint with the same settings then
 reads the samples instead of drawing them again. `fingerprint.json` in that directory is compared on every
-use; a cache made by another checkpoint or other settings is an error, never reused.
+use; a cache made by another checkpoint or other settings is an error, never reused. The cache may be a URL
+(gs://...): every refill is then one object, written whole; runs that need the same refill at once each sample
+it (there is no flock on an object store), which costs time but not correctness, since they write equal bytes.
 
 For KL replay with `replay.teacher` resolving to 'sampled' (`config.replay_teacher`), each refill also keeps the
 frozen model's logits from sampling, [buffer, rows, T, V] fp32 on the mesh, so that the train step needs no
@@ -23,8 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io as _bytes_io
 import json
-import os
 import time
 
 import jax
@@ -33,6 +35,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxreplay import io
 from jaxreplay.io import atomic_open, file_lock, write_json
 from jaxreplay.errors import ConfigError
 from jaxreplay import config as config_lib
@@ -65,18 +68,17 @@ def refill_key(seed: int, refill: int):
 
 
 def _sha256_file(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  return hashlib.sha256(io.read_bytes(path)).hexdigest()
 
 
 def checkpoint_fingerprint(weights_dir: str, frozen) -> dict:
   """What identifies the weights samples come from: a run's export info and config (or a Hugging Face
   checkpoint's config.json), and checksums of the weights themselves (integer sums, the same on any mesh)."""
-  export_config = os.path.join(rundir.export_dir(weights_dir), "config.json")
-  if os.path.exists(export_config):
+  export_config = io.join(rundir.export_dir(weights_dir), "config.json")
+  if io.exists(export_config):
     info, config_path = export_lib.exported_info(weights_dir), export_config
   else:  # a Hugging Face checkpoint directory (config.model.path)
-    info, config_path = {}, os.path.join(weights_dir, "config.json")
+    info, config_path = {}, io.join(weights_dir, "config.json")
   arrays = export_lib.integrity_record(frozen)["arrays"]
   return dict(info=info, config_sha256=_sha256_file(config_path),
               params_sha256=hashlib.sha256(json.dumps(arrays, sort_keys=True).encode()).hexdigest())
@@ -88,23 +90,22 @@ class DiskCache:
   def __init__(self, cache_dir: str, fingerprint: dict):
     self.fingerprint = fingerprint
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:24]
-    one_cache = os.path.exists(os.path.join(cache_dir, FINGERPRINT))  # pointed at one cache, not the cache root
-    self.directory = cache_dir if one_cache else os.path.join(cache_dir, digest)
+    one_cache = io.exists(io.join(cache_dir, FINGERPRINT))  # pointed at one cache, not the cache root
+    self.directory = cache_dir if one_cache else io.join(cache_dir, digest)
     if jax.process_index() == 0:
-      os.makedirs(self.directory, exist_ok=True)
-      if not os.path.exists(os.path.join(self.directory, FINGERPRINT)):
-        write_json(os.path.join(self.directory, FINGERPRINT), fingerprint, sort_keys=True)
+      io.makedirs(self.directory)
+      if not io.exists(io.join(self.directory, FINGERPRINT)):
+        write_json(io.join(self.directory, FINGERPRINT), fingerprint, sort_keys=True)
     self.verify()
 
   def verify(self):
-    path = os.path.join(self.directory, FINGERPRINT)
+    path = io.join(self.directory, FINGERPRINT)
     for _ in range(50):  # another process may be about to write it
-      if os.path.exists(path):
+      if io.exists(path):
         break
       time.sleep(0.1)
     try:
-      with open(path) as f:
-        stored = json.load(f)
+      stored = io.read_json(path)
     except (OSError, ValueError) as e:
       raise ConfigError(f"The replay cache {self.directory} has no readable {FINGERPRINT} ({e}): "
                                    "delete that directory so that it is sampled again.") from None
@@ -117,18 +118,21 @@ class DiskCache:
           "cache root (or another directory) so that a fresh cache is made; it is never reused.")
 
   def path(self, refill: int) -> str:
-    return os.path.join(self.directory, f"refill_{refill:06d}.npy")
+    return io.join(self.directory, f"refill_{refill:06d}.npy")
 
   def lock(self, refill: int):
-    """Held while one process samples a refill, so concurrent runs of a sweep wait and read it instead."""
-    return file_lock(os.path.join(self.directory, f"refill_{refill:06d}.lock"))
+    """Held while one process samples a refill, so concurrent runs of a sweep wait and read it instead (on a
+    local or shared disk; an object store has no flock)."""
+    if io.is_url(self.directory):
+      return contextlib.nullcontext()
+    return file_lock(io.join(self.directory, f"refill_{refill:06d}.lock"))
 
   def read(self, refill: int, shape, vocab_size: int) -> np.ndarray | None:
     path = self.path(refill)
-    if not os.path.exists(path):
+    if not io.exists(path):
       return None
     try:
-      tokens = np.load(path, allow_pickle=False)
+      tokens = np.load(_bytes_io.BytesIO(io.read_bytes(path)), allow_pickle=False)
     except (OSError, ValueError) as e:
       raise ConfigError(f"The cached replay samples {path} cannot be read ({e}): delete the file "
                                    "so that it is sampled again.") from None

@@ -8,6 +8,10 @@ directory and renames it once every host has finished, so a step directory never
 `restore_latest` still checks the newest one against its checksums; a damaged one is reported in one sentence
 and moved to WORKDIR/checkpoints.damaged (never deleted), and the previous one is used.
 
+WORKDIR may be a URL (gs://...): orbax then writes the arrays through tensorstore's kvstore straight to the
+bucket, and its small files through etils.epath (gcsfs); a step directory is complete once orbax has written
+its commit marker, which on an object store replaces the rename.
+
 Exported weights (WORKDIR/export) are models/export.py's.
 """
 
@@ -23,8 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jaxreplay import rundir
-from jaxreplay.errors import CheckpointError
+from jaxreplay import io, rundir
+from jaxreplay.errors import CheckpointError, StorageError
 from jaxreplay.models.export import (INTEGRITY_VERSION, abstract_like, agree, barrier, flat_tree,
                                      integrity_record, no_unraisable, one_line, quiet_orbax_logs)
 
@@ -54,8 +58,11 @@ def _integrity_problem(state, record) -> str | None:
 def check_writable(workdir: str) -> str:
   """Fails early, with one sentence, if WORKDIR/checkpoints cannot be written; returns its path."""
   directory = rundir.checkpoints_dir(workdir)
-  if "://" in workdir:
-    return directory
+  if io.is_url(workdir):
+    try:
+      return io.check_writable(directory)
+    except StorageError as e:
+      raise CheckpointError(str(e)) from None
   try:
     os.makedirs(directory, exist_ok=True)
     fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
@@ -78,6 +85,9 @@ class Checkpointer:
     self.damaged_dir = self.directory + ".damaged"
     self.cfg = ckpt_cfg
     self._last_save_time = time.monotonic()
+    # Called before each save: e.g. the metric writer's flush, so that metrics.jsonl on an object store (rewritten
+    # at intervals) holds every row up to the checkpoint that a resumed run starts from.
+    self.before_save = lambda: None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=ckpt_cfg.keep_last,
         keep_period=ckpt_cfg.keep_every_steps or None,
@@ -161,12 +171,12 @@ class Checkpointer:
 
   def _set_aside(self, damaged, good_step: int):
     if jax.process_index() == 0:
-      os.makedirs(self.damaged_dir, exist_ok=True)
+      io.makedirs(self.damaged_dir)
       for step, _ in damaged:
-        src = os.path.join(self.directory, str(step))
-        dst = os.path.join(self.damaged_dir, f"{step}-{int(time.time())}")
-        if os.path.exists(src):
-          os.replace(src, dst)
+        src = io.join(self.directory, str(step))
+        dst = io.join(self.damaged_dir, f"{step}-{int(time.time())}")
+        if io.exists(src):
+          io.move(src, dst)
       newest, problem = damaged[0]
       print(f"jaxreplay: warning: the checkpoint at step {newest} in {self.directory} is damaged ({problem}), "
             f"so this run resumes from step {good_step} and the damaged one was moved to {self.damaged_dir}.",
@@ -192,6 +202,7 @@ class Checkpointer:
       return False
     if step in self.manager.all_steps():
       return False
+    self.before_save()
     try:
       record = integrity_record(state)
       self.manager.save(step, args=ocp.args.Composite(
@@ -203,9 +214,10 @@ class Checkpointer:
     return True
 
   def _save_error(self, e) -> CheckpointError:
-    return CheckpointError(f"Saving a checkpoint in {self.directory} failed ({one_line(e)}): free disk space or "
-                           "fix the directory's permissions, then rerun the same command to resume from the last "
-                           "checkpoint, which is kept.")
+    fix = ("check the bucket's permissions and quota (and the credentials found)" if io.is_url(self.directory)
+           else "free disk space or fix the directory's permissions")
+    return CheckpointError(f"Saving a checkpoint in {self.directory} failed ({one_line(e)}): {fix}, then rerun the "
+                           "same command to resume from the last checkpoint, which is kept.")
 
   def wait(self):
     try:

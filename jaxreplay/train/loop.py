@@ -11,9 +11,7 @@ host syncs with the device only when it logs or evaluates.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Iterator
 
@@ -21,7 +19,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxreplay import config as config_lib, rundir, sharding
+from jaxreplay import config as config_lib, io, rundir, sharding
 from jaxreplay.errors import TrainingError  # noqa: F401 (raised here; callers catch it as train.TrainingError)
 from jaxreplay.io import write_json
 from jaxreplay.evals import forgetting, mcq, toy
@@ -36,7 +34,7 @@ DONE_FILE = rundir.FINAL
 
 
 def is_finished(workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, DONE_FILE))
+  return rundir.is_finished(workdir)
 
 
 def run(c, workdir: str, evaluators=()) -> dict:
@@ -46,8 +44,7 @@ def run(c, workdir: str, evaluators=()) -> dict:
   """
   if is_finished(workdir):
     config_lib.check_workdir(c, workdir)
-    with open(os.path.join(workdir, DONE_FILE)) as f:
-      return json.load(f)
+    return rundir.read_final(workdir)
   t = setup(c, workdir, evaluators)
   return t.finish(train_loop(t))
 
@@ -189,7 +186,7 @@ class Trainer:
     self.writer.write(step, dict(final=True, **{k: v for k, v in result.items() if k != "step"}))
     self.writer.close()
     if jax.process_index() == 0:
-      write_json(os.path.join(self.workdir, DONE_FILE), result, sort_keys=True)
+      write_json(rundir.final_file(self.workdir), result, sort_keys=True)
     return result
 
   def close(self):
@@ -304,9 +301,9 @@ def write_run_files(c, stage: Stage, workdir: str):
   if jax.process_index() != 0:
     return
   config_lib.write(c, workdir)
-  tokenizer = os.path.join(c.data.path, "tokenizer.json")
-  if c.data.path and os.path.exists(tokenizer):
-    shutil.copyfile(tokenizer, os.path.join(workdir, "tokenizer.json"))
+  tokenizer = io.join(c.data.path or ".", "tokenizer.json")
+  if c.data.path and io.exists(tokenizer):
+    io.write_bytes(io.join(workdir, "tokenizer.json"), io.read_bytes(tokenizer))
   stage.write_data_stats()
 
 
@@ -352,6 +349,7 @@ def setup(c, workdir: str, evaluators=(), restore=None, start_eval: bool = True,
                disable=not (c.log.progress and jax.process_index() == 0),
                desc=os.path.basename(os.path.abspath(workdir))),
       wall_start=time.monotonic() - extra["elapsed_s"], step=start_step)
+  checkpointer.before_save = t.writer.flush  # metrics.jsonl holds every row the checkpoint covers
   if start_eval and t.needs_start_eval():
     t.evaluate_at_start()
   return t

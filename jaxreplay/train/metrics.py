@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxreplay import rundir
+from jaxreplay import io, rundir
 from jaxreplay.io import write_text
 
 
@@ -58,12 +58,13 @@ class MetricWriter:
   """Appends one JSON object per line to WORKDIR/metrics.jsonl; mirrors scalars to TensorBoard / W&B."""
 
   def __init__(self, workdir: str, log_cfg, config_dict: dict | None = None, resume_step: int = 0):
-    self.path = os.path.join(workdir, rundir.METRICS)
+    self.path = io.join(workdir, rundir.METRICS)
     self.is_main = jax.process_index() == 0
     self._tb = self._wandb = None
     if self.is_main:
-      os.makedirs(workdir, exist_ok=True)
+      io.makedirs(workdir)
       self._truncate_after(resume_step)
+      self._out = io.Appender(self.path)  # on an object store: the whole object rewritten, rate-limited
       if log_cfg.tensorboard:
         from tensorboardX import SummaryWriter  # optional extra: pip install jaxreplay[tensorboard]
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -74,10 +75,9 @@ class MetricWriter:
 
   def _truncate_after(self, step: int):
     """A resumed run drops lines logged after its checkpoint, so the log equals an uninterrupted run's."""
-    if not os.path.exists(self.path):
+    if not io.exists(self.path):
       return
-    with open(self.path) as f:
-      lines = [l for l in f if l.strip()]
+    lines = [l + "\n" for l in io.read_text(self.path).splitlines() if l.strip()]
     kept = []
     for line in lines:
       try:
@@ -91,8 +91,7 @@ class MetricWriter:
     if not self.is_main:
       return
     row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    self._out.write(json.dumps(row) + "\n")
     if self._tb is not None:
       for k, v in row.items():
         if isinstance(v, (int, float)) and k != "step":
@@ -100,7 +99,13 @@ class MetricWriter:
     if self._wandb is not None:
       self._wandb.log(row, step=step)
 
+  def flush(self):
+    if self.is_main:
+      self._out.flush()
+
   def close(self):
+    if self.is_main:
+      self._out.close()
     if self._tb is not None:
       self._tb.close()
     if self._wandb is not None:
