@@ -25,7 +25,7 @@ from jaxreplay import config as config_lib
 from jaxreplay.data import commands as data_commands
 from jaxreplay.data.commands import resolve_path
 from jaxreplay.errors import UsageError, UserError
-from jaxreplay.experiments import config_files, lm_eval_run, quickstart, report, runner
+from jaxreplay.experiments import compile_command, config_files, lm_eval_run, quickstart, report, runner
 from jaxreplay.train import loop as training
 
 USAGE = """usage: jaxreplay COMMAND [flags]
@@ -40,6 +40,7 @@ commands:
   eval         lm-evaluation-harness tasks on a run: --workdir=RUN --tasks=a,b [--limit=N] (jaxreplay eval --help)
   instruct     finetune with --config=sweeps/instruct.py[:ARG] (a Hugging Face Llama/Qwen on chat data with
                BOS-prompted replay); a grid of them: jaxreplay sweep sweeps/instruct.py[:small] --workdir=DIR
+  compile      every program of a run compiled for a TPU slice, no TPU needed: the run's flags + --target=v5e:2x2
 """
 
 
@@ -124,7 +125,8 @@ def instruct_command(rest: list[str]):
 MAINS = {"pretrain": functools.partial(train_command, "pretrain"),
          "finetune": functools.partial(train_command, "finetune"),
          "data": data_commands.main, "sweep": runner.main, "report": report.main,
-         "quickstart": quickstart.main, "instruct": instruct_command, "eval": lm_eval_run.main}
+         "quickstart": quickstart.main, "instruct": instruct_command, "eval": lm_eval_run.main,
+         "compile": compile_command.main}
 
 
 def main(argv=None):

@@ -59,14 +59,17 @@ def program_costs(c, mesh, programs_fn, compile_fn, names) -> dict[str, dict]:
   `programs_fn(config, mesh)` builds a config's programs, `compile_fn(program)` compiles one (None if it runs out
   of memory: a variant holds no more than the real program, so that does not happen for one that fits)."""
   L, m = c.model.n_layers, c.train.microbatches
-  points = [(l, k) for l in (1, 2) for k in ((1, 2) if m > 1 else (1,))]
+  # The train step at 1 and 2 chunks of a microbatch's rows; the other programs at the whole batch (k = m).
+  wanted = {(l, k): ["train_step"] for l in (1, 2) for k in ((1, 2) if m > 1 else (1,))}
+  for l in (1, 2):
+    wanted.setdefault((l, m), []).extend(n for n in names if n != "train_step")
   measured = {}
-  for l, k in points:
+  for (l, k), which in sorted(wanted.items()):
     progs = programs_fn(variant(c, l, k), mesh)
-    for name in names:
-      if name in progs and (k == 1 or name == "train_step"):
+    for name in which:
+      if name in progs:
         compiled, _ = compile_fn(progs[name])
-        measured.setdefault(name, {})[l, k] = costs(compiled)
+        measured.setdefault(name, {})[l, 1 if name != "train_step" else k] = costs(compiled)
   out = {}
   for name, f in measured.items():
     out[name] = extrapolate(f, L, m if name == "train_step" else 1)
