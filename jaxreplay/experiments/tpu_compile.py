@@ -63,15 +63,21 @@ def target(name: str) -> Target:
     raise UserError(f"--target={name!r} is not a TPU topology: use GENERATION:SHAPE with a generation of "
                     f"{', '.join(CHIPS)}, e.g. {EXAMPLES}.")
   check_libtpu()
+  # Compiling opens no TPU, so processes (xdist workers, a CLI beside tests) need not take libtpu's lockfile.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   chip = CHIPS[gen]
   # Megacore chips (v4, v5p): one device per chip, as a real host's jax.devices() lists them.
   config_name = "megacore" if chip.cores_per_chip > 1 else "default"
   try:
     desc = topologies.get_topology_desc(topology_name=name, platform="tpu", chip_config_name=config_name)
-  except Exception as e:  # the compiler refuses the shape (e.g. v5e:3x5)
-    raise UserError(f"--target={name!r} is not a {gen} topology the TPU compiler knows ({str(e).splitlines()[0]}): "
-                    f"use a slice shape such as {EXAMPLES}.") from None
+  except Exception as e:
+    first = str(e).splitlines()[0]
+    if "INVALID_ARGUMENT" not in first:  # libtpu itself failed
+      raise UserError(f"The TPU compiler (libtpu) could not start ({first}): reinstall "
+                      f"'jax[tpu]=={jax.__version__}' and keep JAX_PLATFORMS=cpu.") from None
+    raise UserError(f"--target={name!r} is not a {gen} topology the TPU compiler knows ({first}): use a slice shape "
+                    f"such as {EXAMPLES}.") from None
   devices = list(desc.devices)
   return Target(name, chip, devices, len({d.process_index for d in devices}))
 
@@ -242,7 +248,7 @@ def needed_from_message(message: str) -> float | None:
 def fit_advice(c, tgt: Target) -> str:
   """The settings that lower a train step's memory per chip, those the config does not use already."""
   out = []
-  if not c.model.remat:
+  if not model_config(c).remat:  # the TPU's platform choice turns it on already
     out.append("config.model.remat=True")
   data_parallel = tgt.chips // max(1, c.mesh.tensor)
   if c.optim.batch_size % (2 * c.train.microbatches * data_parallel) == 0:
