@@ -95,42 +95,51 @@ def plain_report(v5e):
   return tc.compile_run(small(), v5e)
 
 
-def closed_form(c, rows: int, chips: int, train: bool = True) -> float:
+def closed_form(c, rows: int, chips: int, train: bool = True, remat: bool = False) -> float:
   """Model FLOPs per chip (decoder.flops_per_token: 6N + attention per trained token, a third of it for a forward
-  pass), and with remat (the TPU's choice) each block's forward once more: a third of the blocks' share."""
+  pass); `remat`: with each block's forward pass once more, the most remat can add (a third of the blocks')."""
   cfg = tc.model_config(c)
   per_token = decoder.flops_per_token(cfg)
   if not train:
     return per_token / 3 * rows * cfg.seq_len / chips
-  if cfg.remat:
+  if remat:
     per_token += (per_token - 6 * cfg.d_model * cfg.vocab_size) / 3
   return per_token * rows * cfg.seq_len / chips
+
+
+def check_train_flops(flops: float, c, rows: int, chips: int):
+  """Between the model's FLOPs and remat's most, within the tolerance (norms, softmax, GELU, Adam)."""
+  assert closed_form(c, rows, chips) <= flops <= (1 + FLOPS_TOLERANCE) * closed_form(c, rows, chips, remat=True)
 
 
 @needs_libtpu
 def test_plain_train_and_eval_flops_per_chip_equal_the_closed_form(plain_report):
   c, r = small(), plain_report
   assert set(r) == {"init", "train_step", "eval_step"} and all(p["fits"] for p in r.values())
-  ratio = r["train_step"]["flops"] / closed_form(c, 16, 4)
-  assert 1.0 <= ratio <= 1 + FLOPS_TOLERANCE
+  assert tc.model_config(c).remat  # the TPU's choice
+  check_train_flops(r["train_step"]["flops"], c, 16, 4)
   ratio = r["eval_step"]["flops"] / closed_form(c, 8, 4, train=False)
   assert 1.0 <= ratio <= 1 + FLOPS_TOLERANCE
   assert 0 < r["train_step"]["mfu"] < 1 and r["train_step"]["roofline_s"] > 0
 
 
 @needs_libtpu
-def test_loop_free_variants_count_what_the_unrolled_program_does(v5e, plain_report):
-  """The extrapolation from 1 and 2 unrolled layers equals the real program with all 3 unrolled; the scanned
-  program's own count is its body once, as the 1-layer variant's (so remat's recomputation is not merged away
-  in the unrolled variants either)."""
+def test_counted_trips_equal_the_unrolled_program(v5e, monkeypatch):
+  """Without remat (which XLA merges away once layers are unrolled), the cost counted from the loop's variants
+  equals the same step with every layer unrolled, a program without loops; the scanned program's own count is
+  far below it (its body once)."""
+  model_config = tc.model_config
+  monkeypatch.setattr(tc, "model_config", lambda c, platform="tpu": dataclasses.replace(model_config(c, platform),
+                                                                                        remat=False))
+  counted = tc.compile_run(small(), v5e)["train_step"]["flops"]
   c = small()
   c.model.scan_unroll = 3
   mesh = tc.make_mesh(c, v5e)
-  unrolled = tpu_cost.costs(tc.compile_program(tc.programs(c, mesh)["train_step"])[0])
-  assert plain_report["train_step"]["flops"] == pytest.approx(unrolled["flops"], rel=0.005)
-  scanned = tpu_cost.costs(tc.compile_program(tc.programs(small(), mesh)["train_step"])[0])
-  one_layer = tpu_cost.costs(tc.compile_program(tc.programs(tpu_cost.variant(small(), 1, 1), mesh)["train_step"])[0])
-  assert scanned["flops"] == pytest.approx(one_layer["flops"], rel=0.01)
+  unrolled = tpu_cost.costs(tc.compile_program(tc.programs(c, mesh)["train_step"])[0])["flops"]
+  assert counted == pytest.approx(unrolled, rel=0.03)
+  scanned = tpu_cost.costs(tc.compile_program(tc.programs(small(), mesh)["train_step"])[0])["flops"]
+  assert scanned < 0.6 * unrolled
+  check_train_flops(counted, small(), 16, 4)
 
 
 @needs_libtpu
@@ -144,7 +153,8 @@ def test_memory_grows_with_batch_as_the_closed_form_says(v5e):
     prog = tc.programs(c, mesh)["train_step"]
     hbm[B] = tc.hbm_bytes(tc.compile_program(prog)[0])
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(prog.args[0]))
-    assert hbm[B]["arguments"] == state_bytes + B // 4 * 64 * 4
+    # the compiler pads small arrays to its tiles: within 1%
+    assert 1 <= hbm[B]["arguments"] / (state_bytes + B // 4 * 64 * 4) < 1.01
   t = {B: h["temporaries"] for B, h in hbm.items()}
   assert t[64] - t[32] == pytest.approx(2 * (t[32] - t[16]), rel=0.1)
   assert (t[32] - t[16]) / 4 >= 64 * 512 * 4  # per extra row on a chip: at least its logits [T, V] fp32
@@ -160,8 +170,7 @@ def test_kl_finetune_with_microbatches_on_a_multi_host_slice():
   assert all(p["fits"] for p in r.values())
   # kl trains on B downstream + B replay rows; the teacher's logits were kept from sampling (no frozen forward)
   assert config_lib.replay_teacher(c, 16) == "sampled"
-  ratio = r["train_step"]["flops"] / closed_form(c, 64, 16)
-  assert 1.0 <= ratio <= 1 + FLOPS_TOLERANCE
+  check_train_flops(r["train_step"]["flops"], c, 64, 16)
   # the sampler: 64 rows, prefill + 62 decode steps, each a forward pass of one token per row
   assert r["sampler"]["flops"] >= closed_form(c, 64, 16, train=False) * 62 / 64
 

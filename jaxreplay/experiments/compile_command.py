@@ -64,8 +64,8 @@ def main(argv: list[str]) -> int:
   c, topology, out = parse(argv)
   tgt = tpu_compile.target(topology)
   report = tpu_compile.compile_run(c, tgt, log=lambda line: print(line, file=sys.stderr))
-  print(f"{topology}: {tgt.chips} {tgt.chip.name} chips on {tgt.hosts} host(s); FLOPs and bytes per chip counted "
-        "from loop-free variants (layers 1 and 2 unrolled, extrapolated to the run's layers and microbatches)")
+  print(f"{topology}: {tgt.chips} {tgt.chip.name} chips on {tgt.hosts} host(s); FLOPs and bytes per chip with every "
+        "loop trip counted (variants of 1 and 2 layers per trip, 1 and 2 microbatches' rows, extrapolated)")
   print(table(report))
   write_json(out, dict(target=topology, chips=tgt.chips, hosts=tgt.hosts, chip=vars(tgt.chip), programs=report),
              sort_keys=True)

@@ -5,9 +5,10 @@ a slice; the run's own mesh over them and `jit(...).lower(ShapeDtypeStructs).com
 compiler. `memory_analysis()` gives bytes per chip; `cost_analysis()` FLOPs and bytes accessed per chip.
 
 The compiler's cost analysis counts a loop's body once: the layers' scan, the microbatches' scan and the
-sampler's decode loop. So the cost comes from loop-free programs beside the real one (`analysis.py`): the same
-program with 1 and 2 layers unrolled, extrapolated linearly to L layers (and to m microbatches), and the sampler
-as its prefill plus (T − 2) decode steps. Unrolling every layer would be exact too, but compiles ~10× slower.
+sampler's decode loop. So the cost comes from variants beside the real program (`tpu_cost.py`): 1 and 2 layers
+per trip of the layer loop, 1 and 2 chunks of rows, extrapolated to L layers and m microbatches, and the sampler
+as its prefill plus (T − 2) decode steps. Unrolling every layer instead compiles ~10× slower, and lets XLA merge
+remat's recomputation away, so it would count a program the run does not execute.
 """
 
 from __future__ import annotations
@@ -277,12 +278,13 @@ def compile_run(c, tgt: Target, log=lambda line: None) -> dict:
   mesh = make_mesh(c, tgt)
   check_batch(c, mesh)
   progs = programs(c, mesh)
-  report, too_big = {}, []
+  report, too_big, real = {}, [], {}
   for name, prog in progs.items():
     compiled, seconds = compile_program(prog)
     if compiled is None:
       too_big.append((name, needed_from_message(seconds)))
       continue
+    real[name] = tpu_cost.costs(compiled)
     hbm = hbm_bytes(compiled)
     report[name] = dict(hbm=hbm, hbm_per_chip=hbm["total"], chip_hbm=tgt.chip.hbm_bytes, compile_s=seconds,
                         fits=hbm["total"] <= tgt.chip.hbm_bytes, tokens=prog.tokens, model_flops=prog.model_flops)
@@ -293,7 +295,7 @@ def compile_run(c, tgt: Target, log=lambda line: None) -> dict:
     name, needed = too_big[0]
     raise does_not_fit(name.replace("_", " "), needed, tgt, c)
   names = [n for n in COST_PROGRAMS if n in progs]
-  for name, cost in tpu_cost.program_costs(c, mesh, programs, compile_program, names).items():
+  for name, cost in tpu_cost.program_costs(c, mesh, programs, compile_program, names, real).items():
     prog = progs[name]
     report[name].update(tpu_cost.summary(tgt.chip, cost, prog.tokens, prog.model_flops, tgt.chips))
   return report

@@ -1,14 +1,16 @@
 """FLOPs and bytes per chip of a run's programs, with no loop hiding its trips, and what they imply on a chip.
 
 XLA's cost analysis counts a while loop's body once. A run's programs loop over layers (nn.scan), microbatches
-(lax.scan) and decode positions (the sampler). So the cost is read from loop-free variants of each program,
-compiled for the same mesh: the model with 1 and 2 layers, unrolled, and one microbatch of 1 and 2 chunks' rows.
-Cost is linear in the layers l and (for the train step) bilinear in l and the chunks k, so
-  cost(L, m) = f(1,1) + (L−1)·Δl + (m−1)·Δk + (L−1)(m−1)·Δlk
-with Δl = f(2,1) − f(1,1), Δk = f(1,2) − f(1,1), Δlk = f(2,2) − f(2,1) − f(1,2) + f(1,1): exact when every layer
-costs the same and the optimizer's update runs once per step. The sampler costs its prefill plus T − 2 decode
-steps (positions 2 … T−1; the prefill picks position 1). Compiling the 2-layer variants takes seconds where
-unrolling all L layers of the real program takes minutes.
+(lax.scan) and decode positions (the sampler). So the cost comes from variants of each program, compiled for the
+same mesh, that differ in what one trip holds: the layer scan with 1 and 2 layers per trip (`scan_unroll`), and
+one microbatch of 1 and 2 chunks' rows. f(u, k) − f(1, k) is then one layer's cost, f(u, 2) − f(u, 1) one
+chunk's gradient, and
+  cost(L, m) = f(1,1) + (L−1)·Δu + (m−1)·Δk + (L−1)(m−1)·Δuk
+with Δu = f(2,1) − f(1,1), Δk = f(1,2) − f(1,1), Δuk = f(2,2) − f(2,1) − f(1,2) + f(1,1): exact when every layer
+costs the same and the optimizer's update runs once per step. The layers stay in a loop of ≥ 2 trips (an odd L
+is measured at L + 1 layers, and L = 2 at 4: the per-layer cost is the same): fully unrolled, XLA would merge remat's
+recomputed forward pass with the original one, and count a program the run does not execute. The sampler costs
+its prefill plus T − 2 decode steps (positions 2 … T−1; the prefill picks position 1).
 """
 
 from __future__ import annotations
@@ -25,11 +27,18 @@ def costs(compiled) -> dict:
   return {k: float(ca.get(k, 0.0)) for k in COST_KEYS}
 
 
-def variant(c, layers: int, chunks: int):
-  """The config with `layers` unrolled layers and one microbatch of `chunks` × the step's microbatch rows."""
+def even_layers(L: int) -> int:
+  """The layers of the variants: a loop of at least 2 trips of 2 layers (1 stays 1: nothing to extrapolate)."""
+  return 1 if L == 1 else max(4, L + L % 2)
+
+
+def variant(c, unroll: int, chunks: int):
+  """The config with `unroll` layers per scan trip (the layers made even) and one microbatch of `chunks` × the
+  step's microbatch rows."""
   v = c.copy_and_resolve_references()
-  m = c.train.microbatches
-  v.model.n_layers, v.model.scan_unroll = layers, layers
+  m, L = c.train.microbatches, c.model.n_layers
+  v.model.n_layers = even_layers(L)
+  v.model.scan_unroll = unroll
   v.train.microbatches = 1
   v.optim.batch_size = c.optim.batch_size // m * chunks
   if c.replay.batch_size:
@@ -41,35 +50,47 @@ def variant(c, layers: int, chunks: int):
 
 
 def extrapolate(f: dict, L: int, m: int) -> dict:
-  """cost(L, m) from f[(l, k)] for l, k in {1, 2} (k = 2 only when m > 1)."""
+  """cost(L, m) from f[(u, k)] for u, k in {1, 2} (u = 2 only when L > 1, k = 2 only when m > 1)."""
   out = {}
   for key in COST_KEYS:
-    f11, f21 = f[1, 1][key], f[2, 1][key]
+    f11 = f[1, 1][key]
+    f21 = f[2, 1][key] if L > 1 else f11
     value = f11 + (L - 1) * (f21 - f11)
     if m > 1:
-      f12, f22 = f[1, 2][key], f[2, 2][key]
+      f12 = f[1, 2][key]
+      f22 = f[2, 2][key] if L > 1 else f12
       value += (m - 1) * (f12 - f11) + (L - 1) * (m - 1) * (f22 - f21 - f12 + f11)
     out[key] = value
   return out
 
 
-def program_costs(c, mesh, programs_fn, compile_fn, names) -> dict[str, dict]:
-  """{program: {flops, bytes accessed}} per chip for the programs `names` of the run `c`, from loop-free variants.
+def program_costs(c, mesh, programs_fn, compile_fn, names, real: dict | None = None) -> dict[str, dict]:
+  """{program: {flops, bytes accessed}} per chip for the programs `names` of the run `c`, from its variants.
 
-  `programs_fn(config, mesh)` builds a config's programs, `compile_fn(program)` compiles one (None if it runs out
-  of memory: a variant holds no more than the real program, so that does not happen for one that fits)."""
+  `programs_fn(config, mesh)` builds a config's programs, `compile_fn(program)` compiles one. `real`: the costs of
+  the run's own compiled programs, which stand for the variant (1, 1) where they are the same program."""
   L, m = c.model.n_layers, c.train.microbatches
+  unrolls = (1, 2) if L > 1 else (1,)
   # The train step at 1 and 2 chunks of a microbatch's rows; the other programs at the whole batch (k = m).
-  wanted = {(l, k): ["train_step"] for l in (1, 2) for k in ((1, 2) if m > 1 else (1,))}
-  for l in (1, 2):
-    wanted.setdefault((l, m), []).extend(n for n in names if n != "train_step")
+  wanted = {(u, k): ["train_step"] for u in unrolls for k in ((1, 2) if m > 1 else (1,))}
+  for u in unrolls:
+    wanted.setdefault((u, m), []).extend(n for n in names if n != "train_step")
+  same = even_layers(L) == L and c.model.scan_unroll in (0, 1)  # variant (1, ·) is the real layer loop
   measured = {}
-  for (l, k), which in sorted(wanted.items()):
-    progs = programs_fn(variant(c, l, k), mesh)
+  for (u, k), which in sorted(wanted.items()):
+    point = lambda name: (u, 1 if name != "train_step" else k)
+    if u == 1 and same and real:
+      for name in which:
+        if name in real and (name != "train_step" or m == 1):
+          measured.setdefault(name, {})[point(name)] = real[name]
+      which = [n for n in which if point(n) not in measured.get(n, {})]
+    if not which:
+      continue
+    progs = programs_fn(variant(c, u, k), mesh)
     for name in which:
       if name in progs:
         compiled, _ = compile_fn(progs[name])
-        measured.setdefault(name, {})[l, 1 if name != "train_step" else k] = costs(compiled)
+        measured.setdefault(name, {})[point(name)] = costs(compiled)
   out = {}
   for name, f in measured.items():
     out[name] = extrapolate(f, L, m if name == "train_step" else 1)
