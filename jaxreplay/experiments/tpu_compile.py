@@ -151,10 +151,9 @@ def programs(c, mesh) -> dict[str, Program]:
   div = sharding.batch_divisor(mesh)
   teacher = needs_rows and config_lib.replay_teacher(c, div) == "sampled"
   replay = dataclasses.make_dataclass("Replay", [("sampled_teacher", bool)])(teacher) if needs_rows else None
-  stage = types.SimpleNamespace(model_cfg=model_cfg, mesh=mesh, total_steps=1000)
-  t = types.SimpleNamespace(stage=stage, c=c, frozen=frozen, merge_fn=merge_fn, replay=replay, param_sh=param_sh,
-                            state_sh=state_sh, optimizer=opt)
-  loop.compile_steps(t)  # the loop's own train and eval steps
+  stage = types.SimpleNamespace(c=c, model_cfg=model_cfg, mesh=mesh, total_steps=1000)
+  # the loop's own train and eval steps
+  train_step, eval_fn, _ = loop.compile_steps(stage, opt, state_sh, param_sh, frozen, merge_fn, replay)
 
   R = c.replay.batch_size or B
   per_token = decoder.flops_per_token(model_cfg)
@@ -167,12 +166,12 @@ def programs(c, mesh) -> dict[str, Program]:
   trained = B + (R if method in ("kl", "ntp") else 0)
   forward_only = (R if method == "kl" and not teacher else 0) + (B if method == "kl_downstream" else 0)
   out = {"init": Program("init", jax.jit(init_fn, out_shardings=state_sh), (key, frozen), 0, 0.0)}
-  out["train_step"] = Program("train_step", t.train_step, (state, frozen, batch, replay_rows, teacher_rows), B * T,
+  out["train_step"] = Program("train_step", train_step, (state, frozen, batch, replay_rows, teacher_rows), B * T,
                               per_token * (trained + forward_only / 3) * T)
   EB = -(-c.eval.batch_size // div) * div
   params = _abstract(abstract_params, param_sh)
   kl = frozen is not None
-  out["eval_step"] = Program("eval_step", t.eval_fn, (params, frozen, _rows(mesh, EB, T)), EB * T,
+  out["eval_step"] = Program("eval_step", eval_fn, (params, frozen, _rows(mesh, EB, T)), EB * T,
                              per_token / 3 * EB * T * (2 if kl else 1))
   if method in ("kl", "ntp", "replace") and c.replay.source == "self":
     out.update(sampler_programs(c, model_cfg, mesh, frozen, R * c.replay.buffer, teacher))
