@@ -17,7 +17,7 @@ from absl import logging
 
 from jaxreplay.data import commands as data_commands
 from jaxreplay.errors import UsageError, UserError
-from jaxreplay.experiments import lm_eval_run, quickstart, report, resolve, runner
+from jaxreplay.experiments import compile_command, lm_eval_run, quickstart, report, resolve, runner
 from jaxreplay.train import loop as training
 
 USAGE = """usage: jaxreplay COMMAND [flags]
@@ -32,6 +32,7 @@ commands:
   eval         lm-evaluation-harness tasks on a run: --workdir=RUN --tasks=a,b [--limit=N] (jaxreplay eval --help)
   instruct     finetune with --config=sweeps/instruct.py[:ARG] (a Hugging Face Llama/Qwen on chat data with
                BOS-prompted replay); a grid of them: jaxreplay sweep sweeps/instruct.py[:small] --workdir=DIR
+  compile      every program of a run compiled for a TPU slice, no TPU needed: the run's flags + --target=v5e:2x2
 """
 
 
@@ -84,7 +85,8 @@ MAINS = {"pretrain": functools.partial(train_command, "pretrain"),
          "data": data_commands.main, "sweep": runner.main, "report": report.main,
          "quickstart": quickstart.main, "eval": lm_eval_run.main,
          "instruct": functools.partial(train_command, "finetune",
-                                       default_config=os.path.join(resolve.SWEEPS_DIR, "instruct.py"))}
+                                       default_config=os.path.join(resolve.SWEEPS_DIR, "instruct.py")),
+         "compile": compile_command.main}
 
 
 def main(argv=None):

@@ -9,8 +9,11 @@
   The decoder uses cuDNN only where it applies (`cudnn_applies`) and XLA's implementation otherwise.
 - `cache_layout`: the sampler's KV cache, "heads_minor" on CPU (docs/performance.md), the decoder's own
   "general" [L, B, S, K, H] cache elsewhere.
-- `remat`: off everywhere: the paper's sizes fit in memory without it, and it costs one more forward pass.
-  `config.model.remat=True` still turns it on.
+- `remat`: on for TPU, off elsewhere (`config.model.remat=True` turns it on anywhere). Compiled for a v5e:2x2
+  (`jaxreplay compile`, docs/performance.md), the paper's 205M model at the paper's batch (256 × 256) needs 29.45
+  GiB of temporaries per chip without it, and a v5e has 16 GB; with each layer rematerialised it fits. It costs one
+  more forward pass (8/6 of the model's FLOPs, within the 1.4× budget of issue 28), and the small models, which
+  fit either way, are bound by HBM traffic on TPU, not by FLOPs. On CPU and GPU the paper's sizes fit without it.
 - `sampler_compiler_options`: XLA options of the sampler's program (YNNPACK fusions off on CPU).
 - `loop_pack_members`: a pack's step (train/pack_step.py) loops over its members on CPU (lax.map), where a
   batched matrix product of many small members is slower than their own products one after another (8 D=64
@@ -53,7 +56,7 @@ def choices(platform: str) -> Choices:
     return Choices("cpu", compute_dtype="float32", unroll_layers=True, attention="einsum", cache_layout="heads_minor",
                    loop_pack_members=True)
   return Choices(platform, compute_dtype="bfloat16", unroll_layers=False,
-                 attention="cudnn" if platform == "gpu" else "xla", cache_layout="general")
+                 attention="cudnn" if platform == "gpu" else "xla", cache_layout="general", remat=platform == "tpu")
 
 
 def cudnn_applies(dtype, head_dim: int) -> bool:

@@ -39,6 +39,10 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   shape = tuple(sizes[a] for a in AXES)
   # Auto axes: XLA's partitioner propagates shardings from the parameters and batch we place explicitly.
   auto = (jax.sharding.AxisType.Auto,) * len(AXES)
+  if any(getattr(d, "core_on_chip", 0) for d in devices):
+    # One device per TensorCore (v4/v5p outside megacore): jax.make_mesh's topology-aware order wants one device
+    # per chip, so the devices keep their listed order, which places a chip's cores side by side.
+    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)
   return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
 
 

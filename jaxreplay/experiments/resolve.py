@@ -167,11 +167,12 @@ def _resolve_paths(c, cache_dir, check: bool):
     c[group][leaf] = path
 
 
-def run_config(experiment, workdir: str, overrides: dict | None = None, cache_dir: str | None = None,
+def run_config(experiment, workdir: str | None, overrides: dict | None = None, cache_dir: str | None = None,
                stage: str | None = None, init_from: str | None = None, planning: bool = False):
   """The validated config of the run in `workdir`: `experiment` is FILE.py[:ARG] or a config (a sweep's run,
   copied); `overrides` {KEY: text}; `stage` and `init_from` (a workdir) set those keys. `planning` (a sweep's
-  plan, made before its parents trained) keeps the shape the sweep's expansion took and checks no directory."""
+  plan, made before its parents trained) keeps the shape the sweep's expansion took and checks no directory. No
+  `workdir` (`jaxreplay compile`): shapes only, data paths left as given."""
   if isinstance(experiment, str):
     c = experiment_config(experiment)
   else:
@@ -186,6 +187,8 @@ def run_config(experiment, workdir: str, overrides: dict | None = None, cache_di
   if c.init["from"] and not planning:
     take_parent_shape(c, export_lib.exported_config(c.init["from"]),
                       [k[len("model."):] for k in overrides or {} if k.startswith("model.")])
+  if workdir is None:
+    return c
   _resolve_paths(c, cache_dir, check=not planning)
   if not planning:
     config_lib.check_workdir(c, workdir)
