@@ -34,39 +34,43 @@ PACK_SCRIPT = textwrap.dedent("""
   from helpers import tiny_config
   from jaxreplay.train import pack, pack_step
   spec = json.loads(sys.argv[2])
-  if spec["one_device"]:
-    pack_step.runs_mesh = lambda n: None
   assert len(jax.devices()) == 4, jax.devices()
-  configs = []
-  for m in spec["members"]:
-    c = tiny_config(spec["data"], steps=m["steps"])
-    c.seed, c.optim.lr = m["seed"], m["lr"]
-    configs.append(c)
-  p = pack.Pack(configs, spec["dirs"], spec["pack_dir"])
-  p.setup()
-  seen = []
-  step = p.train_step
-  def recorded(*args):
-    out = step(*args)
-    seen.append([(x.sharding.mesh.shape_tuple, x.sharding.spec) for x in jax.tree.leaves(out)])
-    return out
-  recorded._cache_size = step._cache_size
-  p.train_step = recorded
-  results = p.train()
-  runs = (("runs", spec["runs"]),)
-  ok = all(mesh == runs and tuple(s)[:1] == ("runs",) for leaves in seen for mesh, s in leaves)
-  print(json.dumps(dict(results=results, sharded=ok, steps=len(seen), compiles=step._cache_size())))
+
+  def train(suffix):  # the pack, with its step recorded
+    configs = []
+    for m in spec["members"]:
+      c = tiny_config(spec["data"], steps=m["steps"])
+      c.seed, c.optim.lr = m["seed"], m["lr"]
+      configs.append(c)
+    p = pack.Pack(configs, [d + suffix for d in spec["dirs"]], spec["pack_dir"] + suffix)
+    p.setup()
+    seen, step = [], p.train_step
+    def recorded(*args):
+      out = step(*args)
+      seen.append([(x.sharding.mesh.shape_tuple, tuple(x.sharding.spec)[:1]) for x in jax.tree.leaves(out)])
+      return out
+    recorded._cache_size = step._cache_size
+    p.train_step = recorded
+    results = p.train()
+    ok = all(mesh == (("runs", 4),) and s == ("runs",) for leaves in seen for mesh, s in leaves)
+    return dict(results=results, sharded=ok, steps=len(seen), compiles=step._cache_size(),
+                dirs=[d + suffix for d in spec["dirs"]])
+
+  sharded = train("")
+  sizes = {n: dict(pack_step.runs_mesh(n).shape) for n in (2, 6, 8)}  # the most devices that share n evenly
+  pack_step.runs_mesh = lambda n: None  # the pack on one device, as before
+  print(json.dumps([sharded, train("_one"), sizes]))
 """)
 
 
-def run_pack_on_4_devices(spec, one_device=False) -> dict:
-  spec = dict(spec, one_device=one_device, dirs=[d + ("_one" if one_device else "") for d in spec["dirs"]],
-              pack_dir=spec["pack_dir"] + ("_one" if one_device else ""))
+def run_packs_on_4_devices(spec) -> list:
+  """[the pack sharded over `runs`, the pack on one device], trained in one process of 4 CPU devices, and the
+  runs mesh's size for packs of 2, 6 and 8 there."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", PACK_SCRIPT, TESTS, json.dumps(spec)], env=env, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  return dict(json.loads(out.stdout.strip().splitlines()[-1]), dirs=spec["dirs"])
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def metrics(workdir):
@@ -77,11 +81,12 @@ def metrics(workdir):
 
 def test_pack_sharded_over_runs_mesh_equals_one_device_pack_and_lone_runs(tmp_path):
   data = two_datasets(tmp_path / "data")
-  members = [dict(seed=s, lr=lr, steps=n) for s, lr, n in ((0, 1e-2, 6), (1, 3e-3, 4), (2, 1e-2, 6), (3, 5e-3, 5))]
+  members = [dict(seed=s, lr=lr, steps=n) for s, lr, n in ((0, 1e-2, 5), (1, 3e-3, 3), (2, 1e-2, 5), (3, 5e-3, 4))]
   spec = dict(data=str(data["a"]), members=members, runs=4, dirs=[str(tmp_path / f"member{k}") for k in range(4)],
               pack_dir=str(tmp_path / "pack"))
-  got, one = run_pack_on_4_devices(spec), run_pack_on_4_devices(spec, one_device=True)
-  assert got["sharded"] and got["steps"] == 6 and got["compiles"] == 1  # every step's outputs over `runs`
+  got, one, sizes = run_packs_on_4_devices(spec)
+  assert sizes == {"2": {"runs": 2}, "6": {"runs": 3}, "8": {"runs": 4}}
+  assert got["sharded"] and got["steps"] == 5 and got["compiles"] == 1  # every step's outputs over `runs`
   assert not one["sharded"]  # the one-device pack's are not: the comparison is against the path of today
   for k, m in enumerate(members):
     c = tiny_config(str(data["a"]), steps=m["steps"])
@@ -106,4 +111,4 @@ def test_pack_sharded_over_runs_mesh_equals_one_device_pack_and_lone_runs(tmp_pa
 def test_runs_mesh_takes_the_most_devices_that_share_the_members_evenly():
   devices = [object()] * 8  # only counted: a mesh is built where more than one device is taken
   assert pack_step.runs_mesh(1, devices[:1]) is None and pack_step.runs_mesh(7, devices[:4]) is None
-  assert pack_step.runs_mesh(3, devices[:1]) is None
+  assert pack_step.runs_mesh(3, devices[:1]) is None and pack_step.runs_mesh(5, devices[:4]) is None
