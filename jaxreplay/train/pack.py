@@ -77,7 +77,7 @@ class Pack:
   def _restore_member(self, k: int):
     def restore(fresh):
       if self.restored is None:
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # a pack trains on one device
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # _stack places it on the runs mesh, if any
         like = jax.tree.map(lambda x: jax.ShapeDtypeStruct((self.K, *x.shape), x.dtype, sharding=one), fresh)
         self.restored = self.checkpointer.restore_latest(like) or False
       if not self.restored:

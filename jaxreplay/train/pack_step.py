@@ -109,8 +109,8 @@ def put(tree, mesh, axis):
 
 def stack(trees):
   """The trees' leaves stacked on a new leading axis, on the host (jnp.stack would compile once per leaf shape);
-  leaves on a mesh stay on it, replicated (a pack trains on one device), as the packed step returns them, so
-  its second call does not compile again."""
+  leaves on a mesh stay on it, replicated, as the one-device packed step returns them, so its second call does
+  not compile again (with a runs mesh the pack puts them on it: put)."""
   def one(*xs):
     out = np.stack([np.asarray(x) for x in xs])
     sh = getattr(xs[0], "sharding", None)
