@@ -9,6 +9,8 @@ pack resumes every member from the same step.
 Members set up with one `loaded` dict load each frozen model (init.from) and replay stream once.
 Programs are compiled once per pack, not per member (loop.shared), and members that start equal share their
 step-0 evaluation.
+Where this process has several devices, the stacked axis is sharded over a `runs` mesh of the most of them that
+divide the members evenly (pack_step.runs_mesh): each device trains its own members; with one, nothing changes.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class Pack:
   def _restore_member(self, k: int):
     def restore(fresh):
       if self.restored is None:
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # a pack trains on one device
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # _stack places it on the runs mesh, if any
         like = jax.tree.map(lambda x: jax.ShapeDtypeStruct((self.K, *x.shape), x.dtype, sharding=one), fresh)
         self.restored = self.checkpointer.restore_latest(like) or False
       if not self.restored:
@@ -156,6 +158,11 @@ class Pack:
     self.lr_KS = jnp.asarray(np.stack([pack_step.lr_table(placeholder(k).c, placeholder(k).stage.total_steps,
                                                           self.length) for k in range(self.K)]))
     self.trainers_sh = [placeholder(k).state_sh for k in range(self.K)]
+    self.mesh = pack_step.runs_mesh(self.K)
+    if self.mesh is not None:  # each member's state, values and frozen model (its own, or all's) on its device(s)
+      self.state, self.hparams, self.lr_KS = (pack_step.put(x, self.mesh, 0)
+                                              for x in (self.state, self.hparams, self.lr_KS))
+      self.frozen = pack_step.put(self.frozen, self.mesh, self.frozen_axis)
     self.views = {k: LazyMember(self, k) for k in states}  # what each member's after_step gets as its state
 
   def _compile(self, live):
@@ -168,7 +175,8 @@ class Pack:
     loop_members = platform_lib.choices(jax.default_backend()).loop_pack_members
     step = pack_step.make_packed_step(objective, optim.adam_kind(c0), float(c0.optim.grad_clip),
                                       frozen_axis=self.frozen_axis, replay_axis=self.replay_axis,
-                                      traced_coeff=traced, loop_members=loop_members, teacher_fn=teacher_fn)
+                                      traced_coeff=traced, loop_members=loop_members, teacher_fn=teacher_fn,
+                                      mesh=self.mesh)
     self.train_step = jax.jit(step, donate_argnums=(0,))
 
   # ----------------------------------------------------------------------------------------------- steps
@@ -180,9 +188,15 @@ class Pack:
     pick = [i or first for i in inputs]  # a stopped member's rows are any (its step is masked)
     batch = jnp.asarray(np.stack([np.asarray(p[0]) for p in pick]))
     if first[1] is None or self.replay_axis is None:
-      return batch, first[1], first[2]
+      return self._put((batch, 0), (first[1], None), (first[2], None))
     teacher = jnp.stack([p[2] for p in pick]) if self.sampled_teacher else None
-    return batch, jnp.stack([p[1] for p in pick]), teacher
+    return self._put((batch, 0), (jnp.stack([p[1] for p in pick]), 0), (teacher, 0))
+
+  def _put(self, *values_axes):
+    """The step's inputs as they are on one device, or on the runs mesh (stacked ones sharded, shared ones not)."""
+    if self.mesh is None:
+      return tuple(v for v, _ in values_axes)
+    return tuple(pack_step.put(v, self.mesh, axis) for v, axis in values_axes)
 
   def _extra(self) -> dict:
     for k, t in enumerate(self.trainers):
@@ -217,7 +231,7 @@ class Pack:
     with preemption_lib.Preemption() as preemption:
       while any(t is not None for t in self.trainers):
         batch, rows, teacher = self._inputs()
-        active = jnp.asarray([t is not None for t in self.trainers])
+        (active,) = self._put((jnp.asarray([t is not None for t in self.trainers]), 0))
         self.state, aux = self.train_step(self.state, self.hparams, self.lr_KS, active, self.frozen, batch, rows,
                                           teacher)
         self.step += 1

@@ -5,6 +5,8 @@ Values that differ between members enter the step as arrays ([K] hyperparameters
 rates), so one compiled program serves every member. Each member's update is the lone run's chain,
 optim.adamw, built from that member's values (optim.hyperparams rounded to float32, as a lone run's Python
 floats are), so a member's arithmetic and optimizer state are the lone run's.
+With a `runs` mesh (runs_mesh) the stacked axis is sharded over its devices: each device steps its own members
+(shard_map), looped or vmapped as on one device, so a member's arithmetic is the one-device pack's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxreplay.train import optim
 from jaxreplay.train.optim import adam_kind  # noqa: F401 (experiments.packing's name)
@@ -33,7 +36,7 @@ def lr_table(c, total_steps: int, length: int) -> np.ndarray:
 
 
 def make_packed_step(objective, kind: tuple, grad_clip: float, *, frozen_axis, replay_axis, traced_coeff: bool,
-                     loop_members: bool = False, teacher_fn=None):
+                     loop_members: bool = False, teacher_fn=None, mesh=None):
   """step(states, hparams, lr_KS, active_K, frozen, batch_KBT, replay, teacher) -> (states, aux [K]).
 
   frozen_axis / replay_axis: 0 when members have their own frozen model / replay rows, None when shared. When
@@ -46,6 +49,7 @@ def make_packed_step(objective, kind: tuple, grad_clip: float, *, frozen_axis, r
   traced_coeff: the members' replay coefficients differ, so each gets its own from hparams; when they are all
   equal the objective's own constant is used, which XLA folds into the loss's scale factors as a lone run's
   is (a traced one rounds differently, by about one float32 ulp of the regulariser's gradient).
+  mesh: a `runs` mesh (runs_mesh) whose devices share the members out, or None (one device).
   """
 
   def member(state, hp, lr_S, active, frozen, batch_BT, replay_BT, teacher_BTV):
@@ -76,13 +80,37 @@ def make_packed_step(objective, kind: tuple, grad_clip: float, *, frozen_axis, r
 
     return jax.lax.map(one, per_member)
 
-  return step
+  if mesh is None:
+    return step
+  spec = lambda axis: P(RUNS) if axis == 0 else P()
+  in_specs = (P(RUNS),) * 4 + (spec(frozen_axis), P(RUNS), spec(replay_axis), spec(replay_axis))
+  return jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=(P(RUNS), P(RUNS)), check_vma=False)
+
+
+RUNS = "runs"
+
+
+def runs_mesh(n_members: int, devices=None):
+  """A 1-D `runs` mesh over as many of this process's devices as evenly share n_members (the most that divide
+  it), or None where that is one device (the pack trains on one device) or the pack spans several processes."""
+  devices = jax.local_devices() if devices is None else devices
+  if jax.process_count() > 1:
+    return None
+  n = max(d for d in range(1, len(devices) + 1) if n_members % d == 0)
+  return None if n == 1 else jax.make_mesh((n,), (RUNS,), axis_types=(jax.sharding.AxisType.Auto,),
+                                           devices=devices[:n])
+
+
+def put(tree, mesh, axis):
+  """A stacked tree (axis 0) sharded over the runs mesh, or a shared one (axis None) replicated on it."""
+  sh = NamedSharding(mesh, P(RUNS) if axis == 0 else P())
+  return jax.tree.map(lambda x: jax.device_put(x, sh), tree)
 
 
 def stack(trees):
   """The trees' leaves stacked on a new leading axis, on the host (jnp.stack would compile once per leaf shape);
-  leaves on a mesh stay on it, replicated (a pack trains on one device), as the packed step returns them, so
-  its second call does not compile again."""
+  leaves on a mesh stay on it, replicated, as the one-device packed step returns them, so its second call does
+  not compile again (with a runs mesh the pack puts them on it: put)."""
   def one(*xs):
     out = np.stack([np.asarray(x) for x in xs])
     sh = getattr(xs[0], "sharding", None)
