@@ -14,7 +14,7 @@ from gcs_server import gcs_bucket, gcs_server  # noqa: F401  (pytest fixtures)
 from jaxreplay import io, rundir
 from jaxreplay.experiments import report, sweepdir
 from jaxreplay.experiments.sweeps import Run
-from test_report import add_run, en_es  # noqa: F401  (en_es: a fixture)
+from test_report import en_es  # noqa: F401  (a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
