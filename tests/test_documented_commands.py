@@ -51,6 +51,8 @@ FINETUNE = (".venv/bin/jaxreplay finetune --config=sweeps/quickstart.py:finetune
             "--workdir=runs/es_kl")
 SWEEP_RUN = "jaxreplay sweep FILE --workdir=DIR --jobs=N"
 TPU_WATCH = "python launch/tpu.py watch --mode=multihost ..."
+TPU_BUCKET = ("python launch/tpu.py watch --mode=hosts --jobs=1 --name=sweep --zone=us-central2-b --accelerator=v4-32 "
+              "--package='jaxreplay[gcs]' --sweep=sweeps/pretrain_length.py:small --workdir=gs://BUCKET/runs/tpp")
 SWEEP_SUBS = {"FILE": "tiny_sweep.py", "DIR": "w", "N": "2", "NAME": "pretrain/seed=0"}
 
 HOW = {
@@ -76,6 +78,9 @@ HOW = {
     "python launch/tpu.py watch --mode=hosts --jobs=N ...": How("tpu", subs={"N": "2", "...": [
         "--name=sw", "--zone=z", "--sweep=tiny_sweep.py", "--workdir=/mnt/w", "--package=jaxreplay", "--poll_s=0",
         "--down_when_done"]}),
+    # The pod recipe with a bucket (launch/README.md), against a fake gcloud: what each worker is told to run.
+    TPU_BUCKET: How("tpu_bucket", subs={"--accelerator=v4-32": ["--accelerator=v4-32", "--poll_s=0",
+                                                                "--down_when_done"]}),
     # Too long for CI at the documented size: what they would run, listed (`--dry-run`), or their `--help`.
     ".venv/bin/jaxreplay sweep sweeps/pretrain_length.py:small --workdir=runs/tpp --jobs=2": How("dry_run"),
     "jaxreplay --help": How("help"),
@@ -88,7 +93,7 @@ HOW = {
                                                                             config={"stop.steps": 2}),
     "jaxreplay sweep sweeps/instruct.py:small --workdir=runs/instruct": How("instruct"),
     # Extras to install: they must exist in pyproject.toml.
-    "pip install -e '.[eval]'": How("extra"), "pip install jaxreplay[ray]": How("extra"),
+    "pip install -e '.[eval]'": How("extra"), "pip install 'jaxreplay[gcs]'": How("extra"), "pip install jaxreplay[ray]": How("extra"),
     # Mentions of a command that another row runs.
     "jaxreplay finetune": How("same", same=FINETUNE),
     "jaxreplay data": How("same", same="jaxreplay data tokenize ..."),
@@ -322,10 +327,24 @@ def test_tpu_watch_modes(workspace):
   (workspace / "tiny_sweep.py").write_text("")
   for command, want in zip(commands("tpu"), ("--multihost", "--jobs=2"), strict=True):
     (workspace / want).mkdir()
-    env, log, _ = fake_bin(workspace / want, "gcloud", FAKE_GCLOUD)
+    env, log, state = fake_bin(workspace / want, "gcloud", FAKE_GCLOUD)
+    state.write_text(json.dumps(dict(qr="", node="", status=["0 done of 3 runs", "3 done of 3 runs"])))
     out = run(command, workspace, env_for(workspace, **{k: env[k] for k in ("PATH", "FAKE_LOG", "FAKE_STATE")}))
     ssh = [c for c in calls(log) if c[2:4] == ["tpu-vm", "ssh"] and "--worker=all" in c]
     assert "finished" in out and any(f"sweep tiny_sweep.py --workdir=/mnt/w {want}" in c[6] for c in ssh), calls(log)
+
+
+def test_tpu_pod_with_a_bucket(workspace):
+  """The bucket recipe against a fake gcloud: every worker installs the gcs extra, mounts nothing, and runs an
+  independent runner on the gs:// workdir itself."""
+  (command,) = commands("tpu_bucket")
+  env, log, state = fake_bin(workspace, "gcloud", FAKE_GCLOUD)
+  state.write_text(json.dumps(dict(qr="", node="", status=["0 done of 3 runs", "3 done of 3 runs"])))
+  out = run(command, workspace, env_for(workspace, **{k: env[k] for k in ("PATH", "FAKE_LOG", "FAKE_STATE")}))
+  ssh = [" ".join(c) for c in calls(log) if c[2:4] == ["tpu-vm", "ssh"] and "--worker=all" in c]
+  assert "finished" in out and any("jaxreplay[gcs]" in c for c in ssh), ssh
+  assert any("sweep sweeps/pretrain_length.py:small --workdir=gs://BUCKET/runs/tpp --jobs=1" in c for c in ssh), ssh
+  assert not os.path.exists(workspace / "gs:")
 
 
 def test_dry_runs_and_help(workspace):

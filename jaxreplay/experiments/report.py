@@ -1,7 +1,8 @@
 """Tables and plots of forgetting: from finished runs, or from a sweep's results table.
 
 `jaxreplay report RESULTS --out DIR` reads the SQLite results table the sweep runner writes
-(RESULTS = the sweep's workdir or its results.sqlite) and writes every table and figure the runs in it
+(RESULTS = the sweep's workdir or its results.sqlite; a gs:// workdir is read directly, its table rebuilt in
+this host's cache from the final.json objects) and writes every table and figure the runs in it
 support: results.csv / results.md (one row per run), and, when the runs vary what the figure needs,
 
   trajectories.png     previous-dataset loss against downstream loss along each finetuning run, with the
@@ -31,9 +32,9 @@ import argparse
 import math
 import os
 
-from jaxreplay import rundir
+from jaxreplay import io, rundir
 from jaxreplay.errors import UsageError
-from jaxreplay.experiments import plots
+from jaxreplay.experiments import plots, sweepdir
 from jaxreplay.experiments.results_table import (Results, batch_size_rules, capacity_slice, frontier, grid_2d,
                                                  half_life_best, half_life_curves, half_life_grid, lr_panels,
                                                  matched_forgetting, matched_rows, method_label, runs_table,
@@ -101,7 +102,8 @@ def plot_trajectories(pretrain_dir: str, finetune_dirs: dict[str, str], out_path
 
 def report(path: str, out: str) -> list[str]:
   """Writes every table and figure the results table supports into `out`; returns the files written."""
-  res = Results(path)
+  # A gs:// sweep's table is this host's cache, rebuilt from the bucket's final.json objects before it is read.
+  res = Results(sweepdir.refresh(path), workdir=io.abspath(path)) if io.is_url(path) else Results(path)
   os.makedirs(out, exist_ok=True)
   table = runs_table(res)
   written = [write_csv(table, os.path.join(out, "results.csv"))]
@@ -170,7 +172,8 @@ def main(argv: list[str]) -> int:
   p.add_argument("--out", default="report")
   args = p.parse_args(argv[1:])
   first = args.paths[0]
-  if len(args.paths) == 1 and (first.endswith(".sqlite") or os.path.exists(os.path.join(first, rundir.RESULTS))):
+  if len(args.paths) == 1 and (first.endswith(".sqlite") or io.is_url(first)
+                               or os.path.exists(os.path.join(first, rundir.RESULTS))):
     for path in report(first, args.out):
       print(path)
     return 0

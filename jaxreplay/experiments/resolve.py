@@ -167,6 +167,16 @@ def _resolve_paths(c, cache_dir, check: bool):
     c[group][leaf] = path
 
 
+def check_storage(c, workdir: str):
+  """A run on a bucket is resumed by whichever host is free, so the run it starts from and the replay sample cache
+  it shares must be in a bucket too, not on one host's disk. Token data may stay local (each host builds its own
+  default: data), and a local run may read from a bucket."""
+  local = {k: v for k, v in (("init.from", c.init["from"]), ("replay.cache_dir", c.replay.get("cache_dir", "")))
+           if v and not io.is_url(v)}
+  if io.is_url(workdir) and local:
+    io.check_same_storage(workdir=workdir, **local)
+
+
 def run_config(experiment, workdir: str | None, overrides: dict | None = None, cache_dir: str | None = None,
                stage: str | None = None, init_from: str | None = None, planning: bool = False):
   """The validated config of the run in `workdir`: `experiment` is FILE.py[:ARG] or a config (a sweep's run,
@@ -184,6 +194,8 @@ def run_config(experiment, workdir: str | None, overrides: dict | None = None, c
   if init_from is not None:
     c.init["from"] = init_from
   config_lib.validate(c)  # a bad value fails at once, before the default data is built or jax starts
+  if workdir is not None:
+    check_storage(c, workdir)
   if c.init["from"] and not planning:
     take_parent_shape(c, export_lib.exported_config(c.init["from"]),
                       [k[len("model."):] for k in overrides or {} if k.startswith("model.")])

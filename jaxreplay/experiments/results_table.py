@@ -28,12 +28,14 @@ def trajectory(rows: list[dict], x="valid_ntp", y="prev_ntp") -> list[tuple[floa
 class Results:
   """The rows of a sweep's results table, with each run's config, metrics and logged trajectory."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, workdir: str | None = None):
+    """path: a sweep workdir on disk or its results.sqlite; workdir: the sweep's, where the table is a local
+    cache of a workdir elsewhere (a gs:// one: sweepdir.refresh)."""
     self.db_path = path if path.endswith(".sqlite") else os.path.join(path, rundir.RESULTS)
     if not os.path.exists(self.db_path):
       raise SweepError(f"{self.db_path} does not exist: give a sweep workdir (`jaxreplay sweep ... "
                        "--workdir=DIR`) or its results.sqlite.")
-    self.workdir = os.path.dirname(os.path.abspath(self.db_path))
+    self.workdir = workdir or os.path.dirname(os.path.abspath(self.db_path))
     db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)
     cur = db.execute("SELECT name, stage, parent, overrides, config, metrics FROM results")
     self.rows = []

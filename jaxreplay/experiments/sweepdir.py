@@ -167,6 +167,18 @@ def sync(db, workdir: str, runs: list[Run], fp: str) -> set[str]:
   return {r.name for r in runs if r.name in rows}
 
 
+def refresh(workdir: str) -> str:
+  """The path of the sweep's results table, first brought up to date with its final.json files. On an object
+  store the table is this host's cache (host_dir), which another host's runs fill only through this sync."""
+  runs, fp = load_runs(workdir)
+  db = connect(workdir)
+  try:
+    sync(db, workdir, runs, fp)
+  finally:
+    db.close()
+  return results_file(workdir)
+
+
 class Claim:
   """An exclusive flock on a run's lock file; released when closed or when every holder process dies. On an object
   store (no flock), a lease object instead, heartbeated from a thread of this process while it is held: a killed
@@ -254,6 +266,8 @@ def levels(runs: list[Run]) -> list[list[str]]:
 
 def status(workdir: str, runs: list[Run]) -> str:
   rows, failed = {}, set()
+  if io.is_url(workdir):  # this host's cache of the bucket's final.json objects, filled before it is read
+    refresh(workdir)
   if os.path.exists(results_file(workdir)):
     db = connect(workdir)
     rows = {n: json.loads(m) for n, m in db.execute("SELECT name, metrics FROM results")}
