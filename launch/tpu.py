@@ -17,9 +17,9 @@ Two ways to use a slice (--mode):
 The workdir must be on storage every host sees with working flock (Filestore/NFS); mount it with
 --setup (run on every worker after installing). gcsfuse does not support flock.
 
-Given --sweep, `up` and `watch` first compile each distinct program of the sweep for the slice's topology on
+Given --sweep, `up` first compiles each distinct program of the sweep for the slice's topology on
 this machine (`jaxreplay sweep SWEEP --dry-run --target=TOPOLOGY`, no TPU needed; libtpu must be installed here)
-and request no slice when a run does not fit, unless --no-fit-check.
+and requests no slice when a run does not fit, unless --no-fit-check.
 
 `watch` is the unattended loop: create the queued resource if missing, re-create it when the slice is
 preempted or the request failed, install and (re)start the sweep on every worker, and stop when worker 0
@@ -248,7 +248,7 @@ def parse(argv):
   p.add_argument("--target", default=None, help="the topology the fit check compiles for (default: the "
                  "accelerator's, e.g. v5litepod-16 → v5e:4x4)")
   p.add_argument("--no-fit-check", "--force", dest="fit_check", action="store_false",
-                 help="up/watch: request the slice even when a run of --sweep does not fit it")
+                 help="up: request the slice even when a run of --sweep does not fit it")
   a = p.parse_args(argv)
   if a.action in ("run", "watch") and not (a.sweep and a.workdir):
     p.error(f"{a.action} needs --sweep and --workdir")
@@ -258,7 +258,7 @@ def parse(argv):
 def main(argv=None) -> int:
   a = parse(sys.argv[1:] if argv is None else argv)
   g = Gcloud(a, a.dry_run)
-  if a.action in ("up", "watch") and a.sweep and a.fit_check:
+  if a.action == "up" and a.sweep and a.fit_check:
     fit_check(a)
   if a.action == "up":
     if state(g) in ("", *DEAD_STATES, "PREEMPTED"):

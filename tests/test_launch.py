@@ -116,7 +116,7 @@ def test_tpu_watch_recreates_a_preempted_slice(tmp_path):
   state.write_text(json.dumps({"qr": "ACTIVE", "node": "PREEMPTED"}))
   r = tpu(env, "watch", *COMMON, "--accelerator=v5litepod-16", "--runtime=v2-alpha-tpuv5-lite",
           "--sweep=sweeps/capacity.py", "--workdir=/mnt/runs/cap", "--package=jaxreplay", "--poll_s=0",
-          "--down_when_done", "--no-fit-check")
+          "--down_when_done")
   assert "is PREEMPTED: re-creating it" in r.stdout and "finished" in r.stdout
   verbs = [" ".join(c[2:4]) for c in calls(log)]
   assert verbs == ["queued-resources describe", "tpu-vm describe",  # ACTIVE but the node was preempted
@@ -131,8 +131,7 @@ def test_tpu_watch_recreates_a_preempted_slice(tmp_path):
   assert c[7][5] == "--worker=0" and "--status" in c[7][6]
 
 
-WATCH = [*COMMON, "--sweep=sweeps/capacity.py", "--workdir=/mnt/runs/cap", "--package=jaxreplay", "--poll_s=0",
-         "--no-fit-check"]
+WATCH = [*COMMON, "--sweep=sweeps/capacity.py", "--workdir=/mnt/runs/cap", "--package=jaxreplay", "--poll_s=0"]
 
 
 def test_tpu_watch_waits_for_an_unfinished_sweep(tmp_path):

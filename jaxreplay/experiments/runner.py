@@ -306,6 +306,7 @@ def fit_check(runs: list[Run], tgt) -> int:
 def run_sweep(a) -> int:
   if a.target and a.workdir is None:  # no workdir: the runs as the file defines them, none done
     runs = select(sweeps.expand(sweeps.load(a.spec)), a.only)
+    print(f"{len(runs)} runs in dependency order (no --workdir: none counted as done):")
     print(cost.format_costs(runs, a.peak_tflops, a.mfu))
     return fit_check(runs, a.target)
   workdir = io.abspath(a.workdir)
