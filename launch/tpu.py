@@ -3,6 +3,7 @@
 every worker, and re-create the slice when it is preempted (runs resume from their checkpoints).
 
   python launch/tpu.py up      --name=sweep1 --zone=us-central2-b --accelerator=v4-32 [--project=P] [--no-spot]
+                               [--sweep=sweeps/grid_2d.py [--target=v4:2x2x4] [--no-fit-check]]
   python launch/tpu.py install --name=sweep1 --zone=... [--package='jaxreplay @ git+https://...']
   python launch/tpu.py run     --name=sweep1 --zone=... --sweep=sweeps/grid_2d.py --workdir=/mnt/runs/grid_2d
   python launch/tpu.py watch   --name=sweep1 --zone=... --accelerator=v4-32 --sweep=... --workdir=...
@@ -15,6 +16,10 @@ Two ways to use a slice (--mode):
              in the shared workdir (many small runs, e.g. the 13 × 13 grid).
 The workdir must be on storage every host sees with working flock (Filestore/NFS); mount it with
 --setup (run on every worker after installing). gcsfuse does not support flock.
+
+Given --sweep, `up` first compiles each distinct program of the sweep for the slice's topology on
+this machine (`jaxreplay sweep SWEEP --dry-run --target=TOPOLOGY`, no TPU needed; libtpu must be installed here)
+and requests no slice when a run does not fit, unless --no-fit-check.
 
 `watch` is the unattended loop: create the queued resource if missing, re-create it when the slice is
 preempted or the request failed, install and (re)start the sweep on every worker, and stop when worker 0
@@ -74,6 +79,43 @@ def state(g: Gcloud) -> str:
     if node == "PREEMPTED":
       return "PREEMPTED"
   return s
+
+
+# chips per topology shape: v5e/v6e count chips in the accelerator type, v4/v5p TensorCores (2 a chip)
+SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8"}
+
+
+def topology(accelerator: str) -> str | None:
+  """The topology name libtpu compiles for (v5e:2x2) of a Cloud TPU accelerator type (v5litepod-4); None if unknown."""
+  kind, _, n = accelerator.rpartition("-")
+  if not n.isdigit():
+    return None
+  n = int(n)
+  if kind in ("v5litepod", "v5e", "v6e") and n in SHAPES_2D:
+    return f"{'v6e' if kind == 'v6e' else 'v5e'}:{SHAPES_2D[n]}"
+  if kind in ("v4", "v5p") and n // 2 in SHAPES_3D:
+    return f"{kind}:{SHAPES_3D[n // 2]}"
+  return None
+
+
+def fit_check(a):
+  """Refuses (exit 2, one sentence) a sweep with a run that does not fit the slice, before any slice is requested."""
+  tgt = a.target or topology(a.accelerator)
+  if tgt is None:
+    raise SystemExit(f"launch/tpu.py: error: no topology is known for --accelerator={a.accelerator}: give it as "
+                     "--target (e.g. v5e:4x4), or skip the fit check with --no-fit-check.")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "-m", "jaxreplay.cli", "sweep", a.sweep, "--dry-run", f"--target={tgt}"]
+  print("+ " + shlex.join(cmd), flush=True)
+  r = subprocess.run(cmd, cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), text=True, capture_output=True)
+  print(r.stdout, end="", flush=True)
+  if r.returncode:
+    errors = [l for l in r.stderr.splitlines() if l.startswith("jaxreplay: error:")]
+    why = errors[-1][len("jaxreplay: error: "):] if errors else r.stderr.strip()[-1500:]
+    print(f"launch/tpu.py: error: the sweep {a.sweep} failed its fit check on {tgt}, so no slice was requested: "
+          f"{why} (--no-fit-check requests it anyway)", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def up(g: Gcloud, check=True):
@@ -203,6 +245,10 @@ def parse(argv):
   p.add_argument("--down_when_done", action="store_true")
   p.add_argument("--max_retries", type=int, default=2, help="watch: restarts of a sweep that stopped with failed runs")
   p.add_argument("--dry_run", action="store_true", help="print the gcloud commands; run nothing")
+  p.add_argument("--target", default=None, help="the topology the fit check compiles for (default: the "
+                 "accelerator's, e.g. v5litepod-16 → v5e:4x4)")
+  p.add_argument("--no-fit-check", "--force", dest="fit_check", action="store_false",
+                 help="up: request the slice even when a run of --sweep does not fit it")
   a = p.parse_args(argv)
   if a.action in ("run", "watch") and not (a.sweep and a.workdir):
     p.error(f"{a.action} needs --sweep and --workdir")
@@ -212,6 +258,8 @@ def parse(argv):
 def main(argv=None) -> int:
   a = parse(sys.argv[1:] if argv is None else argv)
   g = Gcloud(a, a.dry_run)
+  if a.action == "up" and a.sweep and a.fit_check:
+    fit_check(a)
   if a.action == "up":
     if state(g) in ("", *DEAD_STATES, "PREEMPTED"):
       up(g)

@@ -12,6 +12,7 @@ import pytest
 from jaxreplay.experiments import runner
 
 from helpers import token_dir
+from test_tpu_compile import needs_libtpu, tiny_sweep_file
 from test_sweeps import rows, shared_compile_cache, write_sweep  # noqa: F401 (a module fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,6 +164,35 @@ def test_tpu_watch_retries_a_failed_run_a_bounded_number_of_times_then_reports_i
                      env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert r.returncode == 1 and "after 0 retries" in r.stdout
   assert "starts" not in json.loads(state.read_text())  # never restarted: the running sweep was left alone
+
+
+def test_tpu_accelerator_types_name_their_topologies():
+  import tpu
+  assert [tpu.topology(a) for a in ("v5litepod-4", "v5litepod-16", "v6e-8", "v4-8", "v4-32", "v5p-16", "v3-8")] == \
+      ["v5e:2x2", "v5e:4x4", "v6e:2x4", "v4:2x2x1", "v4:2x2x4", "v5p:2x2x2", None]
+
+
+@needs_libtpu
+def test_tpu_up_refuses_a_sweep_that_does_not_fit_before_requesting_a_slice(tmp_path):
+  env, log, state = fake_bin(tmp_path, "gcloud", FAKE_GCLOUD)
+  up = ["up", *COMMON, "--accelerator=v5litepod-4", f"--sweep={tiny_sweep_file(tmp_path / 'big.py', big=True)}"]
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "tpu.py"), *up], env=env, cwd=ROOT,
+                     capture_output=True, text=True)
+  assert r.returncode == 2, r.stdout + r.stderr
+  assert "failed its fit check on v5e:2x2, so no slice was requested: Runs pre/" in r.stderr
+  assert "--no-fit-check requests it anyway" in r.stderr and "TOO BIG" in r.stdout
+  assert calls(log) == []  # not even a describe: nothing was asked of gcloud
+  tpu(env, *up, "--no-fit-check")  # told to go ahead: requested without compiling
+  assert [c[2:4] for c in calls(log)] == [["queued-resources", "describe"], ["queued-resources", "create"]]
+
+
+@needs_libtpu
+def test_tpu_up_requests_a_slice_for_a_sweep_that_fits(tmp_path):
+  env, log, state = fake_bin(tmp_path, "gcloud", FAKE_GCLOUD)
+  r = tpu(env, "up", *COMMON, "--accelerator=v5litepod-4", f"--sweep={tiny_sweep_file(tmp_path / 's.py')}")
+  assert "sweep" in r.stdout and "--dry-run --target=v5e:2x2" in r.stdout and "chip-hours" in r.stdout
+  assert [c[2:4] for c in calls(log)] == [["queued-resources", "describe"], ["queued-resources", "create"]]
+  assert "--accelerator-type=v5litepod-4" in calls(log)[1]
 
 
 def test_slurm_arrays_chained_by_level(tmp_path):

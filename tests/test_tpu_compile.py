@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 
 import jax
 import pytest
@@ -229,3 +230,57 @@ def test_a_sweep_compiles_each_distinct_program_once_and_names_the_runs_that_do_
   assert len(too_big["runs"]) == 1 and "does not fit on v5e:2x2" in too_big["error"]
   with pytest.raises(tc.DoesNotFit, match=re.escape(f"Runs {too_big['runs'][0]} do not fit: the train step")):
     tpu_sweep.check_fits(result)
+
+
+def tiny_sweep_file(path, big: bool = False) -> str:
+  """A sweep file of two 1-layer runs that share one program (two learning rates), or, with `big`, of one run
+  whose train step needs ~100 GB per chip."""
+  path.write_text(textwrap.dedent(f"""
+      from jaxreplay import config
+      from jaxreplay.experiments import sweeps
+
+      def get_sweep(arg=""):
+        c = config.default()
+        c.model.update(d_model=128, n_layers=1, head_dim=32, seq_len=64, vocab_size=512)
+        c.optim.batch_size, c.eval.batch_size, c.stop.steps = 16, 8, 10
+        s = sweeps.Sweep("tiny")
+        grid = [{{"optim.batch_size": 4096, "model.vocab_size": 65536, "model.seq_len": 256}}] if {big} else \\
+            [{{"optim.lr": 1e-3}}, {{"optim.lr": 3e-3}}]
+        s.stage("pre", c, grid)
+        return s
+      """))
+  return str(path)
+
+
+def sweep_cli(*args):
+  """`jaxreplay sweep ARGS` in a subprocess: (exit status, stdout, stderr)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  p = subprocess.run([sys.executable, "-m", "jaxreplay.cli", "sweep", *args], capture_output=True, text=True, env=env,
+                     cwd=ROOT)
+  return p.returncode, p.stdout, p.stderr
+
+
+def test_sweep_target_needs_dry_run_and_a_known_topology(tmp_path):
+  spec = tiny_sweep_file(tmp_path / "s.py")
+  rc, _, err = sweep_cli(spec, "--target=v5e:2x2", f"--workdir={tmp_path / 'w'}")
+  assert rc == 2 and "add --dry-run" in error_line(err) and not (tmp_path / "w").exists()
+  rc, _, err = sweep_cli(spec, "--dry-run", "--target=v9:2x2")
+  assert rc == 2 and "v4, v5e, v5p, v6e" in error_line(err)
+
+
+@needs_libtpu
+def test_sweep_dry_run_target_prices_a_fitting_sweep_and_refuses_one_that_does_not_fit(tmp_path):
+  rc, out, err = sweep_cli(tiny_sweep_file(tmp_path / "s.py"), "--dry-run", "--target=v5e:2x2")
+  assert rc == 0, err[-2000:]
+  assert err.count("compiling the program of 2 run(s)") == 1  # two runs, one program, one compile
+  assert "1 distinct programs for 2 runs" in out and "fits         2 runs" in out
+  # the assumed-MFU figure at the chip's peak, beside the roofline chip-hours
+  assert "device-hours at 197 TFLOP/s peak and 40% MFU" in out
+  priced = float(re.search(r"^= ([\d.e+-]+) chip-hours", out, re.M).group(1))
+  per_program = float(re.search(r"GB/chip, train step .* ([\d.e+-]+) chip-hours$", out, re.M).group(1))
+  assert priced == pytest.approx(per_program, rel=0.01) and priced > 0
+  rc, out, err = sweep_cli(tiny_sweep_file(tmp_path / "big.py", big=True), "--dry-run", "--target=v5e:2x2",
+                           f"--workdir={tmp_path / 'w'}")
+  line = error_line(err)
+  assert rc == 2 and line.startswith("jaxreplay: error: Runs pre/") and "do not fit: the train step" in line
+  assert "TOO BIG" in out and not (tmp_path / "w").exists()  # a dry run writes nothing

@@ -23,7 +23,7 @@ from jaxreplay import io, rundir
 from jaxreplay.errors import SweepError, UsageError, UserError
 from jaxreplay.experiments import multihost, packing
 from jaxreplay.experiments import sweepcost as cost
-from jaxreplay.experiments import sweeps
+from jaxreplay.experiments import sweeps, tpu_compile, tpu_sweep
 from jaxreplay.experiments.sweepdir import (INHERITED, Claim, connect, dry_run, is_finished, is_locked, levels,  # noqa: F401 (re-exported)
                                 load_runs, prepare, resolved_config, run_dir, select, status, sync)
 from jaxreplay.experiments.sweeps import Run
@@ -242,8 +242,12 @@ def main(argv: list[str]) -> int:
   p.add_argument("--variants", action="store_true", help="list the sweep file's variants (its :ARGs); run nothing")
   p.add_argument("--dry-run", "--dry_run", action="store_true",
                  help="validate and list the runs with their parent, shape, length and FLOPs; run nothing")
-  p.add_argument("--peak_tflops", type=float, default=cost.DEFAULT_PEAK_TFLOPS,
-                 help="with --dry-run: peak TFLOP/s per device for device-hours (default %(default)s: H100 bf16 dense)")
+  p.add_argument("--target", default=None,
+                 help="with --dry-run: compile each distinct program for this TPU topology (e.g. v5e:2x2), name "
+                      "the runs that do not fit (exit 2) and price the sweep in chip-hours; no --workdir needed")
+  p.add_argument("--peak_tflops", type=float, default=None,
+                 help=f"with --dry-run: peak TFLOP/s per device for device-hours (default {cost.DEFAULT_PEAK_TFLOPS:g}: "
+                      "H100 bf16 dense; with --target, its chip's)")
   p.add_argument("--mfu", type=float, default=cost.DEFAULT_MFU,
                  help="with --dry-run: model FLOPs utilization assumed for device-hours (default %(default)s)")
   p.add_argument("--status", action="store_true", help="show each run's state and final metrics")
@@ -269,7 +273,13 @@ def main(argv: list[str]) -> int:
   if a.variants:
     print(sweeps.format_variants(a.spec.partition(":")[0]))
     return 0
-  if a.workdir is None:
+  if a.target and not a.dry_run:
+    raise UsageError(f"--target={a.target} compiles the sweep's programs without running them: add --dry-run.")
+  if a.target:  # an unknown topology or missing libtpu: one sentence before the sweep is loaded
+    a.target = tpu_compile.target(a.target)
+  if a.peak_tflops is None:
+    a.peak_tflops = a.target.chip.peak_bf16_flops / 1e12 if a.target else cost.DEFAULT_PEAK_TFLOPS
+  if a.workdir is None and not a.target:
     raise UsageError("--workdir is required: name the directory of the sweep's runs (or use --variants).")
   if not a.peak_tflops > 0 or not 0 < a.mfu <= 1:
     raise UsageError(f"--peak_tflops={a.peak_tflops} must be > 0 and --mfu={a.mfu} in (0, 1].")
@@ -284,7 +294,21 @@ def main(argv: list[str]) -> int:
   return run_sweep(a)
 
 
+def fit_check(runs: list[Run], tgt) -> int:
+  """`--dry-run --target`: each distinct program compiled for the topology, and the roofline chip-hours;
+  DoesNotFit (exit 2) naming the runs that do not fit."""
+  result = tpu_sweep.compile_sweep(runs, tgt, log=lambda line: print(line, file=sys.stderr, flush=True))
+  print(tpu_sweep.format_result(result, tgt.chips), flush=True)
+  tpu_sweep.check_fits(result)
+  return 0
+
+
 def run_sweep(a) -> int:
+  if a.target and a.workdir is None:  # no workdir: the runs as the file defines them, none done
+    runs = select(sweeps.expand(sweeps.load(a.spec)), a.only)
+    print(f"{len(runs)} runs in dependency order (no --workdir: none counted as done):")
+    print(cost.format_costs(runs, a.peak_tflops, a.mfu))
+    return fit_check(runs, a.target)
   workdir = io.abspath(a.workdir)
   readonly = a.dry_run or a.status
   sweep = sweeps.load(a.spec)
@@ -301,7 +325,7 @@ def run_sweep(a) -> int:
     if pack > 1:
       configs = {r.name: resolved_config(workdir, r, planning=True) for r in runs}
       print(describe_plan(plan(workdir, runs, set(), pack), configs))
-    return 0
+    return fit_check(runs, a.target) if a.target else 0
   if a.multihost:
     kw = {k: v for k, v in dict(coordinator_address=a.coordinator, num_processes=a.num_processes,
                                 process_id=a.process_id).items() if v is not None}

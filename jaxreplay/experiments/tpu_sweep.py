@@ -40,8 +40,11 @@ def chip_hours(c, report: dict, chips: int) -> float:
 
 def compile_sweep(sweep, tgt: tpu_compile.Target, log=lambda line: None) -> dict:
   """{programs: [{runs, report, chip_hours}], too_big: [{runs, error}], chip_hours}: each distinct program of
-  `sweep` (a Sweep, or FILE.py[:ARG]) compiled once."""
-  runs = sweeps.expand(sweep if isinstance(sweep, sweeps.Sweep) else sweeps.load(sweep))
+  `sweep` (a Sweep, FILE.py[:ARG], or a list of its runs) compiled once."""
+  if isinstance(sweep, list):
+    runs = sweep
+  else:
+    runs = sweeps.expand(sweep if isinstance(sweep, sweeps.Sweep) else sweeps.load(sweep))
   groups: dict[str, list] = {}
   for run in runs:
     groups.setdefault(program_key(ml_collections.ConfigDict(run.config)), []).append(run)
@@ -69,3 +72,24 @@ def check_fits(result: dict):
     runs = ", ".join(first["runs"][:3]) + (f" and {len(first['runs']) - 3} more" if len(first["runs"]) > 3 else "")
     raise tpu_compile.DoesNotFit(f"Runs {runs} do not fit{f' (and {more} other runs)' if more else ''}: "
                                  + first["error"][0].lower() + first["error"][1:])
+
+
+def format_result(result: dict, chips: int) -> str:
+  """One line per distinct program (its runs, HBM per chip, the train step's roofline time and MFU, chip-hours),
+  one per program that does not fit, and the sweep's roofline chip-hours."""
+  lines = [f"{result['target']}: {len(result['programs']) + len(result['too_big'])} distinct programs for "
+           f"{result['runs']} runs, each compiled once"]
+  for p in result["programs"]:
+    r = p["report"]
+    step = r["train_step"]
+    hbm = max(x["hbm_per_chip"] for x in r.values())
+    lines.append(f"  fits      {len(p['runs']):>4} runs (e.g. {p['runs'][0]}): {hbm / 1e9:.2f} of "
+                 f"{step['chip_hbm'] / 1e9:.1f} GB/chip, train step {step['roofline_s'] * 1e3:.3f} ms roofline "
+                 f"({step.get('mfu', 0):.0%} MFU), {p['chip_hours']:.3g} chip-hours")
+  for t in result["too_big"]:
+    lines.append(f"  TOO BIG   {len(t['runs']):>4} runs: {', '.join(t['runs'])}")
+  priced = sum(len(p["runs"]) for p in result["programs"])
+  lines.append(f"= {result['chip_hours']:,.3g} chip-hours ({result['chip_hours'] / chips:,.3g} slice-hours of "
+               f"{chips} chips) at the roofline step times, for the {priced} runs that fit (runs of unknown length "
+               "count 0)")
+  return "\n".join(lines)
