@@ -70,6 +70,7 @@ HOW = {
     "python -m jaxreplay.experiments.runner worker --workdir=DIR --run=NAME": How("sweep", subs=SWEEP_SUBS),
     SWEEP_RUN: How("sweep", subs=SWEEP_SUBS),
     "jaxreplay sweep FILE --workdir=DIR --status": How("sweep", subs=SWEEP_SUBS),
+    "jaxreplay sweep FILE --dry-run --target=v5e:2x2": How("dry_run", subs={"FILE": "tiny_sweep.py"}),
     ".venv/bin/jaxreplay report runs/tpp --out report/tpp": How("sweep", subs={"runs/tpp": "w"}),
     ".venv/bin/jaxreplay eval --workdir=DIR --tasks=my_task --include_path=my_tasks/":
         How("sweep", subs={"DIR": "w/runs/finetune/pretrain/seed=0/method=none"}),
@@ -348,6 +349,7 @@ def test_tpu_pod_with_a_bucket(workspace):
 
 
 def test_dry_runs_and_help(workspace):
+  (workspace / "tiny_sweep.py").write_text(TINY_SWEEP.format(a="a", b="b"))  # compiled for a TPU, no data read
   env = env_for(workspace)
   procs = [(c, start(c, workspace, env, ["--dry-run"])) for c in commands("dry_run")]
   procs += [(c, start(c, workspace, env, [] if "--help" in c else ["--help"])) for c in commands("help")]

@@ -138,7 +138,8 @@ def test_each_platforms_dtype_is_the_dtype_its_programs_multiply_in(platform, pa
   fwd = dot_operand_dtypes(lambda p, t: M.logits(cfg, p, t), params, TOKENS)
   dec = dot_operand_dtypes(lambda p, t: M.apply(cfg, p, t, cache=M.init_cache(cfg, 3), cache_index=0)[0],
                            params, TOKENS[:, :4])
-  assert len(fwd) >= 9 and len(dec) >= 9 and set(fwd) == set(dec) == {want}, (fwd, dec)
+  # at least 7 products: q, k, v in one where fused, scores, values, out, MLP (2), unembedding
+  assert len(fwd) >= 7 and len(dec) >= 7 and set(fwd) == set(dec) == {want}, (fwd, dec)
 
 
 def test_the_gpu_choice_asks_for_cudnn_exactly_where_it_applies(params, cpu_outputs, monkeypatch):
